@@ -1,0 +1,256 @@
+//! Leveled compaction: L0 (overlapping flushes) merges into L1; a level over
+//! its size target pushes one table into the next level. Output tables are
+//! cut at a target size and at tablet boundaries, and only between keys, so
+//! sorted levels never split a key's versions across tables.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use luna_proto::manifest as pb;
+
+use super::BaseStore;
+use crate::error::{Result, StorageError};
+use crate::manifest::{LEVELS, TableInfo, Version, table_to_pb};
+use crate::merge::{GcFilter, MergeIterator, Source};
+use crate::table::{TableBuilder, TableReader};
+
+/// What one compaction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// The level written.
+    pub output_level: u32,
+    /// Tables read.
+    pub input_tables: usize,
+    /// Tables written.
+    pub output_tables: usize,
+    /// Versions read.
+    pub input_rows: u64,
+    /// Versions written.
+    pub output_rows: u64,
+    /// Bytes read.
+    pub input_bytes: u64,
+    /// Bytes written.
+    pub output_bytes: u64,
+}
+
+struct Task {
+    inputs: Vec<Arc<TableInfo>>,
+    output_level: u32,
+    drop_tombstones: bool,
+}
+
+fn key_span(tables: &[Arc<TableInfo>]) -> Option<(Bytes, Bytes)> {
+    let smallest = tables.iter().map(|t| &t.smallest).min()?.clone();
+    let largest = tables.iter().map(|t| &t.largest).max()?.clone();
+    Some((smallest, largest))
+}
+
+fn overlapping(level: &[Arc<TableInfo>], smallest: &[u8], largest: &[u8]) -> Vec<Arc<TableInfo>> {
+    level
+        .iter()
+        .filter(|t| t.smallest.as_ref() <= largest && t.largest.as_ref() >= smallest)
+        .cloned()
+        .collect()
+}
+
+/// Whether nothing below `output_level` could hold older versions of the span.
+fn is_bottom(version: &Version, output_level: u32, smallest: &[u8], largest: &[u8]) -> bool {
+    ((output_level as usize + 1)..LEVELS).all(|level| overlapping(version.level(level), smallest, largest).is_empty())
+}
+
+fn pick(version: &Version, base: &BaseStore) -> Option<Task> {
+    let options = base.options();
+    let l0 = version.level(0);
+    let (inputs, output_level) = if l0.len() >= options.l0_compaction_trigger.max(1) {
+        // All of L0: a subset could leave older versions above newer ones.
+        let (smallest, largest) = key_span(l0)?;
+        let mut inputs = l0.to_vec();
+        inputs.extend(overlapping(version.level(1), &smallest, &largest));
+        (inputs, 1)
+    } else {
+        let mut target = options.level1_bytes;
+        let mut chosen = None;
+        for level in 1..LEVELS - 1 {
+            let size: u64 = version.level(level).iter().map(|t| t.size_bytes).sum();
+            if size > target {
+                chosen = Some(level);
+                break;
+            }
+            target = target.saturating_mul(options.level_multiplier);
+        }
+        let level = chosen?;
+        // The oldest table first: it has waited longest to shed dead versions.
+        let table = version.level(level).iter().min_by_key(|t| t.added_seq)?.clone();
+        let mut inputs = vec![Arc::clone(&table)];
+        inputs.extend(overlapping(version.level(level + 1), &table.smallest, &table.largest));
+        (inputs, level as u32 + 1)
+    };
+    let (smallest, largest) = key_span(&inputs)?;
+    let drop_tombstones = is_bottom(version, output_level, &smallest, &largest);
+    Some(Task {
+        inputs,
+        output_level,
+        drop_tombstones,
+    })
+}
+
+impl BaseStore {
+    /// Runs one compaction if any level needs it. `None` when none does.
+    pub async fn compact_once(&self) -> Result<Option<CompactionReport>> {
+        let _slot = self
+            .options
+            .compaction_slots
+            .acquire()
+            .await
+            .map_err(|_| StorageError::Closed { what: "compaction slots" })?;
+        let version = self.version();
+        let Some(task) = pick(&version, self) else {
+            return Ok(None);
+        };
+        self.run_compaction(&version, task).await.map(Some)
+    }
+
+    /// Compacts until no level needs it; returns how many compactions ran.
+    pub async fn compact_until_settled(&self) -> Result<usize> {
+        let mut runs = 0;
+        while self.compact_once().await?.is_some() {
+            runs += 1;
+        }
+        Ok(runs)
+    }
+
+    async fn run_compaction(&self, version: &Version, task: Task) -> Result<CompactionReport> {
+        let mut report = CompactionReport {
+            output_level: task.output_level,
+            input_tables: task.inputs.len(),
+            ..CompactionReport::default()
+        };
+        let mut sources = Vec::with_capacity(task.inputs.len());
+        for table in &task.inputs {
+            let path = self.layout().table(&table.name);
+            let reader = TableReader::load(&self.store, &self.options.cache, &path, table.size_bytes, table.rows).await?;
+            sources.push(Source::Table(Box::new(reader.cursor(b"", None).await?)));
+            report.input_rows += table.rows;
+            report.input_bytes += table.size_bytes;
+        }
+        let boundaries = tablet_boundaries(version);
+        let mut merge = MergeIterator::new(sources).await?;
+        let mut filter = GcFilter::new(self.gc_safe_point(), task.drop_tombstones);
+        let mut outputs = Vec::new();
+        let mut builder = TableBuilder::new();
+        while let Some(entry) = merge.next_entry().await? {
+            if !filter.keep(&entry) {
+                continue;
+            }
+            if let Some(last) = builder.last_key()
+                && last != entry.key.as_ref()
+                && (builder.encoded_bytes() >= self.options.table_target_bytes
+                    || crosses_boundary(&boundaries, last, &entry.key))
+            {
+                let full = std::mem::take(&mut builder);
+                outputs.extend(self.write_table(full, task.output_level).await?);
+            }
+            builder.push(&entry.key, entry.ts, entry.kind, &entry.value);
+        }
+        outputs.extend(self.write_table(builder, task.output_level).await?);
+        report.output_tables = outputs.len();
+        report.output_rows = outputs.iter().map(|t| t.rows).sum();
+        report.output_bytes = outputs.iter().map(|t| t.size_bytes).sum();
+        let removed: Vec<String> = task.inputs.iter().map(|t| t.name.clone()).collect();
+        let span = key_span(&task.inputs);
+        self.commit(|current| {
+            if let Some(gone) = removed.iter().find(|name| !current.contains_table(name)) {
+                return Err(StorageError::Job {
+                    job: "compaction",
+                    detail: format!("input {gone} was compacted away concurrently"),
+                });
+            }
+            if task.drop_tombstones
+                && let Some((smallest, largest)) = &span
+                && !is_bottom(current, task.output_level, smallest, largest)
+            {
+                return Err(StorageError::Job {
+                    job: "compaction",
+                    detail: "a deeper table appeared; tombstones are still needed".into(),
+                });
+            }
+            Ok(pb::manifest_edit::Change::Compaction(pb::Compaction {
+                removed: removed.clone(),
+                added: outputs.iter().map(|t| table_to_pb(t)).collect(),
+            }))
+        })
+        .await?;
+        tracing::debug!(?report, "compaction committed");
+        Ok(report)
+    }
+}
+
+/// Where tablets begin: compaction output is cut there, so a tablet's data
+/// stays in its own tables wherever it can.
+fn tablet_boundaries(version: &Version) -> Vec<Bytes> {
+    let mut starts: Vec<Bytes> = version
+        .tablets()
+        .map(|t| t.range.start.clone())
+        .filter(|start| !start.is_empty())
+        .collect();
+    starts.sort();
+    starts.dedup();
+    starts
+}
+
+fn crosses_boundary(boundaries: &[Bytes], last: &[u8], next: &[u8]) -> bool {
+    // The first boundary above `last`: is `next` at or past it?
+    let index = boundaries.partition_point(|b| b.as_ref() <= last);
+    boundaries.get(index).is_some_and(|b| b.as_ref() <= next)
+}
+
+/// Runs compactions whenever a flush asks for one, until the store closes.
+pub(super) fn spawn_background(base: &Arc<BaseStore>) {
+    let base = Arc::clone(base);
+    let mut shutdown = base.shutdown.subscribe();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match base.compact_once().await {
+                Ok(Some(_)) => {
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(StorageError::Closed { .. }) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "compaction failed; will retry");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = base.compaction_wanted.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boundaries_cut_between_tablets() {
+        let boundaries = vec![Bytes::from_static(b"m"), Bytes::from_static(b"t")];
+        assert!(crosses_boundary(&boundaries, b"a", b"m"));
+        assert!(crosses_boundary(&boundaries, b"l", b"z"));
+        assert!(!crosses_boundary(&boundaries, b"m", b"s"));
+        assert!(!crosses_boundary(&boundaries, b"a", b"b"));
+        assert!(!crosses_boundary(&[], b"a", b"z"));
+    }
+}

@@ -1,0 +1,321 @@
+//! The BaseStore of one collection: its tables and manifest in the object
+//! store, shared by every tablet of the collection wherever it is hosted.
+
+mod compaction;
+mod gc;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use luna_proto::manifest as pb;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use tokio::sync::{Notify, Semaphore, watch};
+
+pub use compaction::CompactionReport;
+pub use gc::GcReport;
+
+use crate::cache::{BlockCache, CacheOptions};
+use crate::error::{Result, StorageError};
+use crate::manifest::{Layout, ManifestLog, TableInfo, TabletInfo, Version, table_to_pb};
+use crate::memstore::Memtable;
+use crate::merge::Source;
+use crate::table::{TableBuilder, TableReader, TableSummary};
+use crate::types::{KeyRange, Lookup, TabletId, Timestamp};
+
+/// Tuning of a BaseStore.
+#[derive(Clone)]
+pub struct BaseStoreOptions {
+    /// Caches, shareable between BaseStores.
+    pub cache: Arc<BlockCache>,
+    /// Bounds concurrent compactions, shareable between BaseStores.
+    pub compaction_slots: Arc<Semaphore>,
+    /// Bounds concurrent flushes, shareable between BaseStores.
+    pub flush_slots: Arc<Semaphore>,
+    /// A checkpoint is written every this many manifest edits.
+    pub checkpoint_every: u64,
+    /// L0 tables that trigger an L0 -> L1 compaction.
+    pub l0_compaction_trigger: usize,
+    /// Target size of L1; each deeper level is `level_multiplier` times larger.
+    pub level1_bytes: u64,
+    /// Growth factor between levels.
+    pub level_multiplier: u64,
+    /// Compaction cuts output tables at about this size.
+    pub table_target_bytes: usize,
+    /// An unreferenced object is deleted only once it is this old, so a
+    /// reader elsewhere that still uses an older manifest version finishes first.
+    pub gc_grace: Duration,
+    /// Run compaction (and garbage collection every `gc_interval`) in the background.
+    pub background_jobs: bool,
+    /// How often background garbage collection runs.
+    pub gc_interval: Duration,
+}
+
+impl Default for BaseStoreOptions {
+    fn default() -> Self {
+        BaseStoreOptions {
+            cache: Arc::new(BlockCache::new(CacheOptions::default())),
+            compaction_slots: Arc::new(Semaphore::new(1)),
+            flush_slots: Arc::new(Semaphore::new(2)),
+            checkpoint_every: 32,
+            l0_compaction_trigger: 4,
+            level1_bytes: 64 * 1024 * 1024,
+            level_multiplier: 10,
+            table_target_bytes: 32 * 1024 * 1024,
+            gc_grace: Duration::from_secs(600),
+            background_jobs: true,
+            gc_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A collection's LSM of tables in the object store.
+pub struct BaseStore {
+    store: Arc<dyn ObjectStore>,
+    log: ManifestLog,
+    options: BaseStoreOptions,
+    current: RwLock<Arc<Version>>,
+    /// Versions replaced while readers may still hold them: their tables are
+    /// not garbage until the last holder drops them.
+    retired: Mutex<Vec<Weak<Version>>>,
+    /// Serialises this process's manifest writers (flushes, compactions);
+    /// other processes are handled by put-if-absent.
+    commit_lock: tokio::sync::Mutex<()>,
+    gc_safe_point: AtomicU64,
+    compaction_wanted: Notify,
+    closed: AtomicBool,
+    shutdown: watch::Sender<bool>,
+}
+
+impl BaseStore {
+    /// Opens (or creates) the BaseStore under `root` in `store`, replaying its manifest.
+    pub async fn open(store: Arc<dyn ObjectStore>, root: Path, options: BaseStoreOptions) -> Result<Arc<BaseStore>> {
+        let log = ManifestLog::new(Arc::clone(&store), Layout::new(root), options.checkpoint_every);
+        let version = log.load().await?;
+        let base = Arc::new(BaseStore {
+            store,
+            log,
+            current: RwLock::new(Arc::new(version)),
+            retired: Mutex::new(Vec::new()),
+            commit_lock: tokio::sync::Mutex::new(()),
+            gc_safe_point: AtomicU64::new(0),
+            compaction_wanted: Notify::new(),
+            closed: AtomicBool::new(false),
+            shutdown: watch::Sender::new(false),
+            options,
+        });
+        if base.options.background_jobs {
+            compaction::spawn_background(&base);
+            gc::spawn_background(&base);
+        }
+        Ok(base)
+    }
+
+    /// The object store it lives in.
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The object layout.
+    pub fn layout(&self) -> &Layout {
+        self.log.layout()
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &BaseStoreOptions {
+        &self.options
+    }
+
+    /// The current version. Holding it keeps its tables from being collected.
+    pub fn version(&self) -> Arc<Version> {
+        self.current.read().map_or_else(|poisoned| Arc::clone(&poisoned.into_inner()), |v| Arc::clone(&v))
+    }
+
+    /// Versions below this timestamp may be dropped by compaction. The caller
+    /// (the master, in a universe) guarantees no read will go below it.
+    pub fn set_gc_safe_point(&self, ts: Timestamp) {
+        self.gc_safe_point.fetch_max(ts, Ordering::Relaxed);
+    }
+
+    /// The current GC safe point.
+    pub fn gc_safe_point(&self) -> Timestamp {
+        self.gc_safe_point.load(Ordering::Relaxed)
+    }
+
+    /// Picks up edits other processes wrote.
+    pub async fn refresh(&self) -> Result<Arc<Version>> {
+        let _commit = self.commit_lock.lock().await;
+        let current = self.version();
+        match self.log.catch_up(&current).await? {
+            Some(newer) => Ok(self.install(newer)),
+            None => Ok(current),
+        }
+    }
+
+    fn install(&self, version: Version) -> Arc<Version> {
+        let version = Arc::new(version);
+        let previous = match self.current.write() {
+            Ok(mut current) => std::mem::replace(&mut *current, Arc::clone(&version)),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), Arc::clone(&version)),
+        };
+        if let Ok(mut retired) = self.retired.lock() {
+            retired.retain(|weak| weak.strong_count() > 0);
+            retired.push(Arc::downgrade(&previous));
+        }
+        version
+    }
+
+    async fn commit(&self, make: impl FnMut(&Version) -> Result<pb::manifest_edit::Change>) -> Result<Arc<Version>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed { what: "base store" });
+        }
+        let _commit = self.commit_lock.lock().await;
+        let next = self.log.commit(&self.version(), make).await?;
+        Ok(self.install(next))
+    }
+
+    /// Takes ownership of a tablet at `epoch` (which must be newer than the
+    /// recorded one), fencing any older owner. Returns the tablet's record,
+    /// whose `flushed_up_to` tells where journal replay must start.
+    pub async fn claim_tablet(&self, tablet_id: TabletId, epoch: u64, range: KeyRange) -> Result<TabletInfo> {
+        let version = self
+            .commit(|version| {
+                let current = version.tablet(tablet_id).map_or(0, |t| t.epoch);
+                if epoch <= current {
+                    return Err(StorageError::Fenced {
+                        tablet_id,
+                        epoch,
+                        current_epoch: current,
+                    });
+                }
+                let claimed = TabletInfo {
+                    tablet_id,
+                    epoch,
+                    range: range.clone(),
+                    flushed_up_to: 0,
+                };
+                Ok(pb::manifest_edit::Change::Claim(pb::ClaimTablet {
+                    tablet: Some(crate::manifest::tablet_to_pb(&claimed)),
+                }))
+            })
+            .await?;
+        version.tablet(tablet_id).cloned().ok_or_else(|| StorageError::Job {
+            job: "claim",
+            detail: format!("tablet {tablet_id} missing right after its claim"),
+        })
+    }
+
+    /// Writes `memtable` as a table and records it, with the flush marker, in
+    /// the manifest. Fails with `Fenced` if a newer owner claimed the tablet.
+    pub async fn flush(&self, tablet_id: TabletId, epoch: u64, memtable: &Memtable) -> Result<Arc<Version>> {
+        let _slot = self
+            .options
+            .flush_slots
+            .acquire()
+            .await
+            .map_err(|_| StorageError::Closed { what: "flush slots" })?;
+        let mut builder = TableBuilder::new();
+        memtable.for_each(|version| builder.push(version.key(), version.ts(), version.kind(), version.value()));
+        let added = match self.write_table(builder, 0).await? {
+            Some(table) => vec![table],
+            None => Vec::new(),
+        };
+        let flushed_up_to = memtable.max_seq();
+        let version = self
+            .commit(|version| {
+                let current = version.tablet(tablet_id).map_or(0, |t| t.epoch);
+                if current != epoch {
+                    return Err(StorageError::Fenced {
+                        tablet_id,
+                        epoch,
+                        current_epoch: current,
+                    });
+                }
+                Ok(pb::manifest_edit::Change::Flush(pb::Flush {
+                    tablet_id,
+                    epoch,
+                    flushed_up_to,
+                    added: added.iter().map(table_to_pb).collect(),
+                }))
+            })
+            .await?;
+        self.compaction_wanted.notify_one();
+        Ok(version)
+    }
+
+    /// Encodes and uploads a table; `None` when the builder is empty.
+    async fn write_table(&self, builder: TableBuilder, level: u32) -> Result<Option<TableInfo>> {
+        let name = format!("tables/{}.parquet", uuid::Uuid::new_v4().simple());
+        // Encoding is CPU-bound: keep it off the async workers.
+        let encoded = tokio::task::spawn_blocking({
+            let name = name.clone();
+            move || builder.finish(&name)
+        })
+        .await
+        .map_err(|e| StorageError::Job {
+            job: "table encoding",
+            detail: e.to_string(),
+        })??;
+        let Some((bytes, summary)) = encoded else {
+            return Ok(None);
+        };
+        let path = self.layout().table(&name);
+        let size_bytes = bytes.len() as u64;
+        self.store
+            .put(&path, bytes.into())
+            .await
+            .map_err(|e| StorageError::store("put", &path, e))?;
+        let TableSummary { smallest, largest, min_ts, max_ts, rows } = summary;
+        Ok(Some(TableInfo {
+            name,
+            level,
+            smallest,
+            largest,
+            min_ts,
+            max_ts,
+            rows,
+            size_bytes,
+            added_seq: 0,
+        }))
+    }
+
+    async fn reader(&self, table: &TableInfo) -> Result<TableReader> {
+        let path = self.layout().table(&table.name);
+        TableReader::open(&self.store, &self.options.cache, &path, table.size_bytes, table.rows).await
+    }
+
+    /// The newest version of `key` at or below `read_ts` in the tables of
+    /// `version`, or `best` if that is newer. Tables that cannot hold
+    /// anything newer than `best` are skipped without I/O.
+    pub async fn get(&self, version: &Version, key: &[u8], read_ts: Timestamp, best: Lookup) -> Result<Lookup> {
+        let mut best = best;
+        for table in version.tables() {
+            if key < table.smallest.as_ref() || key > table.largest.as_ref() || table.min_ts > read_ts {
+                continue;
+            }
+            if best.ts().is_some_and(|found| found >= table.max_ts) {
+                continue;
+            }
+            best = best.newer(self.reader(table).await?.get(key, read_ts).await?);
+        }
+        Ok(best)
+    }
+
+    /// Cursors over the tables of `version` that overlap `range`.
+    pub(crate) async fn sources(&self, version: &Version, range: &KeyRange) -> Result<Vec<Source>> {
+        let mut sources = Vec::new();
+        for table in version.overlapping(range) {
+            let cursor = self.reader(&table).await?.cursor(&range.start, range.end.clone()).await?;
+            sources.push(Source::Table(Box::new(cursor)));
+        }
+        Ok(sources)
+    }
+
+    /// Stops background jobs and refuses further manifest writes. Background
+    /// jobs hold the store alive until this is called.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.shutdown.send_replace(true);
+    }
+}

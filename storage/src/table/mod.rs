@@ -1,0 +1,14 @@
+//! Tables: immutable Parquet objects holding sorted versions.
+
+mod format;
+mod index;
+mod page;
+mod reader;
+
+pub use format::{PAGE_ROWS, TableBuilder, TableSummary, schema};
+pub use index::{PageSpan, TableIndex};
+pub use page::{DecodedPage, PageValues};
+pub use reader::{TableCursor, TableReader};
+
+#[cfg(test)]
+mod tests;
