@@ -54,6 +54,8 @@ impl OpKind {
     }
 }
 
+const KINDS: usize = OpKind::ALL.len();
+
 impl fmt::Display for OpKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -93,7 +95,7 @@ impl Sub for OpMetrics {
 /// Counters only grow, so `after - before` gives the activity between two snapshots.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MetricsSnapshot {
-    ops: [OpMetrics; 7],
+    ops: [OpMetrics; KINDS],
 }
 
 impl MetricsSnapshot {
@@ -153,7 +155,7 @@ struct Counters {
 /// need eventually consistent totals.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
-    ops: [Counters; 7],
+    ops: [Counters; KINDS],
 }
 
 impl Metrics {

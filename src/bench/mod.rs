@@ -1,0 +1,22 @@
+//! `luna bench ...`: benchmarks whose numbers go in docs/benchmarks.md.
+
+mod report;
+mod storage;
+
+use clap::Subcommand;
+
+use crate::error::CliError;
+
+/// The benchmarks.
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// The embedded storage engine: fills, overwrites and reads on one BaseStore.
+    Storage(storage::StorageBenchArgs),
+}
+
+/// Runs a benchmark.
+pub async fn run(command: BenchCommand) -> Result<(), CliError> {
+    match command {
+        BenchCommand::Storage(args) => storage::run(args).await,
+    }
+}

@@ -1,0 +1,26 @@
+//! The CLI's error type: every failure ends as one clear line on stderr.
+
+use thiserror::Error;
+
+/// What can stop a `luna` command.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// A flag or argument is unusable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The object store could not be opened.
+    #[error(transparent)]
+    Kernel(#[from] luna_kernel::KernelError),
+    /// The storage engine failed.
+    #[error(transparent)]
+    Storage(#[from] luna_storage::StorageError),
+    /// Local I/O failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
