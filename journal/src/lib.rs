@@ -1,3 +1,14 @@
-//! Journal streams (raft-rs replicated streams and a single-replica local stream).
+//! Luna's journal: implementations of the kernel's [`Stream`](luna_kernel::stream::Stream).
 //!
-//! Empty until the journal issue lands; see docs/design.md for what will live here.
+//! - [`local`]: one replica on a local directory, for development and tests.
+//! - [`raft`]: N replicas on raft-rs, logs in raft-engine.
+//!
+//! docs/journal.md describes the design.
+
+pub mod error;
+mod feed;
+pub mod local;
+pub mod raft;
+
+pub use error::JournalError;
+pub use local::{LocalConfig, LocalStream};

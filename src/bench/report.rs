@@ -50,6 +50,8 @@ pub struct WorkloadReport {
     pub p50_us: f64,
     /// 99th percentile latency.
     pub p99_us: f64,
+    /// Slowest operation: shows write stalls that percentiles hide.
+    pub max_us: f64,
     /// Object-store PUTs (including multipart parts).
     pub object_store_puts: u64,
     /// Object-store GETs.
@@ -72,6 +74,7 @@ impl WorkloadReport {
             ops_per_sec: if seconds > 0.0 { ops as f64 / seconds } else { 0.0 },
             p50_us: latencies.quantile(0.5),
             p99_us: latencies.quantile(0.99),
+            max_us: latencies.histogram.max() as f64,
             object_store_puts: 0,
             object_store_gets: 0,
             bytes_written: 0,
@@ -83,13 +86,14 @@ impl WorkloadReport {
     pub fn line(&self) -> String {
         let found = self.found.map(|f| format!(" found={f}")).unwrap_or_default();
         format!(
-            "{:<11} {:>9} ops {:>8.2} s {:>11.0} ops/s  p50 {:>6.0} us  p99 {:>6.0} us  puts {:>5}  gets {:>7}  written {:>6.1} MiB{found}",
+            "{:<11} {:>9} ops {:>8.2} s {:>10.0} ops/s  p50 {:>5.0} us  p99 {:>5.0} us  max {:>7.0} us  puts {:>4}  gets {:>6}  written {:>6.1} MiB{found}",
             self.workload,
             self.ops,
             self.seconds,
             self.ops_per_sec,
             self.p50_us,
             self.p99_us,
+            self.max_us,
             self.object_store_puts,
             self.object_store_gets,
             self.bytes_written as f64 / (1024.0 * 1024.0),

@@ -126,8 +126,18 @@ pub async fn run(args: StorageBenchArgs) -> Result<(), CliError> {
 }
 
 impl Bench {
+    /// Key `index`: its decimal digits, zero-padded to the key size.
     fn key(&self, index: u64) -> Bytes {
-        Bytes::from(format!("{index:0width$}", width = self.args.key_size))
+        let mut key = vec![b'0'; self.args.key_size];
+        let mut rest = index;
+        for byte in key.iter_mut().rev() {
+            *byte = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        Bytes::from(key)
     }
 
     fn value(&self, index: u64) -> Bytes {

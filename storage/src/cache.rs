@@ -8,12 +8,12 @@ use object_store::ObjectStore;
 use object_store::path::Path;
 
 use crate::error::{Result, StorageError};
-use crate::table::{DecodedPage, TableIndex};
+use crate::table::{RowPage, TableIndex};
 
 /// Cache sizes in bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct CacheOptions {
-    /// Decoded pages.
+    /// Decoded row pages.
     pub page_bytes: u64,
     /// Pinned table indexes (first keys, page positions, bloom filters).
     pub index_bytes: u64,
@@ -31,7 +31,7 @@ impl Default for CacheOptions {
 /// The caches shared by every table of one or many BaseStores.
 pub struct BlockCache {
     indexes: Cache<Path, Arc<TableIndex>>,
-    pages: Cache<(u64, u8, u32), Arc<DecodedPage>>,
+    pages: Cache<(u64, u32), Arc<RowPage>>,
 }
 
 impl BlockCache {
@@ -44,7 +44,7 @@ impl BlockCache {
                 .build(),
             pages: Cache::builder()
                 .max_capacity(options.page_bytes)
-                .weigher(|_, page: &Arc<DecodedPage>| weight(page.memory_bytes()))
+                .weigher(|_, page: &Arc<RowPage>| weight(page.memory_bytes()))
                 .build(),
         }
     }
@@ -60,12 +60,12 @@ impl BlockCache {
             .map_err(unshare)
     }
 
-    /// Page `page` of `column`, loading it with `load` on a miss.
-    pub async fn page<F>(&self, index: &TableIndex, column: usize, page: usize, load: F) -> Result<Arc<DecodedPage>>
+    /// Row page `key_page` of a table, loading it with `load` on a miss.
+    pub async fn row_page<F>(&self, index: &TableIndex, key_page: usize, load: F) -> Result<Arc<RowPage>>
     where
-        F: Future<Output = Result<Arc<DecodedPage>>>,
+        F: Future<Output = Result<Arc<RowPage>>>,
     {
-        let key = (index.id(), column as u8, page as u32);
+        let key = (index.id(), key_page as u32);
         if let Some(page) = self.pages.get(&key).await {
             return Ok(page);
         }

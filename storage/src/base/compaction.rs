@@ -222,6 +222,8 @@ pub(super) fn spawn_background(base: &Arc<BaseStore>) {
                 }
                 Ok(None) => {}
                 Err(StorageError::Closed { .. }) => return,
+                // Work cut short by shutdown is not worth a warning.
+                Err(_) if *shutdown.borrow() => return,
                 Err(error) => {
                     tracing::warn!(%error, "compaction failed; will retry");
                     tokio::select! {

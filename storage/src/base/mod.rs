@@ -21,7 +21,7 @@ use crate::error::{Result, StorageError};
 use crate::manifest::{Layout, ManifestLog, TableInfo, TabletInfo, Version, table_to_pb};
 use crate::memstore::Memtable;
 use crate::merge::Source;
-use crate::table::{TableBuilder, TableReader, TableSummary};
+use crate::table::{PinnedIndex, TableBuilder, TableReader, TableSummary};
 use crate::types::{KeyRange, Lookup, TabletId, Timestamp};
 
 /// Tuning of a BaseStore.
@@ -277,12 +277,18 @@ impl BaseStore {
             rows,
             size_bytes,
             added_seq: 0,
+            pinned: PinnedIndex::default(),
         }))
     }
 
     async fn reader(&self, table: &TableInfo) -> Result<TableReader> {
+        if let Some(index) = table.pinned.get() {
+            return Ok(TableReader::new(index, &self.store, &self.options.cache));
+        }
         let path = self.layout().table(&table.name);
-        TableReader::open(&self.store, &self.options.cache, &path, table.size_bytes, table.rows).await
+        let index = self.options.cache.index(&self.store, &path, table.size_bytes, table.rows).await?;
+        table.pinned.set(&index);
+        Ok(TableReader::new(index, &self.store, &self.options.cache))
     }
 
     /// The newest version of `key` at or below `read_ts` in the tables of

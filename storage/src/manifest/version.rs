@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use luna_proto::manifest as pb;
 
+use crate::table::PinnedIndex;
 use crate::types::{KeyRange, TabletId, Timestamp};
 
 /// Number of levels in a BaseStore's LSM (L0 plus six sorted levels).
@@ -35,6 +36,8 @@ pub struct TableInfo {
     pub size_bytes: u64,
     /// Sequence number of the edit that added it.
     pub added_seq: u64,
+    /// The open index, while the cache holds it.
+    pub pinned: PinnedIndex,
 }
 
 /// What the BaseStore records about one tablet.
@@ -287,6 +290,7 @@ fn table_from_pb(table: &pb::TableMeta, added_seq: u64) -> TableInfo {
         rows: table.rows,
         size_bytes: table.size_bytes,
         added_seq,
+        pinned: PinnedIndex::default(),
     }
 }
 

@@ -50,6 +50,10 @@ impl MemoryBudget {
     /// Waits until the budget is below its limit. A write may overshoot the
     /// limit by one batch; that bounds memory at limit + one batch.
     pub async fn wait_for_room(&self) {
+        // The common case costs one atomic load.
+        if !self.is_exhausted() {
+            return;
+        }
         loop {
             let released = self.released.notified();
             tokio::pin!(released);

@@ -19,6 +19,9 @@ pub(crate) const ENTRY_OVERHEAD: usize = 80;
 /// A version in the skiplist. Key and value share one allocation, which keeps a
 /// MemStore under 2x the raw bytes it holds; only (key, ts) take part in ordering.
 pub(crate) struct MemKey {
+    /// The key's first 16 bytes, big-endian and zero-padded: most comparisons
+    /// during a skiplist search end here, without touching the heap.
+    prefix: u128,
     data: Box<[u8]>,
     key_len: u32,
     kind: Kind,
@@ -30,7 +33,11 @@ impl MemKey {
         let mut data = Vec::with_capacity(key.len() + value.len());
         data.extend_from_slice(key);
         data.extend_from_slice(value);
+        let mut prefix = [0u8; 16];
+        let head = key.len().min(16);
+        prefix[..head].copy_from_slice(&key[..head]);
         MemKey {
+            prefix: u128::from_be_bytes(prefix),
             data: data.into_boxed_slice(),
             // Keys are limited to a few KiB long before they reach a memtable.
             key_len: u32::try_from(key.len()).unwrap_or(u32::MAX),
@@ -71,6 +78,7 @@ impl MemKey {
 
     fn duplicate(&self) -> MemKey {
         MemKey {
+            prefix: self.prefix,
             data: self.data.clone(),
             key_len: self.key_len,
             kind: self.kind,
@@ -81,8 +89,9 @@ impl MemKey {
 
 impl Ord for MemKey {
     fn cmp(&self, other: &Self) -> CmpOrdering {
-        self.key()
-            .cmp(other.key())
+        self.prefix
+            .cmp(&other.prefix)
+            .then_with(|| self.key().cmp(other.key()))
             .then_with(|| other.ts.cmp(&self.ts))
     }
 }

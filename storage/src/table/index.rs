@@ -265,3 +265,44 @@ impl MetadataFetch for TailFetch {
         .boxed()
     }
 }
+
+/// A table's index as last opened, held weakly: the cache stays the owner
+/// (and bounds memory), while a hit here skips the cache's hashing.
+#[derive(Default)]
+pub struct PinnedIndex(std::sync::RwLock<std::sync::Weak<TableIndex>>);
+
+impl PinnedIndex {
+    /// The index, if it is still cached.
+    pub fn get(&self) -> Option<Arc<TableIndex>> {
+        self.0.read().ok()?.upgrade()
+    }
+
+    /// Remembers `index`.
+    pub fn set(&self, index: &Arc<TableIndex>) {
+        if let Ok(mut slot) = self.0.write() {
+            *slot = Arc::downgrade(index);
+        }
+    }
+}
+
+impl Clone for PinnedIndex {
+    /// A copy starts empty: it is only a shortcut.
+    fn clone(&self) -> Self {
+        PinnedIndex::default()
+    }
+}
+
+impl PartialEq for PinnedIndex {
+    /// Shortcuts never make two tables different.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for PinnedIndex {}
+
+impl std::fmt::Debug for PinnedIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PinnedIndex")
+    }
+}

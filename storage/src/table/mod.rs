@@ -6,9 +6,9 @@ mod page;
 mod reader;
 
 pub use format::{PAGE_ROWS, TableBuilder, TableSummary, schema};
-pub use index::{PageSpan, TableIndex};
+pub use index::{PageSpan, PinnedIndex, TableIndex};
 pub use page::{DecodedPage, PageValues};
-pub use reader::{TableCursor, TableReader};
+pub use reader::{RowPage, TableCursor, TableReader};
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,10 @@
-//! Point reads and ordered cursors over one table, page by page.
+//! Point reads and ordered cursors over one table.
+//!
+//! The unit of caching is a row page: the rows of one `key` page with the
+//! matching pages of `ts`, `kind` and `value`, fetched together. A point read
+//! then costs one cache lookup, and a cold one a single batched fetch.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,6 +17,30 @@ use super::page::{self, DecodedPage};
 use crate::cache::BlockCache;
 use crate::error::{Result, StorageError};
 use crate::types::{Kind, Lookup, Timestamp, VersionedEntry};
+
+/// The rows of one key page, with every column decoded.
+#[derive(Debug)]
+pub struct RowPage {
+    rows: Range<u64>,
+    /// Per column, the pages covering `rows`: one when pages are aligned,
+    /// which they are unless huge values forced extra page cuts.
+    columns: [Vec<DecodedPage>; 4],
+}
+
+impl RowPage {
+    fn column(&self, column: usize, row: u64) -> Option<&DecodedPage> {
+        self.columns[column].iter().find(|page| page.contains(row))
+    }
+
+    /// Approximate memory held, for the cache's weigher.
+    pub fn memory_bytes(&self) -> usize {
+        self.columns.iter().flatten().map(DecodedPage::memory_bytes).sum()
+    }
+
+    fn key(&self, row: u64) -> &[u8] {
+        self.column(KEY, row).map_or(&[], |page| page.binary_ref(row))
+    }
+}
 
 /// Where pages come from: the shared cache (reads), or an object fetched
 /// whole (compaction, which would only pollute the cache).
@@ -32,6 +61,17 @@ pub struct TableReader {
 }
 
 impl TableReader {
+    /// A reader over an already opened index, reading through the cache.
+    pub fn new(index: Arc<TableIndex>, store: &Arc<dyn ObjectStore>, cache: &Arc<BlockCache>) -> TableReader {
+        TableReader {
+            index,
+            source: PageSource::Cached {
+                store: Arc::clone(store),
+                cache: Arc::clone(cache),
+            },
+        }
+    }
+
     /// Opens the table at `path` for cached reads.
     pub async fn open(
         store: &Arc<dyn ObjectStore>,
@@ -41,13 +81,7 @@ impl TableReader {
         rows: u64,
     ) -> Result<TableReader> {
         let index = cache.index(store, path, size, rows).await?;
-        Ok(TableReader {
-            index,
-            source: PageSource::Cached {
-                store: Arc::clone(store),
-                cache: Arc::clone(cache),
-            },
-        })
+        Ok(TableReader::new(index, store, cache))
     }
 
     /// Fetches the whole table in one request, for a full pass.
@@ -74,24 +108,69 @@ impl TableReader {
         &self.index
     }
 
-    async fn page(&self, column: usize, page: usize) -> Result<Arc<DecodedPage>> {
-        let span = self.index.pages(column)[page];
-        let range = span.offset..span.offset + u64::from(span.len);
+    /// Row page `key_page`, from the cache or the object.
+    async fn row_page(&self, key_page: usize) -> Result<Arc<RowPage>> {
         match &self.source {
-            PageSource::Loaded(bytes) => {
-                let body = bytes.slice(range.start as usize..range.end as usize);
-                page::decode(&self.index, column, page, body).map(Arc::new)
-            }
+            PageSource::Loaded(bytes) => self
+                .decode_row_page(key_page, |range| Ok(bytes.slice(range.start as usize..range.end as usize)))
+                .map(Arc::new),
             PageSource::Cached { store, cache } => {
                 cache
-                    .page(&self.index, column, page, async {
+                    .row_page(&self.index, key_page, async {
                         let path = self.index.path();
-                        let body = store.get_range(path, range).await.map_err(|e| StorageError::store("get", path, e))?;
-                        page::decode(&self.index, column, page, body).map(Arc::new)
+                        let ranges: Vec<Range<u64>> = self.spans(key_page).into_iter().map(|(_, _, range)| range).collect();
+                        let mut fetched = store
+                            .get_ranges(path, &ranges)
+                            .await
+                            .map_err(|e| StorageError::store("get", path, e))?
+                            .into_iter();
+                        self.decode_row_page(key_page, |_| {
+                            fetched.next().ok_or_else(|| StorageError::corruption(path.to_string(), "short ranged read"))
+                        })
+                        .map(Arc::new)
                     })
                     .await
             }
         }
+    }
+
+    /// (column, page, byte range) of every page a row page needs, in order.
+    fn spans(&self, key_page: usize) -> Vec<(usize, usize, Range<u64>)> {
+        let rows = self.index.page_rows(KEY, key_page);
+        let mut spans = Vec::with_capacity(4);
+        for column in [KEY, TS, KIND, VALUE] {
+            let first = self.index.page_of_row(column, rows.start);
+            let last = self.index.page_of_row(column, rows.end.saturating_sub(1).max(rows.start));
+            for page in first..=last {
+                let span = self.index.pages(column)[page];
+                spans.push((column, page, span.offset..span.offset + u64::from(span.len)));
+            }
+        }
+        spans
+    }
+
+    fn decode_row_page(&self, key_page: usize, mut bytes_of: impl FnMut(Range<u64>) -> Result<Bytes>) -> Result<RowPage> {
+        let mut columns: [Vec<DecodedPage>; 4] = Default::default();
+        for (column, page, range) in self.spans(key_page) {
+            columns[column].push(page::decode(&self.index, column, page, bytes_of(range)?)?);
+        }
+        Ok(RowPage {
+            rows: self.index.page_rows(KEY, key_page),
+            columns,
+        })
+    }
+
+    /// The first row whose key is >= `key`, and its row page (`None` past the end).
+    async fn seek(&self, key: &[u8]) -> Result<Option<(u64, Arc<RowPage>)>> {
+        let pages = self.index.pages(KEY).len();
+        for key_page in self.index.first_page_for(key)..pages {
+            let page = self.row_page(key_page).await?;
+            let row = page.column(KEY, page.rows.start).map_or(page.rows.end, |keys| keys.lower_bound(key));
+            if row < page.rows.end {
+                return Ok(Some((row, page)));
+            }
+        }
+        Ok(None)
     }
 
     /// The newest version of `key` at or below `read_ts`.
@@ -99,109 +178,45 @@ impl TableReader {
         if !self.index.may_contain(key) {
             return Ok(Lookup::Absent);
         }
-        let mut rows = RowAccess::new(self);
-        let mut row = self.seek(key).await?;
-        while row < self.index.rows() {
-            if rows.page(KEY, row).await?.binary_ref(row) != key {
-                break;
+        let Some((row, page)) = self.seek(key).await? else {
+            return Ok(Lookup::Absent);
+        };
+        let mut cursor = TableCursor {
+            reader: self.clone(),
+            page: Some(page),
+            row,
+            end: None,
+        };
+        while let Some(version) = cursor.next_version(Some(key)).await? {
+            if version.ts <= read_ts {
+                return Ok(match version.kind {
+                    Kind::Put => Lookup::Value { value: version.value, ts: version.ts },
+                    Kind::Delete => Lookup::Deleted { ts: version.ts },
+                });
             }
-            let ts = rows.page(TS, row).await?.int(row);
-            if ts <= read_ts {
-                return match rows.kind(row).await? {
-                    Kind::Put => Ok(Lookup::Value {
-                        value: rows.page(VALUE, row).await?.binary(row),
-                        ts,
-                    }),
-                    Kind::Delete => Ok(Lookup::Deleted { ts }),
-                };
-            }
-            row += 1;
         }
         Ok(Lookup::Absent)
     }
 
-    /// The first row whose key is >= `key` (the row count if none).
-    async fn seek(&self, key: &[u8]) -> Result<u64> {
-        let pages = self.index.pages(KEY).len();
-        for page in self.index.first_page_for(key)..pages {
-            let decoded = self.page(KEY, page).await?;
-            let row = decoded.lower_bound(key);
-            if row < decoded.rows.end {
-                return Ok(row);
-            }
-        }
-        Ok(self.index.rows())
-    }
-
     /// A cursor over every version with a key in `[start, end)`.
     pub async fn cursor(&self, start: &[u8], end: Option<Bytes>) -> Result<TableCursor> {
-        let row = self.seek(start).await?;
+        let (row, page) = match self.seek(start).await? {
+            Some((row, page)) => (row, Some(page)),
+            None => (self.index.rows(), None),
+        };
         Ok(TableCursor {
             reader: self.clone(),
-            pages: Default::default(),
+            page,
             row,
             end,
         })
     }
 }
 
-/// Keeps the current page of each column, so consecutive rows cost no lookup.
-struct RowAccess<'a> {
-    reader: &'a TableReader,
-    pages: [Option<Arc<DecodedPage>>; 4],
-}
-
-impl<'a> RowAccess<'a> {
-    fn new(reader: &'a TableReader) -> Self {
-        RowAccess {
-            reader,
-            pages: Default::default(),
-        }
-    }
-
-    async fn page(&mut self, column: usize, row: u64) -> Result<Arc<DecodedPage>> {
-        load_row_page(self.reader, &mut self.pages, column, row).await
-    }
-
-    async fn kind(&mut self, row: u64) -> Result<Kind> {
-        let code = self.page(KIND, row).await?.int(row);
-        decode_kind(self.reader, code)
-    }
-}
-
-async fn load_row_page(
-    reader: &TableReader,
-    pages: &mut [Option<Arc<DecodedPage>>; 4],
-    column: usize,
-    row: u64,
-) -> Result<Arc<DecodedPage>> {
-    if let Some(page) = &pages[column]
-        && page.contains(row)
-    {
-        return Ok(Arc::clone(page));
-    }
-    let page = reader.page(column, reader.index.page_of_row(column, row)).await?;
-    if !page.contains(row) {
-        return Err(StorageError::corruption(
-            reader.index.path().to_string(),
-            format!("row {row} is not in the page that should hold it"),
-        ));
-    }
-    pages[column] = Some(Arc::clone(&page));
-    Ok(page)
-}
-
-fn decode_kind(reader: &TableReader, code: u64) -> Result<Kind> {
-    u8::try_from(code)
-        .ok()
-        .and_then(Kind::from_code)
-        .ok_or_else(|| StorageError::corruption(reader.index.path().to_string(), format!("unknown kind {code}")))
-}
-
 /// An owned forward cursor over a table's versions.
 pub struct TableCursor {
     reader: TableReader,
-    pages: [Option<Arc<DecodedPage>>; 4],
+    page: Option<Arc<RowPage>>,
     row: u64,
     end: Option<Bytes>,
 }
@@ -209,22 +224,41 @@ pub struct TableCursor {
 impl TableCursor {
     /// The next version, or `None` past the end of the range.
     pub async fn next_entry(&mut self) -> Result<Option<VersionedEntry>> {
+        self.next_version(None).await
+    }
+
+    /// The next version; with `only`, `None` as soon as the key differs.
+    async fn next_version(&mut self, only: Option<&[u8]>) -> Result<Option<VersionedEntry>> {
+        let index = Arc::clone(&self.reader.index);
+        if self.row >= index.rows() {
+            return Ok(None);
+        }
+        let page = match &self.page {
+            Some(page) if page.rows.contains(&self.row) => Arc::clone(page),
+            _ => {
+                let page = self.reader.row_page(index.page_of_row(KEY, self.row)).await?;
+                self.page = Some(Arc::clone(&page));
+                page
+            }
+        };
         let row = self.row;
-        if row >= self.reader.index.rows() {
+        let key = page.key(row);
+        if only.is_some_and(|only| only != key) || self.end.as_ref().is_some_and(|end| key >= end.as_ref()) {
+            self.row = index.rows();
             return Ok(None);
         }
-        let key = load_row_page(&self.reader, &mut self.pages, KEY, row).await?.binary(row);
-        if self.end.as_ref().is_some_and(|end| key >= end) {
-            self.row = self.reader.index.rows();
-            return Ok(None);
-        }
-        let ts = load_row_page(&self.reader, &mut self.pages, TS, row).await?.int(row);
-        let code = load_row_page(&self.reader, &mut self.pages, KIND, row).await?.int(row);
-        let kind = decode_kind(&self.reader, code)?;
+        let corrupt = |what: &str| StorageError::corruption(index.path().to_string(), format!("row {row}: {what}"));
+        let ts = page.column(TS, row).ok_or_else(|| corrupt("no ts"))?.int(row);
+        let code = page.column(KIND, row).ok_or_else(|| corrupt("no kind"))?.int(row);
+        let kind = u8::try_from(code)
+            .ok()
+            .and_then(Kind::from_code)
+            .ok_or_else(|| corrupt(&format!("unknown kind {code}")))?;
         let value = match kind {
-            Kind::Put => load_row_page(&self.reader, &mut self.pages, VALUE, row).await?.binary(row),
+            Kind::Put => page.column(VALUE, row).ok_or_else(|| corrupt("no value"))?.binary(row),
             Kind::Delete => Bytes::new(),
         };
+        let key = page.column(KEY, row).ok_or_else(|| corrupt("no key"))?.binary(row);
         self.row += 1;
         Ok(Some(VersionedEntry { key, ts, kind, value }))
     }

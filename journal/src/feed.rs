@@ -1,0 +1,69 @@
+//! Feeding a [`Subscription`] from a stream's committed log.
+//!
+//! Both stream implementations publish their committed index on a `watch` channel and can
+//! read committed entries by index; one task per subscription turns that into an ordered
+//! channel of entries, with backpressure from the subscriber.
+
+use std::sync::Arc;
+
+use luna_kernel::stream::{Entry, StreamError, Subscription};
+use tokio::sync::{mpsc, watch};
+
+/// Entries a subscriber may receive ahead of consuming them.
+const CHANNEL_CAPACITY: usize = 1024;
+/// Entries read from the log per call, so one slow read does not hold a lock for long.
+const READ_CHUNK: u64 = 256;
+
+/// Reads committed entries of one stream.
+pub(crate) trait EntrySource: Send + Sync + 'static {
+    /// Entries `from..=to`, in order; all of them must be committed. Returns at least one
+    /// entry, or [`StreamError::Truncated`] if `from` is no longer held.
+    fn read(&self, from: u64, to: u64) -> Result<Vec<Entry>, StreamError>;
+}
+
+/// Starts a task that delivers entries from `from` onwards as `committed` advances. The
+/// task ends when the subscriber drops its end, or when `committed`'s sender is dropped
+/// (the stream closed) and everything committed before that was delivered.
+pub(crate) fn spawn_feed(
+    source: Arc<dyn EntrySource>,
+    mut committed: watch::Receiver<u64>,
+    from: u64,
+) -> Subscription {
+    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+    tokio::spawn(async move {
+        let mut next = from;
+        loop {
+            let upto = *committed.borrow_and_update();
+            while next <= upto {
+                let to = upto.min(next + READ_CHUNK - 1);
+                match source.read(next, to) {
+                    Ok(entries) if entries.is_empty() => {
+                        let reason = format!("no entries held for {next}..={to}");
+                        let location = "subscription".to_owned();
+                        let _ = tx
+                            .send(Err(StreamError::Corruption { location, reason }))
+                            .await;
+                        return;
+                    }
+                    Ok(entries) => {
+                        for entry in entries {
+                            next = entry.index + 1;
+                            if tx.send(Ok(entry)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // The subscriber learns why its stream of entries ends.
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+            if committed.changed().await.is_err() && *committed.borrow() < next {
+                return;
+            }
+        }
+    });
+    Subscription::new(rx)
+}

@@ -1,0 +1,488 @@
+//! The synchronous core of a raft journal server: every stream replica a server hosts, one
+//! raft-engine, and the ready loop.
+//!
+//! The core does no I/O scheduling and owns no clock, so the deterministic harness drives it
+//! step by step and the production driver drives it from one task. A round is:
+//!
+//! 1. [`Server::tick`] (coalesced: one call ticks every stream), [`Server::step`] incoming
+//!    messages, [`Server::propose`] / [`Server::read_index`];
+//! 2. [`Server::ready`]: for every stream with a ready, in raft-rs's documented order, send
+//!    the leader's messages at once, deliver committed entries, add new entries and the hard
+//!    state to one `LogBatch` shared by all streams, answer read states, and
+//!    `advance_append_async`. The batch is written without fsync, so raft reads it back;
+//! 3. [`Server::take_sync`] / [`sync`] / [`Server::finish_sync`]: one fsync covers every
+//!    round written since the last one (group commit across proposals and streams); only
+//!    then does raft hear `on_persist_ready`, and do followers' messages (votes, append
+//!    acks) leave.
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use luna_kernel::stream::{Leadership, StreamError};
+use protobuf::Message as _;
+use raft::eraftpb::{Entry, EntryType, Message};
+use raft::{RawNode, StateRole};
+use raft_engine::{Engine, LogBatch};
+use tokio::sync::{oneshot, watch};
+
+use super::logger;
+use super::storage::{EngineStorage, EntryExt};
+use crate::error::JournalError;
+
+/// Engine region reserved for the sync marker (stream ids start at 1).
+const SYNC_REGION: u64 = 0;
+/// Read barriers still unanswered after this many election timeouts fail.
+const READ_TIMEOUT_ELECTIONS: u64 = 2;
+
+/// Settings of one journal server (one process's share of every stream it hosts).
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    /// This server's replica id in every stream it hosts; never 0.
+    pub node_id: u64,
+    /// Directory of the server's raft-engine log.
+    pub dir: PathBuf,
+    /// Ticks without a leader before a follower campaigns.
+    pub election_tick: usize,
+    /// Ticks between a leader's heartbeats; less than `election_tick`.
+    pub heartbeat_tick: usize,
+    /// Largest entry accepted, in bytes.
+    pub max_entry_size: usize,
+}
+
+impl RaftConfig {
+    /// Defaults: election after 10 ticks, heartbeats every 2, 8 MiB entries.
+    pub fn new(node_id: u64, dir: impl Into<PathBuf>) -> Self {
+        Self {
+            node_id,
+            dir: dir.into(),
+            election_tick: 10,
+            heartbeat_tick: 2,
+            max_entry_size: 8 << 20,
+        }
+    }
+}
+
+/// Where the answer to an append or a read barrier goes: an index, or why not.
+type Reply = oneshot::Sender<Result<u64, StreamError>>;
+
+/// One stream's replica on this server.
+struct Replica {
+    node: RawNode<EngineStorage>,
+    /// Proposed entries by index, with the term they were proposed in.
+    appends: BTreeMap<u64, (u64, Reply)>,
+    /// Read barriers by request id, with the tick they were issued at.
+    reads: HashMap<u64, (u64, Reply)>,
+    committed: watch::Sender<u64>,
+    leadership: watch::Sender<Leadership>,
+}
+
+impl Replica {
+    fn current_leadership(&self) -> Leadership {
+        let raft = &self.node.raft;
+        Leadership {
+            term: raft.term,
+            leader_id: (raft.leader_id != 0).then_some(raft.leader_id),
+            is_leader: raft.state == StateRole::Leader,
+        }
+    }
+
+    fn not_leader(&self) -> StreamError {
+        let leadership = self.current_leadership();
+        StreamError::NotLeader { leader_hint: leadership.leader_id, term: leadership.term }
+    }
+}
+
+/// Readies written to the engine but not yet fsynced, in order.
+#[derive(Debug, Default)]
+pub struct SyncRound {
+    readies: Vec<(u64, u64, Vec<Message>)>,
+    must_sync: bool,
+}
+
+/// Every stream replica of one server, and the engine they share.
+pub struct Server {
+    config: RaftConfig,
+    engine: Arc<Engine>,
+    streams: BTreeMap<u64, Replica>,
+    logger: slog::Logger,
+    unsynced: SyncRound,
+    next_read_id: u64,
+    ticks: u64,
+}
+
+impl Server {
+    /// Opens (or creates) the server's raft-engine log. Streams are added with
+    /// [`add_stream`](Self::add_stream).
+    pub fn open(config: RaftConfig) -> Result<Self, JournalError> {
+        if config.node_id == 0 || config.heartbeat_tick == 0 {
+            return Err(JournalError::InvalidConfig {
+                name: "node_id/heartbeat_tick",
+                reason: "must be positive".to_owned(),
+            });
+        }
+        let engine_config = raft_engine::Config {
+            dir: config.dir.display().to_string(),
+            // Tolerating a torn tail is safe: it was never fsynced, so never acknowledged.
+            recovery_mode: raft_engine::RecoveryMode::TolerateTailCorruption,
+            ..raft_engine::Config::default()
+        };
+        let engine = Engine::open(engine_config).map_err(|e| JournalError::Engine {
+            path: config.dir.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            logger: logger::raft_logger(config.node_id),
+            config,
+            engine: Arc::new(engine),
+            streams: BTreeMap::new(),
+            unsynced: SyncRound::default(),
+            next_read_id: 0,
+            ticks: 0,
+        })
+    }
+
+    /// The engine, which the sync step (off the ready loop) writes its marker to.
+    pub fn engine(&self) -> Arc<Engine> {
+        Arc::clone(&self.engine)
+    }
+
+    /// Entries `from..=to` of `stream_id` as stored here (committed ones up to
+    /// [`watch_committed`](Self::watch_committed)).
+    pub fn entries(
+        &self,
+        stream_id: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<luna_kernel::stream::Entry>, StreamError> {
+        let mut entries = Vec::new();
+        self.engine
+            .fetch_entries_to::<EntryExt>(stream_id, from, to + 1, None, &mut entries)
+            .map_err(engine_error)?;
+        Ok(entries
+            .into_iter()
+            .map(|e| luna_kernel::stream::Entry { index: e.index, term: e.term, data: e.data })
+            .collect())
+    }
+
+    /// Hosts a replica of `stream_id` whose voters are `voters` (this server among them).
+    /// A stream already on disk recovers its hard state, conf state and log; a new one
+    /// bootstraps with `voters`, which must be the same on every replica.
+    pub fn add_stream(&mut self, stream_id: u64, voters: &[u64]) -> Result<(), JournalError> {
+        if stream_id == SYNC_REGION {
+            return Err(JournalError::InvalidConfig {
+                name: "stream_id",
+                reason: "0 is reserved".to_owned(),
+            });
+        }
+        let mut batch = LogBatch::default();
+        let storage = EngineStorage::open(Arc::clone(&self.engine), stream_id, voters, &mut batch)?;
+        self.engine.write(&mut batch, true).map_err(|e| JournalError::Engine {
+            path: self.config.dir.clone(),
+            reason: format!("bootstrapping stream {stream_id}: {e}"),
+        })?;
+        let raft_config = raft::Config {
+            id: self.config.node_id,
+            election_tick: self.config.election_tick,
+            heartbeat_tick: self.config.heartbeat_tick,
+            pre_vote: true,
+            check_quorum: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..raft::Config::default()
+        };
+        let logger = self.logger.new(slog::o!("stream" => stream_id));
+        let node = RawNode::new(&raft_config, storage, &logger)
+            .map_err(|e| JournalError::Raft { stream_id, reason: e.to_string() })?;
+        let replica = Replica {
+            node,
+            appends: BTreeMap::new(),
+            reads: HashMap::new(),
+            committed: watch::Sender::new(0),
+            leadership: watch::Sender::new(Leadership::default()),
+        };
+        let leadership = replica.current_leadership();
+        replica.leadership.send_replace(leadership);
+        self.streams.insert(stream_id, replica);
+        Ok(())
+    }
+
+    /// The committed index of `stream_id` as it advances (entries up to it are readable).
+    pub fn watch_committed(&self, stream_id: u64) -> Option<watch::Receiver<u64>> {
+        self.streams.get(&stream_id).map(|r| r.committed.subscribe())
+    }
+
+    /// The leadership of `stream_id` as it changes.
+    pub fn watch_leadership(&self, stream_id: u64) -> Option<watch::Receiver<Leadership>> {
+        self.streams.get(&stream_id).map(|r| r.leadership.subscribe())
+    }
+
+    /// Proposes `data` on `stream_id`; the receiver answers once it commits (or cannot).
+    pub fn propose(&mut self, stream_id: u64, data: Bytes) -> oneshot::Receiver<Result<u64, StreamError>> {
+        let (reply, answer) = oneshot::channel();
+        let limit = self.config.max_entry_size;
+        let Some(replica) = self.streams.get_mut(&stream_id) else {
+            let _ = reply.send(Err(StreamError::Closed));
+            return answer;
+        };
+        let error = if data.is_empty() {
+            Some(StreamError::EmptyEntry)
+        } else if data.len() > limit {
+            Some(StreamError::EntryTooLarge { size: data.len(), limit })
+        } else if replica.node.raft.state != StateRole::Leader {
+            // Not forwarded to the leader: the caller retries there, with the hint.
+            Some(replica.not_leader())
+        } else {
+            match replica.node.propose(Vec::new(), data.to_vec()) {
+                Ok(()) => {
+                    let index = replica.node.raft.raft_log.last_index();
+                    replica.appends.insert(index, (replica.node.raft.term, reply));
+                    return answer;
+                }
+                Err(e) => {
+                    tracing::debug!(stream_id, error = %e, "proposal dropped");
+                    Some(replica.not_leader())
+                }
+            }
+        };
+        if let Some(error) = error {
+            let _ = reply.send(Err(error));
+        }
+        answer
+    }
+
+    /// Starts a read barrier on `stream_id` (followers ask their leader).
+    pub fn read_index(&mut self, stream_id: u64) -> oneshot::Receiver<Result<u64, StreamError>> {
+        let (reply, answer) = oneshot::channel();
+        let Some(replica) = self.streams.get_mut(&stream_id) else {
+            let _ = reply.send(Err(StreamError::Closed));
+            return answer;
+        };
+        if replica.node.raft.leader_id == 0 {
+            let _ = reply.send(Err(replica.not_leader()));
+            return answer;
+        }
+        self.next_read_id += 1;
+        replica.node.read_index(self.next_read_id.to_le_bytes().to_vec());
+        replica.reads.insert(self.next_read_id, (self.ticks, reply));
+        answer
+    }
+
+    /// Advances every stream's logical clock by one tick, and expires stale read barriers.
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        let timeout = self.config.election_tick as u64 * READ_TIMEOUT_ELECTIONS;
+        for replica in self.streams.values_mut() {
+            replica.node.tick();
+            let now = self.ticks;
+            let expired: Vec<u64> = replica
+                .reads
+                .iter()
+                .filter(|(_, (issued, _))| now - *issued > timeout)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                if let Some((_, reply)) = replica.reads.remove(&id) {
+                    let _ = reply.send(Err(StreamError::Timeout { operation: "read_index" }));
+                }
+            }
+        }
+    }
+
+    /// Steps one message from peer server `from`. Garbage is logged and ignored: a peer
+    /// cannot crash or confuse a server by what it sends.
+    pub fn step(&mut self, from: u64, envelope: &[u8]) {
+        let Some((stream_id, message)) = decode_envelope(envelope) else {
+            tracing::warn!(from, len = envelope.len(), "ignoring undecodable raft message");
+            return;
+        };
+        if message.from != from || message.to != self.config.node_id {
+            tracing::warn!(from, stream_id, "ignoring misaddressed raft message");
+            return;
+        }
+        let Some(replica) = self.streams.get_mut(&stream_id) else {
+            tracing::debug!(from, stream_id, "ignoring message for a stream not hosted here");
+            return;
+        };
+        if let Err(e) = replica.node.step(message) {
+            tracing::debug!(from, stream_id, error = %e, "raft rejected a message");
+        }
+    }
+}
+
+impl Server {
+    /// Handles every stream's ready (step 2 of a round) and returns the messages to send
+    /// now as `(to, envelope)`. An engine write error fails the server: the caller stops
+    /// it, and every waiting append learns [`StreamError::Io`] (never an acknowledgement).
+    pub fn ready(&mut self) -> Result<Vec<(u64, Bytes)>, StreamError> {
+        let mut batch = LogBatch::default();
+        let mut out = Vec::new();
+        for (&stream_id, replica) in &mut self.streams {
+            if !replica.node.has_ready() {
+                continue;
+            }
+            let mut ready = replica.node.ready();
+            // A leader sends before persisting: replication overlaps its own fsync.
+            push_messages(&mut out, stream_id, ready.take_messages());
+            if !ready.snapshot().is_empty() {
+                tracing::error!(stream_id, "ignoring a raft snapshot: logs are never compacted");
+            }
+            let committed = ready.take_committed_entries();
+            settle_appends(replica, &committed);
+            let storage = replica.node.mut_store();
+            let persisted = storage.append(ready.entries(), &mut batch).and_then(|()| {
+                ready.hs().map_or(Ok(()), |hs| storage.set_hard_state(hs, &mut batch))
+            });
+            if let Err(e) = persisted {
+                return Err(self.fail(StreamError::Io {
+                    context: format!("staging raft state of stream {stream_id}"),
+                    source: Arc::new(std::io::Error::other(e.to_string())),
+                }));
+            }
+            for state in ready.take_read_states() {
+                let id = state.request_ctx.first_chunk::<8>().map(|b| u64::from_le_bytes(*b));
+                if let Some((_, reply)) = id.and_then(|id| replica.reads.remove(&id)) {
+                    let _ = reply.send(Ok(state.index));
+                }
+            }
+            self.unsynced.must_sync |= ready.must_sync();
+            let persisted_messages = ready.take_persisted_messages();
+            self.unsynced.readies.push((stream_id, ready.number(), persisted_messages));
+            replica.node.advance_append_async(ready);
+            if let Some(last) = committed.last() {
+                replica.node.advance_apply_to(last.index);
+                replica.committed.send_replace(last.index);
+            }
+            update_leadership(replica);
+        }
+        if !batch.is_empty()
+            && let Err(e) = self.engine.write(&mut batch, false)
+        {
+            return Err(self.fail(engine_error(e)));
+        }
+        Ok(out)
+    }
+
+    /// Takes every ready written since the last call, for one fsync (step 3 of a round).
+    /// Rounds must be synced and finished in the order they are taken.
+    pub fn take_sync(&mut self) -> Option<SyncRound> {
+        if self.unsynced.readies.is_empty() {
+            return None;
+        }
+        Some(std::mem::take(&mut self.unsynced))
+    }
+
+    /// Tells raft that `round` is durable and returns the messages that waited for it.
+    pub fn finish_sync(&mut self, round: SyncRound) -> Vec<(u64, Bytes)> {
+        let mut out = Vec::new();
+        for (stream_id, number, messages) in round.readies {
+            push_messages(&mut out, stream_id, messages);
+            if let Some(replica) = self.streams.get_mut(&stream_id) {
+                replica.node.on_persist_ready(number);
+            }
+        }
+        out
+    }
+
+    /// Fails every waiting append and read with `error`, and drops all streams: after a
+    /// lost write the in-memory raft state is ahead of the disk, so nothing may continue.
+    pub fn fail(&mut self, error: StreamError) -> StreamError {
+        tracing::error!(error = %error, node = self.config.node_id, "journal server failed");
+        for (_, replica) in std::mem::take(&mut self.streams) {
+            for (_, (_, reply)) in replica.appends {
+                let _ = reply.send(Err(error.clone()));
+            }
+            for (_, (_, reply)) in replica.reads {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+        error
+    }
+}
+
+fn push_messages(out: &mut Vec<(u64, Bytes)>, stream_id: u64, messages: Vec<Message>) {
+    for message in messages {
+        match encode_envelope(stream_id, &message) {
+            Some(bytes) => out.push((message.to, bytes)),
+            None => tracing::error!(stream_id, "cannot encode a raft message; raft will resend"),
+        }
+    }
+}
+
+/// Publishes a leadership change; read barriers of an old term can no longer be answered
+/// safely, so they fail and the callers retry.
+fn update_leadership(replica: &mut Replica) {
+    let now = replica.current_leadership();
+    let before = *replica.leadership.borrow();
+    if now == before {
+        return;
+    }
+    replica.leadership.send_replace(now);
+    if now.term != before.term || now.leader_id != before.leader_id {
+        let error = replica.not_leader();
+        for (_, (_, reply)) in replica.reads.drain() {
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+}
+
+/// A raft message for `stream_id` on the wire: the stream id, then the protobuf bytes.
+pub(crate) fn encode_envelope(stream_id: u64, message: &Message) -> Option<Bytes> {
+    let body = message.write_to_bytes().ok()?;
+    let mut buf = BytesMut::with_capacity(8 + body.len());
+    buf.put_u64_le(stream_id);
+    buf.put_slice(&body);
+    Some(buf.freeze())
+}
+
+fn decode_envelope(bytes: &[u8]) -> Option<(u64, Message)> {
+    let (id, body) = bytes.split_first_chunk::<8>()?;
+    let message = Message::parse_from_bytes(body).ok()?;
+    Some((u64::from_le_bytes(*id), message))
+}
+
+/// The fsync step of a round, run off the ready loop (it blocks). raft-engine panics when
+/// fsync fails, so the panic is caught and reported as an error: the server must stop.
+pub fn sync(engine: &Engine, round: &SyncRound) -> Result<(), StreamError> {
+    if !round.must_sync {
+        return Ok(());
+    }
+    let mut marker = LogBatch::default();
+    // raft-engine skips the fsync of an empty batch, so a tiny marker carries it.
+    marker.put(SYNC_REGION, b"sync".to_vec(), Vec::new()).map_err(engine_error)?;
+    match catch_unwind(AssertUnwindSafe(|| engine.write(&mut marker, true))) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(engine_error(e)),
+        Err(_) => Err(StreamError::Io {
+            context: "fsync of the raft log".to_owned(),
+            source: Arc::new(std::io::Error::other("raft-engine fsync failed")),
+        }),
+    }
+}
+
+fn engine_error(e: raft_engine::Error) -> StreamError {
+    StreamError::Io {
+        context: "writing the raft log".to_owned(),
+        source: Arc::new(std::io::Error::other(e.to_string())),
+    }
+}
+
+/// The application side of committed entries: answer the appends they settle.
+fn settle_appends(replica: &mut Replica, committed: &[Entry]) {
+    for entry in committed {
+        while let Some(entry_ref) = replica.appends.first_entry() {
+            if *entry_ref.key() > entry.index {
+                break;
+            }
+            let (index, (term, reply)) = entry_ref.remove_entry();
+            // An entry commits at the index it was proposed at, or never: a different term
+            // there means a new leader overwrote it.
+            let ours = index == entry.index
+                && term == entry.term
+                && entry.get_entry_type() == EntryType::EntryNormal;
+            let _ = reply.send(if ours { Ok(index) } else { Err(replica.not_leader()) });
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! [`raft::Storage`] over a shared raft-engine: one raft-engine "region" per stream.
+//!
+//! Entries live in the engine's log; the hard state and conf state are engine key-values of
+//! the stream. Writes are added to a [`LogBatch`] that the server writes once per ready
+//! round for all of its streams (without fsync, so raft can read them back at once); a
+//! separate sync step makes the round durable before raft learns it is persisted.
+
+use std::sync::Arc;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use raft_engine::{Engine, LogBatch, MessageExt};
+
+use crate::error::JournalError;
+
+const HARD_STATE_KEY: &[u8] = b"hs";
+const CONF_STATE_KEY: &[u8] = b"cs";
+
+/// Tells raft-engine where the index of a raft entry is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EntryExt;
+
+impl MessageExt for EntryExt {
+    type Entry = Entry;
+
+    fn index(entry: &Entry) -> u64 {
+        entry.index
+    }
+}
+
+/// One stream's raft log and state in the server's engine.
+pub(crate) struct EngineStorage {
+    engine: Arc<Engine>,
+    stream_id: u64,
+    state: RaftState,
+}
+
+impl EngineStorage {
+    /// Loads the stream's state, or bootstraps it with `voters` if the engine has none.
+    /// Every replica of a new stream bootstraps with the same voters, at index 0.
+    pub(crate) fn open(
+        engine: Arc<Engine>,
+        stream_id: u64,
+        voters: &[u64],
+        batch: &mut LogBatch,
+    ) -> Result<Self, JournalError> {
+        let engine_error = |reason: String| JournalError::Raft { stream_id, reason };
+        let hard_state = match engine.get(stream_id, HARD_STATE_KEY) {
+            Some(bytes) => HardState::parse_from_bytes(&bytes)
+                .map_err(|e| engine_error(format!("stored hard state: {e}")))?,
+            None => HardState::default(),
+        };
+        let conf_state = match engine.get(stream_id, CONF_STATE_KEY) {
+            Some(bytes) => ConfState::parse_from_bytes(&bytes)
+                .map_err(|e| engine_error(format!("stored conf state: {e}")))?,
+            None => {
+                let mut conf_state = ConfState::default();
+                conf_state.voters = voters.to_vec();
+                batch
+                    .put_message(stream_id, CONF_STATE_KEY.to_vec(), &conf_state)
+                    .map_err(|e| engine_error(format!("encoding conf state: {e}")))?;
+                conf_state
+            }
+        };
+        let storage = Self { engine, stream_id, state: RaftState { hard_state, conf_state } };
+        let last = storage.last_index_inner();
+        if storage.state.hard_state.commit > last {
+            return Err(engine_error(format!(
+                "commit index {} is past the last stored entry {last}",
+                storage.state.hard_state.commit
+            )));
+        }
+        Ok(storage)
+    }
+
+    /// Adds `entries` (which may overwrite a conflicting tail) to `batch`.
+    pub(crate) fn append(&mut self, entries: &[Entry], batch: &mut LogBatch) -> raft::Result<()> {
+        batch
+            .add_entries::<EntryExt>(self.stream_id, entries)
+            .map_err(|e| store_error(format!("adding entries: {e}")))
+    }
+
+    /// Adds a new hard state to `batch` and makes it the one raft reads.
+    pub(crate) fn set_hard_state(
+        &mut self,
+        hard_state: &HardState,
+        batch: &mut LogBatch,
+    ) -> raft::Result<()> {
+        batch
+            .put_message(self.stream_id, HARD_STATE_KEY.to_vec(), hard_state)
+            .map_err(|e| store_error(format!("encoding hard state: {e}")))?;
+        self.state.hard_state = hard_state.clone();
+        Ok(())
+    }
+
+    fn first_index_inner(&self) -> u64 {
+        self.engine.first_index(self.stream_id).unwrap_or(1)
+    }
+
+    fn last_index_inner(&self) -> u64 {
+        self.engine.last_index(self.stream_id).unwrap_or(0)
+    }
+}
+
+fn store_error(reason: String) -> raft::Error {
+    raft::Error::Store(StorageError::Other(reason.into()))
+}
+
+impl raft::Storage for EngineStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(self.state.clone())
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first_index_inner() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        let max_size = max_size.into().map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+        let mut entries = Vec::new();
+        self.engine
+            .fetch_entries_to::<EntryExt>(self.stream_id, low, high, max_size, &mut entries)
+            .map_err(|e| match e {
+                raft_engine::Error::EntryCompacted => raft::Error::Store(StorageError::Compacted),
+                raft_engine::Error::EntryNotFound => raft::Error::Store(StorageError::Unavailable),
+                other => store_error(format!("reading entries {low}..{high}: {other}")),
+            })?;
+        Ok(entries)
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        // Logs are never compacted yet, so index 0 is the only entry before the first.
+        if index == 0 {
+            return Ok(0);
+        }
+        match self.engine.get_entry::<EntryExt>(self.stream_id, index) {
+            Ok(Some(entry)) => Ok(entry.term),
+            Ok(None) if index < self.first_index_inner() => {
+                Err(raft::Error::Store(StorageError::Compacted))
+            }
+            Ok(None) => Err(raft::Error::Store(StorageError::Unavailable)),
+            Err(e) => Err(store_error(format!("reading the term of {index}: {e}"))),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first_index_inner())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index_inner())
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Logs are not compacted yet, so a follower always catches up from the log.
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    }
+}
