@@ -40,7 +40,10 @@ impl StoreArgs {
     pub fn open(&self) -> Result<Arc<LunaObjectStore>, CliError> {
         let url = match &self.object_store {
             Some(url) => url.clone(),
-            None => format!("file://{}", absolute(&self.data_dir.join("objects"))?.display()),
+            None => format!(
+                "file://{}",
+                absolute(&self.data_dir.join("objects"))?.display()
+            ),
         };
         let options = ObjectStoreOptions {
             endpoint: self.s3_endpoint.clone(),

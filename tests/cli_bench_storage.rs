@@ -30,24 +30,64 @@ fn luna(args: &[&str], data_dir: &std::path::Path, limit: Duration) -> Output {
 fn bench_storage_reports_every_workload_as_json() {
     let dir = tempfile::tempdir().unwrap();
     let output = luna(
-        &["bench", "storage", "--num", "3000", "--threads", "2", "--memtable-size", "65536", "--json"],
+        &[
+            "bench",
+            "storage",
+            "--num",
+            "3000",
+            "--threads",
+            "2",
+            "--memtable-size",
+            "65536",
+            "--json",
+        ],
         dir.path(),
         Duration::from_secs(120),
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "luna failed: {stderr}");
     let stdout = String::from_utf8(output.stdout).unwrap();
-    let reports: Vec<serde_json::Value> = stdout.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
-    let names: Vec<&str> = reports.iter().map(|r| r["workload"].as_str().unwrap()).collect();
-    assert_eq!(names, ["fillseq", "fillrandom", "overwrite", "readseq", "readrandom"]);
+    let reports: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let names: Vec<&str> = reports
+        .iter()
+        .map(|r| r["workload"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "fillseq",
+            "fillrandom",
+            "overwrite",
+            "readseq",
+            "readrandom"
+        ]
+    );
     for report in &reports {
-        for field in ["ops", "seconds", "ops_per_sec", "p50_us", "p99_us", "object_store_puts", "object_store_gets", "bytes_written"] {
+        for field in [
+            "ops",
+            "seconds",
+            "ops_per_sec",
+            "p50_us",
+            "p99_us",
+            "object_store_puts",
+            "object_store_gets",
+            "bytes_written",
+        ] {
             assert!(report[field].is_number(), "{field} missing in {report}");
         }
-        assert_eq!(report["ops"].as_u64().unwrap() > 0, true, "{report}");
+        assert!(report["ops"].as_u64().unwrap() > 0, "{report}");
     }
-    assert!(reports[0]["object_store_puts"].as_u64().unwrap() >= 1, "a fill writes tables");
-    assert!(reports[0]["bytes_written"].as_u64().unwrap() > 3000 * 100, "fillseq wrote its values");
+    assert!(
+        reports[0]["object_store_puts"].as_u64().unwrap() >= 1,
+        "a fill writes tables"
+    );
+    assert!(
+        reports[0]["bytes_written"].as_u64().unwrap() > 3000 * 100,
+        "fillseq wrote its values"
+    );
     // readseq after fillrandom + overwrite sees exactly the distinct keys written.
     let found_seq = reports[3]["found"].as_u64().unwrap();
     assert!(found_seq > 0 && found_seq <= 3000, "{found_seq}");
@@ -58,23 +98,45 @@ fn bench_storage_reports_every_workload_as_json() {
 }
 
 fn walk(dir: &std::path::Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .flatten()
-        .map(|entry| if entry.path().is_dir() { walk(&entry.path()) } else { 1 })
+        .map(|entry| {
+            if entry.path().is_dir() {
+                walk(&entry.path())
+            } else {
+                1
+            }
+        })
         .sum()
 }
 
 #[test]
 fn bad_flags_get_a_clear_error_and_a_failing_exit() {
     let dir = tempfile::tempdir().unwrap();
-    let output = luna(&["bench", "storage", "--num", "100000", "--key-size", "3"], dir.path(), Duration::from_secs(30));
+    let output = luna(
+        &["bench", "storage", "--num", "100000", "--key-size", "3"],
+        dir.path(),
+        Duration::from_secs(30),
+    );
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.starts_with("error: --key-size must be between 6"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: --key-size must be between 6"),
+        "{stderr}"
+    );
 
-    let output = luna(&["bench", "storage", "--object-store", "ftp://nowhere"], dir.path(), Duration::from_secs(30));
+    let output = luna(
+        &["bench", "storage", "--object-store", "ftp://nowhere"],
+        dir.path(),
+        Duration::from_secs(30),
+    );
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("error:") && stderr.contains("ftp"), "{stderr}");
+    assert!(
+        stderr.contains("error:") && stderr.contains("ftp"),
+        "{stderr}"
+    );
 }

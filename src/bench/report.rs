@@ -14,13 +14,16 @@ impl Latencies {
     /// An empty recorder (1 µs to 60 s, 3 significant digits).
     pub fn new() -> Latencies {
         Latencies {
-            histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid"),
+            histogram: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .expect("constant bounds are valid"),
         }
     }
 
     /// Records one operation.
     pub fn record(&mut self, elapsed: Duration) {
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1);
+        let micros = u64::try_from(elapsed.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         self.histogram.saturating_record(micros);
     }
 
@@ -65,13 +68,22 @@ pub struct WorkloadReport {
 
 impl WorkloadReport {
     /// Fills in throughput and latency fields.
-    pub fn new(workload: &str, ops: u64, elapsed: Duration, latencies: &Latencies) -> WorkloadReport {
+    pub fn new(
+        workload: &str,
+        ops: u64,
+        elapsed: Duration,
+        latencies: &Latencies,
+    ) -> WorkloadReport {
         let seconds = elapsed.as_secs_f64();
         WorkloadReport {
             workload: workload.to_string(),
             ops,
             seconds,
-            ops_per_sec: if seconds > 0.0 { ops as f64 / seconds } else { 0.0 },
+            ops_per_sec: if seconds > 0.0 {
+                ops as f64 / seconds
+            } else {
+                0.0
+            },
             p50_us: latencies.quantile(0.5),
             p99_us: latencies.quantile(0.99),
             max_us: latencies.histogram.max() as f64,
@@ -84,7 +96,10 @@ impl WorkloadReport {
 
     /// A human-readable line.
     pub fn line(&self) -> String {
-        let found = self.found.map(|f| format!(" found={f}")).unwrap_or_default();
+        let found = self
+            .found
+            .map(|f| format!(" found={f}"))
+            .unwrap_or_default();
         format!(
             "{:<11} {:>9} ops {:>8.2} s {:>10.0} ops/s  p50 {:>5.0} us  p99 {:>5.0} us  max {:>7.0} us  puts {:>4}  gets {:>6}  written {:>6.1} MiB{found}",
             self.workload,

@@ -12,8 +12,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use luna_kernel::objstore::{LunaObjectStore, MetricsSnapshot, OpKind};
 use luna_storage::{
-    BaseStore, BaseStoreOptions, BlockCache, CacheOptions, KeyRange, MemStoreOptions, MemoryBudget, ScanRequest,
-    Tablet, WriteBatch,
+    BaseStore, BaseStoreOptions, BlockCache, CacheOptions, Direction, KeyRange, MemStoreOptions,
+    MemoryBudget, ScanRequest, Tablet, WriteBatch,
 };
 use object_store::ObjectStore;
 use object_store::path::Path;
@@ -43,7 +43,11 @@ pub struct StorageBenchArgs {
     #[arg(long, default_value_t = 1)]
     threads: u64,
     /// Workloads to run, in order.
-    #[arg(long, value_delimiter = ',', default_value = "fillseq,fillrandom,overwrite,readseq,readrandom")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fillseq,fillrandom,overwrite,readseq,readrandom"
+    )]
     workloads: Vec<Workload>,
     /// Memtable size in bytes.
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
@@ -98,7 +102,9 @@ struct Bench {
 /// Runs the benchmark and prints its reports.
 pub async fn run(args: StorageBenchArgs) -> Result<(), CliError> {
     if args.num == 0 || args.threads == 0 {
-        return Err(CliError::Invalid("--num and --threads must be at least 1".into()));
+        return Err(CliError::Invalid(
+            "--num and --threads must be at least 1".into(),
+        ));
     }
     let digits = args.num.to_string().len();
     if args.key_size < digits || args.key_size > 4096 {
@@ -110,7 +116,9 @@ pub async fn run(args: StorageBenchArgs) -> Result<(), CliError> {
     let store = args.store.open()?;
     let root = Path::from(format!("bench-storage-{}", std::process::id()));
     let mut rng = SmallRng::seed_from_u64(42);
-    let value_pool: Bytes = (0..args.value_size * 2 + 1024).map(|_| rng.random::<u8>()).collect();
+    let value_pool: Bytes = (0..args.value_size * 2 + 1024)
+        .map(|_| rng.random::<u8>())
+        .collect();
     let bench = Arc::new(Bench {
         args,
         store,
@@ -153,7 +161,11 @@ impl Bench {
 
     fn tablet_range(&self, worker: u64) -> KeyRange {
         let share = self.share(worker);
-        let start = if worker == 0 { Bytes::new() } else { self.key(share.start) };
+        let start = if worker == 0 {
+            Bytes::new()
+        } else {
+            self.key(share.start)
+        };
         let end = (worker + 1 < self.args.threads).then(|| self.key(share.end));
         KeyRange::new(start, end)
     }
@@ -168,7 +180,9 @@ impl Bench {
         };
         let object_store: Arc<dyn ObjectStore> = self.store.clone();
         let base = BaseStore::open(object_store, self.root.clone().join(name), options).await?;
-        let budget = Arc::new(MemoryBudget::new(self.args.memtable_size.saturating_mul(4).max(64 << 20)));
+        let budget = Arc::new(MemoryBudget::new(
+            self.args.memtable_size.saturating_mul(4).max(64 << 20),
+        ));
         let memstore = MemStoreOptions {
             memtable_size: self.args.memtable_size,
             ..MemStoreOptions::default()
@@ -186,7 +200,11 @@ impl Bench {
             .await?;
             tablets.push(tablet);
         }
-        Ok(Collection { base, tablets, epoch })
+        Ok(Collection {
+            base,
+            tablets,
+            epoch,
+        })
     }
 
     async fn close(&self, collection: Collection) -> Result<(), CliError> {
@@ -210,7 +228,13 @@ impl Bench {
                 (Workload::Overwrite, Some(current)) => current,
                 (Workload::Readseq | Workload::Readrandom, Some(current)) if current.epoch == 1 => {
                     // Reads run after a reopen, so they hit tables, not memtables.
-                    let name = current.base.layout().root().filename().unwrap_or_default().to_string();
+                    let name = current
+                        .base
+                        .layout()
+                        .root()
+                        .filename()
+                        .unwrap_or_default()
+                        .to_string();
                     self.close(current).await?;
                     self.open(&name, 2).await?
                 }
@@ -225,7 +249,10 @@ impl Bench {
             let before = self.store.metrics();
             let started = Instant::now();
             let (ops, found, latencies) = self.run_workload(workload, &collection).await?;
-            if matches!(workload, Workload::Fillseq | Workload::Fillrandom | Workload::Overwrite) {
+            if matches!(
+                workload,
+                Workload::Fillseq | Workload::Fillrandom | Workload::Overwrite
+            ) {
                 // Count a fill as done once its data is durable in the object store.
                 for tablet in &collection.tablets {
                     tablet.flush().await?;
@@ -247,7 +274,8 @@ impl Bench {
 
     fn print(&self, report: &WorkloadReport) -> Result<(), CliError> {
         if self.args.json {
-            let line = serde_json::to_string(report).map_err(|e| CliError::Invalid(e.to_string()))?;
+            let line =
+                serde_json::to_string(report).map_err(|e| CliError::Invalid(e.to_string()))?;
             println!("{line}");
         } else {
             println!("{}", report.line());
@@ -260,7 +288,9 @@ impl Bench {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::new(total);
-        if let Ok(style) = ProgressStyle::with_template("{msg:<11} [{bar:40}] {pos}/{len} {per_sec}") {
+        if let Ok(style) =
+            ProgressStyle::with_template("{msg:<11} [{bar:40}] {pos}/{len} {per_sec}")
+        {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(workload.name());
@@ -278,7 +308,9 @@ impl Bench {
             let bench = Arc::clone(self);
             let tablet = Arc::clone(&collection.tablets[worker as usize]);
             let bar = bar.clone();
-            workers.push(tokio::spawn(async move { bench.worker(workload, worker, tablet, bar).await }));
+            workers.push(tokio::spawn(async move {
+                bench.worker(workload, worker, tablet, bar).await
+            }));
         }
         let mut latencies = Latencies::new();
         let (mut ops, mut found) = (0, 0);
@@ -309,7 +341,11 @@ impl Bench {
         match workload {
             Workload::Fillseq | Workload::Fillrandom | Workload::Overwrite => {
                 for i in share.clone() {
-                    let index = if workload == Workload::Fillseq { i } else { rng.random_range(share.clone()) };
+                    let index = if workload == Workload::Fillseq {
+                        i
+                    } else {
+                        rng.random_range(share.clone())
+                    };
                     let mut batch = WriteBatch::new();
                     batch.put(self.key(index), self.value(index));
                     let tick = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
@@ -344,6 +380,7 @@ impl Bench {
                         range: KeyRange::new(start.clone(), tablet.range().end.clone()),
                         read_ts,
                         limit: 1000,
+                        direction: Direction::Forward,
                     };
                     let started = Instant::now();
                     let page = tablet.scan(&request).await?;
@@ -364,7 +401,9 @@ impl Bench {
     async fn delete_objects(&self) {
         use futures::StreamExt;
         let store: Arc<dyn ObjectStore> = self.store.clone();
-        let locations = store.list(Some(&self.root)).filter_map(|meta| async move { meta.ok().map(|m| Ok(m.location)) });
+        let locations = store
+            .list(Some(&self.root))
+            .filter_map(|meta| async move { meta.ok().map(|m| Ok(m.location)) });
         let mut deleted = store.delete_stream(locations.boxed());
         while let Some(result) = deleted.next().await {
             if let Err(error) = result {
@@ -381,4 +420,3 @@ fn fill_store_counts(report: &mut WorkloadReport, delta: &MetricsSnapshot) {
     report.object_store_gets = delta.op(OpKind::Get).requests;
     report.bytes_written = put.bytes + part.bytes;
 }
-

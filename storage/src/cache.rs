@@ -50,18 +50,33 @@ impl BlockCache {
     }
 
     /// The index of the table at `path`, opening it on a miss.
-    pub async fn index(&self, store: &Arc<dyn ObjectStore>, path: &Path, size: u64, rows: u64) -> Result<Arc<TableIndex>> {
+    pub async fn index(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        path: &Path,
+        size: u64,
+        rows: u64,
+    ) -> Result<Arc<TableIndex>> {
         if let Some(index) = self.indexes.get(path).await {
             return Ok(index);
         }
         self.indexes
-            .try_get_with_by_ref(path, async { TableIndex::open(store, path, size, rows).await.map(Arc::new) })
+            .try_get_with_by_ref(path, async {
+                TableIndex::open(store, path, size, rows)
+                    .await
+                    .map(Arc::new)
+            })
             .await
             .map_err(unshare)
     }
 
     /// Row page `key_page` of a table, loading it with `load` on a miss.
-    pub async fn row_page<F>(&self, index: &TableIndex, key_page: usize, load: F) -> Result<Arc<RowPage>>
+    pub async fn row_page<F>(
+        &self,
+        index: &TableIndex,
+        key_page: usize,
+        load: F,
+    ) -> Result<Arc<RowPage>>
     where
         F: Future<Output = Result<Arc<RowPage>>>,
     {
@@ -92,7 +107,11 @@ fn unshare(error: Arc<StorageError>) -> StorageError {
                 object: object.clone(),
                 detail: detail.clone(),
             },
-            StorageError::ObjectStore { operation, path, source } => StorageError::ObjectStore {
+            StorageError::ObjectStore {
+                operation,
+                path,
+                source,
+            } => StorageError::ObjectStore {
                 operation,
                 path: path.clone(),
                 source: object_store::Error::Generic {

@@ -34,7 +34,9 @@ pub enum StorageError {
         source: object_store::Error,
     },
     /// A newer owner of the tablet exists: this writer must stop.
-    #[error("tablet {tablet_id} is fenced: epoch {epoch} is older than the manifest's {current_epoch}")]
+    #[error(
+        "tablet {tablet_id} is fenced: epoch {epoch} is older than the manifest's {current_epoch}"
+    )]
     Fenced {
         /// The tablet.
         tablet_id: u64,

@@ -19,4 +19,7 @@ pub use cache::{BlockCache, CacheOptions};
 pub use error::{Result, StorageError};
 pub use memstore::{MemStore, MemStoreOptions, MemoryBudget};
 pub use tablet::{ScanRequest, Tablet};
-pub use types::{KeyRange, Kind, Limits, Lookup, Mutation, TabletId, Timestamp, VersionedEntry, WriteBatch};
+pub use types::{
+    Direction, KeyRange, Kind, Limits, Lookup, Mutation, TabletId, Timestamp, VersionedEntry,
+    WriteBatch,
+};

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use crate::error::Result;
 use crate::memstore::MemCursor;
 use crate::table::TableCursor;
-use crate::types::{Kind, Timestamp, VersionedEntry};
+use crate::types::{Direction, Kind, Timestamp, VersionedEntry};
 
 /// One sorted input.
 pub(crate) enum Source {
@@ -30,18 +30,23 @@ struct Head {
     entry: VersionedEntry,
     /// Lower index = newer source; it wins ties on (key, ts).
     source: usize,
+    direction: Direction,
 }
 
 impl Ord for Head {
     fn cmp(&self, other: &Self) -> Ordering {
-        // BinaryHeap pops the greatest: invert so the smallest key, then the
-        // newest version, then the newest source comes out first.
-        other
+        // Merge order is (key asc, ts desc) forward and its reverse backward;
+        // BinaryHeap pops the greatest, so "comes first" must compare greatest.
+        let merge_order = self
             .entry
             .key
-            .cmp(&self.entry.key)
-            .then_with(|| self.entry.ts.cmp(&other.entry.ts))
-            .then_with(|| other.source.cmp(&self.source))
+            .cmp(&other.entry.key)
+            .then_with(|| other.entry.ts.cmp(&self.entry.ts));
+        let first = match self.direction {
+            Direction::Forward => merge_order.reverse(),
+            Direction::Reverse => merge_order,
+        };
+        first.then_with(|| other.source.cmp(&self.source))
     }
 }
 
@@ -59,10 +64,11 @@ impl PartialEq for Head {
 
 impl Eq for Head {}
 
-/// Every version from all sources in (key asc, ts desc) order, each
-/// (key, ts) once: the newest source's copy wins.
+/// Every version from all sources in (key asc, ts desc) order (or its
+/// reverse), each (key, ts) once: the newest source's copy wins.
 pub(crate) struct MergeIterator {
     sources: Vec<Source>,
+    direction: Direction,
     heads: BinaryHeap<Head>,
     last: Option<(Bytes, Timestamp)>,
     /// The key `next_visible` last resolved: its older versions are skipped.
@@ -70,16 +76,24 @@ pub(crate) struct MergeIterator {
 }
 
 impl MergeIterator {
-    /// Merges `sources`, given newest first.
-    pub(crate) async fn new(mut sources: Vec<Source>) -> Result<MergeIterator> {
+    /// Merges `sources`, given newest first, all running in `direction`.
+    pub(crate) async fn new(
+        mut sources: Vec<Source>,
+        direction: Direction,
+    ) -> Result<MergeIterator> {
         let mut heads = BinaryHeap::with_capacity(sources.len());
         for (index, source) in sources.iter_mut().enumerate() {
             if let Some(entry) = source.next_entry().await? {
-                heads.push(Head { entry, source: index });
+                heads.push(Head {
+                    entry,
+                    source: index,
+                    direction,
+                });
             }
         }
         Ok(MergeIterator {
             sources,
+            direction,
             heads,
             last: None,
             resolved: None,
@@ -87,9 +101,18 @@ impl MergeIterator {
     }
 
     pub(crate) async fn next_entry(&mut self) -> Result<Option<VersionedEntry>> {
-        while let Some(Head { entry, source }) = self.heads.pop() {
+        while let Some(Head {
+            entry,
+            source,
+            direction,
+        }) = self.heads.pop()
+        {
             if let Some(next) = self.sources[source].next_entry().await? {
-                self.heads.push(Head { entry: next, source });
+                self.heads.push(Head {
+                    entry: next,
+                    source,
+                    direction,
+                });
             }
             let duplicate = self
                 .last
@@ -105,13 +128,42 @@ impl MergeIterator {
 
     /// The next live key and its value as of `read_ts`, skipping deleted keys,
     /// versions newer than the snapshot, and older versions.
-    pub(crate) async fn next_visible(&mut self, read_ts: Timestamp) -> Result<Option<(Bytes, Bytes)>> {
+    pub(crate) async fn next_visible(
+        &mut self,
+        read_ts: Timestamp,
+    ) -> Result<Option<(Bytes, Bytes)>> {
+        if self.direction == Direction::Reverse {
+            return self.previous_visible(read_ts).await;
+        }
         while let Some(entry) = self.next_entry().await? {
             if self.resolved.as_ref() == Some(&entry.key) || entry.ts > read_ts {
                 continue;
             }
             self.resolved = Some(entry.key.clone());
             if entry.kind == Kind::Put {
+                return Ok(Some((entry.key, entry.value)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Backward, a key's versions arrive oldest first: the visible one is the
+    /// last at or below `read_ts` before the key changes.
+    async fn previous_visible(&mut self, read_ts: Timestamp) -> Result<Option<(Bytes, Bytes)>> {
+        while let Some(first) = self.next_entry().await? {
+            let mut visible = (first.ts <= read_ts).then_some(first.clone());
+            while self
+                .heads
+                .peek()
+                .is_some_and(|head| head.entry.key == first.key)
+            {
+                match self.next_entry().await? {
+                    Some(entry) if entry.ts <= read_ts => visible = Some(entry),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            if let Some(entry) = visible.filter(|entry| entry.kind == Kind::Put) {
                 return Ok(Some((entry.key, entry.value)));
             }
         }
@@ -165,24 +217,42 @@ mod tests {
 
     use super::*;
     use crate::memstore::{MemoryBudget, Memtable};
+    use crate::types::KeyRange;
 
     fn memtable(entries: &[(&str, u64, Kind)]) -> Arc<Memtable> {
         let table = Arc::new(Memtable::new(Arc::new(MemoryBudget::new(usize::MAX))));
         for (key, ts, kind) in entries {
-            table.insert(key.as_bytes(), *ts, *kind, format!("{key}@{ts}").as_bytes(), 1);
+            table.insert(
+                key.as_bytes(),
+                *ts,
+                *kind,
+                format!("{key}@{ts}").as_bytes(),
+                1,
+            );
         }
         table
     }
 
     async fn merged(tables: &[Arc<Memtable>]) -> MergeIterator {
-        let sources = tables.iter().map(|t| Source::Mem(t.cursor(b"", None))).collect();
-        MergeIterator::new(sources).await.unwrap()
+        merged_in(tables, Direction::Forward).await
+    }
+
+    async fn merged_in(tables: &[Arc<Memtable>], direction: Direction) -> MergeIterator {
+        let sources = tables
+            .iter()
+            .map(|t| Source::Mem(t.cursor(&KeyRange::all(), direction)))
+            .collect();
+        MergeIterator::new(sources, direction).await.unwrap()
     }
 
     #[tokio::test]
     async fn merges_in_order_and_drops_duplicates() {
         let newer = memtable(&[("a", 5, Kind::Put), ("c", 9, Kind::Put)]);
-        let older = memtable(&[("a", 5, Kind::Put), ("a", 3, Kind::Put), ("b", 1, Kind::Delete)]);
+        let older = memtable(&[
+            ("a", 5, Kind::Put),
+            ("a", 3, Kind::Put),
+            ("b", 1, Kind::Delete),
+        ]);
         let mut merge = merged(&[newer, older]).await;
         let mut seen = Vec::new();
         while let Some(e) = merge.next_entry().await.unwrap() {
@@ -204,7 +274,7 @@ mod tests {
         let collect = |read_ts| {
             let table = Arc::clone(&table);
             async move {
-                let mut merge = merged(&[table]).await;
+                let mut merge = merged_in(&[table], Direction::Forward).await;
                 let mut seen = Vec::new();
                 while let Some((_, v)) = merge.next_visible(read_ts).await.unwrap() {
                     seen.push(String::from_utf8(v.to_vec()).unwrap());
@@ -215,6 +285,15 @@ mod tests {
         assert_eq!(collect(10).await, ["a@5", "c@9"]);
         assert_eq!(collect(3).await, ["a@3", "b@2"]);
         assert!(collect(1).await.is_empty());
+        for read_ts in [1, 3, 4, 10] {
+            let mut merge = merged_in(&[Arc::clone(&table)], Direction::Reverse).await;
+            let mut backward = Vec::new();
+            while let Some((_, v)) = merge.next_visible(read_ts).await.unwrap() {
+                backward.push(String::from_utf8(v.to_vec()).unwrap());
+            }
+            backward.reverse();
+            assert_eq!(backward, collect(read_ts).await, "at {read_ts}");
+        }
     }
 
     #[test]
@@ -227,8 +306,14 @@ mod tests {
         };
         let mut gc = GcFilter::new(10, true);
         assert!(gc.keep(&entry("a", 12, Kind::Put)), "above the safe point");
-        assert!(gc.keep(&entry("a", 8, Kind::Put)), "newest at the safe point");
-        assert!(!gc.keep(&entry("a", 5, Kind::Put)), "shadowed below the safe point");
+        assert!(
+            gc.keep(&entry("a", 8, Kind::Put)),
+            "newest at the safe point"
+        );
+        assert!(
+            !gc.keep(&entry("a", 5, Kind::Put)),
+            "shadowed below the safe point"
+        );
         assert!(!gc.keep(&entry("b", 9, Kind::Delete)), "bottom tombstone");
         assert!(!gc.keep(&entry("b", 4, Kind::Put)), "under a tombstone");
         let mut keep_tombstones = GcFilter::new(10, false);

@@ -1,7 +1,7 @@
 //! A tablet's storage: its MemStore in front of its collection's BaseStore,
 //! bounded to the tablet's key range. This is the embedded API.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use crate::base::BaseStore;
 use crate::error::{Result, StorageError};
 use crate::memstore::{MemStore, MemStoreOptions, MemoryBudget};
 use crate::merge::{MergeIterator, Source};
-use crate::types::{KeyRange, Lookup, TabletId, Timestamp, WriteBatch};
+use crate::types::{Direction, KeyRange, Lookup, TabletId, Timestamp, WriteBatch};
 
 /// A range scan.
 #[derive(Debug, Clone)]
@@ -23,6 +23,8 @@ pub struct ScanRequest {
     pub read_ts: Timestamp,
     /// At most this many keys (0 = no limit).
     pub limit: usize,
+    /// Ascending or descending keys.
+    pub direction: Direction,
 }
 
 /// One tablet's storage, owned at one epoch.
@@ -35,7 +37,8 @@ pub struct Tablet {
     memstore: Arc<MemStore>,
     /// One flush at a time, oldest memtable first.
     flush_lock: tokio::sync::Mutex<()>,
-    fenced: AtomicBool,
+    /// The epoch of the owner that fenced this one out; 0 while it is not fenced.
+    fenced_by: AtomicU64,
     flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -60,10 +63,13 @@ impl Tablet {
             base,
             memstore: Arc::new(MemStore::new(options, budget)),
             flush_lock: tokio::sync::Mutex::new(()),
-            fenced: AtomicBool::new(false),
+            fenced_by: AtomicU64::new(0),
             flusher: Mutex::new(None),
         });
-        let flusher = tokio::spawn(background_flusher(Arc::downgrade(&tablet), Arc::clone(&tablet.memstore)));
+        let flusher = tokio::spawn(background_flusher(
+            Arc::downgrade(&tablet),
+            Arc::clone(&tablet.memstore),
+        ));
         if let Ok(mut slot) = tablet.flusher.lock() {
             *slot = Some(flusher);
         }
@@ -102,15 +108,14 @@ impl Tablet {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.fenced.load(Ordering::Acquire) {
-            let current_epoch = self.base.version().tablet(self.id).map_or(0, |t| t.epoch);
-            return Err(StorageError::Fenced {
+        match self.fenced_by.load(Ordering::Acquire) {
+            0 => Ok(()),
+            current_epoch => Err(StorageError::Fenced {
                 tablet_id: self.id,
                 epoch: self.epoch,
                 current_epoch,
-            });
+            }),
         }
-        Ok(())
     }
 
     fn check_key(&self, key: &[u8]) -> Result<()> {
@@ -157,7 +162,7 @@ impl Tablet {
         Ok(self.get_version(key, read_ts).await?.into_value())
     }
 
-    /// Live keys and values in the request's range, ascending.
+    /// Live keys and values in the request's range, in its direction.
     pub async fn scan(&self, request: &ScanRequest) -> Result<Vec<(Bytes, Bytes)>> {
         let range = request.range.intersect(&self.range);
         if range.is_empty() {
@@ -167,10 +172,14 @@ impl Tablet {
         let version = self.base.version();
         let mut sources: Vec<Source> = memtables
             .iter()
-            .map(|memtable| Source::Mem(memtable.cursor(&range.start, range.end.clone())))
+            .map(|memtable| Source::Mem(memtable.cursor(&range, request.direction)))
             .collect();
-        sources.extend(self.base.sources(&version, &range).await?);
-        let mut merge = MergeIterator::new(sources).await?;
+        sources.extend(
+            self.base
+                .sources(&version, &range, request.direction)
+                .await?,
+        );
+        let mut merge = MergeIterator::new(sources, request.direction).await?;
         let mut out = Vec::new();
         while request.limit == 0 || out.len() < request.limit {
             match merge.next_visible(request.read_ts).await? {
@@ -193,8 +202,9 @@ impl Tablet {
             self.check_open()?;
             match self.base.flush(self.id, self.epoch, &memtable).await {
                 Ok(_) => self.memstore.remove_flushed(&memtable)?,
-                Err(error @ StorageError::Fenced { .. }) => {
-                    self.fenced.store(true, Ordering::Release);
+                Err(error @ StorageError::Fenced { current_epoch, .. }) => {
+                    self.fenced_by
+                        .store(current_epoch.max(self.epoch + 1), Ordering::Release);
                     return Err(error);
                 }
                 Err(error) => return Err(error),

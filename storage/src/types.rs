@@ -129,7 +129,8 @@ impl KeyRange {
 
     /// Whether the range shares a key with the closed interval `[smallest, largest]`.
     pub fn overlaps(&self, smallest: &[u8], largest: &[u8]) -> bool {
-        largest >= self.start.as_ref() && self.end.as_ref().is_none_or(|end| smallest < end.as_ref())
+        largest >= self.start.as_ref()
+            && self.end.as_ref().is_none_or(|end| smallest < end.as_ref())
     }
 
     /// The intersection of two ranges (possibly empty).
@@ -155,6 +156,16 @@ impl KeyRange {
             None => Bound::Unbounded,
         }
     }
+}
+
+/// The order a scan returns keys in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Direction {
+    /// Ascending keys.
+    #[default]
+    Forward,
+    /// Descending keys.
+    Reverse,
 }
 
 /// One change in a [`WriteBatch`].
@@ -295,14 +306,20 @@ mod tests {
         let a = KeyRange::new(&b"b"[..], None);
         let b = KeyRange::new(&b"a"[..], Some(Bytes::from_static(b"m")));
         let both = a.intersect(&b);
-        assert_eq!(both, KeyRange::new(&b"b"[..], Some(Bytes::from_static(b"m"))));
+        assert_eq!(
+            both,
+            KeyRange::new(&b"b"[..], Some(Bytes::from_static(b"m")))
+        );
         let disjoint = KeyRange::new(&b"x"[..], None).intersect(&b);
         assert!(disjoint.is_empty());
     }
 
     #[test]
     fn newer_keeps_the_larger_timestamp() {
-        let old = Lookup::Value { value: Bytes::from_static(b"old"), ts: 3 };
+        let old = Lookup::Value {
+            value: Bytes::from_static(b"old"),
+            ts: 3,
+        };
         let tomb = Lookup::Deleted { ts: 5 };
         assert_eq!(old.clone().newer(tomb.clone()), tomb);
         assert_eq!(tomb.clone().newer(old.clone()), tomb);
@@ -312,7 +329,10 @@ mod tests {
 
     #[test]
     fn limits_reject_bad_input() {
-        let limits = Limits { max_key_size: 4, max_value_size: 8 };
+        let limits = Limits {
+            max_key_size: 4,
+            max_value_size: 8,
+        };
         assert!(limits.check_key(b"").is_err());
         assert!(limits.check_key(b"abcd").is_ok());
         assert!(limits.check_key(b"abcde").is_err());

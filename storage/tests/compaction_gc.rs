@@ -484,7 +484,7 @@ async fn fenced_owner_in_another_process_cannot_flush_or_write() {
 /// process collected the manifest edits it has not seen. Its flush must not
 /// report success while the edit is invisible to everyone else.
 #[tokio::test]
-#[ignore = "bug: a stale writer re-creates a collected manifest edit number and its flush is lost (storage/src/manifest/mod.rs, catch_up/commit treat a collected edit as the end of the log)"]
+
 async fn stale_writer_does_not_commit_behind_collected_manifest_edits() {
     let store = memory_store();
     let options = || BaseStoreOptions {
@@ -583,7 +583,7 @@ async fn gc_from_a_second_process_keeps_every_live_table() {
 /// Every `Fenced` error names the epoch that fenced the writer, also when the
 /// new owner lives in another process and the error comes from a later call.
 #[tokio::test]
-#[ignore = "bug: after fencing by another process, Tablet::check_open reports the stale local epoch (storage/src/tablet.rs check_open; BaseStore::commit drops the caught-up version on error)"]
+
 async fn fenced_error_reports_the_fencing_epoch() {
     let store = memory_store();
     let base = open_base(store.clone(), base_options()).await;
@@ -626,7 +626,7 @@ async fn fenced_error_reports_the_fencing_epoch() {
 /// A flush with nothing new to write does not append a manifest edit: an
 /// idle tablet flushed periodically must not grow the manifest.
 #[tokio::test]
-#[ignore = "bug: MemStore::rotate turns an empty memtable immutable once any seq was written (storage/src/memstore/mod.rs rotate_locked), so every idle flush commits an empty Flush edit"]
+
 async fn idle_flush_appends_no_manifest_edit() {
     let store = memory_store();
     let base = open_base(store.clone(), base_options()).await;

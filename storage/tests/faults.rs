@@ -18,7 +18,7 @@ use bytes::Bytes;
 use common::*;
 use futures::stream::BoxStream;
 use luna_kernel::objstore::{FaultAction, FaultInjector, FaultRule, LunaObjectStore, OpKind};
-use luna_storage::{KeyRange, ScanRequest, StorageError, WriteBatch};
+use luna_storage::{Direction, KeyRange, ScanRequest, StorageError, WriteBatch};
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
@@ -574,6 +574,7 @@ async fn read_errors_are_typed_retryable_and_transient() {
         range: KeyRange::all(),
         read_ts: journal.ts,
         limit: 0,
+        direction: Direction::Forward,
     };
     let error = tablet
         .scan(&request)
@@ -607,7 +608,7 @@ async fn read_errors_are_typed_retryable_and_transient() {
 /// second GET to open. A transient failure of that GET is a store failure,
 /// not damage: it must be retryable.
 #[tokio::test]
-#[ignore = "bug: a failed GET while opening a large table's index is reported as Corruption (storage/src/table/index.rs, TailFetch errors mapped by `corrupt`)"]
+
 async fn read_error_opening_a_large_table_index_is_retryable() {
     let store = memory_store();
     let trigger = Trigger::new(store.clone());

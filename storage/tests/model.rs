@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use luna_storage::{
-    BaseStore, BaseStoreOptions, KeyRange, Limits, MemStoreOptions, MemoryBudget, ScanRequest, Tablet, WriteBatch,
+    BaseStore, BaseStoreOptions, Direction, KeyRange, Limits, MemStoreOptions, MemoryBudget,
+    ScanRequest, Tablet, WriteBatch,
 };
 use object_store::ObjectStore;
 use object_store::memory::InMemory;
@@ -23,7 +24,7 @@ enum Op {
     Delete(u8),
     Get(u8),
     GetAt(u8, u8),
-    Scan(u8, u8),
+    Scan(u8, u8, bool),
     Flush,
     Compact,
     Reopen,
@@ -36,7 +37,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<u8>().prop_map(|k| Op::Delete(k % 64)),
         3 => any::<u8>().prop_map(|k| Op::Get(k % 64)),
         2 => (any::<u8>(), any::<u8>()).prop_map(|(k, back)| Op::GetAt(k % 64, back)),
-        2 => (any::<u8>(), any::<u8>()).prop_map(|(k, n)| Op::Scan(k % 64, n % 20)),
+        2 => (any::<u8>(), any::<u8>(), any::<bool>()).prop_map(|(k, n, reverse)| Op::Scan(k % 64, n % 20, reverse)),
         1 => Just(Op::Flush),
         1 => Just(Op::Compact),
         1 => Just(Op::Reopen),
@@ -81,16 +82,41 @@ fn base_options() -> BaseStoreOptions {
 }
 
 impl Harness {
-    async fn open(store: Arc<dyn ObjectStore>, epoch: u64, journal: Vec<(u64, u64, WriteBatch)>) -> Harness {
-        let base = BaseStore::open(Arc::clone(&store), Path::from("coll"), base_options()).await.unwrap();
-        let options = MemStoreOptions { memtable_size: 3000, limits: Limits::default() };
-        let tablet = Tablet::open(Arc::clone(&base), 1, epoch, KeyRange::all(), options, Arc::new(MemoryBudget::new(1 << 30)))
+    async fn open(
+        store: Arc<dyn ObjectStore>,
+        epoch: u64,
+        journal: Vec<(u64, u64, WriteBatch)>,
+    ) -> Harness {
+        let base = BaseStore::open(Arc::clone(&store), Path::from("coll"), base_options())
             .await
             .unwrap();
-        for (seq, ts, batch) in journal.iter().filter(|(seq, _, _)| *seq > tablet.recovered_up_to()) {
+        let options = MemStoreOptions {
+            memtable_size: 3000,
+            limits: Limits::default(),
+        };
+        let tablet = Tablet::open(
+            Arc::clone(&base),
+            1,
+            epoch,
+            KeyRange::all(),
+            options,
+            Arc::new(MemoryBudget::new(1 << 30)),
+        )
+        .await
+        .unwrap();
+        for (seq, ts, batch) in journal
+            .iter()
+            .filter(|(seq, _, _)| *seq > tablet.recovered_up_to())
+        {
             tablet.write(*seq, *ts, batch).await.unwrap();
         }
-        Harness { store, base, tablet, epoch, journal }
+        Harness {
+            store,
+            base,
+            tablet,
+            epoch,
+            journal,
+        }
     }
 
     async fn restart(self, flush_first: bool) -> Harness {
@@ -98,7 +124,12 @@ impl Harness {
             self.tablet.close().await.unwrap();
         }
         self.base.close();
-        let Harness { store, epoch, journal, .. } = self;
+        let Harness {
+            store,
+            epoch,
+            journal,
+            ..
+        } = self;
         Harness::open(store, epoch + 1, journal).await
     }
 }
@@ -132,17 +163,50 @@ async fn run(ops: Vec<Op>) {
             Op::GetAt(k, back) => {
                 let at = ts.saturating_sub(u64::from(back));
                 let got = h.tablet.get(&key(k), at).await.unwrap();
-                assert_eq!(got, model_get(&model, &key(k), at), "step {step}: get {k} at {at}");
+                assert_eq!(
+                    got,
+                    model_get(&model, &key(k), at),
+                    "step {step}: get {k} at {at}"
+                );
             }
-            Op::Scan(k, limit) => {
-                let request = ScanRequest { range: KeyRange::new(key(k), None), read_ts: ts, limit: limit as usize };
+            Op::Scan(k, limit, reverse) => {
+                // Forward from key k up; backward from just below key k down.
+                let (range, direction) = if reverse {
+                    (
+                        KeyRange::new(Bytes::new(), Some(key(k))),
+                        Direction::Reverse,
+                    )
+                } else {
+                    (KeyRange::new(key(k), None), Direction::Forward)
+                };
+                let request = ScanRequest {
+                    range,
+                    read_ts: ts,
+                    limit: limit as usize,
+                    direction,
+                };
                 let got = h.tablet.scan(&request).await.unwrap();
-                let want: Vec<(Bytes, Bytes)> = model
-                    .range(key(k)..)
-                    .filter_map(|(key, _)| model_get(&model, key, ts).map(|v| (key.clone(), v)))
-                    .take(if limit == 0 { usize::MAX } else { limit as usize })
-                    .collect();
-                assert_eq!(got, want, "step {step}: scan from {k} limit {limit}");
+                let live =
+                    |(key, _): (&Bytes, _)| model_get(&model, key, ts).map(|v| (key.clone(), v));
+                let take = if limit == 0 {
+                    usize::MAX
+                } else {
+                    limit as usize
+                };
+                let want: Vec<(Bytes, Bytes)> = if reverse {
+                    model
+                        .range(..key(k))
+                        .rev()
+                        .filter_map(live)
+                        .take(take)
+                        .collect()
+                } else {
+                    model.range(key(k)..).filter_map(live).take(take).collect()
+                };
+                assert_eq!(
+                    got, want,
+                    "step {step}: scan from {k} limit {limit} reverse {reverse}"
+                );
             }
             Op::Flush => h.tablet.flush().await.unwrap(),
             Op::Compact => {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::*;
 use luna_kernel::objstore::{ObjectStoreOptions, open_object_store};
 use luna_kernel::testing::S3TestServer;
-use luna_storage::{KeyRange, ScanRequest, StorageError, Tablet};
+use luna_storage::{Direction, KeyRange, ScanRequest, StorageError, Tablet};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_round_trips_through_s3() {
@@ -83,6 +83,7 @@ async fn engine_round_trips_through_s3() {
         range: KeyRange::new(key(100), Some(key(200))),
         read_ts: journal.ts,
         limit: 50,
+        direction: Direction::Forward,
     };
     let scanned = tablet.scan(&request).await.expect("bounded scan");
     let want: Vec<_> = (100..200)

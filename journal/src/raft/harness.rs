@@ -1,0 +1,493 @@
+//! A deterministic in-memory network for raft journal servers, and tests on it.
+//!
+//! Time is a step counter: one step ticks every live server once, delivers the messages due,
+//! and runs every server's ready rounds to quiescence (with a real fsync per round). The
+//! network drops, delays, duplicates and reorders by a seeded RNG, and can isolate a server
+//! and heal. Each test prints its seed; `LUNA_SEED=<n>` replays one. raft-rs randomizes
+//! election timeouts with its own thread RNG, so a replay repeats the fault schedule and
+//! client operations exactly, and raft's timing approximately.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use luna_kernel::stream::{Entry, Leadership, StreamError};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tempfile::TempDir;
+use tokio::sync::{oneshot, watch};
+
+use super::{RaftConfig, Server, sync};
+
+const STREAM: u64 = 7;
+type Answer = oneshot::Receiver<Result<u64, StreamError>>;
+
+/// A thread that owns one simulated server. raft-engine 0.4.2 caches decoded blocks in a
+/// thread-local keyed by file position only, so engines sharing a thread read each other's
+/// blocks; one thread per server keeps them apart, and calls stay sequential.
+type Job = Box<dyn FnOnce(&mut Option<Server>) + Send>;
+
+struct Host {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl Host {
+    fn spawn() -> Self {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        std::thread::spawn(move || {
+            let mut server = None;
+            while let Ok(job) = queue.recv() {
+                job(&mut server);
+            }
+        });
+        Self { jobs }
+    }
+
+    /// Runs `f` on the host's thread and waits for its result.
+    fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Option<Server>) -> R + Send + 'static,
+    ) -> R {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job = Box::new(move |server: &mut Option<Server>| {
+            let _ = tx.send(f(server));
+        });
+        self.jobs.send(job).expect("host thread is alive");
+        rx.recv().expect("host job finished")
+    }
+
+    /// Runs `f` on the (live) server.
+    fn with<R: Send + 'static>(&self, f: impl FnOnce(&mut Server) -> R + Send + 'static) -> R {
+        self.run(|server| f(server.as_mut().expect("server is up")))
+    }
+}
+
+struct InFlight {
+    deliver_at: u64,
+    from: u64,
+    to: u64,
+    bytes: Bytes,
+}
+
+struct Sim {
+    seed: u64,
+    rng: SmallRng,
+    dirs: Vec<TempDir>,
+    /// Server `i` has node id `i + 1`.
+    hosts: Vec<Host>,
+    /// Leadership of each live server's replica; `None` while crashed.
+    servers: Vec<Option<watch::Receiver<Leadership>>>,
+    net: Vec<InFlight>,
+    now: u64,
+    isolated: Option<u64>,
+    drop_rate: f64,
+    dup_rate: f64,
+    max_delay: u64,
+    /// The one leader seen in each term.
+    leaders: HashMap<u64, u64>,
+    /// Acknowledged appends: index -> data.
+    acked: BTreeMap<u64, Bytes>,
+    appends: Vec<(Answer, Bytes)>,
+    /// Read barriers with the highest index acknowledged before they were issued.
+    reads: Vec<(Answer, u64)>,
+    reads_checked: usize,
+}
+
+impl Sim {
+    fn new(seed: u64, nodes: u64) -> Self {
+        let mut sim = Self {
+            seed,
+            rng: SmallRng::seed_from_u64(seed),
+            dirs: Vec::new(),
+            hosts: Vec::new(),
+            servers: Vec::new(),
+            net: Vec::new(),
+            now: 0,
+            isolated: None,
+            drop_rate: 0.0,
+            dup_rate: 0.0,
+            max_delay: 1,
+            leaders: HashMap::new(),
+            acked: BTreeMap::new(),
+            appends: Vec::new(),
+            reads: Vec::new(),
+            reads_checked: 0,
+        };
+        for _ in 0..nodes {
+            sim.dirs.push(tempfile::tempdir().expect("tempdir"));
+            sim.hosts.push(Host::spawn());
+            sim.servers.push(None);
+        }
+        for id in 1..=nodes {
+            sim.start(id);
+        }
+        sim
+    }
+
+    fn voters(&self) -> Vec<u64> {
+        (1..=self.servers.len() as u64).collect()
+    }
+
+    fn start(&mut self, id: u64) {
+        let dir = self.dirs[id as usize - 1].path().to_owned();
+        let voters = self.voters();
+        let leadership = self.host(id).run(move |slot| {
+            let mut server = Server::open(RaftConfig::new(id, dir)).expect("open server");
+            server.add_stream(STREAM, &voters).expect("add stream");
+            let leadership = server.watch_leadership(STREAM).expect("stream");
+            *slot = Some(server);
+            leadership
+        });
+        self.servers[id as usize - 1] = Some(leadership);
+    }
+
+    fn crash(&mut self, id: u64) {
+        self.host(id).run(|slot| *slot = None);
+        self.servers[id as usize - 1] = None;
+    }
+
+    fn host(&self, id: u64) -> &Host {
+        &self.hosts[id as usize - 1]
+    }
+
+    fn send(&mut self, from: u64, messages: Vec<(u64, Bytes)>) {
+        for (to, bytes) in messages {
+            if self.rng.random_bool(self.drop_rate) {
+                continue;
+            }
+            let copies = if self.rng.random_bool(self.dup_rate) {
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                let deliver_at = self.now + self.rng.random_range(1..=self.max_delay);
+                self.net.push(InFlight {
+                    deliver_at,
+                    from,
+                    to,
+                    bytes: bytes.clone(),
+                });
+            }
+        }
+    }
+
+    /// Runs ready rounds of server `id` until it has nothing left to do.
+    fn drain(&mut self, id: u64) {
+        for _ in 0..100 {
+            let (out, more) = self.host(id).with(|server| {
+                let mut out = server.ready().expect("ready");
+                let Some(round) = server.take_sync() else {
+                    return (out, false);
+                };
+                sync(&server.engine(), &round).expect("fsync");
+                out.extend(server.finish_sync(round));
+                (out, true)
+            });
+            self.send(id, out);
+            if !more {
+                return;
+            }
+        }
+        panic!("seed {}: server {id} never quiesced", self.seed);
+    }
+
+    fn step(&mut self) {
+        self.now += 1;
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.net)
+            .into_iter()
+            .partition(|m| m.deliver_at <= now);
+        self.net = later;
+        for m in due {
+            let cut = self.isolated.is_some_and(|i| i == m.from || i == m.to);
+            if !cut && self.servers[m.to as usize - 1].is_some() {
+                self.host(m.to)
+                    .with(move |server| server.step(m.from, &m.bytes));
+            }
+        }
+        for id in 1..=self.servers.len() as u64 {
+            if self.servers[id as usize - 1].is_some() {
+                self.host(id).with(Server::tick);
+                self.drain(id);
+            }
+        }
+        self.check();
+    }
+
+    /// At most one leader per term; every answer consistent with what was acknowledged.
+    fn check(&mut self) {
+        for (i, watch) in self.servers.iter().enumerate() {
+            let Some(watch) = watch else { continue };
+            let leadership = *watch.borrow();
+            if leadership.is_leader {
+                let id = i as u64 + 1;
+                let seen = *self.leaders.entry(leadership.term).or_insert(id);
+                assert_eq!(
+                    seen, id,
+                    "seed {}: two leaders in term {}",
+                    self.seed, leadership.term
+                );
+            }
+        }
+        let mut pending = Vec::new();
+        for (mut answer, data) in std::mem::take(&mut self.appends) {
+            match answer.try_recv() {
+                Ok(Ok(index)) => {
+                    let previous = self.acked.insert(index, data.clone());
+                    assert!(
+                        previous.is_none(),
+                        "seed {}: index {index} acknowledged twice",
+                        self.seed
+                    );
+                }
+                Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => {}
+                Err(oneshot::error::TryRecvError::Empty) => pending.push((answer, data)),
+            }
+        }
+        self.appends = pending;
+        let mut pending = Vec::new();
+        for (mut answer, floor) in std::mem::take(&mut self.reads) {
+            match answer.try_recv() {
+                Ok(Ok(index)) => {
+                    assert!(
+                        index >= floor,
+                        "seed {}: read_index {index} < acked {floor}",
+                        self.seed
+                    );
+                    self.reads_checked += 1;
+                }
+                Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => {}
+                Err(oneshot::error::TryRecvError::Empty) => pending.push((answer, floor)),
+            }
+        }
+        self.reads = pending;
+    }
+
+    fn leader(&self) -> Option<u64> {
+        self.servers.iter().flatten().find_map(|watch| {
+            let l = *watch.borrow();
+            l.is_leader.then_some(l.leader_id).flatten()
+        })
+    }
+
+    fn run_until_leader(&mut self, max_steps: u64) -> u64 {
+        for _ in 0..max_steps {
+            if let Some(leader) = self.leader() {
+                return leader;
+            }
+            self.step();
+        }
+        panic!("seed {}: no leader after {max_steps} steps", self.seed);
+    }
+
+    fn propose(&mut self, id: u64, data: Bytes) {
+        let proposed = data.clone();
+        let answer = self
+            .host(id)
+            .with(move |server| server.propose(STREAM, proposed));
+        self.appends.push((answer, data));
+    }
+
+    fn read(&mut self, id: u64) {
+        let floor = self.acked.keys().next_back().copied().unwrap_or(0);
+        let answer = self.host(id).with(|server| server.read_index(STREAM));
+        self.reads.push((answer, floor));
+    }
+
+    fn committed(&self, id: u64) -> u64 {
+        self.host(id)
+            .with(|server| *server.watch_committed(STREAM).expect("stream").borrow())
+    }
+
+    fn log(&self, id: u64, to: u64) -> Vec<Entry> {
+        self.host(id)
+            .with(move |server| server.entries(STREAM, 1, to).expect("read log"))
+    }
+
+    /// Heals everything, lets the cluster converge, and checks every replica's committed
+    /// log: identical across replicas, and holding each acknowledged entry at its index.
+    fn heal_and_verify(&mut self) {
+        self.isolated = None;
+        self.drop_rate = 0.0;
+        for id in 1..=self.servers.len() as u64 {
+            if self.servers[id as usize - 1].is_none() {
+                self.start(id);
+            }
+        }
+        let leader = self.run_until_leader(500);
+        // A fresh entry in the leader's term commits everything before it everywhere.
+        self.propose(leader, Bytes::from_static(b"final"));
+        let nodes = self.servers.len() as u64;
+        for _ in 0..500 {
+            self.step();
+            let target = self.acked.keys().next_back().copied().unwrap_or(0);
+            let commits: Vec<u64> = (1..=nodes).map(|id| self.committed(id)).collect();
+            if self.appends.is_empty() && commits.iter().all(|&c| c == commits[0] && c >= target) {
+                break;
+            }
+        }
+        let commit = self.committed(1);
+        let reference = self.log(1, commit);
+        assert_eq!(
+            reference.len() as u64,
+            commit,
+            "seed {}: log has gaps",
+            self.seed
+        );
+        for id in 2..=nodes {
+            assert_eq!(
+                self.committed(id),
+                commit,
+                "seed {}: replica {id} lags",
+                self.seed
+            );
+            let log = self.log(id, commit);
+            assert_eq!(log, reference, "seed {}: replica {id} diverged", self.seed);
+        }
+        for (index, data) in &self.acked {
+            let entry = reference.get(*index as usize - 1);
+            assert_eq!(
+                entry.map(|e| &e.data),
+                Some(data),
+                "seed {}: lost entry {index}",
+                self.seed
+            );
+        }
+    }
+}
+
+fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
+    match std::env::var("LUNA_SEED").ok().and_then(|s| s.parse().ok()) {
+        Some(seed) => vec![seed],
+        None => default.collect(),
+    }
+}
+
+#[test]
+fn committed_entries_survive_faults() {
+    for seed in seeds(0..6) {
+        println!("committed_entries_survive_faults: seed {seed} (replay with LUNA_SEED={seed})");
+        let mut sim = Sim::new(seed, 3);
+        sim.drop_rate = 0.05;
+        sim.dup_rate = 0.05;
+        sim.max_delay = 3;
+        sim.run_until_leader(300);
+        for step in 0..600u64 {
+            let id = sim.rng.random_range(1..=3u64);
+            let roll = sim.rng.random_range(0..100);
+            if sim.servers[id as usize - 1].is_some() {
+                let target = if roll < 50 {
+                    sim.leader().unwrap_or(id)
+                } else {
+                    id
+                };
+                if sim.servers[target as usize - 1].is_some() && roll < 60 {
+                    sim.propose(target, Bytes::from(format!("s{seed}-{step}")));
+                } else if roll < 70 {
+                    sim.read(id);
+                } else if roll == 70 {
+                    sim.crash(id);
+                }
+            } else if roll < 10 {
+                sim.start(id);
+            }
+            if sim.isolated.is_none() && roll == 99 {
+                sim.isolated = Some(id);
+            } else if sim.isolated.is_some() && roll >= 95 {
+                sim.isolated = None;
+            }
+            sim.step();
+        }
+        sim.heal_and_verify();
+        println!(
+            "seed {seed}: {} appends acknowledged, {} read barriers checked, {} terms",
+            sim.acked.len(),
+            sim.reads_checked,
+            sim.leaders.len()
+        );
+        assert!(
+            !sim.acked.is_empty(),
+            "seed {seed}: nothing was acknowledged"
+        );
+        assert!(
+            sim.reads_checked > 0,
+            "seed {seed}: no read barrier was answered"
+        );
+    }
+}
+
+#[test]
+fn append_on_a_follower_is_not_leader_with_a_hint() {
+    let seed = seeds(100..101)[0];
+    println!("append_on_a_follower: seed {seed}");
+    let mut sim = Sim::new(seed, 3);
+    let leader = sim.run_until_leader(300);
+    for _ in 0..20 {
+        sim.step();
+    }
+    let follower = if leader == 1 { 2 } else { 1 };
+    let mut answer = sim
+        .host(follower)
+        .with(|server| server.propose(STREAM, Bytes::from_static(b"x")));
+    match answer.try_recv() {
+        Ok(Err(StreamError::NotLeader { leader_hint, .. })) => {
+            assert_eq!(leader_hint, Some(leader), "seed {seed}")
+        }
+        other => panic!("seed {seed}: expected NotLeader, got {other:?}"),
+    }
+    // A read barrier on a follower goes through the leader and covers acknowledged appends.
+    sim.propose(leader, Bytes::from_static(b"y"));
+    for _ in 0..10 {
+        sim.step();
+    }
+    assert_eq!(sim.acked.len(), 1, "seed {seed}");
+    sim.read(follower);
+    for _ in 0..10 {
+        sim.step();
+    }
+    assert_eq!(sim.reads_checked, 1, "seed {seed}");
+}
+
+#[test]
+fn restart_from_disk_keeps_acknowledged_entries() {
+    let seed = seeds(200..201)[0];
+    println!("restart_from_disk: seed {seed}");
+    let mut sim = Sim::new(seed, 3);
+    let leader = sim.run_until_leader(300);
+    for i in 0..30 {
+        sim.propose(leader, Bytes::from(format!("entry-{i}")));
+    }
+    for _ in 0..20 {
+        sim.step();
+    }
+    assert_eq!(sim.acked.len(), 30, "seed {seed}");
+    for id in 1..=3 {
+        sim.crash(id);
+    }
+    for id in 1..=3 {
+        sim.start(id);
+    }
+    sim.heal_and_verify();
+}
+
+#[test]
+fn garbage_from_a_peer_is_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::open(RaftConfig::new(1, dir.path())).expect("open");
+    server.add_stream(STREAM, &[1, 2, 3]).expect("add");
+    server.step(2, b"");
+    server.step(2, b"\x07\0\0\0\0\0\0\0garbage that is not protobuf");
+    server.step(2, &[0xff; 64]);
+    let other = raft::eraftpb::Message {
+        from: 3,
+        to: 1,
+        ..Default::default()
+    };
+    let envelope = super::server::encode_envelope(STREAM, &other).expect("encode");
+    server.step(2, &envelope);
+    assert!(server.ready().is_ok());
+    assert_eq!(
+        server.watch_leadership(STREAM).map(|w| w.borrow().term),
+        Some(0)
+    );
+}

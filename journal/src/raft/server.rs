@@ -91,7 +91,10 @@ impl Replica {
 
     fn not_leader(&self) -> StreamError {
         let leadership = self.current_leadership();
-        StreamError::NotLeader { leader_hint: leadership.leader_id, term: leadership.term }
+        StreamError::NotLeader {
+            leader_hint: leadership.leader_id,
+            term: leadership.term,
+        }
     }
 }
 
@@ -163,7 +166,11 @@ impl Server {
             .map_err(engine_error)?;
         Ok(entries
             .into_iter()
-            .map(|e| luna_kernel::stream::Entry { index: e.index, term: e.term, data: e.data })
+            .map(|e| luna_kernel::stream::Entry {
+                index: e.index,
+                term: e.term,
+                data: e.data,
+            })
             .collect())
     }
 
@@ -179,10 +186,12 @@ impl Server {
         }
         let mut batch = LogBatch::default();
         let storage = EngineStorage::open(Arc::clone(&self.engine), stream_id, voters, &mut batch)?;
-        self.engine.write(&mut batch, true).map_err(|e| JournalError::Engine {
-            path: self.config.dir.clone(),
-            reason: format!("bootstrapping stream {stream_id}: {e}"),
-        })?;
+        self.engine
+            .write(&mut batch, true)
+            .map_err(|e| JournalError::Engine {
+                path: self.config.dir.clone(),
+                reason: format!("bootstrapping stream {stream_id}: {e}"),
+            })?;
         let raft_config = raft::Config {
             id: self.config.node_id,
             election_tick: self.config.election_tick,
@@ -194,8 +203,11 @@ impl Server {
             ..raft::Config::default()
         };
         let logger = self.logger.new(slog::o!("stream" => stream_id));
-        let node = RawNode::new(&raft_config, storage, &logger)
-            .map_err(|e| JournalError::Raft { stream_id, reason: e.to_string() })?;
+        let node =
+            RawNode::new(&raft_config, storage, &logger).map_err(|e| JournalError::Raft {
+                stream_id,
+                reason: e.to_string(),
+            })?;
         let replica = Replica {
             node,
             appends: BTreeMap::new(),
@@ -211,16 +223,24 @@ impl Server {
 
     /// The committed index of `stream_id` as it advances (entries up to it are readable).
     pub fn watch_committed(&self, stream_id: u64) -> Option<watch::Receiver<u64>> {
-        self.streams.get(&stream_id).map(|r| r.committed.subscribe())
+        self.streams
+            .get(&stream_id)
+            .map(|r| r.committed.subscribe())
     }
 
     /// The leadership of `stream_id` as it changes.
     pub fn watch_leadership(&self, stream_id: u64) -> Option<watch::Receiver<Leadership>> {
-        self.streams.get(&stream_id).map(|r| r.leadership.subscribe())
+        self.streams
+            .get(&stream_id)
+            .map(|r| r.leadership.subscribe())
     }
 
     /// Proposes `data` on `stream_id`; the receiver answers once it commits (or cannot).
-    pub fn propose(&mut self, stream_id: u64, data: Bytes) -> oneshot::Receiver<Result<u64, StreamError>> {
+    pub fn propose(
+        &mut self,
+        stream_id: u64,
+        data: Bytes,
+    ) -> oneshot::Receiver<Result<u64, StreamError>> {
         let (reply, answer) = oneshot::channel();
         let limit = self.config.max_entry_size;
         let Some(replica) = self.streams.get_mut(&stream_id) else {
@@ -230,7 +250,10 @@ impl Server {
         let error = if data.is_empty() {
             Some(StreamError::EmptyEntry)
         } else if data.len() > limit {
-            Some(StreamError::EntryTooLarge { size: data.len(), limit })
+            Some(StreamError::EntryTooLarge {
+                size: data.len(),
+                limit,
+            })
         } else if replica.node.raft.state != StateRole::Leader {
             // Not forwarded to the leader: the caller retries there, with the hint.
             Some(replica.not_leader())
@@ -238,7 +261,9 @@ impl Server {
             match replica.node.propose(Vec::new(), data.to_vec()) {
                 Ok(()) => {
                     let index = replica.node.raft.raft_log.last_index();
-                    replica.appends.insert(index, (replica.node.raft.term, reply));
+                    replica
+                        .appends
+                        .insert(index, (replica.node.raft.term, reply));
                     return answer;
                 }
                 Err(e) => {
@@ -265,7 +290,9 @@ impl Server {
             return answer;
         }
         self.next_read_id += 1;
-        replica.node.read_index(self.next_read_id.to_le_bytes().to_vec());
+        replica
+            .node
+            .read_index(self.next_read_id.to_le_bytes().to_vec());
         replica.reads.insert(self.next_read_id, (self.ticks, reply));
         answer
     }
@@ -285,7 +312,9 @@ impl Server {
                 .collect();
             for id in expired {
                 if let Some((_, reply)) = replica.reads.remove(&id) {
-                    let _ = reply.send(Err(StreamError::Timeout { operation: "read_index" }));
+                    let _ = reply.send(Err(StreamError::Timeout {
+                        operation: "read_index",
+                    }));
                 }
             }
         }
@@ -295,7 +324,11 @@ impl Server {
     /// cannot crash or confuse a server by what it sends.
     pub fn step(&mut self, from: u64, envelope: &[u8]) {
         let Some((stream_id, message)) = decode_envelope(envelope) else {
-            tracing::warn!(from, len = envelope.len(), "ignoring undecodable raft message");
+            tracing::warn!(
+                from,
+                len = envelope.len(),
+                "ignoring undecodable raft message"
+            );
             return;
         };
         if message.from != from || message.to != self.config.node_id {
@@ -303,7 +336,11 @@ impl Server {
             return;
         }
         let Some(replica) = self.streams.get_mut(&stream_id) else {
-            tracing::debug!(from, stream_id, "ignoring message for a stream not hosted here");
+            tracing::debug!(
+                from,
+                stream_id,
+                "ignoring message for a stream not hosted here"
+            );
             return;
         };
         if let Err(e) = replica.node.step(message) {
@@ -327,13 +364,18 @@ impl Server {
             // A leader sends before persisting: replication overlaps its own fsync.
             push_messages(&mut out, stream_id, ready.take_messages());
             if !ready.snapshot().is_empty() {
-                tracing::error!(stream_id, "ignoring a raft snapshot: logs are never compacted");
+                tracing::error!(
+                    stream_id,
+                    "ignoring a raft snapshot: logs are never compacted"
+                );
             }
             let committed = ready.take_committed_entries();
             settle_appends(replica, &committed);
             let storage = replica.node.mut_store();
             let persisted = storage.append(ready.entries(), &mut batch).and_then(|()| {
-                ready.hs().map_or(Ok(()), |hs| storage.set_hard_state(hs, &mut batch))
+                ready
+                    .hs()
+                    .map_or(Ok(()), |hs| storage.set_hard_state(hs, &mut batch))
             });
             if let Err(e) = persisted {
                 return Err(self.fail(StreamError::Io {
@@ -342,14 +384,19 @@ impl Server {
                 }));
             }
             for state in ready.take_read_states() {
-                let id = state.request_ctx.first_chunk::<8>().map(|b| u64::from_le_bytes(*b));
+                let id = state
+                    .request_ctx
+                    .first_chunk::<8>()
+                    .map(|b| u64::from_le_bytes(*b));
                 if let Some((_, reply)) = id.and_then(|id| replica.reads.remove(&id)) {
                     let _ = reply.send(Ok(state.index));
                 }
             }
             self.unsynced.must_sync |= ready.must_sync();
             let persisted_messages = ready.take_persisted_messages();
-            self.unsynced.readies.push((stream_id, ready.number(), persisted_messages));
+            self.unsynced
+                .readies
+                .push((stream_id, ready.number(), persisted_messages));
             replica.node.advance_append_async(ready);
             if let Some(last) = committed.last() {
                 replica.node.advance_apply_to(last.index);
@@ -451,7 +498,9 @@ pub fn sync(engine: &Engine, round: &SyncRound) -> Result<(), StreamError> {
     }
     let mut marker = LogBatch::default();
     // raft-engine skips the fsync of an empty batch, so a tiny marker carries it.
-    marker.put(SYNC_REGION, b"sync".to_vec(), Vec::new()).map_err(engine_error)?;
+    marker
+        .put(SYNC_REGION, b"sync".to_vec(), Vec::new())
+        .map_err(engine_error)?;
     match catch_unwind(AssertUnwindSafe(|| engine.write(&mut marker, true))) {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(engine_error(e)),
@@ -482,7 +531,11 @@ fn settle_appends(replica: &mut Replica, committed: &[Entry]) {
             let ours = index == entry.index
                 && term == entry.term
                 && entry.get_entry_type() == EntryType::EntryNormal;
-            let _ = reply.send(if ours { Ok(index) } else { Err(replica.not_leader()) });
+            let _ = reply.send(if ours {
+                Ok(index)
+            } else {
+                Err(replica.not_leader())
+            });
         }
     }
 }

@@ -55,15 +55,24 @@ impl EngineStorage {
             Some(bytes) => ConfState::parse_from_bytes(&bytes)
                 .map_err(|e| engine_error(format!("stored conf state: {e}")))?,
             None => {
-                let mut conf_state = ConfState::default();
-                conf_state.voters = voters.to_vec();
+                let conf_state = ConfState {
+                    voters: voters.to_vec(),
+                    ..Default::default()
+                };
                 batch
                     .put_message(stream_id, CONF_STATE_KEY.to_vec(), &conf_state)
                     .map_err(|e| engine_error(format!("encoding conf state: {e}")))?;
                 conf_state
             }
         };
-        let storage = Self { engine, stream_id, state: RaftState { hard_state, conf_state } };
+        let storage = Self {
+            engine,
+            stream_id,
+            state: RaftState {
+                hard_state,
+                conf_state,
+            },
+        };
         let last = storage.last_index_inner();
         if storage.state.hard_state.commit > last {
             return Err(engine_error(format!(
@@ -122,7 +131,9 @@ impl raft::Storage for EngineStorage {
         if low < self.first_index_inner() {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        let max_size = max_size.into().map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+        let max_size = max_size
+            .into()
+            .map(|m| usize::try_from(m).unwrap_or(usize::MAX));
         let mut entries = Vec::new();
         self.engine
             .fetch_entries_to::<EntryExt>(self.stream_id, low, high, max_size, &mut entries)
@@ -159,6 +170,8 @@ impl raft::Storage for EngineStorage {
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         // Logs are not compacted yet, so a follower always catches up from the log.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }

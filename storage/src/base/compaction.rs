@@ -14,6 +14,7 @@ use crate::error::{Result, StorageError};
 use crate::manifest::{LEVELS, TableInfo, Version, table_to_pb};
 use crate::merge::{GcFilter, MergeIterator, Source};
 use crate::table::{TableBuilder, TableReader};
+use crate::types::{Direction, KeyRange};
 
 /// What one compaction did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,7 +57,8 @@ fn overlapping(level: &[Arc<TableInfo>], smallest: &[u8], largest: &[u8]) -> Vec
 
 /// Whether nothing below `output_level` could hold older versions of the span.
 fn is_bottom(version: &Version, output_level: u32, smallest: &[u8], largest: &[u8]) -> bool {
-    ((output_level as usize + 1)..LEVELS).all(|level| overlapping(version.level(level), smallest, largest).is_empty())
+    ((output_level as usize + 1)..LEVELS)
+        .all(|level| overlapping(version.level(level), smallest, largest).is_empty())
 }
 
 fn pick(version: &Version, base: &BaseStore) -> Option<Task> {
@@ -81,9 +83,17 @@ fn pick(version: &Version, base: &BaseStore) -> Option<Task> {
         }
         let level = chosen?;
         // The oldest table first: it has waited longest to shed dead versions.
-        let table = version.level(level).iter().min_by_key(|t| t.added_seq)?.clone();
+        let table = version
+            .level(level)
+            .iter()
+            .min_by_key(|t| t.added_seq)?
+            .clone();
         let mut inputs = vec![Arc::clone(&table)];
-        inputs.extend(overlapping(version.level(level + 1), &table.smallest, &table.largest));
+        inputs.extend(overlapping(
+            version.level(level + 1),
+            &table.smallest,
+            &table.largest,
+        ));
         (inputs, level as u32 + 1)
     };
     let (smallest, largest) = key_span(&inputs)?;
@@ -98,12 +108,14 @@ fn pick(version: &Version, base: &BaseStore) -> Option<Task> {
 impl BaseStore {
     /// Runs one compaction if any level needs it. `None` when none does.
     pub async fn compact_once(&self) -> Result<Option<CompactionReport>> {
-        let _slot = self
-            .options
-            .compaction_slots
-            .acquire()
-            .await
-            .map_err(|_| StorageError::Closed { what: "compaction slots" })?;
+        let _slot =
+            self.options
+                .compaction_slots
+                .acquire()
+                .await
+                .map_err(|_| StorageError::Closed {
+                    what: "compaction slots",
+                })?;
         let version = self.version();
         let Some(task) = pick(&version, self) else {
             return Ok(None);
@@ -129,13 +141,23 @@ impl BaseStore {
         let mut sources = Vec::with_capacity(task.inputs.len());
         for table in &task.inputs {
             let path = self.layout().table(&table.name);
-            let reader = TableReader::load(&self.store, &self.options.cache, &path, table.size_bytes, table.rows).await?;
-            sources.push(Source::Table(Box::new(reader.cursor(b"", None).await?)));
+            let reader = TableReader::load(
+                &self.store,
+                &self.options.cache,
+                &path,
+                table.size_bytes,
+                table.rows,
+            )
+            .await?;
+            sources.push(Source::Table(Box::new(
+                reader.cursor(&KeyRange::all(), Direction::Forward).await?,
+            )));
             report.input_rows += table.rows;
             report.input_bytes += table.size_bytes;
         }
         let boundaries = tablet_boundaries(version);
-        let mut merge = MergeIterator::new(sources).await?;
+        let mut merge = MergeIterator::new(sources, Direction::Forward).await?;
+        let mut uploads = self.uploads();
         let mut filter = GcFilter::new(self.gc_safe_point(), task.drop_tombstones);
         let mut outputs = Vec::new();
         let mut builder = TableBuilder::new();
@@ -149,11 +171,17 @@ impl BaseStore {
                     || crosses_boundary(&boundaries, last, &entry.key))
             {
                 let full = std::mem::take(&mut builder);
-                outputs.extend(self.write_table(full, task.output_level).await?);
+                outputs.extend(
+                    self.write_table(full, task.output_level, &mut uploads)
+                        .await?,
+                );
             }
             builder.push(&entry.key, entry.ts, entry.kind, &entry.value);
         }
-        outputs.extend(self.write_table(builder, task.output_level).await?);
+        outputs.extend(
+            self.write_table(builder, task.output_level, &mut uploads)
+                .await?,
+        );
         report.output_tables = outputs.len();
         report.output_rows = outputs.iter().map(|t| t.rows).sum();
         report.output_bytes = outputs.iter().map(|t| t.size_bytes).sum();
@@ -177,7 +205,7 @@ impl BaseStore {
             }
             Ok(pb::manifest_edit::Change::Compaction(pb::Compaction {
                 removed: removed.clone(),
-                added: outputs.iter().map(|t| table_to_pb(t)).collect(),
+                added: outputs.iter().map(table_to_pb).collect(),
             }))
         })
         .await?;

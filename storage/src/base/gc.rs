@@ -29,13 +29,19 @@ pub struct GcReport {
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
 }
 
 impl BaseStore {
-    /// Names of tables some version in this process may still read.
+    /// Names of tables some version in this process may still read, or that
+    /// are being uploaded.
     fn tables_in_use(&self) -> HashSet<String> {
         let mut live: HashSet<String> = self.version().tables().map(|t| t.name.clone()).collect();
+        if let Ok(uploading) = self.uploading.lock() {
+            live.extend(uploading.iter().cloned());
+        }
         if let Ok(retired) = self.retired.lock() {
             for version in retired.iter().filter_map(|weak| weak.upgrade()) {
                 live.extend(version.tables().map(|t| t.name.clone()));
@@ -66,14 +72,21 @@ impl BaseStore {
         // Refresh first: a table another process just committed is live.
         let _ = self.refresh().await?;
         let grace_ms = i64::try_from(self.options.gc_grace.as_millis()).unwrap_or(i64::MAX);
-        let old_enough = |meta: &ObjectMeta| now_ms().saturating_sub(meta.last_modified.timestamp_millis()) >= grace_ms;
+        let old_enough = |meta: &ObjectMeta| {
+            now_ms().saturating_sub(meta.last_modified.timestamp_millis()) >= grace_ms
+        };
 
         let tables_dir = self.layout().tables_dir();
         let objects = self.list_all(&tables_dir).await?;
         let in_use = self.tables_in_use();
         let root_parts = self.layout().root().parts().count();
         for meta in objects.iter().filter(|meta| old_enough(meta)) {
-            let name: Vec<String> = meta.location.parts().skip(root_parts).map(|p| p.as_ref().to_string()).collect();
+            let name: Vec<String> = meta
+                .location
+                .parts()
+                .skip(root_parts)
+                .map(|p| p.as_ref().to_string())
+                .collect();
             if in_use.contains(&name.join("/")) {
                 continue;
             }

@@ -4,6 +4,7 @@
 mod compaction;
 mod gc;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
@@ -22,7 +23,7 @@ use crate::manifest::{Layout, ManifestLog, TableInfo, TabletInfo, Version, table
 use crate::memstore::Memtable;
 use crate::merge::Source;
 use crate::table::{PinnedIndex, TableBuilder, TableReader, TableSummary};
-use crate::types::{KeyRange, Lookup, TabletId, Timestamp};
+use crate::types::{Direction, KeyRange, Lookup, TabletId, Timestamp};
 
 /// Tuning of a BaseStore.
 #[derive(Clone)]
@@ -70,6 +71,32 @@ impl Default for BaseStoreOptions {
     }
 }
 
+/// Names of tables being uploaded by one flush or compaction; garbage
+/// collection leaves them alone until the guard drops (after the commit).
+struct Uploads<'a> {
+    base: &'a BaseStore,
+    names: Vec<String>,
+}
+
+impl Uploads<'_> {
+    fn track(&mut self, name: &str) {
+        if let Ok(mut uploading) = self.base.uploading.lock() {
+            uploading.insert(name.to_string());
+        }
+        self.names.push(name.to_string());
+    }
+}
+
+impl Drop for Uploads<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut uploading) = self.base.uploading.lock() {
+            for name in &self.names {
+                uploading.remove(name);
+            }
+        }
+    }
+}
+
 /// A collection's LSM of tables in the object store.
 pub struct BaseStore {
     store: Arc<dyn ObjectStore>,
@@ -79,6 +106,8 @@ pub struct BaseStore {
     /// Versions replaced while readers may still hold them: their tables are
     /// not garbage until the last holder drops them.
     retired: Mutex<Vec<Weak<Version>>>,
+    /// Tables uploaded but not yet committed: not garbage, whatever their age.
+    uploading: Mutex<HashSet<String>>,
     /// Serialises this process's manifest writers (flushes, compactions);
     /// other processes are handled by put-if-absent.
     commit_lock: tokio::sync::Mutex<()>,
@@ -90,14 +119,23 @@ pub struct BaseStore {
 
 impl BaseStore {
     /// Opens (or creates) the BaseStore under `root` in `store`, replaying its manifest.
-    pub async fn open(store: Arc<dyn ObjectStore>, root: Path, options: BaseStoreOptions) -> Result<Arc<BaseStore>> {
-        let log = ManifestLog::new(Arc::clone(&store), Layout::new(root), options.checkpoint_every);
+    pub async fn open(
+        store: Arc<dyn ObjectStore>,
+        root: Path,
+        options: BaseStoreOptions,
+    ) -> Result<Arc<BaseStore>> {
+        let log = ManifestLog::new(
+            Arc::clone(&store),
+            Layout::new(root),
+            options.checkpoint_every,
+        );
         let version = log.load().await?;
         let base = Arc::new(BaseStore {
             store,
             log,
             current: RwLock::new(Arc::new(version)),
             retired: Mutex::new(Vec::new()),
+            uploading: Mutex::new(HashSet::new()),
             commit_lock: tokio::sync::Mutex::new(()),
             gc_safe_point: AtomicU64::new(0),
             compaction_wanted: Notify::new(),
@@ -129,7 +167,10 @@ impl BaseStore {
 
     /// The current version. Holding it keeps its tables from being collected.
     pub fn version(&self) -> Arc<Version> {
-        self.current.read().map_or_else(|poisoned| Arc::clone(&poisoned.into_inner()), |v| Arc::clone(&v))
+        self.current.read().map_or_else(
+            |poisoned| Arc::clone(&poisoned.into_inner()),
+            |v| Arc::clone(&v),
+        )
     }
 
     /// Versions below this timestamp may be dropped by compaction. The caller
@@ -166,19 +207,37 @@ impl BaseStore {
         version
     }
 
-    async fn commit(&self, make: impl FnMut(&Version) -> Result<pb::manifest_edit::Change>) -> Result<Arc<Version>> {
+    async fn commit(
+        &self,
+        make: impl FnMut(&Version) -> Result<pb::manifest_edit::Change>,
+    ) -> Result<Arc<Version>> {
         if self.closed.load(Ordering::Acquire) {
             return Err(StorageError::Closed { what: "base store" });
         }
         let _commit = self.commit_lock.lock().await;
-        let next = self.log.commit(&self.version(), make).await?;
-        Ok(self.install(next))
+        match self.log.commit(&self.version(), make).await {
+            Ok(next) => Ok(self.install(next)),
+            Err(error @ StorageError::Fenced { .. }) => {
+                // The log read a newer state to refuse this change: keep it, so
+                // reads and later checks see the new owner.
+                if let Ok(Some(newer)) = self.log.catch_up(&self.version()).await {
+                    self.install(newer);
+                }
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Takes ownership of a tablet at `epoch` (which must be newer than the
     /// recorded one), fencing any older owner. Returns the tablet's record,
     /// whose `flushed_up_to` tells where journal replay must start.
-    pub async fn claim_tablet(&self, tablet_id: TabletId, epoch: u64, range: KeyRange) -> Result<TabletInfo> {
+    pub async fn claim_tablet(
+        &self,
+        tablet_id: TabletId,
+        epoch: u64,
+        range: KeyRange,
+    ) -> Result<TabletInfo> {
         let version = self
             .commit(|version| {
                 let current = version.tablet(tablet_id).map_or(0, |t| t.epoch);
@@ -200,24 +259,37 @@ impl BaseStore {
                 }))
             })
             .await?;
-        version.tablet(tablet_id).cloned().ok_or_else(|| StorageError::Job {
-            job: "claim",
-            detail: format!("tablet {tablet_id} missing right after its claim"),
-        })
+        version
+            .tablet(tablet_id)
+            .cloned()
+            .ok_or_else(|| StorageError::Job {
+                job: "claim",
+                detail: format!("tablet {tablet_id} missing right after its claim"),
+            })
     }
 
     /// Writes `memtable` as a table and records it, with the flush marker, in
     /// the manifest. Fails with `Fenced` if a newer owner claimed the tablet.
-    pub async fn flush(&self, tablet_id: TabletId, epoch: u64, memtable: &Memtable) -> Result<Arc<Version>> {
+    pub async fn flush(
+        &self,
+        tablet_id: TabletId,
+        epoch: u64,
+        memtable: &Memtable,
+    ) -> Result<Arc<Version>> {
         let _slot = self
             .options
             .flush_slots
             .acquire()
             .await
-            .map_err(|_| StorageError::Closed { what: "flush slots" })?;
+            .map_err(|_| StorageError::Closed {
+                what: "flush slots",
+            })?;
         let mut builder = TableBuilder::new();
-        memtable.for_each(|version| builder.push(version.key(), version.ts(), version.kind(), version.value()));
-        let added = match self.write_table(builder, 0).await? {
+        memtable.for_each(|version| {
+            builder.push(version.key(), version.ts(), version.kind(), version.value())
+        });
+        let mut uploads = self.uploads();
+        let added = match self.write_table(builder, 0, &mut uploads).await? {
             Some(table) => vec![table],
             None => Vec::new(),
         };
@@ -244,9 +316,23 @@ impl BaseStore {
         Ok(version)
     }
 
+    /// Starts tracking uploads whose manifest edit is still to come.
+    fn uploads(&self) -> Uploads<'_> {
+        Uploads {
+            base: self,
+            names: Vec::new(),
+        }
+    }
+
     /// Encodes and uploads a table; `None` when the builder is empty.
-    async fn write_table(&self, builder: TableBuilder, level: u32) -> Result<Option<TableInfo>> {
+    async fn write_table(
+        &self,
+        builder: TableBuilder,
+        level: u32,
+        uploads: &mut Uploads<'_>,
+    ) -> Result<Option<TableInfo>> {
         let name = format!("tables/{}.parquet", uuid::Uuid::new_v4().simple());
+        uploads.track(&name);
         // Encoding is CPU-bound: keep it off the async workers.
         let encoded = tokio::task::spawn_blocking({
             let name = name.clone();
@@ -266,7 +352,13 @@ impl BaseStore {
             .put(&path, bytes.into())
             .await
             .map_err(|e| StorageError::store("put", &path, e))?;
-        let TableSummary { smallest, largest, min_ts, max_ts, rows } = summary;
+        let TableSummary {
+            smallest,
+            largest,
+            min_ts,
+            max_ts,
+            rows,
+        } = summary;
         Ok(Some(TableInfo {
             name,
             level,
@@ -286,7 +378,11 @@ impl BaseStore {
             return Ok(TableReader::new(index, &self.store, &self.options.cache));
         }
         let path = self.layout().table(&table.name);
-        let index = self.options.cache.index(&self.store, &path, table.size_bytes, table.rows).await?;
+        let index = self
+            .options
+            .cache
+            .index(&self.store, &path, table.size_bytes, table.rows)
+            .await?;
         table.pinned.set(&index);
         Ok(TableReader::new(index, &self.store, &self.options.cache))
     }
@@ -294,10 +390,19 @@ impl BaseStore {
     /// The newest version of `key` at or below `read_ts` in the tables of
     /// `version`, or `best` if that is newer. Tables that cannot hold
     /// anything newer than `best` are skipped without I/O.
-    pub async fn get(&self, version: &Version, key: &[u8], read_ts: Timestamp, best: Lookup) -> Result<Lookup> {
+    pub async fn get(
+        &self,
+        version: &Version,
+        key: &[u8],
+        read_ts: Timestamp,
+        best: Lookup,
+    ) -> Result<Lookup> {
         let mut best = best;
         for table in version.tables() {
-            if key < table.smallest.as_ref() || key > table.largest.as_ref() || table.min_ts > read_ts {
+            if key < table.smallest.as_ref()
+                || key > table.largest.as_ref()
+                || table.min_ts > read_ts
+            {
                 continue;
             }
             if best.ts().is_some_and(|found| found >= table.max_ts) {
@@ -309,10 +414,15 @@ impl BaseStore {
     }
 
     /// Cursors over the tables of `version` that overlap `range`.
-    pub(crate) async fn sources(&self, version: &Version, range: &KeyRange) -> Result<Vec<Source>> {
+    pub(crate) async fn sources(
+        &self,
+        version: &Version,
+        range: &KeyRange,
+        direction: Direction,
+    ) -> Result<Vec<Source>> {
         let mut sources = Vec::new();
         for table in version.overlapping(range) {
-            let cursor = self.reader(&table).await?.cursor(&range.start, range.end.clone()).await?;
+            let cursor = self.reader(&table).await?.cursor(range, direction).await?;
             sources.push(Source::Table(Box::new(cursor)));
         }
         Ok(sources)

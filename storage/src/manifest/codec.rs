@@ -59,7 +59,8 @@ impl Layout {
 
     /// The checkpoint taken after edit `seq`.
     pub fn checkpoint(&self, seq: u64) -> Path {
-        self.manifest_dir().join(format!("{seq:020}{CHECKPOINT_SUFFIX}"))
+        self.manifest_dir()
+            .join(format!("{seq:020}{CHECKPOINT_SUFFIX}"))
     }
 
     /// The object path of table `name` (names are relative to the root).
@@ -134,7 +135,9 @@ mod tests {
         assert_eq!(decode::<ManifestEdit>(&path, &bytes).unwrap(), edit());
         for cut in [0, 3, bytes.len() - 1] {
             let error = decode::<ManifestEdit>(&path, &bytes[..cut]).unwrap_err();
-            assert!(matches!(&error, StorageError::Corruption { object, .. } if object.as_str() == "manifest/x.edit"));
+            assert!(
+                matches!(&error, StorageError::Corruption { object, .. } if object.as_str() == "manifest/x.edit")
+            );
         }
         let mut flipped = bytes.to_vec();
         flipped[2] ^= 0x40;
@@ -147,15 +150,32 @@ mod tests {
     #[test]
     fn names_sort_by_number_and_parse_back() {
         let layout = Layout::new(Path::from("db/coll"));
-        assert_eq!(layout.edit(42).to_string(), "db/coll/manifest/00000000000000000042.edit");
+        assert_eq!(
+            layout.edit(42).to_string(),
+            "db/coll/manifest/00000000000000000042.edit"
+        );
         assert!(layout.edit(9).to_string() < layout.edit(10).to_string());
-        assert_eq!(Layout::parse_manifest_object(&layout.edit(42)), Some(ManifestObject::Edit(42)));
+        assert_eq!(
+            Layout::parse_manifest_object(&layout.edit(42)),
+            Some(ManifestObject::Edit(42))
+        );
         assert_eq!(
             Layout::parse_manifest_object(&layout.checkpoint(3)),
             Some(ManifestObject::Checkpoint(3))
         );
-        assert_eq!(Layout::parse_manifest_object(&Path::from("manifest/junk")), None);
-        assert_eq!(layout.table("tables/t.parquet").to_string(), "db/coll/tables/t.parquet");
-        assert_eq!(Layout::new(Path::default()).table("tables/t.parquet").to_string(), "tables/t.parquet");
+        assert_eq!(
+            Layout::parse_manifest_object(&Path::from("manifest/junk")),
+            None
+        );
+        assert_eq!(
+            layout.table("tables/t.parquet").to_string(),
+            "db/coll/tables/t.parquet"
+        );
+        assert_eq!(
+            Layout::new(Path::default())
+                .table("tables/t.parquet")
+                .to_string(),
+            "tables/t.parquet"
+        );
     }
 }

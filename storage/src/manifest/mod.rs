@@ -12,7 +12,9 @@ use luna_proto::manifest as pb;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
 
 pub use codec::{Layout, ManifestObject};
-pub use version::{LEVELS, Rejection, TableInfo, TabletInfo, Version, range_to_pb, table_to_pb, tablet_to_pb};
+pub use version::{
+    LEVELS, Rejection, TableInfo, TabletInfo, Version, range_to_pb, table_to_pb, tablet_to_pb,
+};
 
 use crate::error::{Result, StorageError};
 
@@ -90,7 +92,11 @@ impl ManifestLog {
             }
         }
         let expected = version.seq() + 1;
-        let known: Vec<u64> = listing.edits.into_iter().filter(|&seq| seq >= expected).collect();
+        let known: Vec<u64> = listing
+            .edits
+            .into_iter()
+            .filter(|&seq| seq >= expected)
+            .collect();
         if let Some((missing, _)) = (expected..).zip(&known).find(|(want, have)| want != *have) {
             return Err(StorageError::corruption(
                 self.layout.edit(missing).to_string(),
@@ -98,7 +104,8 @@ impl ManifestLog {
             ));
         }
         // Known edits are fetched concurrently; anything newer is probed after.
-        let mut edits = futures::stream::iter(known.into_iter().map(|seq| self.read_edit(seq))).buffered(16);
+        let mut edits =
+            futures::stream::iter(known.into_iter().map(|seq| self.read_edit(seq))).buffered(16);
         while let Some(edit) = edits.next().await {
             match edit? {
                 Some(edit) if edit.seq == version.seq() + 1 => apply_logged(&mut version, &edit),
@@ -111,11 +118,41 @@ impl ManifestLog {
                 None => break,
             }
         }
-        Ok(self.catch_up(&version).await?.unwrap_or(version))
+        Ok(self.apply_newer_edits(&version).await?.unwrap_or(version))
     }
 
-    /// Applies every edit newer than `version`. `None` when there was none.
+    /// Brings `version` up to date. `None` when nothing changed.
+    ///
+    /// A missing next edit normally means `version` is the newest state. But if
+    /// `version`'s own edit is gone too, garbage collection has removed edits
+    /// past it (it was held longer than the grace period): the log cannot be
+    /// continued from there, so the whole state is reloaded. Without this, a
+    /// stale writer would reuse a collected sequence number and its edit would
+    /// be invisible to every reader starting from a newer checkpoint.
     pub async fn catch_up(&self, version: &Version) -> Result<Option<Version>> {
+        let newer = self.apply_newer_edits(version).await?;
+        let latest = newer.as_ref().unwrap_or(version);
+        if latest.seq() > 0 && !self.edit_exists(latest.seq()).await? {
+            tracing::info!(
+                seq = latest.seq(),
+                "manifest state predates collected edits; reloading"
+            );
+            return self.load().await.map(Some);
+        }
+        Ok(newer)
+    }
+
+    async fn edit_exists(&self, seq: u64) -> Result<bool> {
+        let path = self.layout.edit(seq);
+        match self.store.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(error) => Err(StorageError::store("head", &path, error)),
+        }
+    }
+
+    /// Applies the edits after `version` until one is missing.
+    async fn apply_newer_edits(&self, version: &Version) -> Result<Option<Version>> {
         let mut newer: Option<Version> = None;
         loop {
             let current = newer.as_ref().unwrap_or(version);
@@ -153,14 +190,18 @@ impl ManifestLog {
                 mode: PutMode::Create,
                 ..PutOptions::default()
             };
-            match self.store.put_opts(&path, codec::encode(&edit).into(), options).await {
+            match self
+                .store
+                .put_opts(&path, codec::encode(&edit).into(), options)
+                .await
+            {
                 Ok(_) => {
                     let mut next = version.clone();
                     next.apply(&edit).map_err(|rejection| StorageError::Job {
                         job: "manifest commit",
                         detail: format!("own edit {} was rejected: {rejection:?}", edit.seq),
                     })?;
-                    if next.seq() % self.checkpoint_every == 0 {
+                    if next.seq().is_multiple_of(self.checkpoint_every) {
                         self.write_checkpoint(&next).await;
                     }
                     return Ok(next);
@@ -195,7 +236,10 @@ impl ManifestLog {
         };
         let edit: pb::ManifestEdit = codec::decode(&path, &bytes)?;
         if edit.seq != seq {
-            return Err(StorageError::corruption(path.to_string(), format!("names edit {}", edit.seq)));
+            return Err(StorageError::corruption(
+                path.to_string(),
+                format!("names edit {}", edit.seq),
+            ));
         }
         Ok(Some(edit))
     }

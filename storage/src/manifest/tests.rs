@@ -9,7 +9,12 @@ use super::*;
 
 fn claim(tablet_id: u64, epoch: u64) -> Change {
     Change::Claim(pb::ClaimTablet {
-        tablet: Some(pb::TabletState { tablet_id, epoch, range: None, flushed_up_to: 0 }),
+        tablet: Some(pb::TabletState {
+            tablet_id,
+            epoch,
+            range: None,
+            flushed_up_to: 0,
+        }),
     })
 }
 
@@ -18,7 +23,12 @@ fn flush(tablet_id: u64, epoch: u64, upto: u64, name: &str) -> Change {
         tablet_id,
         epoch,
         flushed_up_to: upto,
-        added: vec![pb::TableMeta { name: name.into(), smallest_key: b"a".to_vec(), largest_key: b"z".to_vec(), ..Default::default() }],
+        added: vec![pb::TableMeta {
+            name: name.into(),
+            smallest_key: b"a".to_vec(),
+            largest_key: b"z".to_vec(),
+            ..Default::default()
+        }],
     })
 }
 
@@ -28,7 +38,10 @@ fn log(store: &Arc<dyn ObjectStore>, every: u64) -> ManifestLog {
 
 async fn check_racing_writers(store: Arc<dyn ObjectStore>) {
     let setup = log(&store, 1000);
-    let base = setup.commit(&Version::default(), |_| Ok(claim(1, 1))).await.unwrap();
+    let base = setup
+        .commit(&Version::default(), |_| Ok(claim(1, 1)))
+        .await
+        .unwrap();
     let writers: Vec<_> = (0..4)
         .map(|w| {
             let writer = log(&store, 1000);
@@ -37,7 +50,10 @@ async fn check_racing_writers(store: Arc<dyn ObjectStore>) {
                 let mut version = base;
                 for i in 0..10 {
                     let name = format!("w{w}-{i}");
-                    version = writer.commit(&version, |_| Ok(flush(1, 1, 1, &name))).await.unwrap();
+                    version = writer
+                        .commit(&version, |_| Ok(flush(1, 1, 1, &name)))
+                        .await
+                        .unwrap();
                     assert!(version.contains_table(&name));
                 }
             })
@@ -47,7 +63,11 @@ async fn check_racing_writers(store: Arc<dyn ObjectStore>) {
         writer.await.unwrap();
     }
     let loaded = log(&store, 1000).load().await.unwrap();
-    assert_eq!(loaded.seq(), 41, "every commit took its own sequence number");
+    assert_eq!(
+        loaded.seq(),
+        41,
+        "every commit took its own sequence number"
+    );
     assert_eq!(loaded.level(0).len(), 40, "no commit was lost in a race");
 }
 
@@ -68,22 +88,46 @@ async fn an_old_owner_is_fenced_out() {
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let old_owner = log(&store, 1000);
     let new_owner = log(&store, 1000);
-    let old_view = old_owner.commit(&Version::default(), |_| Ok(claim(7, 1))).await.unwrap();
-    new_owner.commit(&old_view, |_| Ok(claim(7, 2))).await.unwrap();
+    let old_view = old_owner
+        .commit(&Version::default(), |_| Ok(claim(7, 1)))
+        .await
+        .unwrap();
+    new_owner
+        .commit(&old_view, |_| Ok(claim(7, 2)))
+        .await
+        .unwrap();
     // The old owner re-reads before writing, sees epoch 2, and refuses.
     let refused = old_owner
         .commit(&old_view, |v| {
             let current = v.tablet(7).map_or(0, |t| t.epoch);
             if current != 1 {
-                return Err(StorageError::Fenced { tablet_id: 7, epoch: 1, current_epoch: current });
+                return Err(StorageError::Fenced {
+                    tablet_id: 7,
+                    epoch: 1,
+                    current_epoch: current,
+                });
             }
             Ok(flush(7, 1, 5, "stale"))
         })
         .await;
-    assert!(matches!(refused, Err(StorageError::Fenced { current_epoch: 2, .. })));
+    assert!(matches!(
+        refused,
+        Err(StorageError::Fenced {
+            current_epoch: 2,
+            ..
+        })
+    ));
     // An edit forced in with the stale epoch is ignored on replay by everyone.
-    let forced = pb::ManifestEdit { seq: 3, written_at_ms: 0, writer: "old".into(), change: Some(flush(7, 1, 5, "stale")) };
-    store.put(&old_owner.layout().edit(3), codec::encode(&forced).into()).await.unwrap();
+    let forced = pb::ManifestEdit {
+        seq: 3,
+        written_at_ms: 0,
+        writer: "old".into(),
+        change: Some(flush(7, 1, 5, "stale")),
+    };
+    store
+        .put(&old_owner.layout().edit(3), codec::encode(&forced).into())
+        .await
+        .unwrap();
     let loaded = new_owner.load().await.unwrap();
     assert_eq!(loaded.seq(), 3);
     assert!(!loaded.contains_table("stale"));
@@ -94,9 +138,15 @@ async fn an_old_owner_is_fenced_out() {
 async fn checkpoints_bound_replay_after_old_edits_are_deleted() {
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let writer = log(&store, 4);
-    let mut version = writer.commit(&Version::default(), |_| Ok(claim(1, 1))).await.unwrap();
+    let mut version = writer
+        .commit(&Version::default(), |_| Ok(claim(1, 1)))
+        .await
+        .unwrap();
     for i in 0..9 {
-        version = writer.commit(&version, |_| Ok(flush(1, 1, i, &format!("t{i}")))).await.unwrap();
+        version = writer
+            .commit(&version, |_| Ok(flush(1, 1, i, &format!("t{i}"))))
+            .await
+            .unwrap();
     }
     assert_eq!(writer.list().await.unwrap().checkpoints, vec![4, 8]);
     for seq in 1..=8 {
@@ -112,13 +162,27 @@ async fn checkpoints_bound_replay_after_old_edits_are_deleted() {
 async fn damaged_or_missing_edits_are_typed_corruption() {
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let writer = log(&store, 1000);
-    let mut version = writer.commit(&Version::default(), |_| Ok(claim(1, 1))).await.unwrap();
-    version = writer.commit(&version, |_| Ok(flush(1, 1, 1, "a"))).await.unwrap();
-    writer.commit(&version, |_| Ok(flush(1, 1, 2, "b"))).await.unwrap();
+    let mut version = writer
+        .commit(&Version::default(), |_| Ok(claim(1, 1)))
+        .await
+        .unwrap();
+    version = writer
+        .commit(&version, |_| Ok(flush(1, 1, 1, "a")))
+        .await
+        .unwrap();
+    writer
+        .commit(&version, |_| Ok(flush(1, 1, 2, "b")))
+        .await
+        .unwrap();
 
-    store.put(&writer.layout().edit(2), b"garbage".to_vec().into()).await.unwrap();
+    store
+        .put(&writer.layout().edit(2), b"garbage".to_vec().into())
+        .await
+        .unwrap();
     match log(&store, 1000).load().await {
-        Err(StorageError::Corruption { object, .. }) => assert!(object.ends_with("00000000000000000002.edit")),
+        Err(StorageError::Corruption { object, .. }) => {
+            assert!(object.ends_with("00000000000000000002.edit"))
+        }
         other => panic!("expected corruption, got {other:?}"),
     }
     store.delete(&writer.layout().edit(2)).await.unwrap();
@@ -132,11 +196,20 @@ async fn damaged_or_missing_edits_are_typed_corruption() {
 async fn a_damaged_checkpoint_falls_back_to_edits() {
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let writer = log(&store, 2);
-    let mut version = writer.commit(&Version::default(), |_| Ok(claim(1, 1))).await.unwrap();
+    let mut version = writer
+        .commit(&Version::default(), |_| Ok(claim(1, 1)))
+        .await
+        .unwrap();
     for i in 0..3 {
-        version = writer.commit(&version, |_| Ok(flush(1, 1, i, &format!("t{i}")))).await.unwrap();
+        version = writer
+            .commit(&version, |_| Ok(flush(1, 1, i, &format!("t{i}"))))
+            .await
+            .unwrap();
     }
-    store.put(&writer.layout().checkpoint(4), b"junk".to_vec().into()).await.unwrap();
+    store
+        .put(&writer.layout().checkpoint(4), b"junk".to_vec().into())
+        .await
+        .unwrap();
     let loaded = log(&store, 2).load().await.unwrap();
     assert_eq!(loaded.seq(), 4);
     assert_eq!(loaded.level(0).len(), 3);

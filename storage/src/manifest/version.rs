@@ -158,8 +158,16 @@ impl Version {
             });
         }
         // A new owner inherits the flush marker: what was flushed stays flushed.
-        let flushed_up_to = current.map_or(tablet.flushed_up_to, |t| t.flushed_up_to.max(tablet.flushed_up_to));
-        self.tablets.insert(tablet.tablet_id, TabletInfo { flushed_up_to, ..tablet });
+        let flushed_up_to = current.map_or(tablet.flushed_up_to, |t| {
+            t.flushed_up_to.max(tablet.flushed_up_to)
+        });
+        self.tablets.insert(
+            tablet.tablet_id,
+            TabletInfo {
+                flushed_up_to,
+                ..tablet
+            },
+        );
         Ok(())
     }
 
@@ -181,7 +189,11 @@ impl Version {
     }
 
     fn apply_compaction(&mut self, compaction: &pb::Compaction, seq: u64) -> Result<(), Rejection> {
-        if let Some(missing) = compaction.removed.iter().find(|name| !self.contains_table(name)) {
+        if let Some(missing) = compaction
+            .removed
+            .iter()
+            .find(|name| !self.contains_table(name))
+        {
             return Err(Rejection::MissingTable(missing.clone()));
         }
         for level in &mut self.levels {
@@ -198,7 +210,11 @@ impl Version {
         let tables = &mut self.levels[level];
         tables.push(Arc::new(table));
         if level == 0 {
-            tables.sort_by(|a, b| b.added_seq.cmp(&a.added_seq).then_with(|| a.name.cmp(&b.name)));
+            tables.sort_by(|a, b| {
+                b.added_seq
+                    .cmp(&a.added_seq)
+                    .then_with(|| a.name.cmp(&b.name))
+            });
         } else {
             tables.sort_by(|a, b| a.smallest.cmp(&b.smallest));
         }
@@ -310,33 +326,72 @@ mod tests {
     }
 
     fn edit(seq: u64, change: Change) -> pb::ManifestEdit {
-        pb::ManifestEdit { seq, written_at_ms: 0, writer: "t".into(), change: Some(change) }
+        pb::ManifestEdit {
+            seq,
+            written_at_ms: 0,
+            writer: "t".into(),
+            change: Some(change),
+        }
     }
 
     fn claim(seq: u64, tablet_id: u64, epoch: u64) -> pb::ManifestEdit {
         edit(
             seq,
             Change::Claim(pb::ClaimTablet {
-                tablet: Some(pb::TabletState { tablet_id, epoch, range: None, flushed_up_to: 0 }),
+                tablet: Some(pb::TabletState {
+                    tablet_id,
+                    epoch,
+                    range: None,
+                    flushed_up_to: 0,
+                }),
             }),
         )
     }
 
-    fn flush(seq: u64, tablet_id: u64, epoch: u64, upto: u64, added: Vec<pb::TableMeta>) -> pb::ManifestEdit {
-        edit(seq, Change::Flush(pb::Flush { tablet_id, epoch, flushed_up_to: upto, added }))
+    fn flush(
+        seq: u64,
+        tablet_id: u64,
+        epoch: u64,
+        upto: u64,
+        added: Vec<pb::TableMeta>,
+    ) -> pb::ManifestEdit {
+        edit(
+            seq,
+            Change::Flush(pb::Flush {
+                tablet_id,
+                epoch,
+                flushed_up_to: upto,
+                added,
+            }),
+        )
     }
 
     #[test]
     fn stale_epochs_are_fenced_out() {
         let mut v = Version::default();
         v.apply(&claim(1, 9, 1)).unwrap();
-        v.apply(&flush(2, 9, 1, 10, vec![table("a", 0, "a", "b")])).unwrap();
+        v.apply(&flush(2, 9, 1, 10, vec![table("a", 0, "a", "b")]))
+            .unwrap();
         v.apply(&claim(3, 9, 2)).unwrap();
         let fenced = v.apply(&flush(4, 9, 1, 20, vec![table("b", 0, "a", "b")]));
-        assert_eq!(fenced, Err(Rejection::StaleEpoch { tablet_id: 9, epoch: 1, current: 2 }));
+        assert_eq!(
+            fenced,
+            Err(Rejection::StaleEpoch {
+                tablet_id: 9,
+                epoch: 1,
+                current: 2
+            })
+        );
         assert!(!v.contains_table("b"));
-        assert_eq!(v.tablet(9).unwrap().flushed_up_to, 10, "the new owner inherits the marker");
-        assert!(v.apply(&claim(5, 9, 2)).is_err(), "an epoch cannot be claimed twice");
+        assert_eq!(
+            v.tablet(9).unwrap().flushed_up_to,
+            10,
+            "the new owner inherits the marker"
+        );
+        assert!(
+            v.apply(&claim(5, 9, 2)).is_err(),
+            "an epoch cannot be claimed twice"
+        );
         assert_eq!(v.seq(), 5);
     }
 
@@ -344,8 +399,10 @@ mod tests {
     fn compaction_replaces_tables_and_rejects_missing_inputs() {
         let mut v = Version::default();
         v.apply(&claim(1, 1, 1)).unwrap();
-        v.apply(&flush(2, 1, 1, 1, vec![table("x", 0, "a", "m")])).unwrap();
-        v.apply(&flush(3, 1, 1, 2, vec![table("y", 0, "c", "z")])).unwrap();
+        v.apply(&flush(2, 1, 1, 1, vec![table("x", 0, "a", "m")]))
+            .unwrap();
+        v.apply(&flush(3, 1, 1, 2, vec![table("y", 0, "c", "z")]))
+            .unwrap();
         assert_eq!(v.level(0)[0].name, "y", "L0 is newest first");
         let compact = |seq, removed: Vec<&str>| {
             edit(
@@ -360,7 +417,10 @@ mod tests {
         assert!(v.level(0).is_empty());
         let names: Vec<_> = v.level(1).iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["z0", "z1"], "sorted levels are ordered by key");
-        assert_eq!(v.apply(&compact(5, vec!["x"])), Err(Rejection::MissingTable("x".into())));
+        assert_eq!(
+            v.apply(&compact(5, vec!["x"])),
+            Err(Rejection::MissingTable("x".into()))
+        );
         let range = KeyRange::new(&b"o"[..], None);
         assert_eq!(v.overlapping(&range).len(), 1);
     }
@@ -369,7 +429,8 @@ mod tests {
     fn checkpoint_round_trip_preserves_state() {
         let mut v = Version::default();
         v.apply(&claim(1, 1, 3)).unwrap();
-        v.apply(&flush(2, 1, 3, 44, vec![table("x", 0, "a", "m")])).unwrap();
+        v.apply(&flush(2, 1, 3, 44, vec![table("x", 0, "a", "m")]))
+            .unwrap();
         let restored = Version::from_checkpoint(&v.to_checkpoint());
         assert_eq!(restored.seq(), 2);
         assert_eq!(restored.tablet(1), v.tablet(1));

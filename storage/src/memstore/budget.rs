@@ -84,7 +84,10 @@ mod tests {
             async move { budget.wait_for_room().await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!waiter.is_finished(), "a writer must stall while over budget");
+        assert!(
+            !waiter.is_finished(),
+            "a writer must stall while over budget"
+        );
         budget.release(100);
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await

@@ -9,12 +9,12 @@ use bytes::Bytes;
 use crossbeam_skiplist::SkipMap;
 
 use super::budget::MemoryBudget;
-use crate::types::{Kind, Lookup, Timestamp, VersionedEntry};
+use crate::types::{Direction, KeyRange, Kind, Lookup, Timestamp, VersionedEntry};
 
 /// Bytes a skiplist entry costs beyond its key and value: the node (header, the
 /// [`MemKey`] itself, the tower) and allocator rounding of the two allocations.
 /// Measured by `tests/memstore_memory.rs`; the estimate drives rotation and backpressure.
-pub(crate) const ENTRY_OVERHEAD: usize = 80;
+pub(crate) const ENTRY_OVERHEAD: usize = 88;
 
 /// A version in the skiplist. Key and value share one allocation, which keeps a
 /// MemStore under 2x the raw bytes it holds; only (key, ts) take part in ordering.
@@ -205,12 +205,20 @@ impl Memtable {
         }
     }
 
-    /// A cursor over the versions of keys in `[start, end)`, in order.
-    pub(crate) fn cursor(self: &Arc<Self>, start: &[u8], end: Option<Bytes>) -> MemCursor {
+    /// A cursor over the versions of keys in `range`: (key asc, ts desc)
+    /// forward, the exact reverse of that backward.
+    pub(crate) fn cursor(self: &Arc<Self>, range: &KeyRange, direction: Direction) -> MemCursor {
+        let position = match (direction, &range.end) {
+            (Direction::Forward, _) => Bound::Included(MemKey::probe(&range.start, Timestamp::MAX)),
+            // Every version of every key below `end` sorts before (end, MAX).
+            (Direction::Reverse, Some(end)) => Bound::Excluded(MemKey::probe(end, Timestamp::MAX)),
+            (Direction::Reverse, None) => Bound::Unbounded,
+        };
         MemCursor {
             table: Arc::clone(self),
-            position: Bound::Included(MemKey::probe(start, Timestamp::MAX)),
-            end,
+            position,
+            range: range.clone(),
+            direction,
         }
     }
 }
@@ -226,14 +234,18 @@ impl Drop for Memtable {
 pub(crate) struct MemCursor {
     table: Arc<Memtable>,
     position: Bound<MemKey>,
-    end: Option<Bytes>,
+    range: KeyRange,
+    direction: Direction,
 }
 
 impl MemCursor {
     pub(crate) fn next_entry(&mut self) -> Option<VersionedEntry> {
-        let entry = self.table.map.lower_bound(self.position.as_ref())?;
+        let entry = match self.direction {
+            Direction::Forward => self.table.map.lower_bound(self.position.as_ref())?,
+            Direction::Reverse => self.table.map.upper_bound(self.position.as_ref())?,
+        };
         let version = entry.key();
-        if self.end.as_ref().is_some_and(|end| version.key() >= end.as_ref()) {
+        if !self.range.contains(version.key()) {
             return None;
         }
         let owned = version.to_entry();
@@ -261,7 +273,10 @@ mod tests {
         assert_eq!(t.get(b"k", 10).into_value().as_deref(), Some(&b"v10"[..]));
         assert_eq!(t.get(b"k", 19).into_value().as_deref(), Some(&b"v10"[..]));
         assert_eq!(t.get(b"k", 20), Lookup::Deleted { ts: 20 });
-        assert_eq!(t.get(b"k", u64::MAX).into_value().as_deref(), Some(&b"v30"[..]));
+        assert_eq!(
+            t.get(b"k", u64::MAX).into_value().as_deref(),
+            Some(&b"v30"[..])
+        );
         assert_eq!(t.get(b"kk", u64::MAX), Lookup::Absent);
         assert_eq!(t.max_seq(), 4);
         assert_eq!(t.max_ts(), 30);
@@ -273,15 +288,24 @@ mod tests {
         for (key, ts) in [(&b"b"[..], 1), (b"a", 1), (b"b", 3), (b"c", 2), (b"a", 2)] {
             t.insert(key, ts, Kind::Put, b"", 1);
         }
-        let mut cursor = t.cursor(b"a", Some(Bytes::from_static(b"c")));
-        let mut seen = Vec::new();
-        while let Some(entry) = cursor.next_entry() {
-            seen.push((entry.key.to_vec(), entry.ts));
-        }
-        assert_eq!(
-            seen,
-            vec![(b"a".to_vec(), 2), (b"a".to_vec(), 1), (b"b".to_vec(), 3), (b"b".to_vec(), 1)]
-        );
+        let range = KeyRange::new(&b"a"[..], Some(Bytes::from_static(b"c")));
+        let walk = |direction| {
+            let mut cursor = t.cursor(&range, direction);
+            let mut seen = Vec::new();
+            while let Some(entry) = cursor.next_entry() {
+                seen.push((entry.key.to_vec(), entry.ts));
+            }
+            seen
+        };
+        let mut forward = vec![
+            (b"a".to_vec(), 2),
+            (b"a".to_vec(), 1),
+            (b"b".to_vec(), 3),
+            (b"b".to_vec(), 1),
+        ];
+        assert_eq!(walk(Direction::Forward), forward);
+        forward.reverse();
+        assert_eq!(walk(Direction::Reverse), forward);
     }
 
     #[test]

@@ -35,6 +35,9 @@ impl Default for MemStoreOptions {
 
 struct Memtables {
     active: Arc<Memtable>,
+    /// The highest journal index already handed to a flush: an empty active
+    /// memtable is only worth rotating when it moves the marker past this.
+    rotated_seq: u64,
     /// Oldest first: they must reach the BaseStore in this order, so that each
     /// flush's "flushed up to" marker only moves forward.
     immutable: Vec<Arc<Memtable>>,
@@ -57,6 +60,7 @@ impl MemStore {
         MemStore {
             tables: RwLock::new(Memtables {
                 active: Arc::new(Memtable::new(Arc::clone(&budget))),
+                rotated_seq: 0,
                 immutable: Vec::new(),
             }),
             writer: Mutex::new(0),
@@ -100,8 +104,8 @@ impl MemStore {
         Ok(())
     }
 
-    /// Turns the active memtable immutable (if it holds anything) so it can be
-    /// flushed. Returns whether a memtable was rotated.
+    /// Turns the active memtable immutable so it can be flushed, if it holds
+    /// anything or advances the flush marker. Returns whether it rotated.
     pub fn rotate(&self) -> Result<bool> {
         let _writer = self.writer.lock().map_err(|_| poisoned())?;
         self.rotate_locked()
@@ -109,11 +113,13 @@ impl MemStore {
 
     fn rotate_locked(&self) -> Result<bool> {
         let mut tables = self.tables.write().map_err(|_| poisoned())?;
-        if tables.active.is_empty() && tables.active.max_seq() == 0 {
+        let max_seq = tables.active.max_seq();
+        if tables.active.is_empty() && max_seq <= tables.rotated_seq {
             return Ok(false);
         }
+        tables.rotated_seq = max_seq;
         let fresh = Arc::new(Memtable::new(Arc::clone(&self.budget)));
-        fresh.note_seq(tables.active.max_seq());
+        fresh.note_seq(max_seq);
         let full = std::mem::replace(&mut tables.active, fresh);
         tables.immutable.push(full);
         drop(tables);
@@ -145,7 +151,9 @@ impl MemStore {
     /// The order matters to readers: install the version first, then call this.
     pub fn remove_flushed(&self, flushed: &Arc<Memtable>) -> Result<()> {
         let mut tables = self.tables.write().map_err(|_| poisoned())?;
-        tables.immutable.retain(|table| !Arc::ptr_eq(table, flushed));
+        tables
+            .immutable
+            .retain(|table| !Arc::ptr_eq(table, flushed));
         Ok(())
     }
 
@@ -202,7 +210,12 @@ mod tests {
         assert!(oldest.approximate_bytes() >= 1024);
         assert_eq!(oldest.max_seq(), seq);
         // Reads still see rotated data until it is removed after a flush.
-        let hit = memstore.snapshot().unwrap().iter().map(|t| t.get(b"key0001", 100)).find(|l| *l != Lookup::Absent);
+        let hit = memstore
+            .snapshot()
+            .unwrap()
+            .iter()
+            .map(|t| t.get(b"key0001", 100))
+            .find(|l| *l != Lookup::Absent);
         assert!(hit.is_some());
     }
 
@@ -228,7 +241,10 @@ mod tests {
     async fn writes_stall_on_an_exhausted_budget() {
         let budget = Arc::new(MemoryBudget::new(1000));
         let memstore = Arc::new(MemStore::new(
-            MemStoreOptions { memtable_size: 1 << 20, limits: Limits::default() },
+            MemStoreOptions {
+                memtable_size: 1 << 20,
+                limits: Limits::default(),
+            },
             Arc::clone(&budget),
         ));
         let mut big = WriteBatch::new();

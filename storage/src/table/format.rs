@@ -150,12 +150,19 @@ impl TableBuilder {
             Arc::new(self.kinds.finish()),
             Arc::new(self.values.finish()),
         ];
-        let batch = RecordBatch::try_new(schema(), columns).map_err(|e| encode_error(e.to_string()))?;
+        let batch =
+            RecordBatch::try_new(schema(), columns).map_err(|e| encode_error(e.to_string()))?;
         let mut out = Vec::with_capacity(self.encoded_bytes + self.encoded_bytes / 8 + 4096);
-        let mut writer = ArrowWriter::try_new(&mut out, schema(), Some(writer_properties(self.distinct_keys)))
-            .map_err(|e| encode_error(e.to_string()))?;
+        let mut writer = ArrowWriter::try_new(
+            &mut out,
+            schema(),
+            Some(writer_properties(self.distinct_keys)),
+        )
+        .map_err(|e| encode_error(e.to_string()))?;
         // One write call keeps pages aligned at PAGE_ROWS across columns.
-        writer.write(&batch).map_err(|e| encode_error(e.to_string()))?;
+        writer
+            .write(&batch)
+            .map_err(|e| encode_error(e.to_string()))?;
         writer.close().map_err(|e| encode_error(e.to_string()))?;
         let summary = TableSummary {
             smallest,

@@ -64,7 +64,12 @@ impl std::fmt::Debug for TableIndex {
 impl TableIndex {
     /// Reads the footer, page index and bloom filter of the table at `path`,
     /// whose size and row count the manifest recorded.
-    pub async fn open(store: &Arc<dyn ObjectStore>, path: &Path, size: u64, rows_hint: u64) -> Result<TableIndex> {
+    pub async fn open(
+        store: &Arc<dyn ObjectStore>,
+        path: &Path,
+        size: u64,
+        rows_hint: u64,
+    ) -> Result<TableIndex> {
         let corrupt = |detail: String| StorageError::corruption(path.to_string(), detail);
         let tail_len = size.min(TAIL_SLACK + rows_hint.saturating_mul(4));
         let tail_start = size - tail_len;
@@ -73,7 +78,9 @@ impl TableIndex {
             .await
             .map_err(|e| StorageError::store("get", path, e))?;
         if (tail.len() as u64) < tail_len {
-            return Err(corrupt(format!("object is shorter than the {size} bytes the manifest records")));
+            return Err(corrupt(format!(
+                "object is shorter than the {size} bytes the manifest records"
+            )));
         }
         let mut fetch = TailFetch {
             store: Arc::clone(store),
@@ -85,9 +92,12 @@ impl TableIndex {
             .with_page_index_policy(PageIndexPolicy::Required)
             .load_and_finish(fetch.clone(), size)
             .await
-            .map_err(|e| corrupt(format!("unreadable footer: {e}")))?;
+            .map_err(|e| fetch_or_corrupt(path, "unreadable footer", e))?;
         if metadata.num_row_groups() != 1 {
-            return Err(corrupt(format!("{} row groups, expected 1", metadata.num_row_groups())));
+            return Err(corrupt(format!(
+                "{} row groups, expected 1",
+                metadata.num_row_groups()
+            )));
         }
         let row_group = metadata.row_group(0);
         let expected = [
@@ -104,7 +114,8 @@ impl TableIndex {
         let page_index = metadata
             .page_index()
             .ok_or_else(|| corrupt("no page index".into()))?;
-        let rows = u64::try_from(row_group.num_rows()).map_err(|_| corrupt("negative row count".into()))?;
+        let rows = u64::try_from(row_group.num_rows())
+            .map_err(|_| corrupt("negative row count".into()))?;
         let mut pages: [Vec<PageSpan>; 4] = Default::default();
         for (column, spans) in pages.iter_mut().enumerate() {
             let locations = page_index
@@ -112,12 +123,17 @@ impl TableIndex {
                 .ok_or_else(|| corrupt(format!("no offset index for column {column}")))?;
             for location in locations {
                 let span = PageSpan {
-                    offset: u64::try_from(location.offset).map_err(|_| corrupt("negative page offset".into()))?,
-                    len: u32::try_from(location.compressed_page_size).map_err(|_| corrupt("bad page size".into()))?,
-                    first_row: u64::try_from(location.first_row_index).map_err(|_| corrupt("bad first row".into()))?,
+                    offset: u64::try_from(location.offset)
+                        .map_err(|_| corrupt("negative page offset".into()))?,
+                    len: u32::try_from(location.compressed_page_size)
+                        .map_err(|_| corrupt("bad page size".into()))?,
+                    first_row: u64::try_from(location.first_row_index)
+                        .map_err(|_| corrupt("bad first row".into()))?,
                 };
                 if span.offset + u64::from(span.len) > size || span.first_row >= rows.max(1) {
-                    return Err(corrupt(format!("page of column {column} lies outside the table")));
+                    return Err(corrupt(format!(
+                        "page of column {column} lies outside the table"
+                    )));
                 }
                 spans.push(span);
             }
@@ -125,7 +141,8 @@ impl TableIndex {
                 return Err(corrupt(format!("column {column} has no first page")));
             }
         }
-        let Some(ColumnIndexMetaData::BYTE_ARRAY(key_index)) = page_index.column_index(0, KEY) else {
+        let Some(ColumnIndexMetaData::BYTE_ARRAY(key_index)) = page_index.column_index(0, KEY)
+        else {
             return Err(corrupt("no column index on key".into()));
         };
         let first_keys = (0..pages[KEY].len())
@@ -137,20 +154,25 @@ impl TableIndex {
             })
             .collect::<Result<Vec<_>>>()?;
         let key_chunk = row_group.column(KEY);
-        let (Some(bloom_offset), Some(bloom_len)) = (key_chunk.bloom_filter_offset(), key_chunk.bloom_filter_length()) else {
+        let (Some(bloom_offset), Some(bloom_len)) = (
+            key_chunk.bloom_filter_offset(),
+            key_chunk.bloom_filter_length(),
+        ) else {
             return Err(corrupt("no key bloom filter".into()));
         };
-        let bloom_range = u64::try_from(bloom_offset).unwrap_or(u64::MAX)..u64::try_from(bloom_offset)
-            .unwrap_or(u64::MAX)
-            .saturating_add(u64::try_from(bloom_len).unwrap_or(u64::MAX));
+        let bloom_range = u64::try_from(bloom_offset).unwrap_or(u64::MAX)
+            ..u64::try_from(bloom_offset)
+                .unwrap_or(u64::MAX)
+                .saturating_add(u64::try_from(bloom_len).unwrap_or(u64::MAX));
         if bloom_range.end > size {
             return Err(corrupt("bloom filter lies outside the table".into()));
         }
         let bloom_bytes = fetch
             .fetch(bloom_range)
             .await
-            .map_err(|e| corrupt(format!("bloom filter: {e}")))?;
-        let bloom = Sbbf::from_bytes(&bloom_bytes).map_err(|e| corrupt(format!("bloom filter: {e}")))?;
+            .map_err(|e| fetch_or_corrupt(path, "bloom filter", e))?;
+        let bloom =
+            Sbbf::from_bytes(&bloom_bytes).map_err(|e| corrupt(format!("bloom filter: {e}")))?;
         let columns = [KEY, TS, KIND, VALUE].map(|c| row_group.column(c).column_descr_ptr());
         let compression = [KEY, TS, KIND, VALUE].map(|c| row_group.column(c).compression());
         Ok(TableIndex {
@@ -230,8 +252,24 @@ impl TableIndex {
     /// Approximate memory the index pins, for the cache's weigher.
     pub fn memory_bytes(&self) -> usize {
         let keys: usize = self.first_keys.iter().map(|k| k.len() + 32).sum();
-        let spans: usize = self.pages.iter().map(|p| p.len() * size_of::<PageSpan>()).sum();
+        let spans: usize = self
+            .pages
+            .iter()
+            .map(|p| p.len() * size_of::<PageSpan>())
+            .sum();
         keys + spans + self.bloom.num_blocks() * 32 + 512
+    }
+}
+
+/// A store failure surfacing through the Parquet reader stays a (possibly
+/// retryable) store error; anything else means the bytes are bad.
+fn fetch_or_corrupt(path: &Path, what: &str, error: ParquetError) -> StorageError {
+    match error {
+        ParquetError::External(source) => match source.downcast::<object_store::Error>() {
+            Ok(store_error) => StorageError::store("get", path, *store_error),
+            Err(other) => StorageError::corruption(path.to_string(), format!("{what}: {other}")),
+        },
+        other => StorageError::corruption(path.to_string(), format!("{what}: {other}")),
     }
 }
 

@@ -86,7 +86,8 @@ impl DecodedPage {
     pub fn lower_bound(&self, key: &[u8]) -> u64 {
         match &self.values {
             PageValues::Binary { data, ranges } => {
-                let index = ranges.partition_point(|r| &data[r.start as usize..r.end as usize] < key);
+                let index =
+                    ranges.partition_point(|r| &data[r.start as usize..r.end as usize] < key);
                 self.rows.start + index as u64
             }
             _ => self.rows.start,
@@ -106,21 +107,29 @@ impl DecodedPage {
 /// Decodes page `page` of `column` from `bytes` (exactly the page's span).
 pub fn decode(index: &TableIndex, column: usize, page: usize, bytes: Bytes) -> Result<DecodedPage> {
     let corrupt = |detail: String| {
-        StorageError::corruption(index.path().to_string(), format!("column {column} page {page}: {detail}"))
+        StorageError::corruption(
+            index.path().to_string(),
+            format!("column {column} page {page}: {detail}"),
+        )
     };
     let span = index.pages(column)[page];
     let rows = index.page_rows(column, page);
     let expected = (rows.end - rows.start) as usize;
     if bytes.len() != span.len as usize {
-        return Err(corrupt(format!("{} bytes, expected {}", bytes.len(), span.len)));
+        return Err(corrupt(format!(
+            "{} bytes, expected {}",
+            bytes.len(),
+            span.len
+        )));
     }
-    let body = read_page_body(index, column, &span, expected, bytes).map_err(|e| corrupt(e.to_string()))?;
+    let body = read_page_body(index, column, &span, expected, bytes)
+        .map_err(|e| corrupt(e.to_string()))?;
     let values = match column {
         KEY | VALUE => decode_binary(body, expected),
-        TS => decode_fixed::<8>(&body, expected).map(|v| PageValues::U64(v.into_iter().map(u64::from_le_bytes).collect())),
-        KIND => decode_fixed::<4>(&body, expected).map(|v| {
-            PageValues::U8(v.into_iter().map(|b| i32::from_le_bytes(b) as u8).collect())
-        }),
+        TS => decode_fixed::<8>(&body, expected)
+            .map(|v| PageValues::U64(v.into_iter().map(u64::from_le_bytes).collect())),
+        KIND => decode_fixed::<4>(&body, expected)
+            .map(|v| PageValues::U8(v.into_iter().map(|b| i32::from_le_bytes(b) as u8).collect())),
         _ => Err(format!("no column {column}")),
     }
     .map_err(corrupt)?;
@@ -150,11 +159,16 @@ fn read_page_body(
     });
     let mut reader = SerializedPageReader::new(window, &meta, rows, None)?;
     match reader.get_next_page()? {
-        Some(Page::DataPage { buf, num_values, .. }) if num_values as usize == rows => Ok(buf),
+        Some(Page::DataPage {
+            buf, num_values, ..
+        }) if num_values as usize == rows => Ok(buf),
         Some(Page::DataPage { num_values, .. }) => Err(ParquetError::General(format!(
             "{num_values} values, expected {rows}"
         ))),
-        Some(other) => Err(ParquetError::General(format!("unexpected {:?} page", other.page_type()))),
+        Some(other) => Err(ParquetError::General(format!(
+            "unexpected {:?} page",
+            other.page_type()
+        ))),
         None => Err(ParquetError::General("no page".into())),
     }
 }
@@ -166,18 +180,31 @@ fn decode_binary(body: Bytes, count: usize) -> std::result::Result<PageValues, S
         let len_bytes = body
             .get(position..position + 4)
             .ok_or_else(|| format!("truncated at value {}", ranges.len()))?;
-        let len = u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
+        let len =
+            u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
         let start = position + 4;
-        let end = start.checked_add(len).filter(|&end| end <= body.len()).ok_or("value overruns the page")?;
-        ranges.push(u32::try_from(start).map_err(|e| e.to_string())?..u32::try_from(end).map_err(|e| e.to_string())?);
+        let end = start
+            .checked_add(len)
+            .filter(|&end| end <= body.len())
+            .ok_or("value overruns the page")?;
+        ranges.push(
+            u32::try_from(start).map_err(|e| e.to_string())?
+                ..u32::try_from(end).map_err(|e| e.to_string())?,
+        );
         position = end;
     }
     Ok(PageValues::Binary { data: body, ranges })
 }
 
-fn decode_fixed<const N: usize>(body: &[u8], count: usize) -> std::result::Result<Vec<[u8; N]>, String> {
+fn decode_fixed<const N: usize>(
+    body: &[u8],
+    count: usize,
+) -> std::result::Result<Vec<[u8; N]>, String> {
     if body.len() < count * N {
-        return Err(format!("{} bytes for {count} values of {N} bytes", body.len()));
+        return Err(format!(
+            "{} bytes for {count} values of {N} bytes",
+            body.len()
+        ));
     }
     Ok(body
         .chunks_exact(N)
@@ -206,15 +233,24 @@ impl ChunkReader for Window {
     type T = bytes::buf::Reader<Bytes>;
 
     fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
-        Ok(self.get_bytes(start, (self.len() - start.min(self.len())) as usize)?.reader())
+        Ok(self
+            .get_bytes(start, (self.len() - start.min(self.len())) as usize)?
+            .reader())
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
         let offset = start
             .checked_sub(self.base)
             .map(|o| o as usize)
-            .filter(|&o| o.checked_add(length).is_some_and(|end| end <= self.bytes.len()))
-            .ok_or_else(|| ParquetError::EOF(format!("read of {length} bytes at {start} is outside the page")))?;
+            .filter(|&o| {
+                o.checked_add(length)
+                    .is_some_and(|end| end <= self.bytes.len())
+            })
+            .ok_or_else(|| {
+                ParquetError::EOF(format!(
+                    "read of {length} bytes at {start} is outside the page"
+                ))
+            })?;
         Ok(self.bytes.slice(offset..offset + length))
     }
 }

@@ -16,7 +16,7 @@ use super::index::TableIndex;
 use super::page::{self, DecodedPage};
 use crate::cache::BlockCache;
 use crate::error::{Result, StorageError};
-use crate::types::{Kind, Lookup, Timestamp, VersionedEntry};
+use crate::types::{Direction, KeyRange, Kind, Lookup, Timestamp, VersionedEntry};
 
 /// The rows of one key page, with every column decoded.
 #[derive(Debug)]
@@ -34,11 +34,16 @@ impl RowPage {
 
     /// Approximate memory held, for the cache's weigher.
     pub fn memory_bytes(&self) -> usize {
-        self.columns.iter().flatten().map(DecodedPage::memory_bytes).sum()
+        self.columns
+            .iter()
+            .flatten()
+            .map(DecodedPage::memory_bytes)
+            .sum()
     }
 
     fn key(&self, row: u64) -> &[u8] {
-        self.column(KEY, row).map_or(&[], |page| page.binary_ref(row))
+        self.column(KEY, row)
+            .map_or(&[], |page| page.binary_ref(row))
     }
 }
 
@@ -62,7 +67,11 @@ pub struct TableReader {
 
 impl TableReader {
     /// A reader over an already opened index, reading through the cache.
-    pub fn new(index: Arc<TableIndex>, store: &Arc<dyn ObjectStore>, cache: &Arc<BlockCache>) -> TableReader {
+    pub fn new(
+        index: Arc<TableIndex>,
+        store: &Arc<dyn ObjectStore>,
+        cache: &Arc<BlockCache>,
+    ) -> TableReader {
         TableReader {
             index,
             source: PageSource::Cached {
@@ -85,7 +94,13 @@ impl TableReader {
     }
 
     /// Fetches the whole table in one request, for a full pass.
-    pub async fn load(store: &Arc<dyn ObjectStore>, cache: &Arc<BlockCache>, path: &Path, size: u64, rows: u64) -> Result<TableReader> {
+    pub async fn load(
+        store: &Arc<dyn ObjectStore>,
+        cache: &Arc<BlockCache>,
+        path: &Path,
+        size: u64,
+        rows: u64,
+    ) -> Result<TableReader> {
         let index = cache.index(store, path, size, rows).await?;
         let bytes = store
             .get(path)
@@ -95,7 +110,10 @@ impl TableReader {
             .await
             .map_err(|e| StorageError::store("get", path, e))?;
         if bytes.len() as u64 != size {
-            return Err(StorageError::corruption(path.to_string(), format!("{} bytes, expected {size}", bytes.len())));
+            return Err(StorageError::corruption(
+                path.to_string(),
+                format!("{} bytes, expected {size}", bytes.len()),
+            ));
         }
         Ok(TableReader {
             index,
@@ -112,20 +130,28 @@ impl TableReader {
     async fn row_page(&self, key_page: usize) -> Result<Arc<RowPage>> {
         match &self.source {
             PageSource::Loaded(bytes) => self
-                .decode_row_page(key_page, |range| Ok(bytes.slice(range.start as usize..range.end as usize)))
+                .decode_row_page(key_page, |range| {
+                    Ok(bytes.slice(range.start as usize..range.end as usize))
+                })
                 .map(Arc::new),
             PageSource::Cached { store, cache } => {
                 cache
                     .row_page(&self.index, key_page, async {
                         let path = self.index.path();
-                        let ranges: Vec<Range<u64>> = self.spans(key_page).into_iter().map(|(_, _, range)| range).collect();
+                        let ranges: Vec<Range<u64>> = self
+                            .spans(key_page)
+                            .into_iter()
+                            .map(|(_, _, range)| range)
+                            .collect();
                         let mut fetched = store
                             .get_ranges(path, &ranges)
                             .await
                             .map_err(|e| StorageError::store("get", path, e))?
                             .into_iter();
                         self.decode_row_page(key_page, |_| {
-                            fetched.next().ok_or_else(|| StorageError::corruption(path.to_string(), "short ranged read"))
+                            fetched.next().ok_or_else(|| {
+                                StorageError::corruption(path.to_string(), "short ranged read")
+                            })
                         })
                         .map(Arc::new)
                     })
@@ -140,7 +166,9 @@ impl TableReader {
         let mut spans = Vec::with_capacity(4);
         for column in [KEY, TS, KIND, VALUE] {
             let first = self.index.page_of_row(column, rows.start);
-            let last = self.index.page_of_row(column, rows.end.saturating_sub(1).max(rows.start));
+            let last = self
+                .index
+                .page_of_row(column, rows.end.saturating_sub(1).max(rows.start));
             for page in first..=last {
                 let span = self.index.pages(column)[page];
                 spans.push((column, page, span.offset..span.offset + u64::from(span.len)));
@@ -149,7 +177,11 @@ impl TableReader {
         spans
     }
 
-    fn decode_row_page(&self, key_page: usize, mut bytes_of: impl FnMut(Range<u64>) -> Result<Bytes>) -> Result<RowPage> {
+    fn decode_row_page(
+        &self,
+        key_page: usize,
+        mut bytes_of: impl FnMut(Range<u64>) -> Result<Bytes>,
+    ) -> Result<RowPage> {
         let mut columns: [Vec<DecodedPage>; 4] = Default::default();
         for (column, page, range) in self.spans(key_page) {
             columns[column].push(page::decode(&self.index, column, page, bytes_of(range)?)?);
@@ -165,7 +197,9 @@ impl TableReader {
         let pages = self.index.pages(KEY).len();
         for key_page in self.index.first_page_for(key)..pages {
             let page = self.row_page(key_page).await?;
-            let row = page.column(KEY, page.rows.start).map_or(page.rows.end, |keys| keys.lower_bound(key));
+            let row = page
+                .column(KEY, page.rows.start)
+                .map_or(page.rows.end, |keys| keys.lower_bound(key));
             if row < page.rows.end {
                 return Ok(Some((row, page)));
             }
@@ -184,13 +218,17 @@ impl TableReader {
         let mut cursor = TableCursor {
             reader: self.clone(),
             page: Some(page),
-            row,
-            end: None,
+            row: Some(row),
+            range: KeyRange::all(),
+            direction: Direction::Forward,
         };
         while let Some(version) = cursor.next_version(Some(key)).await? {
             if version.ts <= read_ts {
                 return Ok(match version.kind {
-                    Kind::Put => Lookup::Value { value: version.value, ts: version.ts },
+                    Kind::Put => Lookup::Value {
+                        value: version.value,
+                        ts: version.ts,
+                    },
                     Kind::Delete => Lookup::Deleted { ts: version.ts },
                 });
             }
@@ -198,27 +236,40 @@ impl TableReader {
         Ok(Lookup::Absent)
     }
 
-    /// A cursor over every version with a key in `[start, end)`.
-    pub async fn cursor(&self, start: &[u8], end: Option<Bytes>) -> Result<TableCursor> {
-        let (row, page) = match self.seek(start).await? {
-            Some((row, page)) => (row, Some(page)),
-            None => (self.index.rows(), None),
+    /// A cursor over every version with a key in `range`, in (key asc, ts
+    /// desc) order forward and the exact reverse backward.
+    pub async fn cursor(&self, range: &KeyRange, direction: Direction) -> Result<TableCursor> {
+        let rows = self.index.rows();
+        let (row, page) = match (direction, &range.end) {
+            (Direction::Forward, _) => match self.seek(&range.start).await? {
+                Some((row, page)) => (Some(row), Some(page)),
+                None => (None, None),
+            },
+            // The last row before the first key >= end.
+            (Direction::Reverse, Some(end)) => match self.seek(end).await? {
+                Some((row, _)) => (row.checked_sub(1), None),
+                None => (rows.checked_sub(1), None),
+            },
+            (Direction::Reverse, None) => (rows.checked_sub(1), None),
         };
         Ok(TableCursor {
             reader: self.clone(),
             page,
             row,
-            end,
+            range: range.clone(),
+            direction,
         })
     }
 }
 
-/// An owned forward cursor over a table's versions.
+/// An owned cursor over a table's versions.
 pub struct TableCursor {
     reader: TableReader,
     page: Option<Arc<RowPage>>,
-    row: u64,
-    end: Option<Bytes>,
+    /// The next row to return; `None` once exhausted.
+    row: Option<u64>,
+    range: KeyRange,
+    direction: Direction,
 }
 
 impl TableCursor {
@@ -230,36 +281,57 @@ impl TableCursor {
     /// The next version; with `only`, `None` as soon as the key differs.
     async fn next_version(&mut self, only: Option<&[u8]>) -> Result<Option<VersionedEntry>> {
         let index = Arc::clone(&self.reader.index);
-        if self.row >= index.rows() {
+        let Some(row) = self.row.filter(|&row| row < index.rows()) else {
             return Ok(None);
-        }
+        };
         let page = match &self.page {
-            Some(page) if page.rows.contains(&self.row) => Arc::clone(page),
+            Some(page) if page.rows.contains(&row) => Arc::clone(page),
             _ => {
-                let page = self.reader.row_page(index.page_of_row(KEY, self.row)).await?;
+                let page = self.reader.row_page(index.page_of_row(KEY, row)).await?;
                 self.page = Some(Arc::clone(&page));
                 page
             }
         };
-        let row = self.row;
         let key = page.key(row);
-        if only.is_some_and(|only| only != key) || self.end.as_ref().is_some_and(|end| key >= end.as_ref()) {
-            self.row = index.rows();
+        if only.is_some_and(|only| only != key) || !self.range.contains(key) {
+            self.row = None;
             return Ok(None);
         }
-        let corrupt = |what: &str| StorageError::corruption(index.path().to_string(), format!("row {row}: {what}"));
-        let ts = page.column(TS, row).ok_or_else(|| corrupt("no ts"))?.int(row);
-        let code = page.column(KIND, row).ok_or_else(|| corrupt("no kind"))?.int(row);
+        let corrupt = |what: &str| {
+            StorageError::corruption(index.path().to_string(), format!("row {row}: {what}"))
+        };
+        let ts = page
+            .column(TS, row)
+            .ok_or_else(|| corrupt("no ts"))?
+            .int(row);
+        let code = page
+            .column(KIND, row)
+            .ok_or_else(|| corrupt("no kind"))?
+            .int(row);
         let kind = u8::try_from(code)
             .ok()
             .and_then(Kind::from_code)
             .ok_or_else(|| corrupt(&format!("unknown kind {code}")))?;
         let value = match kind {
-            Kind::Put => page.column(VALUE, row).ok_or_else(|| corrupt("no value"))?.binary(row),
+            Kind::Put => page
+                .column(VALUE, row)
+                .ok_or_else(|| corrupt("no value"))?
+                .binary(row),
             Kind::Delete => Bytes::new(),
         };
-        let key = page.column(KEY, row).ok_or_else(|| corrupt("no key"))?.binary(row);
-        self.row += 1;
-        Ok(Some(VersionedEntry { key, ts, kind, value }))
+        let key = page
+            .column(KEY, row)
+            .ok_or_else(|| corrupt("no key"))?
+            .binary(row);
+        self.row = match self.direction {
+            Direction::Forward => Some(row + 1),
+            Direction::Reverse => row.checked_sub(1),
+        };
+        Ok(Some(VersionedEntry {
+            key,
+            ts,
+            kind,
+            value,
+        }))
     }
 }

@@ -13,8 +13,8 @@ use futures::TryStreamExt;
 use luna_kernel::objstore::{LunaObjectStore, ObjectStoreOptions, RetryPolicy, open_object_store};
 use luna_storage::manifest::Version;
 use luna_storage::{
-    BaseStore, BaseStoreOptions, KeyRange, Limits, MemStoreOptions, MemoryBudget, ScanRequest,
-    Tablet, TabletId, Timestamp, WriteBatch,
+    BaseStore, BaseStoreOptions, Direction, KeyRange, Limits, MemStoreOptions, MemoryBudget,
+    ScanRequest, Tablet, TabletId, Timestamp, WriteBatch,
 };
 use object_store::ObjectStore;
 use object_store::path::Path;
@@ -202,6 +202,7 @@ impl Journal {
             range: KeyRange::all(),
             read_ts: ts,
             limit: 0,
+            direction: Direction::Forward,
         };
         let scanned = tablet
             .scan(&request)
