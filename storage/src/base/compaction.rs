@@ -172,14 +172,14 @@ impl BaseStore {
             {
                 let full = std::mem::take(&mut builder);
                 outputs.extend(
-                    self.write_table(full, task.output_level, &mut uploads)
+                    self.write_table(move || full, task.output_level, &mut uploads)
                         .await?,
                 );
             }
             builder.push(&entry.key, entry.ts, entry.kind, &entry.value);
         }
         outputs.extend(
-            self.write_table(builder, task.output_level, &mut uploads)
+            self.write_table(move || builder, task.output_level, &mut uploads)
                 .await?,
         );
         report.output_tables = outputs.len();

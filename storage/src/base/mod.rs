@@ -274,7 +274,7 @@ impl BaseStore {
         &self,
         tablet_id: TabletId,
         epoch: u64,
-        memtable: &Memtable,
+        memtable: &Arc<Memtable>,
     ) -> Result<Arc<Version>> {
         let _slot = self
             .options
@@ -284,12 +284,16 @@ impl BaseStore {
             .map_err(|_| StorageError::Closed {
                 what: "flush slots",
             })?;
-        let mut builder = TableBuilder::new();
-        memtable.for_each(|version| {
-            builder.push(version.key(), version.ts(), version.kind(), version.value())
-        });
+        let source = Arc::clone(memtable);
+        let build = move || {
+            let mut builder = TableBuilder::new();
+            source.for_each(|version| {
+                builder.push(version.key(), version.ts(), version.kind(), version.value())
+            });
+            builder
+        };
         let mut uploads = self.uploads();
-        let added = match self.write_table(builder, 0, &mut uploads).await? {
+        let added = match self.write_table(build, 0, &mut uploads).await? {
             Some(table) => vec![table],
             None => Vec::new(),
         };
@@ -324,19 +328,19 @@ impl BaseStore {
         }
     }
 
-    /// Encodes and uploads a table; `None` when the builder is empty.
+    /// Builds, encodes and uploads a table; `None` when it is empty.
     async fn write_table(
         &self,
-        builder: TableBuilder,
+        build: impl FnOnce() -> TableBuilder + Send + 'static,
         level: u32,
         uploads: &mut Uploads<'_>,
     ) -> Result<Option<TableInfo>> {
         let name = format!("tables/{}.parquet", uuid::Uuid::new_v4().simple());
         uploads.track(&name);
-        // Encoding is CPU-bound: keep it off the async workers.
+        // Building and encoding are CPU-bound: keep them off the async workers.
         let encoded = tokio::task::spawn_blocking({
             let name = name.clone();
-            move || builder.finish(&name)
+            move || build().finish(&name)
         })
         .await
         .map_err(|e| StorageError::Job {
@@ -398,11 +402,8 @@ impl BaseStore {
         best: Lookup,
     ) -> Result<Lookup> {
         let mut best = best;
-        for table in version.tables() {
-            if key < table.smallest.as_ref()
-                || key > table.largest.as_ref()
-                || table.min_ts > read_ts
-            {
+        for table in version.tables_for_key(key) {
+            if table.min_ts > read_ts {
                 continue;
             }
             if best.ts().is_some_and(|found| found >= table.max_ts) {

@@ -121,6 +121,23 @@ impl Version {
         self.tables().any(|table| table.name == name)
     }
 
+    /// Tables whose key span holds `key`: L0 newest first, then at most one
+    /// per sorted level, found by binary search.
+    pub fn tables_for_key<'a>(
+        &'a self,
+        key: &'a [u8],
+    ) -> impl Iterator<Item = &'a Arc<TableInfo>> + 'a {
+        let covers = move |table: &&Arc<TableInfo>| {
+            table.smallest.as_ref() <= key && key <= table.largest.as_ref()
+        };
+        let l0 = self.level(0).iter().filter(covers);
+        let sorted = self.levels.iter().skip(1).filter_map(move |level| {
+            let index = level.partition_point(|table| table.largest.as_ref() < key);
+            level.get(index).filter(covers)
+        });
+        l0.chain(sorted)
+    }
+
     /// Tables that may hold keys of `range`, in the order a read consults them:
     /// L0 newest first, then each deeper level.
     pub fn overlapping(&self, range: &KeyRange) -> Vec<Arc<TableInfo>> {
@@ -423,6 +440,14 @@ mod tests {
         );
         let range = KeyRange::new(&b"o"[..], None);
         assert_eq!(v.overlapping(&range).len(), 1);
+        let names = |key: &[u8]| {
+            v.tables_for_key(key)
+                .map(|t| t.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(b"b"), ["z0"]);
+        assert_eq!(names(b"q"), ["z1"]);
+        assert_eq!(names(b"m\x01"), Vec::<String>::new(), "between tables");
     }
 
     #[test]

@@ -140,6 +140,14 @@ impl TableIndex {
             if spans.is_empty() || spans[0].first_row != 0 {
                 return Err(corrupt(format!("column {column} has no first page")));
             }
+            // Readers binary-search these and subtract neighbours: they must ascend.
+            if spans.windows(2).any(|pair| {
+                pair[1].first_row <= pair[0].first_row || pair[1].offset <= pair[0].offset
+            }) {
+                return Err(corrupt(format!(
+                    "pages of column {column} are out of order"
+                )));
+            }
         }
         let Some(ColumnIndexMetaData::BYTE_ARRAY(key_index)) = page_index.column_index(0, KEY)
         else {
