@@ -13,7 +13,7 @@ use super::BaseStore;
 use crate::error::{Result, StorageError};
 use crate::manifest::{LEVELS, TableInfo, Version, table_to_pb};
 use crate::merge::{GcFilter, MergeIterator, Source};
-use crate::table::{TableBuilder, TableReader};
+use crate::table::TableBuilder;
 use crate::types::{Direction, KeyRange};
 
 /// What one compaction did.
@@ -140,15 +140,7 @@ impl BaseStore {
         };
         let mut sources = Vec::with_capacity(task.inputs.len());
         for table in &task.inputs {
-            let path = self.layout().table(&table.name);
-            let reader = TableReader::load(
-                &self.store,
-                &self.options.cache,
-                &path,
-                table.size_bytes,
-                table.rows,
-            )
-            .await?;
+            let reader = self.reader(table).await?.load_whole().await?;
             sources.push(Source::Table(Box::new(
                 reader.cursor(&KeyRange::all(), Direction::Forward).await?,
             )));

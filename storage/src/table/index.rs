@@ -43,6 +43,7 @@ pub struct PageSpan {
 pub struct TableIndex {
     id: u64,
     path: Path,
+    size: u64,
     rows: u64,
     first_keys: Vec<Bytes>,
     pages: [Vec<PageSpan>; 4],
@@ -186,6 +187,7 @@ impl TableIndex {
         Ok(TableIndex {
             id: NEXT_TABLE_ID.fetch_add(1, Ordering::Relaxed),
             path: path.clone(),
+            size,
             rows,
             first_keys,
             pages,
@@ -203,6 +205,11 @@ impl TableIndex {
     /// The object's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The object's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     /// Rows in the table.

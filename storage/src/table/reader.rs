@@ -93,22 +93,19 @@ impl TableReader {
         Ok(TableReader::new(index, store, cache))
     }
 
-    /// Fetches the whole table in one request, for a full pass.
-    pub async fn load(
-        store: &Arc<dyn ObjectStore>,
-        cache: &Arc<BlockCache>,
-        path: &Path,
-        size: u64,
-        rows: u64,
-    ) -> Result<TableReader> {
-        let index = cache.index(store, path, size, rows).await?;
-        let bytes = store
-            .get(path)
-            .await
-            .map_err(|e| StorageError::store("get", path, e))?
-            .bytes()
-            .await
-            .map_err(|e| StorageError::store("get", path, e))?;
+    /// Fetches the whole table in one request, for a full pass that should
+    /// not go through (and evict) the cache.
+    pub async fn load_whole(self) -> Result<TableReader> {
+        let PageSource::Cached { store, .. } = &self.source else {
+            return Ok(self);
+        };
+        let path = self.index.path();
+        let fetched = match store.get(path).await {
+            Ok(result) => result.bytes().await,
+            Err(error) => Err(error),
+        };
+        let bytes = fetched.map_err(|e| StorageError::store("get", path, e))?;
+        let size = self.index.size();
         if bytes.len() as u64 != size {
             return Err(StorageError::corruption(
                 path.to_string(),
@@ -116,7 +113,7 @@ impl TableReader {
             ));
         }
         Ok(TableReader {
-            index,
+            index: self.index,
             source: PageSource::Loaded(bytes),
         })
     }

@@ -105,7 +105,10 @@ async fn cursors_return_every_version_in_range_in_order() {
         TableReader::open(&store, &cache, &path, size, summary.rows)
             .await
             .unwrap(),
-        TableReader::load(&store, &cache, &path, size, summary.rows)
+        TableReader::open(&store, &cache, &path, size, summary.rows)
+            .await
+            .unwrap()
+            .load_whole()
             .await
             .unwrap(),
     ] {
