@@ -658,3 +658,26 @@ async fn idle_flush_appends_no_manifest_edit() {
     );
     base.close();
 }
+
+#[tokio::test]
+async fn background_jobs_end_when_the_store_is_dropped() {
+    let options = BaseStoreOptions {
+        background_jobs: true,
+        gc_interval: Duration::from_millis(5),
+        ..base_options()
+    };
+    let base = open_base(memory_store(), options).await;
+    let weak = Arc::downgrade(&base);
+    // Let both jobs run at least once.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    drop(base);
+    let mut released = false;
+    for _ in 0..200 {
+        if weak.upgrade().is_none() {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(released, "a background job kept the dropped store alive");
+}

@@ -227,35 +227,44 @@ fn crosses_boundary(boundaries: &[Bytes], last: &[u8], next: &[u8]) -> bool {
 
 /// Runs compactions whenever a flush asks for one, until the store closes.
 pub(super) fn spawn_background(base: &Arc<BaseStore>) {
-    let base = Arc::clone(base);
+    // The task holds the store weakly: dropping the last handle (or close())
+    // ends it, and an idle wait never keeps the store alive.
+    let store = Arc::downgrade(base);
+    let wanted = Arc::clone(&base.compaction_wanted);
     let mut shutdown = base.shutdown.subscribe();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
-            if *shutdown.borrow() {
+            let Some(base) = store.upgrade().filter(|_| !*shutdown.borrow()) else {
                 return;
-            }
-            match base.compact_once().await {
+            };
+            let outcome = base.compact_once().await;
+            drop(base);
+            let pause = match outcome {
                 Ok(Some(_)) => {
                     backoff = Duration::from_millis(100);
                     continue;
                 }
-                Ok(None) => {}
+                Ok(None) => None,
                 Err(StorageError::Closed { .. }) => return,
                 // Work cut short by shutdown is not worth a warning.
                 Err(_) if *shutdown.borrow() => return,
                 Err(error) => {
                     tracing::warn!(%error, "compaction failed; will retry");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => return,
-                    }
+                    let pause = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
-                    continue;
+                    Some(pause)
                 }
-            }
+            };
+            let wait = async {
+                match pause {
+                    Some(pause) => tokio::time::sleep(pause).await,
+                    None => wanted.notified().await,
+                }
+            };
             tokio::select! {
-                _ = base.compaction_wanted.notified() => {}
+                _ = wait => {}
+                // Err: the store was dropped, which closes it too.
                 _ = shutdown.changed() => return,
             }
         }

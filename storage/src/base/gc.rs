@@ -127,18 +127,19 @@ impl BaseStore {
 
 /// Collects garbage every `gc_interval` until the store closes.
 pub(super) fn spawn_background(base: &Arc<BaseStore>) {
-    let base = Arc::clone(base);
+    // Held weakly, like the compaction task: dropping the store ends it.
+    let store = Arc::downgrade(base);
+    let interval = base.options.gc_interval.max(Duration::from_millis(10));
     let mut shutdown = base.shutdown.subscribe();
     tokio::spawn(async move {
-        let interval = base.options.gc_interval.max(Duration::from_millis(10));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = shutdown.changed() => return,
             }
-            if *shutdown.borrow() {
+            let Some(base) = store.upgrade().filter(|_| !*shutdown.borrow()) else {
                 return;
-            }
+            };
             if let Err(error) = base.collect_garbage().await {
                 tracing::warn!(%error, "garbage collection failed; will retry");
             }

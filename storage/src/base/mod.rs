@@ -112,7 +112,7 @@ pub struct BaseStore {
     /// other processes are handled by put-if-absent.
     commit_lock: tokio::sync::Mutex<()>,
     gc_safe_point: AtomicU64,
-    compaction_wanted: Notify,
+    compaction_wanted: Arc<Notify>,
     closed: AtomicBool,
     shutdown: watch::Sender<bool>,
 }
@@ -138,7 +138,7 @@ impl BaseStore {
             uploading: Mutex::new(HashSet::new()),
             commit_lock: tokio::sync::Mutex::new(()),
             gc_safe_point: AtomicU64::new(0),
-            compaction_wanted: Notify::new(),
+            compaction_wanted: Arc::new(Notify::new()),
             closed: AtomicBool::new(false),
             shutdown: watch::Sender::new(false),
             options,
@@ -429,8 +429,8 @@ impl BaseStore {
         Ok(sources)
     }
 
-    /// Stops background jobs and refuses further manifest writes. Background
-    /// jobs hold the store alive until this is called.
+    /// Stops background jobs and refuses further manifest writes. Dropping the
+    /// last handle does the same.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.shutdown.send_replace(true);
