@@ -2,14 +2,17 @@
 //! needs no system protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/luna/manifest.proto"];
+    let files = ["proto/luna/manifest.proto", "proto/luna/journal.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
+    // Services get both a client and a server; message-only files generate no gRPC code.
     tonic_prost_build::configure()
-        .build_client(false)
-        .build_server(false)
+        // Raft messages pass through without a copy into `Vec<u8>`.
+        .bytes(".luna.journal.v1.RaftBatch.messages")
+        .build_client(true)
+        .build_server(true)
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -14,6 +14,24 @@ pub enum CliError {
     /// The storage engine failed.
     #[error(transparent)]
     Storage(#[from] luna_storage::StorageError),
+    /// A journal server failed to start or serve.
+    #[error("{what}: {source}")]
+    Journal {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: luna_journal::JournalError,
+    },
+    /// A journal stream refused or failed an operation.
+    #[error("{what}: {source}")]
+    Stream {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: luna_kernel::stream::StreamError,
+    },
     /// Local I/O failed.
     #[error("{what}: {source}")]
     Io {

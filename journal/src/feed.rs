@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use luna_kernel::stream::{Entry, StreamError, Subscription};
 use tokio::sync::{mpsc, watch};
 
@@ -15,10 +16,11 @@ const CHANNEL_CAPACITY: usize = 1024;
 const READ_CHUNK: u64 = 256;
 
 /// Reads committed entries of one stream.
+#[async_trait]
 pub(crate) trait EntrySource: Send + Sync + 'static {
     /// Entries `from..=to`, in order; all of them must be committed. Returns at least one
     /// entry, or [`StreamError::Truncated`] if `from` is no longer held.
-    fn read(&self, from: u64, to: u64) -> Result<Vec<Entry>, StreamError>;
+    async fn read(&self, from: u64, to: u64) -> Result<Vec<Entry>, StreamError>;
 }
 
 /// Starts a task that delivers entries from `from` onwards as `committed` advances. The
@@ -36,7 +38,7 @@ pub(crate) fn spawn_feed(
             let upto = *committed.borrow_and_update();
             while next <= upto {
                 let to = upto.min(next + READ_CHUNK - 1);
-                match source.read(next, to) {
+                match source.read(next, to).await {
                     Ok(entries) if entries.is_empty() => {
                         let reason = format!("no entries held for {next}..={to}");
                         let location = "subscription".to_owned();

@@ -1,5 +1,6 @@
 //! `luna bench ...`: benchmarks whose numbers go in docs/benchmarks.md.
 
+mod journal;
 mod report;
 mod storage;
 
@@ -12,11 +13,14 @@ use crate::error::CliError;
 pub enum BenchCommand {
     /// The embedded storage engine: fills, overwrites and reads on one BaseStore.
     Storage(storage::StorageBenchArgs),
+    /// Replicated journal streams: N streams, R replicas over loopback gRPC, concurrent appenders.
+    Journal(journal::JournalBenchArgs),
 }
 
 /// Runs a benchmark.
 pub async fn run(command: BenchCommand) -> Result<(), CliError> {
     match command {
         BenchCommand::Storage(args) => storage::run(args).await,
+        BenchCommand::Journal(args) => journal::run(args).await,
     }
 }

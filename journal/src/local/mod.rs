@@ -279,8 +279,9 @@ struct MemLog {
     entries: VecDeque<Entry>,
 }
 
+#[async_trait]
 impl EntrySource for Shared {
-    fn read(&self, from: u64, to: u64) -> Result<Vec<Entry>, StreamError> {
+    async fn read(&self, from: u64, to: u64) -> Result<Vec<Entry>, StreamError> {
         let log = lock(&self.log);
         if from < log.first_index {
             return Err(StreamError::Truncated {

@@ -1,16 +1,29 @@
 //! `journal::raft`: streams replicated with raft-rs, logs kept in raft-engine.
 //!
-//! A [`Server`] hosts one replica of each of many streams and shares one raft-engine among
-//! them. Its driver ticks all of them with one call (coalesced ticks, no per-stream timer)
-//! and runs one ready loop whose engine write and fsync cover every proposal of every
-//! stream that arrived meanwhile. Raft messages leave the core as `(to, bytes)` pairs and
-//! enter it through [`Server::step`] as bytes, so any transport (the in-memory test network,
-//! later gRPC) can carry, batch, drop or reorder them.
+//! A [`Node`] is one journal server: it hosts one replica of each of many streams, shares
+//! one raft-engine among them, and drives them from one thread. Its driver ticks all
+//! streams with one call (coalesced ticks, no per-stream timer) and runs one ready loop
+//! whose engine write and fsync cover every proposal of every stream that arrived
+//! meanwhile. Each hosted stream is a [`RaftStream`], the kernel's `Stream`.
+//!
+//! Raft messages leave a node through a [`Transport`] as bytes, batched per destination
+//! server, and enter it through its [`Inbox`]. [`MemNetwork`] connects nodes in one process
+//! for tests; [`grpc`] connects them over the network. [`Server`] is the synchronous core
+//! under the driver, which the deterministic test harness drives step by step.
 
+mod driver;
+#[cfg(test)]
+mod driver_tests;
+pub mod grpc;
 #[cfg(test)]
 mod harness;
 mod logger;
 mod server;
 mod storage;
+mod stream;
+mod transport;
 
+pub use driver::{Node, NodeStats};
 pub use server::{RaftConfig, Server, SyncRound, sync};
+pub use stream::RaftStream;
+pub use transport::{Inbox, MemNetwork, MemTransport, Transport};

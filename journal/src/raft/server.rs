@@ -2,14 +2,15 @@
 //! raft-engine, and the ready loop.
 //!
 //! The core does no I/O scheduling and owns no clock, so the deterministic harness drives it
-//! step by step and the production driver drives it from one task. A round is:
+//! step by step and the production driver (`driver.rs`) from one thread. A round is:
 //!
 //! 1. [`Server::tick`] (coalesced: one call ticks every stream), [`Server::step`] incoming
 //!    messages, [`Server::propose`] / [`Server::read_index`];
 //! 2. [`Server::ready`]: for every stream with a ready, in raft-rs's documented order, send
 //!    the leader's messages at once, deliver committed entries, add new entries and the hard
 //!    state to one `LogBatch` shared by all streams, answer read states, and
-//!    `advance_append_async`. The batch is written without fsync, so raft reads it back;
+//!    `advance_append_async`. The batch is written without fsync, because raft-rs 0.7 reads
+//!    entries back from storage once `advance_append_async` returns;
 //! 3. [`Server::take_sync`] / [`sync`] / [`Server::finish_sync`]: one fsync covers every
 //!    round written since the last one (group commit across proposals and streams); only
 //!    then does raft hear `on_persist_ready`, and do followers' messages (votes, append
@@ -19,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use luna_kernel::stream::{Leadership, StreamError};
@@ -50,10 +52,14 @@ pub struct RaftConfig {
     pub heartbeat_tick: usize,
     /// Largest entry accepted, in bytes.
     pub max_entry_size: usize,
+    /// Wall time of one tick of the driver's clock (the [`Node`](super::Node) ticks every
+    /// stream at once, at this interval).
+    pub tick_interval: Duration,
 }
 
 impl RaftConfig {
-    /// Defaults: election after 10 ticks, heartbeats every 2, 8 MiB entries.
+    /// Defaults: 100 ms ticks, election after 10 ticks (1 s), heartbeats every 2, 8 MiB
+    /// entries.
     pub fn new(node_id: u64, dir: impl Into<PathBuf>) -> Self {
         Self {
             node_id,
@@ -61,12 +67,13 @@ impl RaftConfig {
             election_tick: 10,
             heartbeat_tick: 2,
             max_entry_size: 8 << 20,
+            tick_interval: Duration::from_millis(100),
         }
     }
 }
 
 /// Where the answer to an append or a read barrier goes: an index, or why not.
-type Reply = oneshot::Sender<Result<u64, StreamError>>;
+pub(crate) type Reply = oneshot::Sender<Result<u64, StreamError>>;
 
 /// One stream's replica on this server.
 struct Replica {
@@ -105,6 +112,13 @@ pub struct SyncRound {
     must_sync: bool,
 }
 
+impl SyncRound {
+    /// Whether [`sync`] must fsync for this round (it wrote entries or a hard state).
+    pub fn must_sync(&self) -> bool {
+        self.must_sync
+    }
+}
+
 /// Every stream replica of one server, and the engine they share.
 pub struct Server {
     config: RaftConfig,
@@ -120,12 +134,14 @@ impl Server {
     /// Opens (or creates) the server's raft-engine log. Streams are added with
     /// [`add_stream`](Self::add_stream).
     pub fn open(config: RaftConfig) -> Result<Self, JournalError> {
-        if config.node_id == 0 || config.heartbeat_tick == 0 {
+        if config.node_id == 0 || config.heartbeat_tick == 0 || config.tick_interval.is_zero() {
             return Err(JournalError::InvalidConfig {
-                name: "node_id/heartbeat_tick",
+                name: "node_id/heartbeat_tick/tick_interval",
                 reason: "must be positive".to_owned(),
             });
         }
+        std::fs::create_dir_all(&config.dir)
+            .map_err(|e| JournalError::io(format!("creating {}", config.dir.display()), e))?;
         let engine_config = raft_engine::Config {
             dir: config.dir.display().to_string(),
             // Tolerating a torn tail is safe: it was never fsynced, so never acknowledged.
@@ -145,6 +161,11 @@ impl Server {
             next_read_id: 0,
             ticks: 0,
         })
+    }
+
+    /// Largest entry a proposal may carry, in bytes.
+    pub fn max_entry_size(&self) -> usize {
+        self.config.max_entry_size
     }
 
     /// The engine, which the sync step (off the ready loop) writes its marker to.
@@ -182,6 +203,12 @@ impl Server {
             return Err(JournalError::InvalidConfig {
                 name: "stream_id",
                 reason: "0 is reserved".to_owned(),
+            });
+        }
+        if self.streams.contains_key(&stream_id) {
+            return Err(JournalError::InvalidConfig {
+                name: "stream_id",
+                reason: format!("stream {stream_id} is already hosted"),
             });
         }
         let mut batch = LogBatch::default();
@@ -242,10 +269,16 @@ impl Server {
         data: Bytes,
     ) -> oneshot::Receiver<Result<u64, StreamError>> {
         let (reply, answer) = oneshot::channel();
+        self.propose_to(stream_id, data, reply);
+        answer
+    }
+
+    /// [`propose`](Self::propose), answering on `reply`.
+    pub(crate) fn propose_to(&mut self, stream_id: u64, data: Bytes, reply: Reply) {
         let limit = self.config.max_entry_size;
         let Some(replica) = self.streams.get_mut(&stream_id) else {
             let _ = reply.send(Err(StreamError::Closed));
-            return answer;
+            return;
         };
         let error = if data.is_empty() {
             Some(StreamError::EmptyEntry)
@@ -264,7 +297,7 @@ impl Server {
                     replica
                         .appends
                         .insert(index, (replica.node.raft.term, reply));
-                    return answer;
+                    return;
                 }
                 Err(e) => {
                     tracing::debug!(stream_id, error = %e, "proposal dropped");
@@ -275,26 +308,30 @@ impl Server {
         if let Some(error) = error {
             let _ = reply.send(Err(error));
         }
-        answer
     }
 
     /// Starts a read barrier on `stream_id` (followers ask their leader).
     pub fn read_index(&mut self, stream_id: u64) -> oneshot::Receiver<Result<u64, StreamError>> {
         let (reply, answer) = oneshot::channel();
+        self.read_index_to(stream_id, reply);
+        answer
+    }
+
+    /// [`read_index`](Self::read_index), answering on `reply`.
+    pub(crate) fn read_index_to(&mut self, stream_id: u64, reply: Reply) {
         let Some(replica) = self.streams.get_mut(&stream_id) else {
             let _ = reply.send(Err(StreamError::Closed));
-            return answer;
+            return;
         };
         if replica.node.raft.leader_id == 0 {
             let _ = reply.send(Err(replica.not_leader()));
-            return answer;
+            return;
         }
         self.next_read_id += 1;
         replica
             .node
             .read_index(self.next_read_id.to_le_bytes().to_vec());
         replica.reads.insert(self.next_read_id, (self.ticks, reply));
-        answer
     }
 
     /// Advances every stream's logical clock by one tick, and expires stale read barriers.
@@ -404,6 +441,8 @@ impl Server {
             }
             update_leadership(replica);
         }
+        // raft-rs 0.7 reads these entries back from storage as soon as
+        // `advance_append_async` returns, so they are written now (without fsync).
         if !batch.is_empty()
             && let Err(e) = self.engine.write(&mut batch, false)
         {
@@ -436,7 +475,11 @@ impl Server {
     /// Fails every waiting append and read with `error`, and drops all streams: after a
     /// lost write the in-memory raft state is ahead of the disk, so nothing may continue.
     pub fn fail(&mut self, error: StreamError) -> StreamError {
-        tracing::error!(error = %error, node = self.config.node_id, "journal server failed");
+        if matches!(error, StreamError::Closed) {
+            tracing::debug!(node = self.config.node_id, "journal server stopped");
+        } else {
+            tracing::error!(error = %error, node = self.config.node_id, "journal server failed");
+        }
         for (_, replica) in std::mem::take(&mut self.streams) {
             for (_, (_, reply)) in replica.appends {
                 let _ = reply.send(Err(error.clone()));

@@ -1,0 +1,424 @@
+//! The production driver of a [`Server`]: one thread runs the ready loop of every stream a
+//! server hosts, and a second thread runs the fsyncs.
+//!
+//! The driver thread owns the `Server` and is the only thread that reads its raft-engine
+//! (raft-engine 0.4.2 caches decoded blocks per thread, keyed by file position only, so a
+//! thread must not read two engines; see docs/journal.md). Everything else talks to it by
+//! [`Event`]s on one channel. One turn of the loop:
+//!
+//! 1. wait for an event or the next tick, then take every event queued meanwhile, so all
+//!    proposals and messages that arrived during the previous turn share this one;
+//! 2. tick every stream once if the tick is due (coalesced: one timer for all streams);
+//! 3. run [`Server::ready`] and hand the messages to the transport, one batch per peer;
+//! 4. if no fsync is running, give every round written since the last one to the sync
+//!    thread. While it fsyncs, the loop keeps writing new rounds without fsync; when the
+//!    sync is done ([`Event::Synced`]) raft learns it is persisted, the messages that
+//!    waited for it leave, and the next sync covers everything written meanwhile.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use luna_kernel::stream::{Entry, StreamError};
+use raft_engine::Engine;
+use tokio::sync::oneshot;
+
+use super::server::{RaftConfig, Reply, Server, SyncRound, sync};
+use super::stream::RaftStream;
+use super::transport::{Inbox, Transport};
+use crate::error::JournalError;
+
+/// Everything the driver thread reacts to.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// Raft messages from peer server `from`.
+    Messages { from: u64, messages: Vec<Bytes> },
+    /// A client append.
+    Propose {
+        stream_id: u64,
+        data: Bytes,
+        reply: Reply,
+    },
+    /// A client read barrier.
+    ReadIndex { stream_id: u64, reply: Reply },
+    /// A subscription reading committed entries `from..=to`.
+    Read {
+        stream_id: u64,
+        from: u64,
+        to: u64,
+        reply: oneshot::Sender<Result<Vec<Entry>, StreamError>>,
+    },
+    /// Host a replica of a stream.
+    AddStream {
+        stream_id: u64,
+        voters: Vec<u64>,
+        reply: oneshot::Sender<Result<RaftStream, JournalError>>,
+    },
+    /// The sync thread finished `round`.
+    Synced {
+        round: SyncRound,
+        result: Result<(), StreamError>,
+    },
+    /// Stop the driver: waiting operations fail with `Closed`.
+    Stop,
+}
+
+/// A running journal server: the raft replicas of many streams, their shared raft-engine,
+/// and the threads that drive them. Peers' messages enter through [`inbox`](Self::inbox);
+/// the node's own leave through the [`Transport`] it was started with.
+///
+/// Dropping a node stops it without waiting; [`shutdown`](Self::shutdown) also waits until
+/// the engine is closed, so the directory can be reopened at once.
+#[derive(Debug)]
+pub struct Node {
+    node_id: u64,
+    events: Sender<Event>,
+    driver: Mutex<Option<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+}
+
+/// What a node has done since it started, for benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// fsyncs of the raft log (each covers every round written before it).
+    pub fsyncs: u64,
+    /// Sync steps: each covers every ready round written since the previous one, and
+    /// fsyncs unless those rounds wrote nothing durable.
+    pub rounds: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    fsyncs: AtomicU64,
+    rounds: AtomicU64,
+}
+
+impl Node {
+    /// Opens (or creates) the raft-engine log in `config.dir` and starts the driver. Streams
+    /// are added with [`add_stream`](Self::add_stream).
+    pub fn start(config: RaftConfig, transport: Arc<dyn Transport>) -> Result<Node, JournalError> {
+        let (events, queue) = std::sync::mpsc::channel();
+        let (opened_tx, opened) = std::sync::mpsc::channel();
+        let node_id = config.node_id;
+        let loop_events = events.clone();
+        let counters = Arc::new(Counters::default());
+        let sync_counters = Arc::clone(&counters);
+        let driver = std::thread::Builder::new()
+            .name(format!("luna-raft-{node_id}"))
+            .spawn(move || {
+                // The engine is opened on the driver thread: only this thread reads it.
+                let tick = config.tick_interval;
+                let server = match Server::open(config) {
+                    Ok(server) => server,
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let syncer =
+                    match SyncThread::spawn(server.engine(), loop_events.clone(), sync_counters) {
+                        Ok(syncer) => syncer,
+                        Err(e) => {
+                            let _ = opened_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                let _ = opened_tx.send(Ok(()));
+                let driver = Driver {
+                    server,
+                    transport,
+                    events: loop_events,
+                    tick,
+                    syncing: false,
+                    failed: None,
+                };
+                driver.run(queue, syncer);
+            })
+            .map_err(|e| JournalError::io("starting the raft driver thread", e))?;
+        match opened.recv() {
+            Ok(Ok(())) => Ok(Node {
+                node_id,
+                events,
+                driver: Mutex::new(Some(driver)),
+                counters,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(JournalError::Raft {
+                stream_id: 0,
+                reason: "the raft driver thread stopped while opening".to_owned(),
+            }),
+        }
+    }
+
+    /// This server's replica id.
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// Counters since the node started.
+    pub fn stats(&self) -> NodeStats {
+        NodeStats {
+            fsyncs: self.counters.fsyncs.load(Ordering::Relaxed),
+            rounds: self.counters.rounds.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Where transports deliver messages from peers.
+    pub fn inbox(&self) -> Inbox {
+        Inbox {
+            events: self.events.clone(),
+        }
+    }
+
+    /// Hosts a replica of `stream_id` with voters `voters` (this server among them, the same
+    /// list on every replica of a new stream) and returns its [`Stream`] handle. A stream
+    /// already on disk recovers its state and log.
+    ///
+    /// [`Stream`]: luna_kernel::stream::Stream
+    pub async fn add_stream(
+        &self,
+        stream_id: u64,
+        voters: &[u64],
+    ) -> Result<RaftStream, JournalError> {
+        let (reply, answer) = oneshot::channel();
+        let event = Event::AddStream {
+            stream_id,
+            voters: voters.to_vec(),
+            reply,
+        };
+        let stopped = || JournalError::Raft {
+            stream_id,
+            reason: "the journal server has stopped".to_owned(),
+        };
+        self.events.send(event).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Stops the driver and waits until the engine is closed. Operations in flight fail
+    /// with [`StreamError::Closed`] (their outcome is unknown).
+    pub async fn shutdown(&self) {
+        let _ = self.events.send(Event::Stop);
+        let driver = self
+            .driver
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(driver) = driver {
+            // A driver that panicked has stopped too, which is all shutdown waits for.
+            let _ = tokio::task::spawn_blocking(move || driver.join()).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.events.send(Event::Stop);
+    }
+}
+
+/// The thread that fsyncs rounds, so the ready loop never waits for the disk.
+struct SyncThread {
+    rounds: Sender<SyncRound>,
+    thread: JoinHandle<()>,
+}
+
+impl SyncThread {
+    fn spawn(
+        engine: Arc<Engine>,
+        events: Sender<Event>,
+        counters: Arc<Counters>,
+    ) -> Result<Self, JournalError> {
+        let (rounds, queue) = std::sync::mpsc::channel::<SyncRound>();
+        let thread = std::thread::Builder::new()
+            .name("luna-raft-sync".to_owned())
+            .spawn(move || {
+                while let Ok(round) = queue.recv() {
+                    let result = sync(&engine, &round);
+                    counters.rounds.fetch_add(1, Ordering::Relaxed);
+                    if round.must_sync() {
+                        counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if events.send(Event::Synced { round, result }).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| JournalError::io("starting the raft sync thread", e))?;
+        Ok(Self { rounds, thread })
+    }
+
+    /// Stops the thread and waits for it, so its handle on the engine is released.
+    fn stop(self) {
+        drop(self.rounds);
+        let _ = self.thread.join();
+    }
+}
+
+struct Driver {
+    server: Server,
+    transport: Arc<dyn Transport>,
+    /// For answering subscriptions' handles, which send their reads here.
+    events: Sender<Event>,
+    tick: Duration,
+    /// Whether a round is at the sync thread (at most one, so rounds finish in order).
+    syncing: bool,
+    /// Set once the log could not be written; every later operation gets it.
+    failed: Option<StreamError>,
+}
+
+impl Driver {
+    fn run(mut self, queue: Receiver<Event>, syncer: SyncThread) {
+        let mut next_tick = Instant::now() + self.tick;
+        'run: loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match queue.recv_timeout(wait) {
+                Ok(event) => {
+                    if !self.handle(event, &syncer) {
+                        break 'run;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break 'run,
+            }
+            // Everything that queued meanwhile joins this turn: one engine write, one sync.
+            while let Ok(event) = queue.try_recv() {
+                if !self.handle(event, &syncer) {
+                    break 'run;
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.server.tick();
+                next_tick = now + self.tick;
+            }
+            if self.failed.is_none() {
+                match self.server.ready() {
+                    Ok(out) => self.send(out),
+                    Err(e) => self.failed = Some(e),
+                }
+            }
+            self.start_sync(&syncer);
+        }
+        // Waiting appends and reads learn the outcome is unknown; then the engine closes.
+        if self.failed.is_none() {
+            self.server.fail(StreamError::Closed);
+        }
+        syncer.stop();
+    }
+
+    /// Reacts to one event; `false` means stop.
+    fn handle(&mut self, event: Event, syncer: &SyncThread) -> bool {
+        match event {
+            Event::Messages { from, messages } => {
+                for message in &messages {
+                    self.server.step(from, message);
+                }
+            }
+            Event::Propose {
+                stream_id,
+                data,
+                reply,
+            } => match &self.failed {
+                Some(e) => {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                None => self.server.propose_to(stream_id, data, reply),
+            },
+            Event::ReadIndex { stream_id, reply } => match &self.failed {
+                Some(e) => {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                None => self.server.read_index_to(stream_id, reply),
+            },
+            Event::Read {
+                stream_id,
+                from,
+                to,
+                reply,
+            } => {
+                let _ = reply.send(self.server.entries(stream_id, from, to));
+            }
+            Event::AddStream {
+                stream_id,
+                voters,
+                reply,
+            } => {
+                let _ = reply.send(self.add_stream(stream_id, &voters));
+            }
+            Event::Synced { round, result } => {
+                self.syncing = false;
+                match result {
+                    Ok(()) if self.failed.is_none() => {
+                        let out = self.server.finish_sync(round);
+                        self.send(out);
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        self.server.fail(e.clone());
+                        self.failed = Some(e);
+                    }
+                }
+                self.start_sync(syncer);
+            }
+            Event::Stop => return false,
+        }
+        true
+    }
+
+    fn add_stream(&mut self, stream_id: u64, voters: &[u64]) -> Result<RaftStream, JournalError> {
+        if let Some(e) = &self.failed {
+            return Err(JournalError::Raft {
+                stream_id,
+                reason: format!("the journal server failed: {e}"),
+            });
+        }
+        self.server.add_stream(stream_id, voters)?;
+        let missing = || JournalError::Raft {
+            stream_id,
+            reason: "stream vanished after it was added".to_owned(),
+        };
+        let committed = self.server.watch_committed(stream_id).ok_or_else(missing)?;
+        let leadership = self
+            .server
+            .watch_leadership(stream_id)
+            .ok_or_else(missing)?;
+        Ok(RaftStream::new(
+            stream_id,
+            self.events.clone(),
+            committed,
+            leadership,
+            self.server.max_entry_size(),
+        ))
+    }
+
+    /// Hands the rounds written since the last sync to the sync thread, unless one is there.
+    fn start_sync(&mut self, syncer: &SyncThread) {
+        if self.syncing || self.failed.is_some() {
+            return;
+        }
+        if let Some(round) = self.server.take_sync() {
+            if syncer.rounds.send(round).is_err() {
+                let e = StreamError::Closed;
+                self.server.fail(e.clone());
+                self.failed = Some(e);
+                return;
+            }
+            self.syncing = true;
+        }
+    }
+
+    /// Sends `out`, one batch per destination server.
+    fn send(&self, out: Vec<(u64, Bytes)>) {
+        let mut batches: BTreeMap<u64, Vec<Bytes>> = BTreeMap::new();
+        for (to, message) in out {
+            batches.entry(to).or_default().push(message);
+        }
+        for (to, messages) in batches {
+            self.transport.send(to, messages);
+        }
+    }
+}

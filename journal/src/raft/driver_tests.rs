@@ -1,0 +1,239 @@
+//! Tests of the driver and [`RaftStream`] over the in-memory transport, on real time with
+//! short ticks. Every test is bounded by [`LIMIT`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use luna_kernel::stream::{Stream, StreamError};
+use tempfile::TempDir;
+
+use super::{MemNetwork, Node, RaftConfig, RaftStream, Transport};
+
+const STREAM: u64 = 3;
+const LIMIT: Duration = Duration::from_secs(30);
+
+struct Cluster {
+    network: Arc<MemNetwork>,
+    dirs: Vec<TempDir>,
+    nodes: Vec<Option<(Node, Arc<RaftStream>)>>,
+}
+
+fn config(id: u64, dir: &TempDir) -> RaftConfig {
+    let mut config = RaftConfig::new(id, dir.path());
+    config.tick_interval = Duration::from_millis(10);
+    config
+}
+
+impl Cluster {
+    async fn new(size: u64) -> Self {
+        let mut cluster = Self {
+            network: MemNetwork::new(),
+            dirs: (0..size)
+                .map(|_| tempfile::tempdir().expect("tempdir"))
+                .collect(),
+            nodes: (0..size).map(|_| None).collect(),
+        };
+        for id in 1..=size {
+            cluster.start(id).await;
+        }
+        cluster
+    }
+
+    async fn start(&mut self, id: u64) {
+        let transport = self.network.transport(id) as Arc<dyn Transport>;
+        let dir = &self.dirs[id as usize - 1];
+        let node = Node::start(config(id, dir), transport).expect("start node");
+        self.network.register(id, node.inbox());
+        let voters: Vec<u64> = (1..=self.nodes.len() as u64).collect();
+        let stream = node.add_stream(STREAM, &voters).await.expect("add stream");
+        self.nodes[id as usize - 1] = Some((node, Arc::new(stream)));
+    }
+
+    async fn stop(&mut self, id: u64) {
+        if let Some((node, _)) = self.nodes[id as usize - 1].take() {
+            node.shutdown().await;
+        }
+    }
+
+    fn stream(&self, id: u64) -> Arc<RaftStream> {
+        let (_, stream) = self.nodes[id as usize - 1].as_ref().expect("node is up");
+        Arc::clone(stream)
+    }
+
+    /// Waits until a live node leads; returns its id.
+    async fn leader(&self) -> u64 {
+        loop {
+            for (node, stream) in self.nodes.iter().flatten() {
+                if stream.leadership().is_leader {
+                    return node.node_id();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Appends `count` entries concurrently on the leader; returns index -> data.
+    async fn append_many(&self, count: usize, tag: &str) -> BTreeMap<u64, Bytes> {
+        let leader = self.stream(self.leader().await);
+        let mut tasks = Vec::new();
+        for i in 0..count {
+            let stream = Arc::clone(&leader);
+            let data = Bytes::from(format!("{tag}-{i}"));
+            tasks.push(tokio::spawn(async move {
+                stream.append(data.clone()).await.map(|index| (index, data))
+            }));
+        }
+        let mut acked = BTreeMap::new();
+        for task in tasks {
+            let (index, data) = task.await.expect("join").expect("append");
+            assert!(acked.insert(index, data).is_none(), "index {index} twice");
+        }
+        acked
+    }
+}
+
+/// Reads every non-empty entry of `stream` up to `to` through a subscription.
+async fn read_all(stream: &RaftStream, to: u64) -> BTreeMap<u64, Bytes> {
+    let mut subscription = stream.subscribe(1).await.expect("subscribe");
+    let mut seen = BTreeMap::new();
+    let mut expected = 1;
+    while expected <= to {
+        let entry = subscription.next().await.expect("open").expect("entry");
+        assert_eq!(entry.index, expected, "subscription skipped or reordered");
+        expected += 1;
+        if !entry.data.is_empty() {
+            seen.insert(entry.index, entry.data);
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_commit_once_and_reach_every_replica() {
+    tokio::time::timeout(LIMIT, async {
+        let cluster = Cluster::new(3).await;
+        let acked = cluster.append_many(300, "a").await;
+        let last = *acked.keys().next_back().expect("acked");
+        let leader = cluster.leader().await;
+        // One fsync covers many concurrent appends.
+        let (node, _) = cluster.nodes[leader as usize - 1].as_ref().expect("up");
+        let fsyncs = node.stats().fsyncs;
+        assert!(fsyncs < 300, "{fsyncs} fsyncs for 300 appends");
+        for id in 1..=3 {
+            let stream = cluster.stream(id);
+            // A read barrier on any replica covers every acknowledged append.
+            let barrier = stream.read_index().await.expect("read_index");
+            assert!(barrier >= last, "read_index {barrier} < acked {last}");
+            assert_eq!(read_all(&stream, last).await, acked, "replica {id}");
+        }
+        let follower = if leader == 1 { 2 } else { 1 };
+        match cluster
+            .stream(follower)
+            .append(Bytes::from_static(b"x"))
+            .await
+        {
+            Err(StreamError::NotLeader { leader_hint, .. }) => {
+                assert_eq!(leader_hint, Some(leader))
+            }
+            other => panic!("expected NotLeader, got {other:?}"),
+        }
+        let stream = cluster.stream(leader);
+        assert!(matches!(
+            stream.append(Bytes::new()).await,
+            Err(StreamError::EmptyEntry)
+        ));
+        let big = Bytes::from(vec![1; stream.max_entry_size() + 1]);
+        assert!(matches!(
+            stream.append(big).await,
+            Err(StreamError::EntryTooLarge { .. })
+        ));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_leader_is_replaced_and_restart_keeps_everything() {
+    tokio::time::timeout(LIMIT, async {
+        let mut cluster = Cluster::new(3).await;
+        let mut acked = cluster.append_many(50, "before").await;
+        let old = cluster.leader().await;
+        cluster.network.isolate(old);
+        let new = loop {
+            let id = cluster.leader().await;
+            if id != old {
+                break id;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // The old leader learns nothing while isolated; appends go to the new one.
+        let leader = cluster.stream(new);
+        for i in 0..50 {
+            let data = Bytes::from(format!("after-{i}"));
+            let index = leader.append(data.clone()).await.expect("append");
+            assert!(acked.insert(index, data).is_none());
+        }
+        cluster.network.heal();
+        for id in 1..=3 {
+            cluster.stop(id).await;
+        }
+        for id in 1..=3 {
+            cluster.start(id).await;
+        }
+        let leader = cluster.stream(cluster.leader().await);
+        // A fresh entry in the new term commits everything before it.
+        let last = leader
+            .append(Bytes::from_static(b"final"))
+            .await
+            .expect("append");
+        acked.insert(last, Bytes::from_static(b"final"));
+        for id in 1..=3 {
+            let stream = cluster.stream(id);
+            while stream.committed_index() < last {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(read_all(&stream, last).await, acked, "replica {id}");
+        }
+        // Truncation is recorded: a subscription below it is refused.
+        leader.truncate(10).await.expect("truncate");
+        assert!(matches!(
+            leader.subscribe(5).await,
+            Err(StreamError::Truncated {
+                first_index: 11,
+                ..
+            })
+        ));
+        for id in 1..=3 {
+            cluster.stop(id).await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_after_shutdown_are_closed() {
+    tokio::time::timeout(LIMIT, async {
+        let mut cluster = Cluster::new(1).await;
+        let stream = cluster.stream(1);
+        cluster.leader().await;
+        let index = stream
+            .append(Bytes::from_static(b"one"))
+            .await
+            .expect("append");
+        assert_eq!(stream.read_index().await.expect("read"), index);
+        cluster.stop(1).await;
+        assert!(matches!(
+            stream.append(Bytes::from_static(b"two")).await,
+            Err(StreamError::Closed)
+        ));
+        assert!(matches!(
+            stream.read_index().await,
+            Err(StreamError::Closed)
+        ));
+    })
+    .await
+    .expect("test timed out");
+}

@@ -1,0 +1,312 @@
+//! The gRPC raft transport (`luna.journal.v1.RaftTransport`, tonic).
+//!
+//! Every server dials every peer once and keeps one long-lived bidirectional `Exchange`
+//! stream to it. Outgoing messages for a peer queue on that peer's connection task, which
+//! sends everything queued since its previous send as one [`RaftBatch`]: batching per
+//! destination server, on top of the driver's one batch per peer per ready round. A lost
+//! connection is redialled with backoff; messages queued while it is down are dropped
+//! (raft resends what still matters).
+//!
+//! Raft messages are opaque `bytes` in the batch; a peer that sends garbage (undecodable
+//! messages, a batch for another server) is logged and ignored.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use luna_proto::journal::raft_transport_client::RaftTransportClient;
+use luna_proto::journal::raft_transport_server::{RaftTransport, RaftTransportServer};
+use luna_proto::journal::{RaftAck, RaftBatch};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::driver::Node;
+use super::server::RaftConfig;
+use super::transport::{Inbox, Transport};
+use crate::error::JournalError;
+
+/// Ready rounds queued for one peer before new ones are dropped (raft resends).
+const PEER_QUEUE_DEPTH: usize = 4096;
+/// Most bytes of raft messages in one batch on the wire.
+const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Largest batch a server accepts: one maximal batch plus one oversized entry.
+const MAX_DECODING_BYTES: usize = 64 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const MIN_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The outgoing side: one connection task per peer server.
+#[derive(Debug)]
+pub struct GrpcTransport {
+    peers: HashMap<u64, mpsc::Sender<Vec<Bytes>>>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl GrpcTransport {
+    /// Starts a connection task to each of `peers` (node id to address) for server
+    /// `node_id`. Must be called inside a tokio runtime, which runs the tasks.
+    pub fn start(node_id: u64, peers: &HashMap<u64, SocketAddr>) -> Arc<Self> {
+        let mut queues = HashMap::new();
+        let mut tasks = Vec::new();
+        for (&peer_id, &addr) in peers {
+            if peer_id == node_id {
+                continue;
+            }
+            let (queue_tx, queue) = mpsc::channel(PEER_QUEUE_DEPTH);
+            let link = Link {
+                node_id,
+                peer_id,
+                addr,
+            };
+            tasks.push(tokio::spawn(link.run(queue)).abort_handle());
+            queues.insert(peer_id, queue_tx);
+        }
+        Arc::new(Self {
+            peers: queues,
+            tasks,
+        })
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&self, to: u64, messages: Vec<Bytes>) {
+        match self.peers.get(&to) {
+            Some(queue) => {
+                if queue.try_send(messages).is_err() {
+                    tracing::debug!(to, "raft peer queue full or closed; dropping messages");
+                }
+            }
+            None => tracing::warn!(to, "no address for raft peer; dropping messages"),
+        }
+    }
+}
+
+impl Drop for GrpcTransport {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// One server's connection to one peer.
+struct Link {
+    node_id: u64,
+    peer_id: u64,
+    addr: SocketAddr,
+}
+
+impl Link {
+    async fn run(self, mut queue: mpsc::Receiver<Vec<Bytes>>) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            match self.exchange(&mut queue).await {
+                Ok(()) => return,
+                Err((connected, reason)) => {
+                    tracing::debug!(peer = self.peer_id, addr = %self.addr, reason, "raft link down");
+                    if connected {
+                        backoff = MIN_BACKOFF;
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            // Messages queued while the link was down are stale; raft resends what matters.
+            loop {
+                match queue.try_recv() {
+                    Ok(_) => {}
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            }
+        }
+    }
+
+    /// Connects and pumps batches until the queue closes (`Ok`) or the link breaks (`Err`
+    /// with whether it had connected, and why).
+    async fn exchange(&self, queue: &mut mpsc::Receiver<Vec<Bytes>>) -> Result<(), (bool, String)> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|e| (false, e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| (false, e.to_string()))?;
+        let mut client =
+            RaftTransportClient::new(channel).max_encoding_message_size(MAX_DECODING_BYTES);
+        let (batches, outbound) = mpsc::channel::<RaftBatch>(16);
+        let mut acks = client
+            .exchange(ReceiverStream::new(outbound))
+            .await
+            .map_err(|e| (false, e.to_string()))?
+            .into_inner();
+        loop {
+            tokio::select! {
+                first = queue.recv() => {
+                    let Some(mut messages) = first else { return Ok(()) };
+                    let mut bytes: usize = messages.iter().map(Bytes::len).sum();
+                    while bytes < MAX_BATCH_BYTES {
+                        let Ok(more) = queue.try_recv() else { break };
+                        bytes += more.iter().map(Bytes::len).sum::<usize>();
+                        messages.extend(more);
+                    }
+                    let batch = RaftBatch { from: self.node_id, to: self.peer_id, messages };
+                    if batches.send(batch).await.is_err() {
+                        return Err((true, "the exchange stream closed".to_owned()));
+                    }
+                }
+                ack = acks.message() => match ack {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err((true, "the peer ended the exchange".to_owned())),
+                    Err(status) => return Err((true, status.to_string())),
+                },
+            }
+        }
+    }
+}
+
+/// The receiving side: delivers every batch addressed to this server to its inbox.
+struct Receiver {
+    node_id: u64,
+    inbox: Inbox,
+}
+
+type AckStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<RaftAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RaftTransport for Receiver {
+    type ExchangeStream = AckStream;
+
+    async fn exchange(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (node_id, inbox) = (self.node_id, self.inbox.clone());
+        // The response half stays open while this task runs; its end tells the dialer.
+        let (ack_tx, acks) = mpsc::channel::<Result<RaftAck, Status>>(1);
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(batch)) if batch.to != node_id => {
+                        tracing::warn!(
+                            from = batch.from,
+                            to = batch.to,
+                            "ignoring a raft batch for another server"
+                        );
+                    }
+                    Ok(Some(batch)) => {
+                        if !inbox.deliver(batch.from, batch.messages) {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::warn!(%status, "raft exchange from a peer failed");
+                        break;
+                    }
+                }
+            }
+            drop(ack_tx);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(acks))))
+    }
+}
+
+/// A [`Node`] connected to its peers over gRPC: the node, its transport, and its gRPC server
+/// on `listener`.
+#[derive(Debug)]
+pub struct GrpcNode {
+    node: Node,
+    transport: Arc<GrpcTransport>,
+    local_addr: SocketAddr,
+    stop_serving: Option<oneshot::Sender<()>>,
+    serving: JoinHandle<()>,
+}
+
+impl GrpcNode {
+    /// Starts server `config.node_id`, serving the raft transport on `listener` and dialing
+    /// `peers` (node id to address; this server's own entry is skipped). Must be called
+    /// inside a tokio runtime.
+    pub fn start(
+        config: RaftConfig,
+        listener: TcpListener,
+        peers: &HashMap<u64, SocketAddr>,
+    ) -> Result<Self, JournalError> {
+        let node_id = config.node_id;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| JournalError::io("reading the raft listener's address", e))?;
+        let transport = GrpcTransport::start(node_id, peers);
+        let node = Node::start(config, Arc::clone(&transport) as Arc<dyn Transport>)?;
+        let service = RaftTransportServer::new(Receiver {
+            node_id,
+            inbox: node.inbox(),
+        })
+        .max_decoding_message_size(MAX_DECODING_BYTES);
+        let (stop_serving, stop) = oneshot::channel::<()>();
+        let serving = tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stop.await;
+                })
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, node_id, "raft transport server failed");
+            }
+        });
+        Ok(Self {
+            node,
+            transport,
+            local_addr,
+            stop_serving: Some(stop_serving),
+            serving,
+        })
+    }
+
+    /// The node, to add streams to.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The address the raft transport is served on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops serving, closes the links to peers, and shuts the node down (see
+    /// [`Node::shutdown`]).
+    pub async fn shutdown(mut self) {
+        self.stop();
+        self.node.shutdown().await;
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop_serving.take() {
+            let _ = stop.send(());
+        }
+        // Open exchanges would keep the graceful shutdown waiting; a stop is a stop.
+        self.serving.abort();
+        for task in &self.transport.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for GrpcNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,157 @@
+//! [`RaftStream`]: the kernel [`Stream`] over one stream replica of a [`Node`](super::Node).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use luna_kernel::stream::{Entry, Leadership, Stream, StreamError, Subscription};
+use tokio::sync::{oneshot, watch};
+
+use super::driver::Event;
+use crate::feed::{EntrySource, spawn_feed};
+
+/// One replica of a raft-replicated stream, hosted by a [`Node`](super::Node).
+///
+/// Every operation is an event to the node's driver thread, which batches it with
+/// everything else that arrived meanwhile. Appends work on the leader only; followers
+/// answer [`StreamError::NotLeader`] with a hint. [`read_index`](Stream::read_index) works on
+/// every replica (a follower asks the leader).
+#[derive(Debug)]
+pub struct RaftStream {
+    stream_id: u64,
+    events: Sender<Event>,
+    committed: watch::Receiver<u64>,
+    leadership: watch::Receiver<Leadership>,
+    max_entry_size: usize,
+    /// Entries up to here may be discarded (see [`Stream::truncate`]); subscriptions start
+    /// above it.
+    truncated: AtomicU64,
+}
+
+impl RaftStream {
+    pub(crate) fn new(
+        stream_id: u64,
+        events: Sender<Event>,
+        committed: watch::Receiver<u64>,
+        leadership: watch::Receiver<Leadership>,
+        max_entry_size: usize,
+    ) -> Self {
+        Self {
+            stream_id,
+            events,
+            committed,
+            leadership,
+            max_entry_size,
+            truncated: AtomicU64::new(0),
+        }
+    }
+
+    /// The stream's id.
+    pub fn stream_id(&self) -> u64 {
+        self.stream_id
+    }
+
+    /// The highest index this replica knows is committed.
+    pub fn committed_index(&self) -> u64 {
+        *self.committed.borrow()
+    }
+
+    async fn request(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<u64, StreamError>>) -> Event,
+    ) -> Result<u64, StreamError> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(make(reply))
+            .map_err(|_| StreamError::Closed)?;
+        answer.await.map_err(|_| StreamError::Closed)?
+    }
+}
+
+#[async_trait]
+impl Stream for RaftStream {
+    fn max_entry_size(&self) -> usize {
+        self.max_entry_size
+    }
+
+    async fn append(&self, data: Bytes) -> Result<u64, StreamError> {
+        // Checked here too, so bad input never costs the driver a turn.
+        if data.is_empty() {
+            return Err(StreamError::EmptyEntry);
+        }
+        if data.len() > self.max_entry_size {
+            return Err(StreamError::EntryTooLarge {
+                size: data.len(),
+                limit: self.max_entry_size,
+            });
+        }
+        let stream_id = self.stream_id;
+        self.request(|reply| Event::Propose {
+            stream_id,
+            data,
+            reply,
+        })
+        .await
+    }
+
+    async fn subscribe(&self, from: u64) -> Result<Subscription, StreamError> {
+        let from = from.max(1);
+        let truncated = self.truncated.load(Ordering::Acquire);
+        if from <= truncated {
+            return Err(StreamError::Truncated {
+                requested: from,
+                first_index: truncated + 1,
+            });
+        }
+        let source = Arc::new(DriverSource {
+            stream_id: self.stream_id,
+            events: self.events.clone(),
+        });
+        Ok(spawn_feed(source, self.committed.clone(), from))
+    }
+
+    async fn truncate(&self, up_to: u64) -> Result<(), StreamError> {
+        // Only the permission is recorded: reclaiming space needs log compaction with
+        // metadata snapshots, which raft streams do not have yet (docs/journal.md).
+        let up_to = up_to.min(self.committed_index());
+        self.truncated.fetch_max(up_to, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn leadership(&self) -> Leadership {
+        *self.leadership.borrow()
+    }
+
+    fn watch_leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
+    }
+
+    async fn read_index(&self) -> Result<u64, StreamError> {
+        let stream_id = self.stream_id;
+        self.request(|reply| Event::ReadIndex { stream_id, reply })
+            .await
+    }
+}
+
+/// Reads a subscription's entries on the driver thread, the only one that reads the engine.
+struct DriverSource {
+    stream_id: u64,
+    events: Sender<Event>,
+}
+
+#[async_trait]
+impl EntrySource for DriverSource {
+    async fn read(&self, from: u64, to: u64) -> Result<Vec<Entry>, StreamError> {
+        let (reply, answer) = oneshot::channel();
+        let event = Event::Read {
+            stream_id: self.stream_id,
+            from,
+            to,
+            reply,
+        };
+        self.events.send(event).map_err(|_| StreamError::Closed)?;
+        answer.await.map_err(|_| StreamError::Closed)?
+    }
+}
