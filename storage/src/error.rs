@@ -45,6 +45,15 @@ pub enum StorageError {
         /// The epoch recorded in the manifest.
         current_epoch: u64,
     },
+    /// The snapshot is older than the GC safe point: versions it needs may
+    /// have been compacted away.
+    #[error("snapshot at {read_ts} is older than the GC safe point {safe_point}")]
+    SnapshotTooOld {
+        /// The requested snapshot.
+        read_ts: u64,
+        /// The current safe point.
+        safe_point: u64,
+    },
     /// The tablet or store was closed.
     #[error("{what} is closed")]
     Closed {

@@ -129,6 +129,17 @@ impl Tablet {
         Ok(())
     }
 
+    fn check_snapshot(&self, read_ts: Timestamp) -> Result<()> {
+        let safe_point = self.base.gc_safe_point();
+        if read_ts < safe_point {
+            return Err(StorageError::SnapshotTooOld {
+                read_ts,
+                safe_point,
+            });
+        }
+        Ok(())
+    }
+
     /// Applies `batch` at `ts` as journal entry `seq` (non-decreasing).
     /// Stalls while the memory budget is exhausted.
     pub async fn write(&self, seq: u64, ts: Timestamp, batch: &WriteBatch) -> Result<()> {
@@ -143,6 +154,7 @@ impl Tablet {
     pub async fn get_version(&self, key: &[u8], read_ts: Timestamp) -> Result<Lookup> {
         self.memstore.options().limits.check_key(key)?;
         self.check_key(key)?;
+        self.check_snapshot(read_ts)?;
         // Memtables before the version: a flush installs its table before it
         // drops the memtable, so this order never misses data.
         let memtables = self.memstore.snapshot()?;
@@ -164,6 +176,7 @@ impl Tablet {
 
     /// Live keys and values in the request's range, in its direction.
     pub async fn scan(&self, request: &ScanRequest) -> Result<Vec<(Bytes, Bytes)>> {
+        self.check_snapshot(request.read_ts)?;
         let range = request.range.intersect(&self.range);
         if range.is_empty() {
             return Ok(Vec::new());

@@ -127,6 +127,14 @@ async fn versions_above_the_safe_point_are_kept() {
         Some(value(4, 3))
     );
     assert_eq!(tablet.get(&key(4), 5).await.expect("get"), None);
+    // Below the safe point the answer could be wrong: it is refused instead.
+    assert!(matches!(
+        tablet.get(&key(4), 1).await,
+        Err(StorageError::SnapshotTooOld {
+            read_ts: 1,
+            safe_point: 2
+        })
+    ));
     base.close();
 }
 
