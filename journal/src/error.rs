@@ -63,6 +63,72 @@ pub enum JournalError {
         /// raft-rs's message.
         reason: String,
     },
+
+    /// An operation on a stream (a membership change, a leader transfer) failed the way
+    /// stream operations fail: not the leader, timed out, closed, or an I/O error.
+    #[error("raft stream {stream_id}: {source}")]
+    Stream {
+        /// The stream.
+        stream_id: u64,
+        /// Why, as a stream operation would say it.
+        #[source]
+        source: luna_kernel::stream::StreamError,
+    },
+
+    /// A membership change that cannot be made as asked.
+    #[error("raft stream {stream_id}: invalid membership change: {reason}")]
+    Membership {
+        /// The stream.
+        stream_id: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Another membership change has not applied yet (a new leader also waits until it has
+    /// applied its whole log); retry once it has.
+    #[error("raft stream {stream_id}: another membership change is in progress")]
+    ChangeInProgress {
+        /// The stream.
+        stream_id: u64,
+    },
+
+    /// A learner is too far behind the log to be promoted yet; retry once it caught up.
+    #[error(
+        "raft stream {stream_id}: learner {node} has {matched} of {committed} committed entries"
+    )]
+    NotCaughtUp {
+        /// The stream.
+        stream_id: u64,
+        /// The learner.
+        node: u64,
+        /// The last index the leader knows the learner holds.
+        matched: u64,
+        /// The leader's committed index.
+        committed: u64,
+    },
+
+    /// A new replica cannot catch up: the log no longer starts at index 1, and snapshots do
+    /// not exist yet.
+    #[error(
+        "raft stream {stream_id}: the log starts at {first_index}, a new replica cannot catch up"
+    )]
+    LogTruncated {
+        /// The stream.
+        stream_id: u64,
+        /// The first index the leader still holds.
+        first_index: u64,
+    },
+
+    /// Leadership went to another replica than the transfer asked for.
+    #[error("raft stream {stream_id}: leadership went to {leader:?}, not to {to}")]
+    LeaderTransfer {
+        /// The stream.
+        stream_id: u64,
+        /// The replica asked to lead.
+        to: u64,
+        /// Who leads instead.
+        leader: Option<u64>,
+    },
 }
 
 impl JournalError {

@@ -27,7 +27,8 @@ use luna_kernel::stream::{Entry, StreamError};
 use raft_engine::Engine;
 use tokio::sync::oneshot;
 
-use super::server::{RaftConfig, Reply, Server, SyncRound, sync};
+use super::replica::{AdminReply, Reply};
+use super::server::{RaftConfig, Server, SyncRound, sync};
 use super::stream::RaftStream;
 use super::transport::{Inbox, Transport};
 use crate::error::JournalError;
@@ -45,6 +46,21 @@ pub(crate) enum Event {
     },
     /// A client read barrier.
     ReadIndex { stream_id: u64, reply: Reply },
+    /// A client read barrier that a leader with a valid lease answers at once.
+    LeaseRead { stream_id: u64, reply: Reply },
+    /// A membership change.
+    ChangeMembership {
+        stream_id: u64,
+        voters: Vec<u64>,
+        learners: Vec<u64>,
+        reply: AdminReply,
+    },
+    /// A leader transfer.
+    TransferLeader {
+        stream_id: u64,
+        to: u64,
+        reply: AdminReply,
+    },
     /// A subscription reading committed entries `from..=to`.
     Read {
         stream_id: u64,
@@ -112,6 +128,7 @@ impl Node {
             .spawn(move || {
                 // The engine is opened on the driver thread: only this thread reads it.
                 let tick = config.tick_interval;
+                let max_catch_up = config.election_tick as u64 + 1;
                 let server = match Server::open(config) {
                     Ok(server) => server,
                     Err(e) => {
@@ -133,6 +150,7 @@ impl Node {
                     transport,
                     events: loop_events,
                     tick,
+                    max_catch_up,
                     syncing: false,
                     failed: None,
                 };
@@ -174,9 +192,10 @@ impl Node {
         }
     }
 
-    /// Hosts a replica of `stream_id` with voters `voters` (this server among them, the same
-    /// list on every replica of a new stream) and returns its [`Stream`] handle. A stream
-    /// already on disk recovers its state and log.
+    /// Hosts a replica of `stream_id` whose initial voters (at index 0) are `voters`, and
+    /// returns its [`Stream`] handle. Every replica passes the same list, including one that
+    /// joins later: it learns the current membership from the log once the leader adds it
+    /// ([`RaftStream::add_learner`]). A stream already on disk recovers its state and log.
     ///
     /// [`Stream`]: luna_kernel::stream::Stream
     pub async fn add_stream(
@@ -217,6 +236,14 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.events.send(Event::Stop);
+    }
+}
+
+/// The error a membership change or leader transfer gets on a failed server.
+fn failed(stream_id: u64, source: &StreamError) -> JournalError {
+    JournalError::Stream {
+        stream_id,
+        source: source.clone(),
     }
 }
 
@@ -264,6 +291,8 @@ struct Driver {
     /// For answering subscriptions' handles, which send their reads here.
     events: Sender<Event>,
     tick: Duration,
+    /// Most ticks made up at once after the thread was late.
+    max_catch_up: u64,
     /// Whether a round is at the sync thread (at most one, so rounds finish in order).
     syncing: bool,
     /// Set once the log could not be written; every later operation gets it.
@@ -292,8 +321,19 @@ impl Driver {
             }
             let now = Instant::now();
             if now >= next_tick {
-                self.server.tick();
-                next_tick = now + self.tick;
+                // Ticks missed while the thread was late are made up, so a leader's lease,
+                // counted in ticks, never outlasts the wall time it stands for. Past an
+                // election timeout's worth, more ticks change nothing.
+                let late = now.duration_since(next_tick).as_nanos() / self.tick.as_nanos();
+                let ticks = u64::try_from(late).unwrap_or(u64::MAX).saturating_add(1);
+                for _ in 0..ticks.min(self.max_catch_up) {
+                    self.server.tick();
+                }
+                next_tick = if ticks > self.max_catch_up {
+                    now + self.tick
+                } else {
+                    next_tick + self.tick * ticks as u32
+                };
             }
             if self.failed.is_none() {
                 match self.server.ready() {
@@ -333,6 +373,35 @@ impl Driver {
                     let _ = reply.send(Err(e.clone()));
                 }
                 None => self.server.read_index_to(stream_id, reply),
+            },
+            Event::LeaseRead { stream_id, reply } => match &self.failed {
+                Some(e) => {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                None => self.server.lease_read_to(stream_id, reply),
+            },
+            Event::ChangeMembership {
+                stream_id,
+                voters,
+                learners,
+                reply,
+            } => match &self.failed {
+                Some(e) => {
+                    let _ = reply.send(Err(failed(stream_id, e)));
+                }
+                None => self
+                    .server
+                    .change_membership_to(stream_id, &voters, &learners, reply),
+            },
+            Event::TransferLeader {
+                stream_id,
+                to,
+                reply,
+            } => match &self.failed {
+                Some(e) => {
+                    let _ = reply.send(Err(failed(stream_id, e)));
+                }
+                None => self.server.transfer_leader_to(stream_id, to, reply),
             },
             Event::Read {
                 stream_id,
@@ -386,11 +455,16 @@ impl Driver {
             .server
             .watch_leadership(stream_id)
             .ok_or_else(missing)?;
+        let membership = self
+            .server
+            .watch_membership(stream_id)
+            .ok_or_else(missing)?;
         Ok(RaftStream::new(
             stream_id,
             self.events.clone(),
             committed,
             leadership,
+            membership,
             self.server.max_entry_size(),
         ))
     }

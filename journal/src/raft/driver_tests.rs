@@ -11,6 +11,8 @@ use tempfile::TempDir;
 
 use super::{MemNetwork, Node, RaftConfig, RaftStream, Transport};
 
+mod admin;
+
 const STREAM: u64 = 3;
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -18,6 +20,8 @@ struct Cluster {
     network: Arc<MemNetwork>,
     dirs: Vec<TempDir>,
     nodes: Vec<Option<(Node, Arc<RaftStream>)>>,
+    /// The stream's voters at index 0, with which every replica bootstraps.
+    initial: Vec<u64>,
 }
 
 fn config(id: u64, dir: &TempDir) -> RaftConfig {
@@ -28,12 +32,18 @@ fn config(id: u64, dir: &TempDir) -> RaftConfig {
 
 impl Cluster {
     async fn new(size: u64) -> Self {
+        Self::with_spares(size, 0).await
+    }
+
+    /// `size` voters, started, and `spares` more servers that are not.
+    async fn with_spares(size: u64, spares: u64) -> Self {
         let mut cluster = Self {
             network: MemNetwork::new(),
-            dirs: (0..size)
+            dirs: (0..size + spares)
                 .map(|_| tempfile::tempdir().expect("tempdir"))
                 .collect(),
-            nodes: (0..size).map(|_| None).collect(),
+            nodes: (0..size + spares).map(|_| None).collect(),
+            initial: (1..=size).collect(),
         };
         for id in 1..=size {
             cluster.start(id).await;
@@ -46,8 +56,10 @@ impl Cluster {
         let dir = &self.dirs[id as usize - 1];
         let node = Node::start(config(id, dir), transport).expect("start node");
         self.network.register(id, node.inbox());
-        let voters: Vec<u64> = (1..=self.nodes.len() as u64).collect();
-        let stream = node.add_stream(STREAM, &voters).await.expect("add stream");
+        let stream = node
+            .add_stream(STREAM, &self.initial)
+            .await
+            .expect("add stream");
         self.nodes[id as usize - 1] = Some((node, Arc::new(stream)));
     }
 

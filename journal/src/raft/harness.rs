@@ -18,6 +18,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::{RaftConfig, Server, sync};
 
+mod admin_tests;
+
 const STREAM: u64 = 7;
 type Answer = oneshot::Receiver<Result<u64, StreamError>>;
 
@@ -90,10 +92,19 @@ struct Sim {
     /// Read barriers with the highest index acknowledged before they were issued.
     reads: Vec<(Answer, u64)>,
     reads_checked: usize,
+    /// The stream's voters at index 0, with which every replica bootstraps.
+    initial_voters: Vec<u64>,
+    /// Replicas that hold the log and are checked by `heal_and_verify`.
+    members: Vec<u64>,
 }
 
 impl Sim {
     fn new(seed: u64, nodes: u64) -> Self {
+        Self::with_spares(seed, nodes, 0)
+    }
+
+    /// `voters` servers that start the stream, and `spares` more that are not started.
+    fn with_spares(seed: u64, voters: u64, spares: u64) -> Self {
         let mut sim = Self {
             seed,
             rng: SmallRng::seed_from_u64(seed),
@@ -111,25 +122,23 @@ impl Sim {
             appends: Vec::new(),
             reads: Vec::new(),
             reads_checked: 0,
+            initial_voters: (1..=voters).collect(),
+            members: (1..=voters).collect(),
         };
-        for _ in 0..nodes {
+        for _ in 0..voters + spares {
             sim.dirs.push(tempfile::tempdir().expect("tempdir"));
             sim.hosts.push(Host::spawn());
             sim.servers.push(None);
         }
-        for id in 1..=nodes {
+        for id in 1..=voters {
             sim.start(id);
         }
         sim
     }
 
-    fn voters(&self) -> Vec<u64> {
-        (1..=self.servers.len() as u64).collect()
-    }
-
     fn start(&mut self, id: u64) {
         let dir = self.dirs[id as usize - 1].path().to_owned();
-        let voters = self.voters();
+        let voters = self.initial_voters.clone();
         let leadership = self.host(id).run(move |slot| {
             let mut server = Server::open(RaftConfig::new(id, dir)).expect("open server");
             server.add_stream(STREAM, &voters).expect("add stream");
@@ -294,6 +303,13 @@ impl Sim {
         self.reads.push((answer, floor));
     }
 
+    /// A lease read, checked like [`read`](Self::read).
+    fn lease_read(&mut self, id: u64) {
+        let floor = self.acked.keys().next_back().copied().unwrap_or(0);
+        let answer = self.host(id).with(|server| server.lease_read(STREAM));
+        self.reads.push((answer, floor));
+    }
+
     fn committed(&self, id: u64) -> u64 {
         self.host(id)
             .with(|server| *server.watch_committed(STREAM).expect("stream").borrow())
@@ -309,7 +325,8 @@ impl Sim {
     fn heal_and_verify(&mut self) {
         self.isolated = None;
         self.drop_rate = 0.0;
-        for id in 1..=self.servers.len() as u64 {
+        let members = self.members.clone();
+        for &id in &members {
             if self.servers[id as usize - 1].is_none() {
                 self.start(id);
             }
@@ -317,24 +334,24 @@ impl Sim {
         let leader = self.run_until_leader(500);
         // A fresh entry in the leader's term commits everything before it everywhere.
         self.propose(leader, Bytes::from_static(b"final"));
-        let nodes = self.servers.len() as u64;
         for _ in 0..500 {
             self.step();
             let target = self.acked.keys().next_back().copied().unwrap_or(0);
-            let commits: Vec<u64> = (1..=nodes).map(|id| self.committed(id)).collect();
+            let commits: Vec<u64> = members.iter().map(|&id| self.committed(id)).collect();
             if self.appends.is_empty() && commits.iter().all(|&c| c == commits[0] && c >= target) {
                 break;
             }
         }
-        let commit = self.committed(1);
-        let reference = self.log(1, commit);
+        let first = members[0];
+        let commit = self.committed(first);
+        let reference = self.log(first, commit);
         assert_eq!(
             reference.len() as u64,
             commit,
             "seed {}: log has gaps",
             self.seed
         );
-        for id in 2..=nodes {
+        for &id in &members[1..] {
             assert_eq!(
                 self.committed(id),
                 commit,
@@ -383,8 +400,10 @@ fn committed_entries_survive_faults() {
                 };
                 if sim.servers[target as usize - 1].is_some() && roll < 60 {
                     sim.propose(target, Bytes::from(format!("s{seed}-{step}")));
-                } else if roll < 70 {
+                } else if roll < 65 {
                     sim.read(id);
+                } else if roll < 70 {
+                    sim.lease_read(id);
                 } else if roll == 70 {
                     sim.crash(id);
                 }

@@ -10,7 +10,11 @@
 //! server, and enter it through its [`Inbox`]. [`MemNetwork`] connects nodes in one process
 //! for tests; [`grpc`] connects them over the network. [`Server`] is the synchronous core
 //! under the driver, which the deterministic test harness drives step by step.
+//!
+//! A [`RaftStream`] also changes its stream's [`Membership`] (learners first, then
+//! promotion, by joint consensus), transfers leadership, and serves lease reads.
 
+mod admin;
 mod driver;
 #[cfg(test)]
 mod driver_tests;
@@ -18,12 +22,15 @@ pub mod grpc;
 #[cfg(test)]
 mod harness;
 mod logger;
+mod membership;
+mod replica;
 mod server;
 mod storage;
 mod stream;
 mod transport;
 
 pub use driver::{Node, NodeStats};
+pub use membership::Membership;
 pub use server::{RaftConfig, Server, SyncRound, sync};
 pub use stream::RaftStream;
 pub use transport::{Inbox, MemNetwork, MemTransport, Transport};

@@ -16,7 +16,7 @@
 //!    then does raft hear `on_persist_ready`, and do followers' messages (votes, append
 //!    acks) leave.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,19 +25,24 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use luna_kernel::stream::{Leadership, StreamError};
 use protobuf::Message as _;
-use raft::eraftpb::{Entry, EntryType, Message};
+use raft::eraftpb::{EntryType, Message, MessageType};
 use raft::{RawNode, StateRole};
 use raft_engine::{Engine, LogBatch};
 use tokio::sync::{oneshot, watch};
 
 use super::logger;
+use super::replica::{Replica, Reply};
 use super::storage::{EngineStorage, EntryExt};
 use crate::error::JournalError;
 
 /// Engine region reserved for the sync marker (stream ids start at 1).
 const SYNC_REGION: u64 = 0;
-/// Read barriers still unanswered after this many election timeouts fail.
+/// Read barriers, membership changes and leader transfers still unanswered after this many
+/// election timeouts fail.
 const READ_TIMEOUT_ELECTIONS: u64 = 2;
+/// A leader lease is this many ticks shorter than the election timeout during which the
+/// followers that renewed it refuse to vote: slack for ticks that fire late.
+pub(super) const LEASE_MARGIN_TICKS: u64 = 2;
 
 /// Settings of one journal server (one process's share of every stream it hosts).
 #[derive(Debug, Clone)]
@@ -72,39 +77,6 @@ impl RaftConfig {
     }
 }
 
-/// Where the answer to an append or a read barrier goes: an index, or why not.
-pub(crate) type Reply = oneshot::Sender<Result<u64, StreamError>>;
-
-/// One stream's replica on this server.
-struct Replica {
-    node: RawNode<EngineStorage>,
-    /// Proposed entries by index, with the term they were proposed in.
-    appends: BTreeMap<u64, (u64, Reply)>,
-    /// Read barriers by request id, with the tick they were issued at.
-    reads: HashMap<u64, (u64, Reply)>,
-    committed: watch::Sender<u64>,
-    leadership: watch::Sender<Leadership>,
-}
-
-impl Replica {
-    fn current_leadership(&self) -> Leadership {
-        let raft = &self.node.raft;
-        Leadership {
-            term: raft.term,
-            leader_id: (raft.leader_id != 0).then_some(raft.leader_id),
-            is_leader: raft.state == StateRole::Leader,
-        }
-    }
-
-    fn not_leader(&self) -> StreamError {
-        let leadership = self.current_leadership();
-        StreamError::NotLeader {
-            leader_hint: leadership.leader_id,
-            term: leadership.term,
-        }
-    }
-}
-
 /// Readies written to the engine but not yet fsynced, in order.
 #[derive(Debug, Default)]
 pub struct SyncRound {
@@ -121,13 +93,13 @@ impl SyncRound {
 
 /// Every stream replica of one server, and the engine they share.
 pub struct Server {
-    config: RaftConfig,
+    pub(super) config: RaftConfig,
     engine: Arc<Engine>,
-    streams: BTreeMap<u64, Replica>,
+    pub(super) streams: BTreeMap<u64, Replica>,
     logger: slog::Logger,
     unsynced: SyncRound,
-    next_read_id: u64,
-    ticks: u64,
+    pub(super) next_read_id: u64,
+    pub(super) ticks: u64,
 }
 
 impl Server {
@@ -190,14 +162,20 @@ impl Server {
             .map(|e| luna_kernel::stream::Entry {
                 index: e.index,
                 term: e.term,
-                data: e.data,
+                // Membership changes are the stream's own entries: subscribers see them
+                // empty, as the kernel contract says.
+                data: match e.get_entry_type() {
+                    EntryType::EntryNormal => e.data,
+                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => Bytes::new(),
+                },
             })
             .collect())
     }
 
-    /// Hosts a replica of `stream_id` whose voters are `voters` (this server among them).
-    /// A stream already on disk recovers its hard state, conf state and log; a new one
-    /// bootstraps with `voters`, which must be the same on every replica.
+    /// Hosts a replica of `stream_id` whose initial voters (at index 0) are `voters`, the
+    /// same list on every replica, including one that joins later and replays the
+    /// membership changes from the log. A stream already on disk recovers its hard state,
+    /// conf state, applied index and log.
     pub fn add_stream(&mut self, stream_id: u64, voters: &[u64]) -> Result<(), JournalError> {
         if stream_id == SYNC_REGION {
             return Err(JournalError::InvalidConfig {
@@ -221,6 +199,7 @@ impl Server {
             })?;
         let raft_config = raft::Config {
             id: self.config.node_id,
+            applied: storage.applied(),
             election_tick: self.config.election_tick,
             heartbeat_tick: self.config.heartbeat_tick,
             pre_vote: true,
@@ -235,15 +214,8 @@ impl Server {
                 stream_id,
                 reason: e.to_string(),
             })?;
-        let replica = Replica {
-            node,
-            appends: BTreeMap::new(),
-            reads: HashMap::new(),
-            committed: watch::Sender::new(0),
-            leadership: watch::Sender::new(Leadership::default()),
-        };
-        let leadership = replica.current_leadership();
-        replica.leadership.send_replace(leadership);
+        let quiet = self.config.election_tick as u64;
+        let replica = Replica::new(stream_id, node, self.ticks, quiet);
         self.streams.insert(stream_id, replica);
         Ok(())
     }
@@ -328,32 +300,18 @@ impl Server {
             return;
         }
         self.next_read_id += 1;
-        replica
-            .node
-            .read_index(self.next_read_id.to_le_bytes().to_vec());
-        replica.reads.insert(self.next_read_id, (self.ticks, reply));
+        replica.start_read(self.next_read_id, self.ticks, Some(reply));
     }
 
-    /// Advances every stream's logical clock by one tick, and expires stale read barriers.
+    /// Advances every stream's logical clock by one tick, and expires stale read barriers,
+    /// membership changes and leader transfers.
     pub fn tick(&mut self) {
         self.ticks += 1;
         let timeout = self.config.election_tick as u64 * READ_TIMEOUT_ELECTIONS;
         for replica in self.streams.values_mut() {
             replica.node.tick();
-            let now = self.ticks;
-            let expired: Vec<u64> = replica
-                .reads
-                .iter()
-                .filter(|(_, (issued, _))| now - *issued > timeout)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in expired {
-                if let Some((_, reply)) = replica.reads.remove(&id) {
-                    let _ = reply.send(Err(StreamError::Timeout {
-                        operation: "read_index",
-                    }));
-                }
-            }
+            replica.expire(self.ticks, timeout);
+            replica.leave_stuck_joint();
         }
     }
 
@@ -380,6 +338,14 @@ impl Server {
             );
             return;
         };
+        let vote = matches!(
+            message.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        );
+        if vote && replica.refuses_votes(self.ticks) {
+            tracing::debug!(from, stream_id, "refusing a vote right after a restart");
+            return;
+        }
         if let Err(e) = replica.node.step(message) {
             tracing::debug!(from, stream_id, error = %e, "raft rejected a message");
         }
@@ -393,6 +359,8 @@ impl Server {
     pub fn ready(&mut self) -> Result<Vec<(u64, Bytes)>, StreamError> {
         let mut batch = LogBatch::default();
         let mut out = Vec::new();
+        let lease_ticks = self.lease_ticks();
+        let mut applied = Vec::new();
         for (&stream_id, replica) in &mut self.streams {
             if !replica.node.has_ready() {
                 continue;
@@ -407,7 +375,9 @@ impl Server {
                 );
             }
             let committed = ready.take_committed_entries();
-            settle_appends(replica, &committed);
+            if let Err(e) = replica.apply_committed(&committed, &mut batch) {
+                return Err(self.fail(e));
+            }
             let storage = replica.node.mut_store();
             let persisted = storage.append(ready.entries(), &mut batch).and_then(|()| {
                 ready
@@ -420,15 +390,7 @@ impl Server {
                     source: Arc::new(std::io::Error::other(e.to_string())),
                 }));
             }
-            for state in ready.take_read_states() {
-                let id = state
-                    .request_ctx
-                    .first_chunk::<8>()
-                    .map(|b| u64::from_le_bytes(*b));
-                if let Some((_, reply)) = id.and_then(|id| replica.reads.remove(&id)) {
-                    let _ = reply.send(Ok(state.index));
-                }
-            }
+            replica.answer_reads(ready.take_read_states(), lease_ticks);
             self.unsynced.must_sync |= ready.must_sync();
             let persisted_messages = ready.take_persisted_messages();
             self.unsynced
@@ -436,10 +398,9 @@ impl Server {
                 .push((stream_id, ready.number(), persisted_messages));
             replica.node.advance_append_async(ready);
             if let Some(last) = committed.last() {
-                replica.node.advance_apply_to(last.index);
-                replica.committed.send_replace(last.index);
+                applied.push((stream_id, last.index));
             }
-            update_leadership(replica);
+            replica.update_leadership();
         }
         // raft-rs 0.7 reads these entries back from storage as soon as
         // `advance_append_async` returns, so they are written now (without fsync).
@@ -447,6 +408,14 @@ impl Server {
             && let Err(e) = self.engine.write(&mut batch, false)
         {
             return Err(self.fail(engine_error(e)));
+        }
+        // Only now: applying may append an entry (raft leaves a joint configuration by
+        // itself), at the last index in storage, so the batch must be there first.
+        for (stream_id, index) in applied {
+            if let Some(replica) = self.streams.get_mut(&stream_id) {
+                replica.node.advance_apply_to(index);
+                replica.committed.send_replace(index);
+            }
         }
         Ok(out)
     }
@@ -481,12 +450,7 @@ impl Server {
             tracing::error!(error = %error, node = self.config.node_id, "journal server failed");
         }
         for (_, replica) in std::mem::take(&mut self.streams) {
-            for (_, (_, reply)) in replica.appends {
-                let _ = reply.send(Err(error.clone()));
-            }
-            for (_, (_, reply)) in replica.reads {
-                let _ = reply.send(Err(error.clone()));
-            }
+            replica.fail(&error);
         }
         error
     }
@@ -497,23 +461,6 @@ fn push_messages(out: &mut Vec<(u64, Bytes)>, stream_id: u64, messages: Vec<Mess
         match encode_envelope(stream_id, &message) {
             Some(bytes) => out.push((message.to, bytes)),
             None => tracing::error!(stream_id, "cannot encode a raft message; raft will resend"),
-        }
-    }
-}
-
-/// Publishes a leadership change; read barriers of an old term can no longer be answered
-/// safely, so they fail and the callers retry.
-fn update_leadership(replica: &mut Replica) {
-    let now = replica.current_leadership();
-    let before = *replica.leadership.borrow();
-    if now == before {
-        return;
-    }
-    replica.leadership.send_replace(now);
-    if now.term != before.term || now.leader_id != before.leader_id {
-        let error = replica.not_leader();
-        for (_, (_, reply)) in replica.reads.drain() {
-            let _ = reply.send(Err(error.clone()));
         }
     }
 }
@@ -558,27 +505,5 @@ fn engine_error(e: raft_engine::Error) -> StreamError {
     StreamError::Io {
         context: "writing the raft log".to_owned(),
         source: Arc::new(std::io::Error::other(e.to_string())),
-    }
-}
-
-/// The application side of committed entries: answer the appends they settle.
-fn settle_appends(replica: &mut Replica, committed: &[Entry]) {
-    for entry in committed {
-        while let Some(entry_ref) = replica.appends.first_entry() {
-            if *entry_ref.key() > entry.index {
-                break;
-            }
-            let (index, (term, reply)) = entry_ref.remove_entry();
-            // An entry commits at the index it was proposed at, or never: a different term
-            // there means a new leader overwrote it.
-            let ours = index == entry.index
-                && term == entry.term
-                && entry.get_entry_type() == EntryType::EntryNormal;
-            let _ = reply.send(if ours {
-                Ok(index)
-            } else {
-                Err(replica.not_leader())
-            });
-        }
     }
 }

@@ -16,6 +16,8 @@ use crate::error::JournalError;
 
 const HARD_STATE_KEY: &[u8] = b"hs";
 const CONF_STATE_KEY: &[u8] = b"cs";
+/// The index of the last membership change applied, written with the conf state it made.
+const APPLIED_KEY: &[u8] = b"ap";
 
 /// Tells raft-engine where the index of a raft entry is.
 #[derive(Debug, Clone, Copy)]
@@ -34,11 +36,13 @@ pub(crate) struct EngineStorage {
     engine: Arc<Engine>,
     stream_id: u64,
     state: RaftState,
+    applied: u64,
 }
 
 impl EngineStorage {
     /// Loads the stream's state, or bootstraps it with `voters` if the engine has none.
-    /// Every replica of a new stream bootstraps with the same voters, at index 0.
+    /// Every replica of a stream bootstraps with the same voters, at index 0, including one
+    /// that joins later: it replays the membership changes from the log.
     pub(crate) fn open(
         engine: Arc<Engine>,
         stream_id: u64,
@@ -65,6 +69,24 @@ impl EngineStorage {
                 conf_state
             }
         };
+        let applied = match engine.get(stream_id, APPLIED_KEY) {
+            Some(bytes) => bytes
+                .as_slice()
+                .try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| {
+                    engine_error(format!("stored applied index of {} bytes", bytes.len()))
+                })?,
+            None => 0,
+        };
+        // The conf state was written with the applied index of the change that made it,
+        // and raft must not replay changes at or below it.
+        if applied > hard_state.commit {
+            return Err(engine_error(format!(
+                "applied index {applied} is past the commit index {}",
+                hard_state.commit
+            )));
+        }
         let storage = Self {
             engine,
             stream_id,
@@ -72,6 +94,7 @@ impl EngineStorage {
                 hard_state,
                 conf_state,
             },
+            applied,
         };
         let last = storage.last_index_inner();
         if storage.state.hard_state.commit > last {
@@ -103,7 +126,36 @@ impl EngineStorage {
         Ok(())
     }
 
-    fn first_index_inner(&self) -> u64 {
+    /// Adds the conf state made by the membership change at `index` to `batch`, with that
+    /// index as the applied index a restart resumes from.
+    pub(crate) fn set_conf_state(
+        &mut self,
+        conf_state: &ConfState,
+        index: u64,
+        batch: &mut LogBatch,
+    ) -> raft::Result<()> {
+        batch
+            .put_message(self.stream_id, CONF_STATE_KEY.to_vec(), conf_state)
+            .map_err(|e| store_error(format!("encoding conf state: {e}")))?;
+        batch
+            .put(
+                self.stream_id,
+                APPLIED_KEY.to_vec(),
+                index.to_le_bytes().to_vec(),
+            )
+            .map_err(|e| store_error(format!("encoding applied index: {e}")))?;
+        self.state.conf_state = conf_state.clone();
+        self.applied = index;
+        Ok(())
+    }
+
+    /// The applied index recovered from disk (that of the last membership change).
+    pub(crate) fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// The first index still in the log.
+    pub(crate) fn first_index_inner(&self) -> u64 {
         self.engine.first_index(self.stream_id).unwrap_or(1)
     }
 

@@ -10,6 +10,8 @@ use luna_kernel::stream::{Entry, Leadership, Stream, StreamError, Subscription};
 use tokio::sync::{oneshot, watch};
 
 use super::driver::Event;
+use super::membership::Membership;
+use crate::error::JournalError;
 use crate::feed::{EntrySource, spawn_feed};
 
 /// One replica of a raft-replicated stream, hosted by a [`Node`](super::Node).
@@ -24,6 +26,7 @@ pub struct RaftStream {
     events: Sender<Event>,
     committed: watch::Receiver<u64>,
     leadership: watch::Receiver<Leadership>,
+    membership: watch::Receiver<Membership>,
     max_entry_size: usize,
     /// Entries up to here may be discarded (see [`Stream::truncate`]); subscriptions start
     /// above it.
@@ -36,6 +39,7 @@ impl RaftStream {
         events: Sender<Event>,
         committed: watch::Receiver<u64>,
         leadership: watch::Receiver<Leadership>,
+        membership: watch::Receiver<Membership>,
         max_entry_size: usize,
     ) -> Self {
         Self {
@@ -43,6 +47,7 @@ impl RaftStream {
             events,
             committed,
             leadership,
+            membership,
             max_entry_size,
             truncated: AtomicU64::new(0),
         }
@@ -56,6 +61,106 @@ impl RaftStream {
     /// The highest index this replica knows is committed.
     pub fn committed_index(&self) -> u64 {
         *self.committed.borrow()
+    }
+
+    /// The membership as this replica has applied it.
+    pub fn membership(&self) -> Membership {
+        self.membership.borrow().clone()
+    }
+
+    /// A receiver notified whenever [`membership`](Self::membership) changes.
+    pub fn watch_membership(&self) -> watch::Receiver<Membership> {
+        self.membership.clone()
+    }
+
+    /// Changes the membership to `voters` and `learners`, on the leader. One changed node
+    /// is a simple change; more go through joint consensus (`ConfChangeV2`), which the
+    /// stream leaves by itself before answering. A new voter must be a learner first (see
+    /// [`add_learner`](Self::add_learner)) and caught up, or the answer is
+    /// [`JournalError::NotCaughtUp`]: retry later. The leader cannot remove itself:
+    /// [`transfer_leader`](Self::transfer_leader) first. Answers the index of the entry
+    /// that finished the change (the applied index when nothing changes). A [`StreamError::Timeout`] inside
+    /// [`JournalError::Stream`] means the outcome is unknown: check
+    /// [`membership`](Self::membership).
+    pub async fn change_membership(
+        &self,
+        voters: &[u64],
+        learners: &[u64],
+    ) -> Result<u64, JournalError> {
+        let (reply, answer) = oneshot::channel();
+        let event = Event::ChangeMembership {
+            stream_id: self.stream_id,
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            reply,
+        };
+        self.admin(event, answer).await
+    }
+
+    /// Adds `node` as a learner: it receives the log from index 1 (the node hosts the
+    /// stream with [`Node::add_stream`](super::Node::add_stream) and the stream's initial
+    /// voters) but does not vote. [`JournalError::LogTruncated`] if the log no longer
+    /// starts at 1.
+    pub async fn add_learner(&self, node: u64) -> Result<u64, JournalError> {
+        let mut target = self.membership();
+        target.learners.push(node);
+        self.change_membership(&target.voters, &target.learners)
+            .await
+    }
+
+    /// Promotes learner `node` to voter.
+    pub async fn promote(&self, node: u64) -> Result<u64, JournalError> {
+        let mut target = self.membership();
+        target.learners.retain(|&id| id != node);
+        target.voters.push(node);
+        self.change_membership(&target.voters, &target.learners)
+            .await
+    }
+
+    /// Removes `node` (a voter or a learner) from the stream.
+    pub async fn remove(&self, node: u64) -> Result<u64, JournalError> {
+        let mut target = self.membership();
+        target.voters.retain(|&id| id != node);
+        target.learners.retain(|&id| id != node);
+        self.change_membership(&target.voters, &target.learners)
+            .await
+    }
+
+    /// Hands leadership to voter `to`, on the leader; answers the new term once this
+    /// replica sees `to` lead. [`JournalError::LeaderTransfer`] if another replica won,
+    /// [`StreamError::Timeout`] (in [`JournalError::Stream`]) after two election timeouts.
+    pub async fn transfer_leader(&self, to: u64) -> Result<u64, JournalError> {
+        let (reply, answer) = oneshot::channel();
+        let event = Event::TransferLeader {
+            stream_id: self.stream_id,
+            to,
+            reply,
+        };
+        self.admin(event, answer).await
+    }
+
+    /// A linearizable read barrier like [`Stream::read_index`], which a leader holding a
+    /// lease answers from its committed index at once, without a round of heartbeats.
+    /// The lease comes from the leader's last answered read barrier and lasts two ticks
+    /// less than an election timeout; elsewhere (a follower, an expired lease, a leader
+    /// transfer in progress) this is a `read_index`.
+    pub async fn lease_read(&self) -> Result<u64, StreamError> {
+        let stream_id = self.stream_id;
+        self.request(|reply| Event::LeaseRead { stream_id, reply })
+            .await
+    }
+
+    async fn admin(
+        &self,
+        event: Event,
+        answer: oneshot::Receiver<Result<u64, JournalError>>,
+    ) -> Result<u64, JournalError> {
+        let closed = || JournalError::Stream {
+            stream_id: self.stream_id,
+            source: StreamError::Closed,
+        };
+        self.events.send(event).map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
     }
 
     async fn request(

@@ -1,0 +1,341 @@
+//! One stream's replica on a server, and the work the ready loop does for it between raft
+//! calls: settling appends, answering read barriers (with the leader lease), and following
+//! leader transfers. Membership changes are in `membership.rs`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use luna_kernel::stream::{Leadership, StreamError};
+use raft::eraftpb::{Entry, EntryType};
+use raft::{RawNode, ReadState, StateRole};
+use raft_engine::LogBatch;
+use tokio::sync::{oneshot, watch};
+
+use super::membership::{Membership, PendingChange};
+use super::storage::EngineStorage;
+use crate::error::JournalError;
+
+/// Where the answer to an append or a read barrier goes: an index, or why not.
+pub(crate) type Reply = oneshot::Sender<Result<u64, StreamError>>;
+/// Where the answer to a membership change or a leader transfer goes.
+pub(crate) type AdminReply = oneshot::Sender<Result<u64, JournalError>>;
+
+/// A read barrier waiting for raft. `reply` is `None` for the leader's own lease renewals.
+struct PendingRead {
+    issued: u64,
+    term: u64,
+    by_leader: bool,
+    reply: Option<Reply>,
+}
+
+struct PendingTransfer {
+    to: u64,
+    issued: u64,
+    reply: AdminReply,
+}
+
+/// One stream's replica on this server.
+pub(crate) struct Replica {
+    pub(crate) stream_id: u64,
+    pub(crate) node: RawNode<EngineStorage>,
+    /// Proposed entries by index, with the term they were proposed in.
+    pub(crate) appends: BTreeMap<u64, (u64, Reply)>,
+    reads: HashMap<u64, PendingRead>,
+    pub(super) change: Option<PendingChange>,
+    transfer: Option<PendingTransfer>,
+    /// While leader: lease reads are answered locally before this tick.
+    pub(super) lease_until: u64,
+    /// Votes are refused before this tick (see [`Replica::refuses_votes`]).
+    quiet_until: u64,
+    pub(crate) committed: watch::Sender<u64>,
+    pub(crate) leadership: watch::Sender<Leadership>,
+    pub(crate) membership: watch::Sender<Membership>,
+}
+
+impl Replica {
+    pub(crate) fn new(stream_id: u64, node: RawNode<EngineStorage>, now: u64, quiet: u64) -> Self {
+        let applied = node.raft.raft_log.applied;
+        let membership = Membership::from_conf_state(&node.raft.prs().conf().to_conf_state());
+        let replica = Self {
+            stream_id,
+            node,
+            appends: BTreeMap::new(),
+            reads: HashMap::new(),
+            change: None,
+            transfer: None,
+            lease_until: 0,
+            quiet_until: now + quiet,
+            // Entries up to the recovered applied index are not delivered again.
+            committed: watch::Sender::new(applied),
+            leadership: watch::Sender::new(Leadership::default()),
+            membership: watch::Sender::new(membership),
+        };
+        replica
+            .leadership
+            .send_replace(replica.current_leadership());
+        replica
+    }
+
+    pub(crate) fn current_leadership(&self) -> Leadership {
+        let raft = &self.node.raft;
+        Leadership {
+            term: raft.term,
+            leader_id: (raft.leader_id != 0).then_some(raft.leader_id),
+            is_leader: raft.state == StateRole::Leader,
+        }
+    }
+
+    pub(crate) fn not_leader(&self) -> StreamError {
+        let leadership = self.current_leadership();
+        StreamError::NotLeader {
+            leader_hint: leadership.leader_id,
+            term: leadership.term,
+        }
+    }
+
+    pub(super) fn admin_error(&self, source: StreamError) -> JournalError {
+        JournalError::Stream {
+            stream_id: self.stream_id,
+            source,
+        }
+    }
+
+    pub(super) fn membership_error(&self, reason: impl Into<String>) -> JournalError {
+        JournalError::Membership {
+            stream_id: self.stream_id,
+            reason: reason.into(),
+        }
+    }
+
+    /// A replica that restarted lost the memory of its leader, so raft's check-quorum
+    /// lease would let it vote at once, and a new leader could be elected while the old one
+    /// still serves lease reads. It refuses votes for one election timeout instead.
+    pub(crate) fn refuses_votes(&self, now: u64) -> bool {
+        now < self.quiet_until
+    }
+
+    /// Starts a read barrier at tick `now`; a leader's answer renews its lease.
+    pub(crate) fn start_read(&mut self, id: u64, now: u64, reply: Option<Reply>) {
+        self.node.read_index(id.to_le_bytes().to_vec());
+        let read = PendingRead {
+            issued: now,
+            term: self.node.raft.term,
+            by_leader: self.node.raft.state == StateRole::Leader,
+            reply,
+        };
+        self.reads.insert(id, read);
+    }
+
+    /// The committed index, if this replica leads with a lease valid at tick `now`.
+    /// `renew` says whether the lease is old enough to renew in the background.
+    pub(crate) fn lease_read(&self, now: u64, lease_ticks: u64) -> Option<(u64, bool)> {
+        let leads = self.node.raft.state == StateRole::Leader && self.transfer.is_none();
+        (leads && now < self.lease_until).then(|| {
+            let renew = self.lease_until - now < lease_ticks / 2;
+            (self.node.raft.raft_log.committed, renew)
+        })
+    }
+
+    /// Answers the read barriers raft resolved. A barrier the leader issued at tick `t`
+    /// proves a quorum still followed it at `t`, and no follower of that quorum votes for
+    /// another candidate for an election timeout after hearing from it: the lease runs until
+    /// `t + lease_ticks`, which is shorter than that.
+    pub(crate) fn answer_reads(&mut self, states: Vec<ReadState>, lease_ticks: u64) {
+        for state in states {
+            let id = state
+                .request_ctx
+                .first_chunk::<8>()
+                .map(|b| u64::from_le_bytes(*b));
+            let Some(read) = id.and_then(|id| self.reads.remove(&id)) else {
+                continue;
+            };
+            let raft = &self.node.raft;
+            if read.by_leader && raft.state == StateRole::Leader && raft.term == read.term {
+                self.lease_until = self.lease_until.max(read.issued + lease_ticks);
+            }
+            if let Some(reply) = read.reply {
+                let _ = reply.send(Ok(state.index));
+            }
+        }
+    }
+
+    /// Fails whatever waited longer than `timeout` ticks.
+    pub(crate) fn expire(&mut self, now: u64, timeout: u64) {
+        let expired: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, read)| now - read.issued > timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(PendingRead {
+                reply: Some(reply), ..
+            }) = self.reads.remove(&id)
+            {
+                let _ = reply.send(Err(StreamError::Timeout {
+                    operation: "read_index",
+                }));
+            }
+        }
+        if self
+            .change
+            .as_ref()
+            .is_some_and(|c| now - c.issued > timeout)
+            && let Some(change) = self.change.take()
+        {
+            // The change may still apply: the caller checks the membership.
+            let error = self.admin_error(StreamError::Timeout {
+                operation: "change_membership",
+            });
+            let _ = change.reply.send(Err(error));
+        }
+        if self
+            .transfer
+            .as_ref()
+            .is_some_and(|t| now - t.issued > timeout)
+            && let Some(transfer) = self.transfer.take()
+        {
+            let error = self.admin_error(StreamError::Timeout {
+                operation: "transfer_leader",
+            });
+            let _ = transfer.reply.send(Err(error));
+        }
+    }
+
+    /// Fails every waiting operation with `error` (the server stops).
+    pub(crate) fn fail(self, error: &StreamError) {
+        for (_, (_, reply)) in self.appends {
+            let _ = reply.send(Err(error.clone()));
+        }
+        for read in self.reads.into_values() {
+            if let Some(reply) = read.reply {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+        let admin = |source: StreamError| JournalError::Stream {
+            stream_id: self.stream_id,
+            source,
+        };
+        if let Some(change) = self.change {
+            let _ = change.reply.send(Err(admin(error.clone())));
+        }
+        if let Some(transfer) = self.transfer {
+            let _ = transfer.reply.send(Err(admin(error.clone())));
+        }
+    }
+
+    /// Publishes a leadership change. Read barriers of an old term can no longer be answered
+    /// safely, so they fail and the callers retry; the lease ends; a transfer settles.
+    pub(crate) fn update_leadership(&mut self) {
+        let now = self.current_leadership();
+        let before = *self.leadership.borrow();
+        if now == before {
+            return;
+        }
+        self.leadership.send_replace(now);
+        if now.term != before.term || now.leader_id != before.leader_id {
+            self.lease_until = 0;
+            let error = self.not_leader();
+            for (_, read) in self.reads.drain() {
+                if let Some(reply) = read.reply {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+        let Some(transfer) = self.transfer.take() else {
+            return;
+        };
+        match now.leader_id {
+            Some(leader) if leader == transfer.to => {
+                let _ = transfer.reply.send(Ok(now.term));
+            }
+            Some(leader) if leader != self.node.raft.id => {
+                let error = JournalError::LeaderTransfer {
+                    stream_id: self.stream_id,
+                    to: transfer.to,
+                    leader: Some(leader),
+                };
+                let _ = transfer.reply.send(Err(error));
+            }
+            // Still leading, or an election is running: keep waiting.
+            _ => self.transfer = Some(transfer),
+        }
+    }
+
+    /// Asks raft to hand leadership to `to`; answers with the new term once `to` leads.
+    pub(crate) fn transfer_leader(&mut self, to: u64, now: u64, reply: AdminReply) {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            let _ = reply.send(Err(self.admin_error(self.not_leader())));
+            return;
+        }
+        if to == raft.id {
+            let _ = reply.send(Ok(raft.term));
+            return;
+        }
+        if !raft.prs().conf().voters().contains(to) {
+            let error = self.membership_error(format!("{to} is not a voter"));
+            let _ = reply.send(Err(error));
+            return;
+        }
+        if let Some(previous) = self.transfer.take() {
+            let error = JournalError::LeaderTransfer {
+                stream_id: self.stream_id,
+                to: previous.to,
+                leader: Some(raft.id),
+            };
+            let _ = previous.reply.send(Err(error));
+        }
+        // The transferee campaigns without waiting for the followers' leases to lapse, so
+        // this leader's lease is no proof of leadership any more.
+        self.lease_until = 0;
+        self.node.transfer_leader(to);
+        self.transfer = Some(PendingTransfer {
+            to,
+            issued: now,
+            reply,
+        });
+    }
+
+    /// The application side of committed entries: settle the appends they decide, and
+    /// apply membership changes, staging the new conf state (with its index, the applied
+    /// index a restart resumes from) in `batch`.
+    pub(crate) fn apply_committed(
+        &mut self,
+        committed: &[Entry],
+        batch: &mut LogBatch,
+    ) -> Result<(), StreamError> {
+        for entry in committed {
+            self.settle_appends(entry);
+            match entry.get_entry_type() {
+                EntryType::EntryConfChangeV2 => self.apply_conf_change(entry, batch)?,
+                EntryType::EntryNormal => self.settle_refused_change(entry),
+                // Never proposed: only ConfChangeV2 is.
+                EntryType::EntryConfChange => tracing::error!(
+                    stream_id = self.stream_id,
+                    index = entry.index,
+                    "ignoring a v1 conf change entry"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn settle_appends(&mut self, entry: &Entry) {
+        while let Some(entry_ref) = self.appends.first_entry() {
+            if *entry_ref.key() > entry.index {
+                break;
+            }
+            let (index, (term, reply)) = entry_ref.remove_entry();
+            // An entry commits at the index it was proposed at, or never: a different term
+            // there means a new leader overwrote it.
+            let ours = index == entry.index
+                && term == entry.term
+                && entry.get_entry_type() == EntryType::EntryNormal;
+            let _ = reply.send(if ours {
+                Ok(index)
+            } else {
+                Err(self.not_leader())
+            });
+        }
+    }
+}
