@@ -127,6 +127,23 @@ pub enum StreamError {
     },
 }
 
+impl StreamError {
+    /// Checks an entry against the rules every [`Stream::append`] applies:
+    /// not empty (empty entries are the stream's own) and at most `limit` bytes.
+    pub fn check_entry(data: &[u8], limit: usize) -> Result<(), StreamError> {
+        if data.is_empty() {
+            return Err(StreamError::EmptyEntry);
+        }
+        if data.len() > limit {
+            return Err(StreamError::EntryTooLarge {
+                size: data.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Committed entries of a stream in index order, from [`Stream::subscribe`].
 ///
 /// Ends (`None`) when the stream closes. An `Err` item ends it too: the subscriber fell

@@ -492,7 +492,6 @@ async fn fenced_owner_in_another_process_cannot_flush_or_write() {
 /// process collected the manifest edits it has not seen. Its flush must not
 /// report success while the edit is invisible to everyone else.
 #[tokio::test]
-
 async fn stale_writer_does_not_commit_behind_collected_manifest_edits() {
     let store = memory_store();
     let options = || BaseStoreOptions {
@@ -591,7 +590,6 @@ async fn gc_from_a_second_process_keeps_every_live_table() {
 /// Every `Fenced` error names the epoch that fenced the writer, also when the
 /// new owner lives in another process and the error comes from a later call.
 #[tokio::test]
-
 async fn fenced_error_reports_the_fencing_epoch() {
     let store = memory_store();
     let base = open_base(store.clone(), base_options()).await;
@@ -634,7 +632,6 @@ async fn fenced_error_reports_the_fencing_epoch() {
 /// A flush with nothing new to write does not append a manifest edit: an
 /// idle tablet flushed periodically must not grow the manifest.
 #[tokio::test]
-
 async fn idle_flush_appends_no_manifest_edit() {
     let store = memory_store();
     let base = open_base(store.clone(), base_options()).await;

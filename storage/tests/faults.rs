@@ -608,7 +608,6 @@ async fn read_errors_are_typed_retryable_and_transient() {
 /// second GET to open. A transient failure of that GET is a store failure,
 /// not damage: it must be retryable.
 #[tokio::test]
-
 async fn read_error_opening_a_large_table_index_is_retryable() {
     let store = memory_store();
     let trigger = Trigger::new(store.clone());

@@ -210,15 +210,7 @@ impl Stream for LocalStream {
     }
 
     async fn append(&self, data: Bytes) -> Result<u64, StreamError> {
-        if data.is_empty() {
-            return Err(StreamError::EmptyEntry);
-        }
-        if data.len() > self.max_entry_size {
-            return Err(StreamError::EntryTooLarge {
-                size: data.len(),
-                limit: self.max_entry_size,
-            });
-        }
+        StreamError::check_entry(&data, self.max_entry_size)?;
         if let Some(e) = self.failure() {
             return Err(e);
         }

@@ -252,13 +252,8 @@ impl Server {
             let _ = reply.send(Err(StreamError::Closed));
             return;
         };
-        let error = if data.is_empty() {
-            Some(StreamError::EmptyEntry)
-        } else if data.len() > limit {
-            Some(StreamError::EntryTooLarge {
-                size: data.len(),
-                limit,
-            })
+        let error = if let Err(invalid) = StreamError::check_entry(&data, limit) {
+            Some(invalid)
         } else if replica.node.raft.state != StateRole::Leader {
             // Not forwarded to the leader: the caller retries there, with the hint.
             Some(replica.not_leader())

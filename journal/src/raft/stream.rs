@@ -183,15 +183,7 @@ impl Stream for RaftStream {
 
     async fn append(&self, data: Bytes) -> Result<u64, StreamError> {
         // Checked here too, so bad input never costs the driver a turn.
-        if data.is_empty() {
-            return Err(StreamError::EmptyEntry);
-        }
-        if data.len() > self.max_entry_size {
-            return Err(StreamError::EntryTooLarge {
-                size: data.len(),
-                limit: self.max_entry_size,
-            });
-        }
+        StreamError::check_entry(&data, self.max_entry_size)?;
         let stream_id = self.stream_id;
         self.request(|reply| Event::Propose {
             stream_id,
