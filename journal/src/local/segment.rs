@@ -1,8 +1,9 @@
 //! The local stream's on-disk format: segment files of CRC-checked records, and recovery.
 //!
 //! A segment is named after its first index (`{index:020}.seg`), starts with an 8-byte magic
-//! and holds records `len: u32 | crc32(index ‖ data): u32 | index: u64 | data`, all little
-//! endian, with contiguous indexes across segments.
+//! and holds records `len: u32 | index: u64 | crc32(len ‖ index): u32 | crc32(data): u32 |
+//! data`, all little endian, with contiguous indexes across segments. The header has its own
+//! checksum so that a damaged length is corruption, never mistaken for a torn tail.
 //!
 //! Recovery accepts exactly one kind of damage: a torn tail of the newest segment (a record
 //! cut short by EOF, or a zero-filled remainder), which is what a power loss during a write
@@ -18,9 +19,9 @@ use luna_kernel::stream::Entry;
 use crate::error::JournalError;
 
 /// First bytes of every segment file: format name and version.
-pub(crate) const MAGIC: &[u8; 8] = b"LUNAJ001";
-/// Bytes before a record's data: length, checksum, index.
-pub(crate) const RECORD_HEADER_LEN: usize = 16;
+pub(crate) const MAGIC: &[u8; 8] = b"LUNAJ002";
+/// Bytes before a record's data: length, index, header checksum, data checksum.
+pub(crate) const RECORD_HEADER_LEN: usize = 20;
 const SUFFIX: &str = ".seg";
 
 /// Path of the segment whose first index is `first_index`.
@@ -33,15 +34,16 @@ pub(crate) fn encode_record(buf: &mut Vec<u8>, index: u64, data: &[u8]) {
     // Entries are capped far below 4 GiB by `LocalConfig::max_entry_size`.
     let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
     buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&checksum(index, data).to_le_bytes());
     buf.extend_from_slice(&index.to_le_bytes());
+    buf.extend_from_slice(&header_checksum(len, index).to_le_bytes());
+    buf.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
     buf.extend_from_slice(data);
 }
 
-fn checksum(index: u64, data: &[u8]) -> u32 {
+fn header_checksum(len: u32, index: u64) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len.to_le_bytes());
     hasher.update(&index.to_le_bytes());
-    hasher.update(data);
     hasher.finalize()
 }
 
@@ -118,6 +120,14 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, JournalError> {
                 "segment name is not a 20-digit index".to_owned(),
             )
         })?;
+        if first == 0 {
+            // Indexes start at 1; a segment claiming 0 would underflow the committed index.
+            return Err(corrupt(
+                &item.path(),
+                0,
+                "segment starts at index 0".to_owned(),
+            ));
+        }
         segments.push(first);
     }
     Ok(segments)
@@ -154,20 +164,30 @@ fn parse_segment(
             return torn("record header cut short");
         }
         let header = &bytes[offset..offset + RECORD_HEADER_LEN];
-        let data_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let word = |at: usize| {
+            u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        let raw_len = word(0);
         let mut index_bytes = [0u8; 8];
-        index_bytes.copy_from_slice(&header[8..16]);
+        index_bytes.copy_from_slice(&header[4..12]);
         let index = u64::from_le_bytes(index_bytes);
+        if header_checksum(raw_len, index) != word(12) {
+            if bytes[offset..].iter().all(|&b| b == 0) {
+                return torn("zero-filled tail");
+            }
+            return Err(corrupt(
+                path,
+                offset as u64,
+                "record header checksum mismatch".to_owned(),
+            ));
+        }
+        let data_len = raw_len as usize;
         let start = offset + RECORD_HEADER_LEN;
         if len - start < data_len {
             return torn("record data cut short");
         }
         let data = bytes.slice(start..start + data_len);
-        if checksum(index, &data) != crc {
-            if bytes[offset..].iter().all(|&b| b == 0) {
-                return torn("zero-filled tail");
-            }
+        if crc32fast::hash(&data) != word(16) {
             return Err(corrupt(path, offset as u64, "checksum mismatch".to_owned()));
         }
         if index != expected {
@@ -261,6 +281,32 @@ mod tests {
         file.set_len(full - 2).expect("truncate");
         let err = recover(dir.path()).expect_err("must fail");
         assert!(matches!(err, JournalError::Corruption { .. }), "{err}");
+    }
+
+    #[test]
+    fn damaged_length_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_segment(dir.path(), 1, &[(1, b"hello"), (2, b"world")]);
+        let mut bytes = fs::read(&path).expect("read");
+        // The second record's length now points far past the end of the file.
+        let second = MAGIC.len() + RECORD_HEADER_LEN + 5;
+        bytes[second + 3] ^= 0x10;
+        fs::write(&path, bytes).expect("write");
+        let err = recover(dir.path()).expect_err("an acknowledged record must not be cut off");
+        assert!(
+            matches!(err, JournalError::Corruption { offset, .. } if offset == second as u64),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_segment_starting_at_index_zero_is_corruption() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(segment_path(dir.path(), 0), MAGIC).expect("write");
+        assert!(matches!(
+            recover(dir.path()),
+            Err(JournalError::Corruption { .. })
+        ));
     }
 
     #[test]

@@ -304,21 +304,13 @@ impl Driver {
         let mut next_tick = Instant::now() + self.tick;
         'run: loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
-            match queue.recv_timeout(wait) {
-                Ok(event) => {
-                    if !self.handle(event, &syncer) {
-                        break 'run;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
+            let first = match queue.recv_timeout(wait) {
+                Ok(event) => Some(event),
+                Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break 'run,
-            }
-            // Everything that queued meanwhile joins this turn: one engine write, one sync.
-            while let Ok(event) = queue.try_recv() {
-                if !self.handle(event, &syncer) {
-                    break 'run;
-                }
-            }
+            };
+            // Ticks come before any event is handled: a lease read queued while this
+            // thread was stalled must see the lease as the wall clock has aged it.
             let now = Instant::now();
             if now >= next_tick {
                 // Ticks missed while the thread was late are made up, so a leader's lease,
@@ -334,6 +326,17 @@ impl Driver {
                 } else {
                     next_tick + self.tick * ticks as u32
                 };
+            }
+            if let Some(event) = first
+                && !self.handle(event, &syncer)
+            {
+                break 'run;
+            }
+            // Everything that queued meanwhile joins this turn: one engine write, one sync.
+            while let Ok(event) = queue.try_recv() {
+                if !self.handle(event, &syncer) {
+                    break 'run;
+                }
             }
             if self.failed.is_none() {
                 match self.server.ready() {

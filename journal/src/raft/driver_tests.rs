@@ -88,20 +88,39 @@ impl Cluster {
 
     /// Appends `count` entries concurrently on the leader; returns index -> data.
     async fn append_many(&self, count: usize, tag: &str) -> BTreeMap<u64, Bytes> {
-        let leader = self.stream(self.leader().await);
-        let mut tasks = Vec::new();
-        for i in 0..count {
-            let stream = Arc::clone(&leader);
-            let data = Bytes::from(format!("{tag}-{i}"));
-            tasks.push(tokio::spawn(async move {
-                stream.append(data.clone()).await.map(|index| (index, data))
-            }));
-        }
+        let mut pending: Vec<Bytes> = (0..count)
+            .map(|i| Bytes::from(format!("{tag}-{i}")))
+            .collect();
         let mut acked = BTreeMap::new();
-        for task in tasks {
-            let (index, data) = task.await.expect("join").expect("append");
-            assert!(acked.insert(index, data).is_none(), "index {index} twice");
+        // A leader change on a loaded machine answers NotLeader, which promises the entry
+        // never commits: those are sent again to the new leader.
+        for _ in 0..20 {
+            if pending.is_empty() {
+                break;
+            }
+            let leader = self.stream(self.leader().await);
+            let tasks: Vec<_> = pending
+                .drain(..)
+                .map(|data| {
+                    let stream = Arc::clone(&leader);
+                    tokio::spawn(async move { (stream.append(data.clone()).await, data) })
+                })
+                .collect();
+            for task in tasks {
+                match task.await.expect("join") {
+                    (Ok(index), data) => {
+                        assert!(acked.insert(index, data).is_none(), "index {index} twice")
+                    }
+                    (Err(StreamError::NotLeader { .. }), data) => pending.push(data),
+                    (Err(error), _) => panic!("append failed: {error}"),
+                }
+            }
         }
+        assert!(
+            pending.is_empty(),
+            "{} appends never found a stable leader",
+            pending.len()
+        );
         acked
     }
 }

@@ -27,6 +27,9 @@ use luna_kernel::stream::{Leadership, StreamError};
 use protobuf::Message as _;
 use raft::eraftpb::{EntryType, Message, MessageType};
 use raft::{RawNode, StateRole};
+
+/// Most bytes one subscription read takes from the engine (on the driver thread).
+const READ_BYTES: usize = 4 * 1024 * 1024;
 use raft_engine::{Engine, LogBatch};
 use tokio::sync::{oneshot, watch};
 
@@ -145,8 +148,8 @@ impl Server {
         Arc::clone(&self.engine)
     }
 
-    /// Entries `from..=to` of `stream_id` as stored here (committed ones up to
-    /// [`watch_committed`](Self::watch_committed)).
+    /// Entries from `from` up to `to` of `stream_id` as stored here (committed ones up to
+    /// [`watch_committed`](Self::watch_committed)); fewer when they pass `READ_BYTES`.
     pub fn entries(
         &self,
         stream_id: u64,
@@ -154,8 +157,10 @@ impl Server {
         to: u64,
     ) -> Result<Vec<luna_kernel::stream::Entry>, StreamError> {
         let mut entries = Vec::new();
+        // Bounded in bytes, not only in count: this runs on the driver thread, and a
+        // huge read would delay every stream's heartbeats. At least one entry comes back.
         self.engine
-            .fetch_entries_to::<EntryExt>(stream_id, from, to + 1, None, &mut entries)
+            .fetch_entries_to::<EntryExt>(stream_id, from, to + 1, Some(READ_BYTES), &mut entries)
             .map_err(engine_error)?;
         Ok(entries
             .into_iter()
