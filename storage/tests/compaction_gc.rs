@@ -42,9 +42,7 @@ fn generation(keys: std::ops::Range<usize>, generation: u64) -> WriteBatch {
 #[tokio::test]
 async fn compaction_drops_shadowed_versions_and_bottom_tombstones() {
     let store = memory_store();
-    let base = open_base(store.clone(), base_options()).await;
-    let tablet = open_tablet(&base, 1, 1, KeyRange::all()).await;
-    let mut journal = Journal::default();
+    let (base, tablet, mut journal) = single_tablet(&store).await;
     journal.put_range(&tablet, 0..60, 1, 10).await;
     tablet.flush().await.expect("flush");
     journal.put_range(&tablet, 0..60, 2, 10).await;
@@ -91,9 +89,7 @@ async fn compaction_drops_shadowed_versions_and_bottom_tombstones() {
 async fn versions_above_the_safe_point_are_kept() {
     const KEYS: usize = 30;
     let store = memory_store();
-    let base = open_base(store.clone(), base_options()).await;
-    let tablet = open_tablet(&base, 1, 1, KeyRange::all()).await;
-    let mut journal = Journal::default();
+    let (base, tablet, mut journal) = single_tablet(&store).await;
     // One batch per generation: generation g is written at ts g + 1.
     for g in 0..4 {
         journal.write(&tablet, generation(0..KEYS, g)).await;
@@ -209,9 +205,7 @@ async fn compaction_output_is_cut_at_tablet_boundaries() {
 #[tokio::test]
 async fn gc_never_deletes_tables_of_a_held_version() {
     let store = memory_store();
-    let base = open_base(store.clone(), base_options()).await;
-    let tablet = open_tablet(&base, 1, 1, KeyRange::all()).await;
-    let mut journal = Journal::default();
+    let (base, tablet, mut journal) = single_tablet(&store).await;
     journal.put_range(&tablet, 0..100, 1, 10).await;
     tablet.flush().await.expect("flush");
     journal.put_range(&tablet, 50..150, 2, 10).await;
@@ -561,9 +555,7 @@ async fn stale_writer_does_not_commit_behind_collected_manifest_edits() {
 #[tokio::test]
 async fn gc_from_a_second_process_keeps_every_live_table() {
     let store = memory_store();
-    let base = open_base(store.clone(), base_options()).await;
-    let tablet = open_tablet(&base, 1, 1, KeyRange::all()).await;
-    let mut journal = Journal::default();
+    let (base, tablet, mut journal) = single_tablet(&store).await;
     for round in 0..3 {
         journal
             .put_range(&tablet, round * 40..round * 40 + 80, round as u64, 20)
@@ -634,9 +626,7 @@ async fn fenced_error_reports_the_fencing_epoch() {
 #[tokio::test]
 async fn idle_flush_appends_no_manifest_edit() {
     let store = memory_store();
-    let base = open_base(store.clone(), base_options()).await;
-    let tablet = open_tablet(&base, 1, 1, KeyRange::all()).await;
-    let mut journal = Journal::default();
+    let (base, tablet, mut journal) = single_tablet(&store).await;
     journal.put_range(&tablet, 0..10, 1, 5).await;
     tablet.flush().await.expect("flush");
     let seq = base.version().seq();

@@ -242,9 +242,7 @@ fn assert_retryable_store_error(error: &StorageError, operation: &str, context: 
 #[tokio::test]
 async fn failed_flush_keeps_data_in_memory_until_a_later_flush_succeeds() {
     let store = memory_store();
-    let base = open_base(store.clone(), base_options()).await;
-    let tablet = open_tablet(&base, 1, 1, KeyRange::all()).await;
-    let mut journal = Journal::default();
+    let (base, tablet, mut journal) = single_tablet(&store).await;
     journal.put_range(&tablet, 0..100, 1, 10).await;
     tablet.flush().await.expect("healthy flush");
     let tables_before = live_tables(&base.version());
@@ -548,9 +546,7 @@ async fn failed_compactions_lose_nothing() {
 #[tokio::test]
 async fn read_errors_are_typed_retryable_and_transient() {
     let store = memory_store();
-    let base = open_base(store.clone(), base_options()).await;
-    let tablet = open_tablet(&base, 1, 1, KeyRange::all()).await;
-    let mut journal = Journal::default();
+    let (base, tablet, mut journal) = single_tablet(&store).await;
     journal.put_range(&tablet, 0..300, 1, 20).await;
     tablet.flush().await.expect("flush");
     crash(tablet).await;

@@ -83,6 +83,14 @@ pub async fn open_tablet(
     .expect("open tablet")
 }
 
+/// The usual start of a test: a BaseStore on `store` with tablet 1 at epoch 1
+/// over every key, and an empty journal for it.
+pub async fn single_tablet(store: &Arc<LunaObjectStore>) -> (Arc<BaseStore>, Arc<Tablet>, Journal) {
+    let base = open_base(store.clone(), base_options()).await;
+    let tablet = open_tablet(&base, 1, 1, KeyRange::all()).await;
+    (base, tablet, Journal::default())
+}
+
 pub fn key(i: usize) -> Bytes {
     Bytes::from(format!("key{i:05}"))
 }
