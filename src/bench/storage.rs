@@ -211,7 +211,7 @@ impl Bench {
         for tablet in &collection.tablets {
             tablet.close().await?;
         }
-        collection.base.close();
+        collection.base.shutdown().await;
         Ok(())
     }
 

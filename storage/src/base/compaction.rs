@@ -226,7 +226,7 @@ fn crosses_boundary(boundaries: &[Bytes], last: &[u8], next: &[u8]) -> bool {
 }
 
 /// Runs compactions whenever a flush asks for one, until the store closes.
-pub(super) fn spawn_background(base: &Arc<BaseStore>) {
+pub(super) fn spawn_background(base: &Arc<BaseStore>) -> tokio::task::JoinHandle<()> {
     // The task holds the store weakly: dropping the last handle (or close())
     // ends it, and an idle wait never keeps the store alive.
     let store = Arc::downgrade(base);
@@ -268,7 +268,7 @@ pub(super) fn spawn_background(base: &Arc<BaseStore>) {
                 _ = shutdown.changed() => return,
             }
         }
-    });
+    })
 }
 
 #[cfg(test)]

@@ -126,7 +126,7 @@ impl BaseStore {
 }
 
 /// Collects garbage every `gc_interval` until the store closes.
-pub(super) fn spawn_background(base: &Arc<BaseStore>) {
+pub(super) fn spawn_background(base: &Arc<BaseStore>) -> tokio::task::JoinHandle<()> {
     // Held weakly, like the compaction task: dropping the store ends it.
     let store = Arc::downgrade(base);
     let interval = base.options.gc_interval.max(Duration::from_millis(10));
@@ -144,5 +144,5 @@ pub(super) fn spawn_background(base: &Arc<BaseStore>) {
                 tracing::warn!(%error, "garbage collection failed; will retry");
             }
         }
-    });
+    })
 }

@@ -115,6 +115,8 @@ pub struct BaseStore {
     compaction_wanted: Arc<Notify>,
     closed: AtomicBool,
     shutdown: watch::Sender<bool>,
+    /// The background compaction and GC tasks, awaited by [`BaseStore::shutdown`].
+    jobs: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl BaseStore {
@@ -141,11 +143,17 @@ impl BaseStore {
             compaction_wanted: Arc::new(Notify::new()),
             closed: AtomicBool::new(false),
             shutdown: watch::Sender::new(false),
+            jobs: Mutex::new(Vec::new()),
             options,
         });
         if base.options.background_jobs {
-            compaction::spawn_background(&base);
-            gc::spawn_background(&base);
+            let jobs = [
+                compaction::spawn_background(&base),
+                gc::spawn_background(&base),
+            ];
+            if let Ok(mut slot) = base.jobs.lock() {
+                slot.extend(jobs);
+            }
         }
         Ok(base)
     }
@@ -434,5 +442,21 @@ impl BaseStore {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.shutdown.send_replace(true);
+    }
+
+    /// Closes the store and waits for its background jobs to stop, so that no
+    /// upload of theirs lands afterwards (a cut-short compaction's outputs are
+    /// orphans for the next garbage collection).
+    pub async fn shutdown(&self) {
+        self.close();
+        let jobs = self
+            .jobs
+            .lock()
+            .map(|mut jobs| std::mem::take(&mut *jobs))
+            .unwrap_or_default();
+        for job in jobs {
+            // A job that panicked has nothing left to wait for.
+            let _ = job.await;
+        }
     }
 }
