@@ -45,6 +45,24 @@ pub enum StorageError {
         /// The epoch recorded in the manifest.
         current_epoch: u64,
     },
+    /// The call needs the tablet's owner (the flushing replica), and this
+    /// handle is a replica: ask the group leader, or claim the tablet first.
+    #[error("tablet {tablet_id} is a replica here; only its owner flushes")]
+    NotOwner {
+        /// The tablet.
+        tablet_id: u64,
+    },
+    /// The manifest does not (yet) record a flush the caller was told about:
+    /// a replica applied a "flushed up to" marker the BaseStore does not show.
+    #[error("tablet {tablet_id}: the manifest records a flush up to {found}, not {wanted}")]
+    FlushNotVisible {
+        /// The tablet.
+        tablet_id: u64,
+        /// The journal index the marker named.
+        wanted: u64,
+        /// The journal index the manifest records.
+        found: u64,
+    },
     /// The snapshot is older than the GC safe point: versions it needs may
     /// have been compacted away.
     #[error("snapshot at {read_ts} is older than the GC safe point {safe_point}")]
@@ -87,7 +105,7 @@ impl StorageError {
                 source,
                 object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
             ),
-            StorageError::Job { .. } => true,
+            StorageError::Job { .. } | StorageError::FlushNotVisible { .. } => true,
             _ => false,
         }
     }

@@ -180,11 +180,30 @@ impl BaseStore {
         let removed: Vec<String> = task.inputs.iter().map(|t| t.name.clone()).collect();
         let span = key_span(&task.inputs);
         self.commit(|current| {
+            uploads.check_fresh()?;
             if let Some(gone) = removed.iter().find(|name| !current.contains_table(name)) {
                 return Err(StorageError::Job {
                     job: "compaction",
                     detail: format!("input {gone} was compacted away concurrently"),
                 });
+            }
+            // Another process may have compacted into the output level from
+            // a different version meanwhile: a sorted level must stay free of
+            // overlaps, so a clash refuses this commit.
+            let level = current.level(task.output_level as usize);
+            for output in &outputs {
+                if let Some(clash) = overlapping(level, &output.smallest, &output.largest)
+                    .iter()
+                    .find(|table| !removed.contains(&table.name))
+                {
+                    return Err(StorageError::Job {
+                        job: "compaction",
+                        detail: format!(
+                            "output overlaps {} committed concurrently in level {}",
+                            clash.name, task.output_level
+                        ),
+                    });
+                }
             }
             if task.drop_tombstones
                 && let Some((smallest, largest)) = &span

@@ -2,9 +2,10 @@
 //! away, or orphaned by a crash between upload and manifest edit) and
 //! manifest objects a newer checkpoint covers. Nothing is deleted while a
 //! reader in this process holds a version that uses it, nor before it is
-//! `gc_grace` old, which covers readers in other processes.
+//! `gc_grace` old and was seen unreferenced `gc_grace` ago, which covers
+//! readers and uploads in other processes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -80,16 +81,43 @@ impl BaseStore {
         let objects = self.list_all(&tables_dir).await?;
         let in_use = self.tables_in_use();
         let root_parts = self.layout().root().parts().count();
-        for meta in objects.iter().filter(|meta| old_enough(meta)) {
-            let name: Vec<String> = meta
+        let now = tokio::time::Instant::now();
+        // When each unreferenced object was first seen so. Rebuilt from this
+        // listing: entries for objects now referenced or gone are dropped.
+        let previously = self
+            .unreferenced_since
+            .lock()
+            .map(|mut seen| std::mem::take(&mut *seen))
+            .unwrap_or_default();
+        let mut unreferenced = HashMap::new();
+        let mut doomed = Vec::new();
+        for meta in &objects {
+            let name = meta
                 .location
                 .parts()
                 .skip(root_parts)
                 .map(|p| p.as_ref().to_string())
-                .collect();
-            if in_use.contains(&name.join("/")) {
+                .collect::<Vec<_>>()
+                .join("/");
+            if in_use.contains(&name) {
                 continue;
             }
+            let since = previously.get(&name).copied().unwrap_or(now);
+            // Both clocks must pass the grace: the upload age covers objects
+            // from before this process started watching; the time since it was
+            // first seen unreferenced covers other processes that still read a
+            // version from before the compaction that dropped it, or upload
+            // it for a commit to come (see `Uploads::check_fresh`).
+            if old_enough(meta) && now.duration_since(since) >= self.options.gc_grace {
+                doomed.push(meta);
+            }
+            // Kept for doomed ones too: a failed delete must not restart the clock.
+            unreferenced.insert(name, since);
+        }
+        if let Ok(mut seen) = self.unreferenced_since.lock() {
+            *seen = unreferenced;
+        }
+        for meta in doomed {
             if self.delete_object(&meta.location).await? {
                 report.tables_deleted += 1;
                 report.table_bytes_deleted += meta.size;

@@ -4,7 +4,7 @@
 mod compaction;
 mod gc;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
@@ -76,6 +76,8 @@ impl Default for BaseStoreOptions {
 struct Uploads<'a> {
     base: &'a BaseStore,
     names: Vec<String>,
+    /// When the first upload started.
+    started: Option<tokio::time::Instant>,
 }
 
 impl Uploads<'_> {
@@ -84,6 +86,29 @@ impl Uploads<'_> {
             uploading.insert(name.to_string());
         }
         self.names.push(name.to_string());
+        self.started.get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// Refuses to commit uploads that garbage collection in another process
+    /// may already delete: it sees them as unreferenced from (at latest) their
+    /// upload on, and deletes them `gc_grace` after it first saw them. Half
+    /// the grace leaves the other half for the manifest put itself. A zero
+    /// grace (single-process tests) disables the check.
+    fn check_fresh(&self) -> Result<()> {
+        let grace = self.base.options.gc_grace;
+        match self.started {
+            Some(started) if !grace.is_zero() && started.elapsed() >= grace / 2 => {
+                Err(StorageError::Job {
+                    job: "commit",
+                    detail: format!(
+                        "uploads took {:?}, over half the GC grace period {grace:?}; \
+                         another process may collect them, so they are left as orphans",
+                        started.elapsed()
+                    ),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -108,6 +133,9 @@ pub struct BaseStore {
     retired: Mutex<Vec<Weak<Version>>>,
     /// Tables uploaded but not yet committed: not garbage, whatever their age.
     uploading: Mutex<HashSet<String>>,
+    /// Table objects garbage collection found unreferenced, and when it first
+    /// did: the grace period runs from then, not from the upload.
+    unreferenced_since: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Serialises this process's manifest writers (flushes, compactions);
     /// other processes are handled by put-if-absent.
     commit_lock: tokio::sync::Mutex<()>,
@@ -138,6 +166,7 @@ impl BaseStore {
             current: RwLock::new(Arc::new(version)),
             retired: Mutex::new(Vec::new()),
             uploading: Mutex::new(HashSet::new()),
+            unreferenced_since: Mutex::new(HashMap::new()),
             commit_lock: tokio::sync::Mutex::new(()),
             gc_safe_point: AtomicU64::new(0),
             compaction_wanted: Arc::new(Notify::new()),
@@ -308,6 +337,7 @@ impl BaseStore {
         let flushed_up_to = memtable.max_seq();
         let version = self
             .commit(|version| {
+                uploads.check_fresh()?;
                 let current = version.tablet(tablet_id).map_or(0, |t| t.epoch);
                 if current != epoch {
                     return Err(StorageError::Fenced {
@@ -333,6 +363,7 @@ impl BaseStore {
         Uploads {
             base: self,
             names: Vec::new(),
+            started: None,
         }
     }
 

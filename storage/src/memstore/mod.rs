@@ -82,6 +82,20 @@ impl MemStore {
     pub async fn write(&self, seq: u64, ts: Timestamp, batch: &WriteBatch) -> Result<()> {
         self.options.limits.check_batch(batch)?;
         self.budget.wait_for_room().await;
+        self.insert_batch(seq, ts, batch)
+    }
+
+    /// Like [`MemStore::write`], but never stalls on the budget (it is still charged).
+    ///
+    /// For replicas that cannot flush: their memory is freed only when the owner's flush
+    /// markers are applied, and those arrive through the same apply loop a stall would
+    /// block. The owner throttles the group instead.
+    pub fn write_unthrottled(&self, seq: u64, ts: Timestamp, batch: &WriteBatch) -> Result<()> {
+        self.options.limits.check_batch(batch)?;
+        self.insert_batch(seq, ts, batch)
+    }
+
+    fn insert_batch(&self, seq: u64, ts: Timestamp, batch: &WriteBatch) -> Result<()> {
         let mut last_seq = self.writer.lock().map_err(|_| poisoned())?;
         if seq < *last_seq {
             return Err(StorageError::invalid(format!(
@@ -157,6 +171,36 @@ impl MemStore {
         Ok(())
     }
 
+    /// Drops every memtable whose writes all have journal index <= `up_to`:
+    /// a replica's answer to the owner's "flushed up to" marker. With
+    /// `rotate`, a non-empty active memtable turns immutable first, so it is
+    /// dropped now if it qualifies, or by a later marker otherwise (the
+    /// active one could never be dropped while it keeps taking writes).
+    /// A memtable holding anything above `up_to` stays. The caller must have
+    /// installed a BaseStore version holding the flush before calling this.
+    /// Returns how many memtables were dropped.
+    pub fn drop_flushed(&self, up_to: u64, rotate: bool) -> Result<usize> {
+        let _writer = self.writer.lock().map_err(|_| poisoned())?;
+        let active_has_writes = !self
+            .tables
+            .read()
+            .map_err(|_| poisoned())?
+            .active
+            .is_empty();
+        if rotate && active_has_writes {
+            self.rotate_locked()?;
+        }
+        let dropped = {
+            let mut tables = self.tables.write().map_err(|_| poisoned())?;
+            let before = tables.immutable.len();
+            // max_seq bounds every write's index from above, so this is exact
+            // for "all writes <= up_to" and conservative otherwise.
+            tables.immutable.retain(|table| table.max_seq() > up_to);
+            before - tables.immutable.len()
+        };
+        Ok(dropped)
+    }
+
     /// Waits until a memtable turns immutable.
     pub async fn immutable_ready(&self) {
         self.became_immutable.notified().await;
@@ -220,6 +264,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn drop_flushed_keeps_memtables_with_newer_writes_and_frees_memory() {
+        let budget = Arc::new(MemoryBudget::new(usize::MAX));
+        let memstore = MemStore::new(MemStoreOptions::default(), Arc::clone(&budget));
+        let put = |key: &str| {
+            let mut batch = WriteBatch::new();
+            batch.put(key.to_string(), b"value".to_vec());
+            batch
+        };
+        for seq in 1..=3 {
+            memstore.write(seq, seq, &put("a")).await.unwrap();
+        }
+        memstore.rotate().unwrap();
+        for seq in 4..=6 {
+            memstore.write(seq, seq, &put("b")).await.unwrap();
+        }
+        // A marker inside the first memtable drops nothing, but rotates the
+        // active one so that a later marker can drop it.
+        assert_eq!(memstore.drop_flushed(2, true).unwrap(), 0);
+        assert_eq!(memstore.immutable_count(), 2);
+        assert_eq!(memstore.drop_flushed(3, true).unwrap(), 1);
+        assert_eq!(memstore.immutable_count(), 1);
+        // An empty active memtable is not rotated.
+        assert_eq!(memstore.drop_flushed(6, true).unwrap(), 1);
+        assert_eq!(memstore.immutable_count(), 0);
+        assert_eq!(budget.used(), 0, "dropped memtables return their memory");
+        let reads = memstore.snapshot().unwrap();
+        assert_eq!(reads.len(), 1);
+        assert!(reads[0].is_empty());
+    }
+
+    #[tokio::test]
     async fn rejects_bad_input_and_backwards_journal_index() {
         let memstore = store(1 << 20);
         let mut empty_key = WriteBatch::new();
@@ -269,5 +344,30 @@ mod tests {
             .expect("write resumes after the flush frees memory")
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn unthrottled_writes_pass_an_exhausted_budget_and_are_charged() {
+        let budget = Arc::new(MemoryBudget::new(1000));
+        let memstore = MemStore::new(MemStoreOptions::default(), Arc::clone(&budget));
+        let mut big = WriteBatch::new();
+        big.put(&b"k"[..], vec![0u8; 2000]);
+        memstore.write_unthrottled(1, 1, &big).unwrap();
+        assert!(budget.is_exhausted());
+        let used = budget.used();
+        let mut small = WriteBatch::new();
+        small.put(&b"j"[..], &b"v"[..]);
+        memstore.write_unthrottled(2, 2, &small).unwrap();
+        assert!(
+            budget.used() > used,
+            "the replica's memory is still charged"
+        );
+        assert_eq!(
+            memstore.snapshot().unwrap()[0]
+                .get(b"j", 5)
+                .into_value()
+                .as_deref(),
+            Some(&b"v"[..])
+        );
     }
 }

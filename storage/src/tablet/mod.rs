@@ -1,11 +1,12 @@
 //! A tablet's storage: its MemStore in front of its collection's BaseStore,
 //! bounded to the tablet's key range. This is the embedded API.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+mod owner;
+
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::base::BaseStore;
@@ -27,24 +28,70 @@ pub struct ScanRequest {
     pub direction: Direction,
 }
 
-/// One tablet's storage, owned at one epoch.
+/// One tablet's storage on one replica of its group.
+///
+/// Every replica applies the same journal entries to its own MemStore and
+/// serves reads from it and the shared BaseStore. At most one replica, the
+/// *owner* (the group leader), flushes: it claimed the tablet at an epoch in
+/// the manifest, which fences every older owner. The others drop memtables
+/// when the owner's "flushed up to" marker reaches them
+/// ([`Tablet::apply_flushed`]). See docs/storage.md, "Replicas".
 pub struct Tablet {
     id: TabletId,
-    epoch: u64,
     range: KeyRange,
     recovered_up_to: u64,
     base: Arc<BaseStore>,
     memstore: Arc<MemStore>,
     /// One flush at a time, oldest memtable first.
     flush_lock: tokio::sync::Mutex<()>,
+    /// Whether this handle flushes, and at which epoch.
+    role: Mutex<Role>,
+    /// Serialises claim and apply_flushed, which both swap the version and
+    /// drop memtables.
+    transitions: tokio::sync::Mutex<()>,
+    /// The highest journal index whose writes are all in the BaseStore.
+    flushed: watch::Sender<u64>,
+}
+
+/// A handle's role: a replica (`epoch == None`) or the owner at an epoch.
+#[derive(Default)]
+struct Role {
+    epoch: Option<u64>,
     /// The epoch of the owner that fenced this one out; 0 while it is not fenced.
-    fenced_by: AtomicU64,
-    flusher: Mutex<Option<JoinHandle<()>>>,
+    fenced_by: u64,
+    flusher: Option<JoinHandle<()>>,
 }
 
 impl Tablet {
-    /// Claims tablet `id` at `epoch` in `base` (fencing older owners) and
-    /// returns it with an empty MemStore. Replay the journal from
+    /// Opens tablet `id` as a replica: it applies writes and serves reads but
+    /// never writes to the manifest until [`Tablet::claim`]. Replay the journal
+    /// from [`Tablet::recovered_up_to`] + 1 before serving.
+    pub async fn open_replica(
+        base: Arc<BaseStore>,
+        id: TabletId,
+        range: KeyRange,
+        options: MemStoreOptions,
+        budget: Arc<MemoryBudget>,
+    ) -> Result<Arc<Tablet>> {
+        // The newest manifest state: replay must not start before a flush
+        // another replica already made durable, nor after it.
+        let version = base.refresh().await?;
+        let recovered_up_to = version.tablet(id).map_or(0, |t| t.flushed_up_to);
+        Ok(Arc::new(Tablet {
+            id,
+            range,
+            recovered_up_to,
+            base,
+            memstore: Arc::new(MemStore::new(options, budget)),
+            flush_lock: tokio::sync::Mutex::new(()),
+            role: Mutex::new(Role::default()),
+            transitions: tokio::sync::Mutex::new(()),
+            flushed: watch::Sender::new(recovered_up_to),
+        }))
+    }
+
+    /// Opens tablet `id` and claims it at `epoch` (fencing older owners): a
+    /// replica that is the owner from the start. Replay the journal from
     /// [`Tablet::recovered_up_to`] + 1 before serving.
     pub async fn open(
         base: Arc<BaseStore>,
@@ -54,25 +101,8 @@ impl Tablet {
         options: MemStoreOptions,
         budget: Arc<MemoryBudget>,
     ) -> Result<Arc<Tablet>> {
-        let claimed = base.claim_tablet(id, epoch, range.clone()).await?;
-        let tablet = Arc::new(Tablet {
-            id,
-            epoch,
-            range,
-            recovered_up_to: claimed.flushed_up_to,
-            base,
-            memstore: Arc::new(MemStore::new(options, budget)),
-            flush_lock: tokio::sync::Mutex::new(()),
-            fenced_by: AtomicU64::new(0),
-            flusher: Mutex::new(None),
-        });
-        let flusher = tokio::spawn(background_flusher(
-            Arc::downgrade(&tablet),
-            Arc::clone(&tablet.memstore),
-        ));
-        if let Ok(mut slot) = tablet.flusher.lock() {
-            *slot = Some(flusher);
-        }
+        let tablet = Tablet::open_replica(base, id, range, options, budget).await?;
+        tablet.claim(epoch).await?;
         Ok(tablet)
     }
 
@@ -81,9 +111,9 @@ impl Tablet {
         self.id
     }
 
-    /// The epoch this handle owns.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
+    /// The epoch this handle owns the tablet at; `None` while it is a replica.
+    pub fn epoch(&self) -> Option<u64> {
+        self.role.lock().ok().and_then(|role| role.epoch)
     }
 
     /// The tablet's key range.
@@ -107,14 +137,18 @@ impl Tablet {
         &self.base
     }
 
+    /// Refuses writes once this handle was fenced as owner: a newer owner
+    /// exists, so this one's MemStore may miss its writes. [`Tablet::release`]
+    /// turns it back into a replica, which applies writes again.
     fn check_open(&self) -> Result<()> {
-        match self.fenced_by.load(Ordering::Acquire) {
-            0 => Ok(()),
-            current_epoch => Err(StorageError::Fenced {
+        let role = self.role.lock().map_err(|_| poisoned())?;
+        match (role.epoch, role.fenced_by) {
+            (Some(epoch), current_epoch) if current_epoch > 0 => Err(StorageError::Fenced {
                 tablet_id: self.id,
-                epoch: self.epoch,
+                epoch,
                 current_epoch,
             }),
+            _ => Ok(()),
         }
     }
 
@@ -141,13 +175,18 @@ impl Tablet {
     }
 
     /// Applies `batch` at `ts` as journal entry `seq` (non-decreasing).
-    /// Stalls while the memory budget is exhausted.
+    /// The owner stalls while the memory budget is exhausted; a replica does not (see
+    /// [`MemStore::write_unthrottled`]).
     pub async fn write(&self, seq: u64, ts: Timestamp, batch: &WriteBatch) -> Result<()> {
         self.check_open()?;
         for mutation in batch.mutations() {
             self.check_key(mutation.key())?;
         }
-        self.memstore.write(seq, ts, batch).await
+        if self.epoch().is_some() {
+            self.memstore.write(seq, ts, batch).await
+        } else {
+            self.memstore.write_unthrottled(seq, ts, batch)
+        }
     }
 
     /// The newest version of `key` visible at `read_ts`.
@@ -202,75 +241,11 @@ impl Tablet {
         }
         Ok(out)
     }
-
-    /// Makes everything written so far durable in the BaseStore.
-    pub async fn flush(&self) -> Result<()> {
-        self.memstore.rotate()?;
-        self.flush_immutables().await
-    }
-
-    async fn flush_immutables(&self) -> Result<()> {
-        let _one_at_a_time = self.flush_lock.lock().await;
-        while let Some(memtable) = self.memstore.oldest_immutable()? {
-            self.check_open()?;
-            match self.base.flush(self.id, self.epoch, &memtable).await {
-                Ok(_) => self.memstore.remove_flushed(&memtable)?,
-                Err(error @ StorageError::Fenced { current_epoch, .. }) => {
-                    self.fenced_by
-                        .store(current_epoch.max(self.epoch + 1), Ordering::Release);
-                    return Err(error);
-                }
-                Err(error) => return Err(error),
-            }
-        }
-        Ok(())
-    }
-
-    /// Flushes everything and stops the background flusher.
-    pub async fn close(&self) -> Result<()> {
-        let result = self.flush().await;
-        if let Some(flusher) = self.flusher.lock().ok().and_then(|mut slot| slot.take()) {
-            flusher.abort();
-        }
-        result
-    }
 }
 
-impl Drop for Tablet {
-    fn drop(&mut self) {
-        if let Some(flusher) = self.flusher.get_mut().ok().and_then(Option::take) {
-            flusher.abort();
-        }
-    }
-}
-
-/// Flushes memtables as they turn immutable. A failed flush keeps its
-/// memtable (nothing is lost) and is retried with backoff; writers stall on
-/// the memory budget meanwhile.
-async fn background_flusher(tablet: std::sync::Weak<Tablet>, memstore: Arc<MemStore>) {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        memstore.immutable_ready().await;
-        loop {
-            let Some(tablet) = tablet.upgrade() else {
-                return;
-            };
-            match tablet.flush_immutables().await {
-                Ok(()) => {
-                    backoff = Duration::from_millis(50);
-                    break;
-                }
-                Err(error @ (StorageError::Fenced { .. } | StorageError::Closed { .. })) => {
-                    tracing::warn!(tablet = tablet.id, %error, "flusher stopping");
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(tablet = tablet.id, %error, "flush failed; will retry");
-                    drop(tablet);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+fn poisoned() -> StorageError {
+    StorageError::Job {
+        job: "tablet",
+        detail: "a thread panicked while holding the tablet's role lock".into(),
     }
 }

@@ -1,0 +1,132 @@
+//! Master settings and the injectable wall clock.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::MasterError;
+
+/// Largest replication factor a collection may ask for.
+pub const MAX_REPLICATION_FACTOR: u32 = 7;
+/// Most tablets one collection may be created with.
+pub const MAX_TABLETS: u32 = 4096;
+/// Most groups per live server the placement driver keeps per replica-set pool.
+pub const MAX_GROUPS_PER_SERVER: u32 = 64;
+
+/// Wall time in milliseconds since the Unix epoch.
+///
+/// The master reads wall time only on the leader, to stamp proposals and to pick TSO
+/// windows; apply never reads it. Tests inject a clock that stands still or goes backwards.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        // A clock before 1970 reads as 0: the TSO still moves forward from its persisted
+        // window, it just stops tracking wall time until the clock is fixed.
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| {
+                u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+            })
+    }
+}
+
+/// Settings of a [`Master`](crate::Master).
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    /// Replicas per group for collections that do not ask for a number (1..=7).
+    pub default_replication_factor: u32,
+    /// Tablets of a hash collection created with `tablets = 0` (1..=4096).
+    pub default_hash_tablets: u32,
+    /// Groups per live server in each replica-set pool (1..=64).
+    pub groups_per_server: u32,
+    /// A server is alive if the master heard from it within this time.
+    pub heartbeat_timeout: Duration,
+    /// How far ahead of the clock each persisted TSO window reaches (at least 1 ms).
+    pub tso_window: Duration,
+    /// The wall clock (proposal stamps and TSO physical time).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        Self {
+            default_replication_factor: 3,
+            default_hash_tablets: 8,
+            groups_per_server: 1,
+            heartbeat_timeout: Duration::from_secs(10),
+            tso_window: Duration::from_secs(3),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl MasterConfig {
+    /// The TSO window in whole milliseconds.
+    pub(crate) fn tso_window_ms(&self) -> u64 {
+        u64::try_from(self.tso_window.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Rejects settings the master cannot honour.
+    pub fn validate(&self) -> Result<(), MasterError> {
+        let rf = self.default_replication_factor;
+        if !(1..=MAX_REPLICATION_FACTOR).contains(&rf) {
+            return Err(MasterError::invalid(format!(
+                "default_replication_factor {rf} is outside 1..={MAX_REPLICATION_FACTOR}"
+            )));
+        }
+        let tablets = self.default_hash_tablets;
+        if !(1..=MAX_TABLETS).contains(&tablets) {
+            return Err(MasterError::invalid(format!(
+                "default_hash_tablets {tablets} is outside 1..={MAX_TABLETS}"
+            )));
+        }
+        let groups = self.groups_per_server;
+        if !(1..=MAX_GROUPS_PER_SERVER).contains(&groups) {
+            return Err(MasterError::invalid(format!(
+                "groups_per_server {groups} is outside 1..={MAX_GROUPS_PER_SERVER}"
+            )));
+        }
+        if self.heartbeat_timeout.is_zero() {
+            return Err(MasterError::invalid("heartbeat_timeout must be positive"));
+        }
+        // Windows past an hour would let a restarted master jump far ahead of real time.
+        let window = self.tso_window_ms();
+        if !(1..=3_600_000).contains(&window) {
+            return Err(MasterError::invalid(format!(
+                "tso_window of {window} ms is outside 1 ms..=1 h"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bounds_are_checked() {
+        assert!(MasterConfig::default().validate().is_ok());
+        let bad = MasterConfig {
+            default_replication_factor: 8,
+            ..MasterConfig::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(MasterError::InvalidArgument { .. })
+        ));
+        let bad = MasterConfig {
+            tso_window: Duration::ZERO,
+            ..MasterConfig::default()
+        };
+        assert!(bad.validate().is_err());
+        assert!(SystemClock.now_ms() > 1_600_000_000_000);
+    }
+}

@@ -1,0 +1,271 @@
+//! The master's core: its state on the journal stream, the apply loop, and proposals.
+//!
+//! One task applies every committed entry of the stream in order, from index 1 (so a
+//! restart is a replay). Proposals are serialised: a proposer takes the turn (an async
+//! mutex), computes its command from the applied state, appends it, and waits until the
+//! apply loop has applied that index to learn the result. Because the proposer holds the
+//! turn, the state it computed from is still the state its command is applied to, so
+//! commands are rarely rejected at apply; when they are (e.g. a second replica raced), the
+//! rejection reaches the proposer as its result.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use bytes::Bytes;
+use luna_kernel::stream::{Entry, Stream, Subscription};
+use luna_proto::masterlog::Command;
+use prost::Message;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::MasterConfig;
+use crate::error::MasterError;
+use crate::heartbeat::registry::Registry;
+use crate::state::State;
+use crate::tso::{TsoAllocator, physical_ms};
+
+/// Results of applied entries kept for their proposers. A proposer waits for its own index
+/// while holding the turn, so only a few results are ever outstanding.
+const RESULTS_KEPT: u64 = 1024;
+/// Routing versions of one master run start at its start time in ms shifted by this many
+/// bits, so they keep increasing across restarts (a run would need a million routing
+/// changes per millisecond of uptime to catch up with the next run's start).
+const ROUTING_VERSION_SHIFT: u32 = 20;
+
+/// State shared by the service, the apply loop and the [`Master`](crate::Master) handle.
+pub(crate) struct Core {
+    pub config: MasterConfig,
+    stream: Arc<dyn Stream>,
+    state: RwLock<State>,
+    /// Soft state from heartbeats. Lock order: `state` before `registry`.
+    pub registry: Mutex<Registry>,
+    /// Bumped (under the state or registry lock) on every change of routing.
+    pub routing_version: watch::Sender<u64>,
+    /// The last index the apply loop applied; closed when the loop stops.
+    applied: watch::Receiver<u64>,
+    results: Mutex<BTreeMap<u64, Result<(), MasterError>>>,
+    /// The turn to propose: one proposal at a time.
+    proposals: tokio::sync::Mutex<()>,
+    pub tso: tokio::sync::Mutex<TsoAllocator>,
+    /// Why the apply loop stopped, if it did.
+    failure: Mutex<Option<MasterError>>,
+    /// Set to stop the apply loop and open watch streams.
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The stream is a trait object without Debug; the applied index says enough.
+        f.debug_struct("Core")
+            .field("applied", &*self.applied.borrow())
+            .field("routing_version", &*self.routing_version.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The turn to propose, from [`Core::turn`].
+pub(crate) type Turn<'a> = tokio::sync::MutexGuard<'a, ()>;
+
+impl Core {
+    /// Replays the stream and returns the core once it has caught up with everything
+    /// committed before the call, with the task applying later entries.
+    pub async fn open(
+        config: MasterConfig,
+        stream: Arc<dyn Stream>,
+    ) -> Result<(Arc<Self>, JoinHandle<()>), MasterError> {
+        config.validate()?;
+        let caught_up = stream
+            .read_index()
+            .await
+            .map_err(|e| MasterError::stream("reading the committed index", e))?;
+        let subscription = stream
+            .subscribe(1)
+            .await
+            .map_err(|e| MasterError::stream("subscribing to the master log", e))?;
+        let (applied_tx, applied) = watch::channel(0);
+        let core = Arc::new(Self {
+            config,
+            stream,
+            state: RwLock::new(State::default()),
+            registry: Mutex::new(Registry::default()),
+            routing_version: watch::Sender::new(0),
+            applied,
+            results: Mutex::new(BTreeMap::new()),
+            proposals: tokio::sync::Mutex::new(()),
+            tso: tokio::sync::Mutex::new(TsoAllocator::new(0)),
+            failure: Mutex::new(None),
+            shutdown: watch::Sender::new(false),
+        });
+        let task = tokio::spawn(apply_loop(Arc::clone(&core), subscription, applied_tx));
+        if let Err(error) = core.wait_applied(caught_up).await {
+            core.shutdown.send_replace(true);
+            let _ = task.await;
+            return Err(error);
+        }
+        let limit = core.read_state().tso_limit;
+        let start_ms = core
+            .config
+            .clock
+            .now_ms()
+            .max(physical_ms(limit).saturating_add(1));
+        core.routing_version.send_modify(|version| {
+            *version = (*version).max(start_ms.saturating_mul(1 << ROUTING_VERSION_SHIFT));
+        });
+        *core.tso.lock().await = TsoAllocator::new(limit);
+        tracing::info!(
+            applied_index = caught_up,
+            databases = core.read_state().databases.len(),
+            "master state replayed"
+        );
+        Ok((core, task))
+    }
+
+    /// The applied state, for reading.
+    pub fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The soft state, for reading or updating.
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        lock(&self.registry)
+    }
+
+    /// Marks a change of routing.
+    pub fn bump_routing_version(&self) {
+        self.routing_version.send_modify(|version| *version += 1);
+    }
+
+    /// Waits for the turn to propose.
+    pub async fn turn(&self) -> Result<Turn<'_>, MasterError> {
+        self.check_running()?;
+        Ok(self.proposals.lock().await)
+    }
+
+    /// Appends `command` and waits until it is applied; returns the result of applying it.
+    /// The caller holds `turn` and computed `command` from the state under it.
+    pub async fn propose(&self, _turn: &Turn<'_>, command: &Command) -> Result<(), MasterError> {
+        self.check_running()?;
+        let data = Bytes::from(command.encode_to_vec());
+        let index = self
+            .stream
+            .append(data)
+            .await
+            .map_err(|e| MasterError::stream("appending a command", e))?;
+        self.wait_applied(index).await?;
+        lock(&self.results).remove(&index).unwrap_or_else(|| {
+            Err(MasterError::internal(format!(
+                "the result of master log entry {index} is missing"
+            )))
+        })
+    }
+
+    /// Fails if the stream says this replica does not lead (only the leader may propose or
+    /// hand out timestamps).
+    pub fn check_leader(&self) -> Result<(), MasterError> {
+        let leadership = self.stream.leadership();
+        if leadership.is_leader {
+            return Ok(());
+        }
+        Err(MasterError::Unavailable {
+            message: format!(
+                "this master replica does not lead term {} (leader: {:?})",
+                leadership.term, leadership.leader_id
+            ),
+        })
+    }
+
+    fn check_running(&self) -> Result<(), MasterError> {
+        match lock(&self.failure).clone() {
+            Some(error) => Err(error),
+            None if *self.shutdown.borrow() => Err(MasterError::Closed),
+            None => Ok(()),
+        }
+    }
+
+    async fn wait_applied(&self, index: u64) -> Result<(), MasterError> {
+        let mut applied = self.applied.clone();
+        if applied.wait_for(|&applied| applied >= index).await.is_err() {
+            // The loop stopped before reaching `index`.
+            return Err(lock(&self.failure).clone().unwrap_or(MasterError::Closed));
+        }
+        Ok(())
+    }
+
+    fn apply_entry(&self, entry: &Entry) {
+        let mut state = self.write_state();
+        if entry.data.is_empty() {
+            // Written by the stream itself (e.g. a new leader's first entry).
+            state.skip(entry.index);
+            return;
+        }
+        let result = match Command::decode(entry.data.as_ref()) {
+            Ok(command) => match state.apply(entry.index, &command) {
+                Ok(applied) => {
+                    if applied.routing_changed {
+                        self.bump_routing_version();
+                    }
+                    Ok(())
+                }
+                Err(error) => {
+                    tracing::warn!(index = entry.index, %error, "master command rejected");
+                    Err(error)
+                }
+            },
+            Err(error) => {
+                // Skipping is deterministic, so replicas still agree; the entry's proposer
+                // (if any) learns about it.
+                state.skip(entry.index);
+                let error = MasterError::Corrupt {
+                    index: entry.index,
+                    reason: error.to_string(),
+                };
+                tracing::error!(%error, "skipping an undecodable master log entry");
+                Err(error)
+            }
+        };
+        drop(state);
+        let mut results = lock(&self.results);
+        results.insert(entry.index, result);
+        let keep = results.split_off(&entry.index.saturating_sub(RESULTS_KEPT));
+        *results = keep;
+    }
+
+    fn fail(&self, error: MasterError) {
+        tracing::error!(%error, "the master's apply loop stopped");
+        lock(&self.failure).get_or_insert(error);
+    }
+}
+
+async fn apply_loop(core: Arc<Core>, mut subscription: Subscription, applied: watch::Sender<u64>) {
+    let mut shutdown = core.shutdown.subscribe();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|&stop| stop) => break,
+            next = subscription.next() => next,
+        };
+        match next {
+            Some(Ok(entry)) => {
+                core.apply_entry(&entry);
+                applied.send_replace(entry.index);
+            }
+            Some(Err(error)) => {
+                core.fail(MasterError::stream("reading the master log", error));
+                break;
+            }
+            None => {
+                core.fail(MasterError::Closed);
+                break;
+            }
+        }
+    }
+}
+
+/// Locks `mutex`, ignoring poison: every critical section leaves its data consistent.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

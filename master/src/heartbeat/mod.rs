@@ -1,0 +1,94 @@
+//! Tablet-server heartbeats: what the master tells a server to host.
+
+pub(crate) mod registry;
+
+use std::collections::BTreeSet;
+
+use luna_proto::master::{GroupAssignment, HeartbeatRequest, HeartbeatResponse};
+
+use crate::error::MasterError;
+use crate::routing::View;
+
+/// Longest address a server may report.
+const MAX_ADDR_LEN: usize = 256;
+
+/// Rejects heartbeats whose addresses cannot be served to clients.
+pub(crate) fn validate(request: &HeartbeatRequest) -> Result<(), MasterError> {
+    if request.addr.is_empty() {
+        return Err(MasterError::invalid(
+            "the heartbeat has no addr: a tablet server must report its tablet service address",
+        ));
+    }
+    for (name, addr) in [
+        ("addr", &request.addr),
+        ("raft_addr", &request.raft_addr),
+        ("http_addr", &request.http_addr),
+    ] {
+        if addr.len() > MAX_ADDR_LEN {
+            return Err(MasterError::invalid(format!(
+                "{name} has {} bytes, more than {MAX_ADDR_LEN}",
+                addr.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl View<'_> {
+    /// The complete set of group replicas `server_id` should host, with their peers.
+    pub fn heartbeat_response(&self, server_id: u64) -> HeartbeatResponse {
+        let mut peers = BTreeSet::new();
+        let groups = self
+            .state
+            .groups
+            .values()
+            .filter(|g| g.replicas.contains(&server_id))
+            .map(|group| {
+                peers.extend(group.replicas.iter().copied());
+                let tablets = self
+                    .state
+                    .tablets
+                    .values()
+                    .filter(|t| t.group_id == group.id)
+                    .cloned()
+                    .collect();
+                GroupAssignment {
+                    group_id: group.id,
+                    voters: group.replicas.clone(),
+                    tablets,
+                }
+            })
+            .collect();
+        let peers = peers
+            .into_iter()
+            .filter_map(|id| self.state.servers.get(&id))
+            .map(|server| self.server_info(server))
+            .collect();
+        HeartbeatResponse {
+            server_id,
+            groups,
+            peers,
+            routing_version: self.routing_version,
+            // No GC safe point is computed yet: 0 keeps every version.
+            gc_safe_point: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_need_a_usable_address() {
+        let mut request = HeartbeatRequest::default();
+        assert!(matches!(
+            validate(&request),
+            Err(MasterError::InvalidArgument { .. })
+        ));
+        request.addr = "127.0.0.1:7421".into();
+        assert!(validate(&request).is_ok());
+        request.http_addr = "h".repeat(MAX_ADDR_LEN + 1);
+        assert!(validate(&request).is_err());
+    }
+}

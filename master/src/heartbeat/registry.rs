@@ -1,0 +1,188 @@
+//! The soft state heartbeats build: when each server was last heard from, and who leads
+//! each group.
+//!
+//! None of this is in the log: it is rebuilt within one heartbeat interval after a master
+//! restart or failover, and persisting it would write the log on every heartbeat. Times are
+//! passed in (monotonic [`Instant`]s) so liveness is testable without sleeping.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use luna_proto::master::HeartbeatRequest;
+
+/// Who leads a group, as last reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct GroupLeader {
+    /// The term of the report.
+    pub term: u64,
+    /// The leading server; 0 while unknown (an election is under way).
+    pub server_id: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+}
+
+/// Liveness of servers and leaders of groups.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    seen: HashMap<u64, Seen>,
+    leaders: HashMap<u64, GroupLeader>,
+}
+
+impl Registry {
+    /// Records a heartbeat from server `server_id` at `now`. Reports of groups that
+    /// `is_replica` says the server does not hold are stale and ignored. Returns whether
+    /// the known leader of any group changed.
+    pub fn record(
+        &mut self,
+        server_id: u64,
+        now: Instant,
+        request: &HeartbeatRequest,
+        is_replica: impl Fn(u64) -> bool,
+    ) -> bool {
+        self.seen.insert(server_id, Seen { at: now });
+        let mut changed = false;
+        for report in &request.groups {
+            if !is_replica(report.group_id) {
+                continue;
+            }
+            let reported = GroupLeader {
+                term: report.term,
+                server_id: if report.is_leader {
+                    server_id
+                } else {
+                    report.leader_server_id
+                },
+            };
+            let known = self.leaders.get(&report.group_id).copied();
+            // A newer term always wins; within a term, only a known leader replaces an
+            // unknown one (a term has at most one leader, so two reports cannot disagree).
+            let newer = match known {
+                None => true,
+                Some(known) => {
+                    reported.term > known.term
+                        || (reported.term == known.term
+                            && known.server_id == 0
+                            && reported.server_id != 0)
+                }
+            };
+            if newer {
+                changed |= known.map_or(0, |k| k.server_id) != reported.server_id;
+                self.leaders.insert(report.group_id, reported);
+            }
+        }
+        changed
+    }
+
+    /// Whether the master heard from `server_id` within `timeout` before `now`.
+    pub fn is_alive(&self, server_id: u64, now: Instant, timeout: Duration) -> bool {
+        self.seen
+            .get(&server_id)
+            .is_some_and(|seen| now.saturating_duration_since(seen.at) <= timeout)
+    }
+
+    /// The live servers among `servers`, in ascending order.
+    pub fn alive(
+        &self,
+        servers: impl Iterator<Item = u64>,
+        now: Instant,
+        timeout: Duration,
+    ) -> Vec<u64> {
+        let mut alive: Vec<u64> = servers
+            .filter(|&id| self.is_alive(id, now, timeout))
+            .collect();
+        alive.sort_unstable();
+        alive
+    }
+
+    /// Milliseconds since the last heartbeat of `server_id`; `u64::MAX` if none since this
+    /// master started.
+    pub fn last_heartbeat_ago_ms(&self, server_id: u64, now: Instant) -> u64 {
+        self.seen.get(&server_id).map_or(u64::MAX, |seen| {
+            u64::try_from(now.saturating_duration_since(seen.at).as_millis()).unwrap_or(u64::MAX)
+        })
+    }
+
+    /// The last reported leader of `group_id` (server 0 when unknown).
+    pub fn leader(&self, group_id: u64) -> GroupLeader {
+        self.leaders.get(&group_id).copied().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use luna_proto::master::GroupReport;
+
+    use super::*;
+
+    fn report(group_id: u64, is_leader: bool, term: u64, leader: u64) -> HeartbeatRequest {
+        HeartbeatRequest {
+            groups: vec![GroupReport {
+                group_id,
+                is_leader,
+                term,
+                leader_server_id: leader,
+                ..GroupReport::default()
+            }],
+            ..HeartbeatRequest::default()
+        }
+    }
+
+    #[test]
+    fn liveness_follows_the_timeout() {
+        let mut registry = Registry::default();
+        let start = Instant::now();
+        let timeout = Duration::from_secs(5);
+        registry.record(1, start, &HeartbeatRequest::default(), |_| true);
+        registry.record(
+            2,
+            start + Duration::from_secs(4),
+            &HeartbeatRequest::default(),
+            |_| true,
+        );
+        let later = start + Duration::from_secs(6);
+        assert!(!registry.is_alive(1, later, timeout));
+        assert!(registry.is_alive(2, later, timeout));
+        assert!(!registry.is_alive(3, later, timeout));
+        assert_eq!(
+            registry.alive([3, 2, 1].into_iter(), later, timeout),
+            vec![2]
+        );
+        assert_eq!(registry.last_heartbeat_ago_ms(1, later), 6000);
+        assert_eq!(registry.last_heartbeat_ago_ms(3, later), u64::MAX);
+    }
+
+    #[test]
+    fn leaders_change_only_with_newer_terms() {
+        let mut registry = Registry::default();
+        let now = Instant::now();
+        assert!(registry.record(1, now, &report(10, true, 2, 0), |_| true));
+        assert_eq!(
+            registry.leader(10),
+            GroupLeader {
+                term: 2,
+                server_id: 1
+            }
+        );
+        // Same leader again, and a follower of an older term: no change.
+        assert!(!registry.record(1, now, &report(10, true, 2, 0), |_| true));
+        assert!(!registry.record(2, now, &report(10, false, 1, 2), |_| true));
+        assert_eq!(registry.leader(10).server_id, 1);
+        // A new term without a leader yet, then its leader.
+        assert!(registry.record(3, now, &report(10, false, 3, 0), |_| true));
+        assert_eq!(registry.leader(10).server_id, 0);
+        assert!(registry.record(3, now, &report(10, false, 3, 2), |_| true));
+        assert_eq!(
+            registry.leader(10),
+            GroupLeader {
+                term: 3,
+                server_id: 2
+            }
+        );
+        // Reports of groups the server is not a replica of are ignored.
+        assert!(!registry.record(4, now, &report(10, true, 9, 0), |_| false));
+        assert_eq!(registry.leader(10).server_id, 2);
+    }
+}

@@ -1,0 +1,259 @@
+//! The master's operations, as the gRPC service and in-process callers use them.
+
+use std::time::Instant;
+
+use luna_proto::master::{
+    CollectionInfo, CollectionRoute, CreateCollectionRequest, DatabaseInfo, GroupInfo,
+    HeartbeatRequest, HeartbeatResponse, RoutingTable, ServerInfo, TabletInfo,
+};
+use luna_proto::masterlog::command::Kind;
+use luna_proto::masterlog::{Command, RegisterServer, TsoWindow};
+
+use crate::catalog;
+use crate::core::Core;
+use crate::error::MasterError;
+use crate::heartbeat;
+use crate::placement::Ids;
+use crate::routing::View;
+use crate::tso::{MAX_TIMESTAMP_BATCH, Timestamps};
+
+impl Core {
+    /// Runs `read` on a consistent view of the state, soft state and routing version.
+    pub fn view<R>(&self, read: impl FnOnce(&View<'_>) -> R) -> R {
+        let state = self.read_state();
+        let registry = self.registry();
+        let view = View {
+            state: &state,
+            registry: &registry,
+            now: Instant::now(),
+            heartbeat_timeout: self.config.heartbeat_timeout,
+            routing_version: *self.routing_version.borrow(),
+        };
+        read(&view)
+    }
+
+    fn alive_servers(&self) -> Vec<u64> {
+        let state = self.read_state();
+        let registry = self.registry();
+        registry.alive(
+            state.servers.keys().copied(),
+            Instant::now(),
+            self.config.heartbeat_timeout,
+        )
+    }
+
+    /// Creates database `name`.
+    pub async fn create_database(&self, name: &str) -> Result<DatabaseInfo, MasterError> {
+        let turn = self.turn().await?;
+        let now = self.config.clock.now_ms();
+        let command = catalog::create_database(&self.read_state(), name, now)?;
+        self.propose(&turn, &command).await?;
+        catalog::find_database(&self.read_state(), name).cloned()
+    }
+
+    /// Drops database `name` and its collections.
+    pub async fn drop_database(&self, name: &str) -> Result<(), MasterError> {
+        let turn = self.turn().await?;
+        let now = self.config.clock.now_ms();
+        let command = catalog::drop_database(&self.read_state(), name, now)?;
+        self.propose(&turn, &command).await
+    }
+
+    /// Creates a collection and places its tablets on the live servers.
+    pub async fn create_collection(
+        &self,
+        request: &CreateCollectionRequest,
+    ) -> Result<CollectionInfo, MasterError> {
+        let turn = self.turn().await?;
+        let alive = self.alive_servers();
+        let now = self.config.clock.now_ms();
+        let command =
+            catalog::create_collection(&self.read_state(), request, &alive, &self.config, now)?;
+        self.propose(&turn, &command).await?;
+        catalog::find_collection(&self.read_state(), &request.database, &request.name).cloned()
+    }
+
+    /// Drops collection `name` of `database`.
+    pub async fn drop_collection(&self, database: &str, name: &str) -> Result<(), MasterError> {
+        let turn = self.turn().await?;
+        let now = self.config.clock.now_ms();
+        let command = catalog::drop_collection(&self.read_state(), database, name, now)?;
+        self.propose(&turn, &command).await
+    }
+
+    /// Every database, by id.
+    pub fn list_databases(&self) -> Vec<DatabaseInfo> {
+        self.read_state().databases.values().cloned().collect()
+    }
+
+    /// The collections of `database` (every collection if empty), by id.
+    pub fn list_collections(&self, database: &str) -> Result<Vec<CollectionInfo>, MasterError> {
+        let state = self.read_state();
+        let database_id = match database {
+            "" => None,
+            name => Some(catalog::find_database(&state, name)?.id),
+        };
+        Ok(state
+            .collections
+            .values()
+            .filter(|c| database_id.is_none_or(|id| c.database_id == id))
+            .cloned()
+            .collect())
+    }
+
+    /// Tablets, filtered by database and collection (empty filters match everything); in
+    /// routing-key order within a collection.
+    pub fn list_tablets(
+        &self,
+        database: &str,
+        collection: &str,
+    ) -> Result<Vec<TabletInfo>, MasterError> {
+        let state = self.read_state();
+        let collections: Vec<u64> = match (database, collection) {
+            ("", "") => state.collections.keys().copied().collect(),
+            ("", _) => {
+                return Err(MasterError::invalid(
+                    "a collection filter needs its database: set both",
+                ));
+            }
+            (database, "") => {
+                let id = catalog::find_database(&state, database)?.id;
+                state
+                    .collections
+                    .values()
+                    .filter(|c| c.database_id == id)
+                    .map(|c| c.id)
+                    .collect()
+            }
+            (database, collection) => {
+                vec![catalog::find_collection(&state, database, collection)?.id]
+            }
+        };
+        Ok(collections
+            .into_iter()
+            .flat_map(|id| state.tablets_of(id))
+            .cloned()
+            .collect())
+    }
+
+    /// Every registered server, by id.
+    pub fn list_servers(&self) -> Vec<ServerInfo> {
+        self.view(|view| view.servers())
+    }
+
+    /// Every group, by id.
+    pub fn list_groups(&self) -> Vec<GroupInfo> {
+        self.view(|view| view.groups())
+    }
+
+    /// The route of one collection.
+    pub fn routing(
+        &self,
+        database: &str,
+        collection: &str,
+    ) -> Result<CollectionRoute, MasterError> {
+        self.view(|view| {
+            let info = catalog::find_collection(view.state, database, collection)?;
+            Ok(view.collection_route(info))
+        })
+    }
+
+    /// The whole routing table.
+    pub fn routing_table(&self) -> RoutingTable {
+        self.view(|view| view.routing_table())
+    }
+
+    /// Hands out `count` timestamps (0 means 1), persisting a new window first if needed.
+    pub async fn timestamps(&self, count: u32) -> Result<Timestamps, MasterError> {
+        let count = count.max(1);
+        if count > MAX_TIMESTAMP_BATCH {
+            return Err(MasterError::invalid(format!(
+                "{count} timestamps asked for; ask for at most {MAX_TIMESTAMP_BATCH} at a time"
+            )));
+        }
+        self.check_leader()?;
+        let mut tso = self.tso.lock().await;
+        let now = self.config.clock.now_ms();
+        let limit = self.read_state().tso_limit;
+        let plan = tso.plan(now, count, limit, self.config.tso_window_ms())?;
+        if let Some(limit) = plan.new_limit {
+            let turn = self.turn().await?;
+            let command = Command {
+                proposed_ms: now,
+                kind: Some(Kind::TsoWindow(TsoWindow { limit })),
+            };
+            self.propose(&turn, &command).await?;
+        }
+        // Apply only raises the limit, so the batch is covered now.
+        if plan.batch.last() >= self.read_state().tso_limit {
+            return Err(MasterError::internal(
+                "the persisted TSO window does not cover the batch",
+            ));
+        }
+        tso.commit(plan.batch);
+        Ok(plan.batch)
+    }
+
+    /// Registers or refreshes a tablet server and tells it what to host.
+    pub async fn heartbeat(
+        &self,
+        request: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, MasterError> {
+        heartbeat::validate(request)?;
+        let server_id = self.register_if_needed(request).await?;
+        {
+            let state = self.read_state();
+            let mut registry = self.registry();
+            let changed = registry.record(server_id, Instant::now(), request, |group| {
+                state
+                    .groups
+                    .get(&group)
+                    .is_some_and(|g| g.replicas.contains(&server_id))
+            });
+            // Bumped under the registry lock, so no view pairs the new leaders with the old
+            // version.
+            if changed {
+                self.bump_routing_version();
+            }
+        }
+        Ok(self.view(|view| view.heartbeat_response(server_id)))
+    }
+
+    /// Persists a new server, or a known server's changed addresses; returns its id.
+    async fn register_if_needed(&self, request: &HeartbeatRequest) -> Result<u64, MasterError> {
+        let id = request.server_id;
+        if id != 0 {
+            let state = self.read_state();
+            let Some(known) = state.servers.get(&id) else {
+                return Err(MasterError::precondition(format!(
+                    "this master does not know server {id}; the server's data dir belongs to \
+                     another universe: point the server at that universe's master, or start \
+                     it with an empty data dir to join this one"
+                )));
+            };
+            let unchanged = known.addr == request.addr
+                && known.raft_addr == request.raft_addr
+                && known.http_addr == request.http_addr;
+            if unchanged {
+                return Ok(id);
+            }
+        }
+        let turn = self.turn().await?;
+        let id = match id {
+            0 => Ids::new(&self.read_state()).take(),
+            id => id,
+        };
+        let command = Command {
+            proposed_ms: self.config.clock.now_ms(),
+            kind: Some(Kind::RegisterServer(RegisterServer {
+                id,
+                addr: request.addr.clone(),
+                raft_addr: request.raft_addr.clone(),
+                http_addr: request.http_addr.clone(),
+            })),
+        };
+        self.propose(&turn, &command).await?;
+        tracing::info!(server_id = id, addr = %request.addr, "tablet server registered");
+        Ok(id)
+    }
+}

@@ -1,0 +1,178 @@
+//! The gRPC service: thin translations between the generated API and [`Core`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream as FuturesStream;
+use luna_proto::master::master_server::Master as MasterRpc;
+use luna_proto::master::{
+    CollectionRoute, CreateCollectionRequest, CreateCollectionResponse, CreateDatabaseRequest,
+    CreateDatabaseResponse, DropCollectionRequest, DropCollectionResponse, DropDatabaseRequest,
+    DropDatabaseResponse, GetRoutingRequest, GetTimestampsRequest, GetTimestampsResponse,
+    HeartbeatRequest, HeartbeatResponse, ListCollectionsRequest, ListCollectionsResponse,
+    ListDatabasesRequest, ListDatabasesResponse, ListGroupsRequest, ListGroupsResponse,
+    ListServersRequest, ListServersResponse, ListTabletsRequest, ListTabletsResponse, RoutingTable,
+    WatchRoutingRequest,
+};
+use tonic::{Request, Response, Status};
+
+use crate::core::Core;
+
+/// The master's gRPC service; mount it with [`Master::service`](crate::Master::service).
+#[derive(Debug, Clone)]
+pub struct MasterService {
+    core: Arc<Core>,
+}
+
+impl MasterService {
+    pub(crate) fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+/// The routing tables of one WatchRouting call.
+pub type RoutingStream = Pin<Box<dyn FuturesStream<Item = Result<RoutingTable, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl MasterRpc for MasterService {
+    async fn create_database(
+        &self,
+        request: Request<CreateDatabaseRequest>,
+    ) -> Result<Response<CreateDatabaseResponse>, Status> {
+        let database = self.core.create_database(&request.get_ref().name).await?;
+        Ok(Response::new(CreateDatabaseResponse {
+            database: Some(database),
+        }))
+    }
+
+    async fn drop_database(
+        &self,
+        request: Request<DropDatabaseRequest>,
+    ) -> Result<Response<DropDatabaseResponse>, Status> {
+        self.core.drop_database(&request.get_ref().name).await?;
+        Ok(Response::new(DropDatabaseResponse {}))
+    }
+
+    async fn list_databases(
+        &self,
+        _request: Request<ListDatabasesRequest>,
+    ) -> Result<Response<ListDatabasesResponse>, Status> {
+        Ok(Response::new(ListDatabasesResponse {
+            databases: self.core.list_databases(),
+        }))
+    }
+
+    async fn create_collection(
+        &self,
+        request: Request<CreateCollectionRequest>,
+    ) -> Result<Response<CreateCollectionResponse>, Status> {
+        let collection = self.core.create_collection(request.get_ref()).await?;
+        Ok(Response::new(CreateCollectionResponse {
+            collection: Some(collection),
+        }))
+    }
+
+    async fn drop_collection(
+        &self,
+        request: Request<DropCollectionRequest>,
+    ) -> Result<Response<DropCollectionResponse>, Status> {
+        let request = request.get_ref();
+        self.core
+            .drop_collection(&request.database, &request.name)
+            .await?;
+        Ok(Response::new(DropCollectionResponse {}))
+    }
+
+    async fn list_collections(
+        &self,
+        request: Request<ListCollectionsRequest>,
+    ) -> Result<Response<ListCollectionsResponse>, Status> {
+        let collections = self.core.list_collections(&request.get_ref().database)?;
+        Ok(Response::new(ListCollectionsResponse { collections }))
+    }
+
+    async fn list_servers(
+        &self,
+        _request: Request<ListServersRequest>,
+    ) -> Result<Response<ListServersResponse>, Status> {
+        Ok(Response::new(ListServersResponse {
+            servers: self.core.list_servers(),
+        }))
+    }
+
+    async fn list_groups(
+        &self,
+        _request: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
+        Ok(Response::new(ListGroupsResponse {
+            groups: self.core.list_groups(),
+        }))
+    }
+
+    async fn list_tablets(
+        &self,
+        request: Request<ListTabletsRequest>,
+    ) -> Result<Response<ListTabletsResponse>, Status> {
+        let request = request.get_ref();
+        let tablets = self
+            .core
+            .list_tablets(&request.database, &request.collection)?;
+        Ok(Response::new(ListTabletsResponse { tablets }))
+    }
+
+    async fn get_routing(
+        &self,
+        request: Request<GetRoutingRequest>,
+    ) -> Result<Response<CollectionRoute>, Status> {
+        let request = request.get_ref();
+        let route = self.core.routing(&request.database, &request.collection)?;
+        Ok(Response::new(route))
+    }
+
+    type WatchRoutingStream = RoutingStream;
+
+    async fn watch_routing(
+        &self,
+        request: Request<WatchRoutingRequest>,
+    ) -> Result<Response<Self::WatchRoutingStream>, Status> {
+        let after = request.get_ref().after_version;
+        let core = Arc::clone(&self.core);
+        let versions = core.routing_version.subscribe();
+        let shutdown = core.shutdown.subscribe();
+        let tables = futures::stream::unfold(
+            (core, versions, shutdown, after),
+            |(core, mut versions, mut shutdown, after)| async move {
+                let changed = tokio::select! {
+                    changed = versions.wait_for(|&version| version > after) => changed.is_ok(),
+                    _ = shutdown.wait_for(|&stop| stop) => false,
+                };
+                if !changed {
+                    return None;
+                }
+                let table = core.routing_table();
+                let sent = table.routing_version;
+                Some((Ok(table), (core, versions, shutdown, sent)))
+            },
+        );
+        Ok(Response::new(Box::pin(tables)))
+    }
+
+    async fn get_timestamps(
+        &self,
+        request: Request<GetTimestampsRequest>,
+    ) -> Result<Response<GetTimestampsResponse>, Status> {
+        let batch = self.core.timestamps(request.get_ref().count).await?;
+        Ok(Response::new(GetTimestampsResponse {
+            first: batch.first,
+            count: batch.count,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let response = self.core.heartbeat(request.get_ref()).await?;
+        Ok(Response::new(response))
+    }
+}

@@ -1,0 +1,194 @@
+use luna_proto::master::{KeyRange, Partitioning};
+use luna_proto::masterlog::{DropCollection, DropDatabase, TsoWindow};
+
+use super::*;
+
+fn command(proposed_ms: u64, kind: Kind) -> Command {
+    Command {
+        proposed_ms,
+        kind: Some(kind),
+    }
+}
+
+fn register(id: u64, addr: &str) -> Command {
+    command(
+        1,
+        Kind::RegisterServer(RegisterServer {
+            id,
+            addr: addr.to_owned(),
+            raft_addr: format!("{addr}-raft"),
+            http_addr: String::new(),
+        }),
+    )
+}
+
+fn create_db(id: u64, name: &str) -> Command {
+    command(
+        7,
+        Kind::CreateDatabase(CreateDatabase {
+            id,
+            name: name.to_owned(),
+        }),
+    )
+}
+
+/// A collection `id` in database 4 ("db") with tablets `id+1`, `id+2` on a new group
+/// `id+3` of servers 1..=3.
+fn create_coll(id: u64, name: &str) -> Command {
+    let tablet = |tid: u64, start: &[u8], end: Option<&[u8]>| TabletInfo {
+        id: tid,
+        collection_id: id,
+        database_id: 4,
+        partitioning: Partitioning::Range as i32,
+        range: Some(KeyRange {
+            start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
+        }),
+        epoch: 1,
+        group_id: id + 3,
+    };
+    command(
+        9,
+        Kind::CreateCollection(CreateCollection {
+            collection: Some(CollectionInfo {
+                id,
+                database_id: 4,
+                database: "db".into(),
+                name: name.into(),
+                partitioning: Partitioning::Range as i32,
+                replication_factor: 3,
+                created_ms: 9,
+                tablet_count: 2,
+            }),
+            tablets: vec![tablet(id + 2, b"m", None), tablet(id + 1, b"", Some(b"m"))],
+            new_groups: vec![Group {
+                id: id + 3,
+                replicas: vec![2, 3, 1],
+            }],
+        }),
+    )
+}
+
+/// Servers 1..=3, database 4, collection 5 with tablets 6 and 7 on group 8.
+fn log() -> Vec<Command> {
+    vec![
+        register(1, "a:1"),
+        register(2, "b:1"),
+        register(3, "c:1"),
+        create_db(4, "db"),
+        create_coll(5, "c"),
+        command(10, Kind::TsoWindow(TsoWindow { limit: 1000 })),
+    ]
+}
+
+fn replay(commands: &[Command]) -> (State, Vec<Result<Applied, MasterError>>) {
+    let mut state = State::default();
+    let results = commands
+        .iter()
+        .enumerate()
+        .map(|(i, c)| state.apply(i as u64 + 1, c))
+        .collect();
+    (state, results)
+}
+
+#[test]
+fn a_log_builds_the_catalog() {
+    let (state, results) = replay(&log());
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(state.applied_index, 6);
+    assert_eq!(state.next_id, 9);
+    assert_eq!(state.database_named("db").map(|d| d.created_ms), Some(7));
+    let tablets: Vec<u64> = state.tablets_of(5).iter().map(|t| t.id).collect();
+    assert_eq!(
+        tablets,
+        vec![6, 7],
+        "routing-key order, not id order of the log"
+    );
+    assert_eq!(state.tablet_counts().get(&8), Some(&2));
+    assert_eq!(state.tso_limit, 1000);
+}
+
+#[test]
+fn replaying_the_same_log_gives_the_same_state() {
+    let mut commands = log();
+    commands.push(create_db(4, "dup-id"));
+    commands.push(command(11, Kind::DropCollection(DropCollection { id: 5 })));
+    let (first, first_results) = replay(&commands);
+    let (second, second_results) = replay(&commands);
+    assert_eq!(first, second);
+    assert_eq!(first.snapshot(), second.snapshot());
+    assert_eq!(
+        format!("{first_results:?}"),
+        format!("{second_results:?}"),
+        "rejections are deterministic too"
+    );
+    assert_eq!(State::from_snapshot(first.snapshot()), first);
+}
+
+#[test]
+fn rejected_commands_leave_the_state_untouched() {
+    let (mut state, _) = replay(&log());
+    let before = state.clone();
+    // Duplicate name, reused id, unknown database, unknown group server.
+    for (i, bad) in [
+        create_db(20, "db"),
+        create_db(3, "other"),
+        command(1, Kind::DropDatabase(DropDatabase { id: 99 })),
+        create_coll(5, "again"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let index = 10 + i as u64;
+        assert!(state.apply(index, bad).is_err(), "{bad:?} was accepted");
+        assert_eq!(state.applied_index, index);
+        state.applied_index = before.applied_index;
+        assert_eq!(state, before);
+    }
+    let mut other = before.clone();
+    let mut coll = create_coll(30, "x");
+    if let Some(Kind::CreateCollection(c)) = &mut coll.kind {
+        c.new_groups[0].replicas = vec![1, 1, 2];
+    }
+    assert!(matches!(
+        other.apply(20, &coll),
+        Err(MasterError::InvalidArgument { .. })
+    ));
+    other.applied_index = before.applied_index;
+    assert_eq!(other, before);
+}
+
+#[test]
+fn dropping_a_database_drops_its_collections_and_tablets() {
+    let mut commands = log();
+    commands.push(command(1, Kind::DropDatabase(DropDatabase { id: 4 })));
+    let (state, results) = replay(&commands);
+    assert!(results.iter().all(Result::is_ok));
+    assert!(state.databases.is_empty());
+    assert!(state.collections.is_empty());
+    assert!(state.tablets.is_empty());
+    // Groups are a pool shared by collections: they stay.
+    assert_eq!(state.groups.len(), 1);
+    // Ids are never reused.
+    let (mut state, _) = (state, ());
+    assert!(state.apply(20, &create_db(4, "db")).is_err());
+    assert!(state.apply(21, &create_db(9, "db")).is_ok());
+}
+
+#[test]
+fn servers_update_addresses_and_the_tso_limit_never_drops() {
+    let (mut state, _) = replay(&log());
+    let same = state.apply(10, &register(2, "b:1"));
+    assert_eq!(same.ok().map(|a| a.routing_changed), Some(false));
+    let moved = state.apply(11, &register(2, "b:2"));
+    assert_eq!(moved.ok().map(|a| a.routing_changed), Some(true));
+    assert_eq!(state.servers.get(&2).map(|s| s.addr.as_str()), Some("b:2"));
+    let lower = command(1, Kind::TsoWindow(TsoWindow { limit: 10 }));
+    assert!(state.apply(12, &lower).is_ok());
+    assert_eq!(state.tso_limit, 1000);
+    let empty = Command {
+        proposed_ms: 1,
+        kind: None,
+    };
+    assert!(state.apply(13, &empty).is_err());
+}
