@@ -32,6 +32,23 @@ pub enum CliError {
         #[source]
         source: luna_kernel::stream::StreamError,
     },
+    /// A listen address is taken or not allowed.
+    #[error(
+        "cannot listen on {addr}: {source} (is another luna already running? pick other ports)"
+    )]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The master failed to start or serve.
+    #[error(transparent)]
+    Master(#[from] luna_master::MasterError),
+    /// A tablet server failed to start or serve.
+    #[error(transparent)]
+    TabletServer(#[from] luna_tablet_server::TabletServerError),
     /// Local I/O failed.
     #[error("{what}: {source}")]
     Io {

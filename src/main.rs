@@ -1,8 +1,10 @@
-//! `luna`: the one binary. For now it runs the storage benchmark; the
-//! universe (`luna start`) arrives with the serving issue.
+//! `luna`: the one binary. `luna start` runs a local universe; `luna master` and
+//! `luna tablet-server` run the roles as separate processes; the other subcommands talk
+//! to a running universe or measure Luna on this machine.
 
 mod bench;
 mod error;
+mod serve;
 mod store_args;
 
 use std::process::ExitCode;
@@ -21,6 +23,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a local universe: a master and 3 tablet servers, replication factor 3.
+    Start(serve::start::StartArgs),
+    /// Run a master.
+    Master(serve::master::MasterArgs),
+    /// Run a tablet server.
+    TabletServer(serve::tablet::TabletServerArgs),
     /// Measure Luna's components on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -53,6 +61,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             source: e,
         })?;
     match cli.command {
+        Command::Start(args) => runtime.block_on(serve::start::run(args)),
+        Command::Master(args) => runtime.block_on(serve::master::run(args)),
+        Command::TabletServer(args) => runtime.block_on(serve::tablet::run(args)),
         Command::Bench(command) => runtime.block_on(bench::run(command)),
     }
 }

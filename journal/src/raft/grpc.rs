@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,39 +45,74 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// The outgoing side: one connection task per peer server.
 #[derive(Debug)]
 pub struct GrpcTransport {
-    peers: HashMap<u64, mpsc::Sender<Vec<Bytes>>>,
-    tasks: Vec<AbortHandle>,
+    node_id: u64,
+    /// Peers join and move while the server runs (a tablet server learns its groups' peers
+    /// from the master), so the map changes under a lock that `send` holds only briefly.
+    peers: Mutex<HashMap<u64, PeerLink>>,
+}
+
+/// The queue and connection task of one peer.
+#[derive(Debug)]
+struct PeerLink {
+    addr: SocketAddr,
+    queue: mpsc::Sender<Vec<Bytes>>,
+    task: AbortHandle,
 }
 
 impl GrpcTransport {
     /// Starts a connection task to each of `peers` (node id to address) for server
     /// `node_id`. Must be called inside a tokio runtime, which runs the tasks.
     pub fn start(node_id: u64, peers: &HashMap<u64, SocketAddr>) -> Arc<Self> {
-        let mut queues = HashMap::new();
-        let mut tasks = Vec::new();
+        let transport = Self {
+            node_id,
+            peers: Mutex::new(HashMap::new()),
+        };
         for (&peer_id, &addr) in peers {
-            if peer_id == node_id {
-                continue;
-            }
-            let (queue_tx, queue) = mpsc::channel(PEER_QUEUE_DEPTH);
-            let link = Link {
-                node_id,
-                peer_id,
-                addr,
-            };
-            tasks.push(tokio::spawn(link.run(queue)).abort_handle());
-            queues.insert(peer_id, queue_tx);
+            transport.set_peer(peer_id, addr);
         }
-        Arc::new(Self {
-            peers: queues,
-            tasks,
-        })
+        Arc::new(transport)
+    }
+
+    /// Adds peer `peer_id` at `addr`, or moves it there. A no-op for this server itself and
+    /// for a peer already at `addr`. Must be called inside a tokio runtime.
+    pub fn set_peer(&self, peer_id: u64, addr: SocketAddr) {
+        if peer_id == self.node_id {
+            return;
+        }
+        let Ok(mut peers) = self.peers.lock() else {
+            return;
+        };
+        if peers.get(&peer_id).is_some_and(|link| link.addr == addr) {
+            return;
+        }
+        let (queue, receiver) = mpsc::channel(PEER_QUEUE_DEPTH);
+        let link = Link {
+            node_id: self.node_id,
+            peer_id,
+            addr,
+        };
+        let task = tokio::spawn(link.run(receiver)).abort_handle();
+        if let Some(old) = peers.insert(peer_id, PeerLink { addr, queue, task }) {
+            old.task.abort();
+        }
+    }
+
+    fn abort_links(&self) {
+        if let Ok(peers) = self.peers.lock() {
+            for link in peers.values() {
+                link.task.abort();
+            }
+        }
     }
 }
 
 impl Transport for GrpcTransport {
     fn send(&self, to: u64, messages: Vec<Bytes>) {
-        match self.peers.get(&to) {
+        let queue = match self.peers.lock() {
+            Ok(peers) => peers.get(&to).map(|link| link.queue.clone()),
+            Err(_) => None,
+        };
+        match queue {
             Some(queue) => {
                 if queue.try_send(messages).is_err() {
                     tracing::debug!(to, "raft peer queue full or closed; dropping messages");
@@ -90,9 +125,7 @@ impl Transport for GrpcTransport {
 
 impl Drop for GrpcTransport {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.abort_links();
     }
 }
 
@@ -281,6 +314,11 @@ impl GrpcNode {
         &self.node
     }
 
+    /// Adds peer `peer_id` at `addr`, or moves it there.
+    pub fn set_peer(&self, peer_id: u64, addr: SocketAddr) {
+        self.transport.set_peer(peer_id, addr);
+    }
+
     /// The address the raft transport is served on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -299,9 +337,7 @@ impl GrpcNode {
         }
         // Open exchanges would keep the graceful shutdown waiting; a stop is a stop.
         self.serving.abort();
-        for task in &self.transport.tasks {
-            task.abort();
-        }
+        self.transport.abort_links();
     }
 }
 

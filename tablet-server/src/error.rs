@@ -1,0 +1,190 @@
+//! The tablet server's error type.
+
+use luna_journal::JournalError;
+use luna_kernel::stream::StreamError;
+use luna_proto::tablet as pb;
+use luna_storage::StorageError;
+
+/// Everything that can go wrong in a tablet server.
+#[derive(Debug, thiserror::Error)]
+pub enum TabletServerError {
+    /// The request is malformed or breaks a limit; retrying it cannot help.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// This replica does not lead the tablet's group.
+    #[error("not the leader of group {group_id} (leader: {leader:?})")]
+    NotLeader {
+        /// The group.
+        group_id: u64,
+        /// The leader's server id and address, when known.
+        leader: Option<(u64, String)>,
+    },
+    /// The caller routed with another epoch of the tablet.
+    #[error("tablet {tablet_id} is at epoch {current_epoch}, not {requested_epoch}")]
+    EpochMismatch {
+        /// The tablet.
+        tablet_id: u64,
+        /// The epoch the request carried.
+        requested_epoch: u64,
+        /// The epoch this server holds.
+        current_epoch: u64,
+    },
+    /// The tablet is not hosted here.
+    #[error("tablet {0} is not hosted on this server")]
+    TabletNotFound(u64),
+    /// The server is shedding load; retry after the given time.
+    #[error("server busy: {reason}")]
+    Busy {
+        /// Why.
+        reason: String,
+        /// When to retry.
+        retry_after_ms: u64,
+    },
+    /// The read timestamp is below the GC safe point.
+    #[error("snapshot at {read_ts} is older than the GC safe point {safe_point}")]
+    SnapshotTooOld {
+        /// The requested snapshot.
+        read_ts: u64,
+        /// The safe point.
+        safe_point: u64,
+    },
+    /// The group's journal stream failed.
+    #[error("journal of group {group_id}: {source}")]
+    Stream {
+        /// The group.
+        group_id: u64,
+        /// The stream's error.
+        #[source]
+        source: StreamError,
+    },
+    /// The journal server failed.
+    #[error("journal: {0}")]
+    Journal(#[from] JournalError),
+    /// The storage engine failed.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The master could not be reached or refused a request.
+    #[error("master at {addr}: {detail}")]
+    Master {
+        /// The master's address.
+        addr: String,
+        /// What happened.
+        detail: String,
+    },
+    /// A local file or socket failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A replicated entry could not be decoded: the log was written by something else.
+    #[error("group {group_id} log entry {index} is not a Luna group entry: {detail}")]
+    CorruptEntry {
+        /// The group.
+        group_id: u64,
+        /// The entry's index.
+        index: u64,
+        /// The decoder's message.
+        detail: String,
+    },
+    /// The server is shutting down.
+    #[error("the tablet server is shutting down")]
+    ShuttingDown,
+    /// Something failed inside the server; the message says what.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl TabletServerError {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// The same error for another caller that shares its outcome (one failed journal
+    /// append fails every write it carried). Errors that cannot be copied keep their
+    /// message.
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Self::InvalidArgument(message) => Self::InvalidArgument(message.clone()),
+            Self::NotLeader { group_id, leader } => Self::NotLeader {
+                group_id: *group_id,
+                leader: leader.clone(),
+            },
+            Self::TabletNotFound(tablet_id) => Self::TabletNotFound(*tablet_id),
+            Self::Stream { group_id, source } => Self::Stream {
+                group_id: *group_id,
+                source: source.clone(),
+            },
+            Self::ShuttingDown => Self::ShuttingDown,
+            other => Self::Internal(other.to_string()),
+        }
+    }
+
+    /// A short label of the error's kind, for metrics.
+    pub(crate) fn kind_label(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument(_) | Self::Storage(StorageError::InvalidArgument { .. }) => {
+                "invalid_argument"
+            }
+            Self::NotLeader { .. } => "not_leader",
+            Self::EpochMismatch { .. } => "epoch_mismatch",
+            Self::TabletNotFound(_) => "tablet_not_found",
+            Self::Busy { .. } => "busy",
+            Self::SnapshotTooOld { .. } | Self::Storage(StorageError::SnapshotTooOld { .. }) => {
+                "snapshot_too_old"
+            }
+            _ => "error",
+        }
+    }
+
+    /// The error as the tablet service answers it: a typed `TabletError` in the response
+    /// for what the client should react to, a gRPC status for the rest.
+    pub fn into_reply(self) -> Result<pb::TabletError, tonic::Status> {
+        let message = self.to_string();
+        let kind = match self {
+            Self::NotLeader { leader, .. } => {
+                let (leader_server_id, leader_addr) = leader.unwrap_or_default();
+                pb::tablet_error::Kind::NotLeader(pb::NotLeader {
+                    leader_server_id,
+                    leader_addr,
+                })
+            }
+            Self::EpochMismatch { current_epoch, .. } => {
+                pb::tablet_error::Kind::EpochMismatch(pb::EpochMismatch { current_epoch })
+            }
+            Self::TabletNotFound(_) => {
+                pb::tablet_error::Kind::TabletNotFound(pb::TabletNotFound {})
+            }
+            Self::Busy { retry_after_ms, .. } => {
+                pb::tablet_error::Kind::Busy(pb::Busy { retry_after_ms })
+            }
+            Self::SnapshotTooOld { safe_point, .. }
+            | Self::Storage(StorageError::SnapshotTooOld { safe_point, .. }) => {
+                pb::tablet_error::Kind::SnapshotTooOld(pb::SnapshotTooOld { safe_point })
+            }
+            Self::InvalidArgument(_) | Self::Storage(StorageError::InvalidArgument { .. }) => {
+                return Err(tonic::Status::invalid_argument(message));
+            }
+            // A stream that lost leadership mid-request: the client finds the new leader.
+            Self::Stream {
+                source: StreamError::NotLeader { .. },
+                ..
+            } => pb::tablet_error::Kind::NotLeader(pb::NotLeader::default()),
+            Self::ShuttingDown => return Err(tonic::Status::unavailable(message)),
+            _ => return Err(tonic::Status::internal(message)),
+        };
+        Ok(pb::TabletError {
+            kind: Some(kind),
+            message,
+        })
+    }
+}
+
+/// Results in the tablet server.
+pub type Result<T, E = TabletServerError> = std::result::Result<T, E>;

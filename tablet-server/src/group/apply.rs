@@ -1,0 +1,257 @@
+//! The apply loop: every replica applies the group's committed entries in log order.
+//!
+//! Applying is idempotent on replay. A write at or below its tablet's recovered index is
+//! already in the BaseStore and is skipped; a write whose request id the group already
+//! applied is skipped (a client retry); opening a tablet at the epoch it already has is a
+//! no-op. Everything here depends only on the log and the BaseStores, never on clocks or on
+//! which replica is leader, so every replica builds the same state.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use luna_kernel::stream::{Entry, Stream};
+use luna_proto::group as gpb;
+use luna_proto::master::TabletInfo;
+use luna_proto::tablet::mutation::Op;
+use luna_storage::{Tablet, WriteBatch};
+use prost::Message;
+
+use super::dedup::{Applied, RequestKey};
+use super::{Group, Hosted, storage_range};
+use crate::error::{Result, TabletServerError};
+
+/// Applies the group's log from the start until the stream or the group goes away.
+pub(super) async fn run(group: Weak<Group>) {
+    let Some((stream, group_id)) = group
+        .upgrade()
+        .map(|group| (Arc::clone(&group.stream), group.id))
+    else {
+        return;
+    };
+    let mut subscription = match stream.subscribe(1).await {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            tracing::error!(group = group_id, %error, "cannot subscribe to the group's journal");
+            return;
+        }
+    };
+    while let Some(item) = subscription.next().await {
+        let entry = match item {
+            Ok(entry) => entry,
+            Err(error) => {
+                tracing::error!(group = group_id, %error, "group journal subscription failed");
+                return;
+            }
+        };
+        let Some(group) = group.upgrade() else {
+            return;
+        };
+        let index = entry.index;
+        if let Err(error) = group.apply_entry(entry).await {
+            // Skipping an entry would let replicas diverge: stop applying, so this replica
+            // serves nothing newer than what it applied correctly.
+            tracing::error!(group = group_id, index, %error, "cannot apply a group entry; replica stopped");
+            return;
+        }
+    }
+}
+
+impl Group {
+    async fn apply_entry(&self, entry: Entry) -> Result<()> {
+        let index = entry.index;
+        // Empty entries are the stream's own (a new leader's no-op).
+        if !entry.data.is_empty() {
+            let decoded = gpb::GroupEntry::decode(entry.data).map_err(|error| {
+                TabletServerError::CorruptEntry {
+                    group_id: self.id,
+                    index,
+                    detail: error.to_string(),
+                }
+            })?;
+            match decoded.kind {
+                Some(gpb::group_entry::Kind::Writes(writes)) => {
+                    for write in writes.writes {
+                        self.apply_write(index, write).await;
+                    }
+                }
+                Some(gpb::group_entry::Kind::OpenTablet(info)) => {
+                    self.open_tablet(info).await?;
+                }
+                Some(gpb::group_entry::Kind::CloseTablet(close)) => {
+                    self.close_tablet(close.tablet_id).await;
+                }
+                Some(gpb::group_entry::Kind::Flushed(flushed)) => {
+                    self.apply_flushed(flushed).await?;
+                }
+                None => {
+                    return Err(TabletServerError::CorruptEntry {
+                        group_id: self.id,
+                        index,
+                        detail: "entry of an unknown kind".to_owned(),
+                    });
+                }
+            }
+        }
+        self.applied.send_replace(index);
+        Ok(())
+    }
+
+    /// Applies one tablet write, unless it was applied before. A write that cannot apply
+    /// (its tablet closed or changed epoch after it was proposed) is left out of the
+    /// dedup table, which is how its proposer learns it failed.
+    async fn apply_write(&self, index: u64, write: gpb::TabletWrite) {
+        let key = write.request_id.as_ref().and_then(RequestKey::new);
+        if let Some(key) = &key
+            && self.dedup_get(key).is_some()
+        {
+            return;
+        }
+        let Some(hosted) = self.hosted_at(write.tablet_id, write.epoch) else {
+            tracing::debug!(
+                group = self.id,
+                tablet = write.tablet_id,
+                index,
+                "write for a tablet not hosted at its epoch"
+            );
+            return;
+        };
+        // At or below the recovered index the write is already in the BaseStore.
+        if index > hosted.tablet.recovered_up_to() {
+            let batch = to_batch(&write.mutations);
+            if let Err(error) = hosted.tablet.write(index, write.commit_ts, &batch).await {
+                tracing::warn!(group = self.id, tablet = write.tablet_id, index, %error, "write not applied");
+                return;
+            }
+        }
+        self.max_applied_ts
+            .fetch_max(write.commit_ts, Ordering::AcqRel);
+        if let Some(key) = key
+            && let Ok(mut dedup) = self.dedup.lock()
+        {
+            dedup.insert(
+                key,
+                Applied {
+                    index,
+                    commit_ts: write.commit_ts,
+                },
+            );
+        }
+    }
+
+    pub(super) fn dedup_get(&self, key: &RequestKey) -> Option<Applied> {
+        self.dedup.lock().ok().and_then(|dedup| dedup.get(key))
+    }
+
+    fn hosted_at(&self, tablet_id: u64, epoch: u64) -> Option<Hosted> {
+        let tablets = self.tablets.read().ok()?;
+        tablets
+            .get(&tablet_id)
+            .filter(|hosted| hosted.info.epoch == epoch)
+            .cloned()
+    }
+
+    async fn open_tablet(&self, info: TabletInfo) -> Result<()> {
+        let current = self
+            .tablets
+            .read()
+            .ok()
+            .and_then(|tablets| tablets.get(&info.id).map(|hosted| hosted.info.epoch));
+        if current == Some(info.epoch) {
+            return Ok(());
+        }
+        if current.is_some() {
+            self.close_tablet(info.id).await;
+        }
+        let base = self.ctx.stores.get(info.collection_id).await?;
+        let tablet = Tablet::open_replica(
+            base,
+            info.id,
+            storage_range(&info),
+            self.ctx.memstore,
+            Arc::clone(&self.ctx.budget),
+        )
+        .await?;
+        tracing::info!(
+            group = self.id,
+            tablet = info.id,
+            epoch = info.epoch,
+            recovered_up_to = tablet.recovered_up_to(),
+            "tablet opened"
+        );
+        if let Ok(mut index) = self.ctx.tablet_groups.write() {
+            index.insert(info.id, self.id);
+        }
+        if let Ok(mut tablets) = self.tablets.write() {
+            tablets.insert(
+                info.id,
+                Hosted {
+                    info,
+                    tablet,
+                    load: Arc::default(),
+                },
+            );
+        }
+        self.tablets_changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn close_tablet(&self, tablet_id: u64) {
+        let removed = self
+            .tablets
+            .write()
+            .ok()
+            .and_then(|mut tablets| tablets.remove(&tablet_id));
+        let Some(hosted) = removed else {
+            return;
+        };
+        if let Ok(mut index) = self.ctx.tablet_groups.write()
+            && index.get(&tablet_id) == Some(&self.id)
+        {
+            index.remove(&tablet_id);
+        }
+        if let Err(error) = hosted.tablet.close().await {
+            tracing::warn!(group = self.id, tablet = tablet_id, %error, "closing tablet");
+        }
+        self.tablets_changed.notify_waiters();
+        tracing::info!(group = self.id, tablet = tablet_id, "tablet closed");
+    }
+
+    /// The leader flushed a tablet: drop what is now in the BaseStore from this replica's
+    /// memory (the leader's own handle already did), then let the log go.
+    async fn apply_flushed(&self, flushed: gpb::TabletFlushed) -> Result<()> {
+        if let Some(hosted) = self.hosted_at(flushed.tablet_id, flushed.epoch) {
+            hosted.tablet.apply_flushed(flushed.flushed_up_to).await?;
+        }
+        self.truncate_flushed().await;
+        Ok(())
+    }
+
+    /// Lets the stream discard entries that every hosted tablet has in its BaseStore.
+    async fn truncate_flushed(&self) {
+        let hosted = self.hosted();
+        let Some(up_to) = hosted
+            .iter()
+            .map(|hosted| *hosted.tablet.watch_flushed().borrow())
+            .min()
+        else {
+            return;
+        };
+        if up_to == 0 {
+            return;
+        }
+        if let Err(error) = self.stream.truncate(up_to).await {
+            tracing::debug!(group = self.id, up_to, %error, "truncating the group journal");
+        }
+    }
+}
+
+fn to_batch(mutations: &[luna_proto::tablet::Mutation]) -> WriteBatch {
+    let mut batch = WriteBatch::new();
+    for mutation in mutations {
+        match mutation.op() {
+            Op::Put => batch.put(mutation.key.clone(), mutation.value.clone()),
+            Op::Delete => batch.delete(mutation.key.clone()),
+        };
+    }
+    batch
+}

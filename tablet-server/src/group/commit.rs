@@ -1,0 +1,254 @@
+//! The leader's write path: commit timestamps and group commit.
+//!
+//! Writes queue for one batcher task per leadership term. It takes everything that queued
+//! while the previous entry was committing (up to a count and a byte bound), gives each
+//! write a commit timestamp in queue order, appends them as one journal entry, waits until
+//! the entry is applied here, and answers each writer. One entry in flight per group keeps
+//! timestamps in log order, and batches grow with load.
+//!
+//! **Timestamps.** A commit timestamp is above the leader's floor (a fresh TSO timestamp,
+//! and every timestamp already applied, taken when it became leader), above every
+//! timestamp it assigned or saw a snapshot read at, and no lower than its clock. So a read
+//! at a TSO timestamp `t` is repeatable: every write that commits after it gets a
+//! timestamp above `t`, and a read waits for a write in flight that got one at or below.
+
+use std::sync::Weak;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use luna_kernel::stream::{Stream, StreamError};
+use luna_proto::group as gpb;
+use luna_proto::tablet::Mutation;
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+
+use super::Group;
+use super::dedup::RequestKey;
+use crate::error::{Result, TabletServerError};
+
+/// Bytes of mutations above which a batch takes no more writes.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Writes queued per group before writers wait.
+const QUEUE_DEPTH: usize = 8192;
+/// How long a committed entry may take to be applied here before the writer gives up.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Logical bits of a timestamp: (physical ms << 18) | logical.
+const LOGICAL_BITS: u32 = 18;
+
+/// A validated write for one tablet, its keys already in routing form.
+pub(crate) struct WriteRequest {
+    pub(crate) tablet_id: u64,
+    pub(crate) epoch: u64,
+    pub(crate) request_id: RequestKey,
+    pub(crate) mutations: Vec<Mutation>,
+}
+
+impl WriteRequest {
+    fn bytes(&self) -> usize {
+        self.mutations
+            .iter()
+            .map(|mutation| mutation.key.len() + mutation.value.len() + 8)
+            .sum()
+    }
+}
+
+struct Pending {
+    request: WriteRequest,
+    reply: oneshot::Sender<Result<u64>>,
+}
+
+/// The leader's write queue for one term.
+#[derive(Clone)]
+pub(crate) struct Serving {
+    pub(super) term: u64,
+    queue: mpsc::Sender<Pending>,
+}
+
+/// The leader's timestamp state.
+#[derive(Debug, Default)]
+pub(super) struct Clock {
+    /// No commit timestamp of this term is below this.
+    floor: u64,
+    /// The largest timestamp assigned to a write or read at by a snapshot read.
+    last: u64,
+    /// The batch being committed: its number and its smallest timestamp.
+    inflight: Option<(u64, u64)>,
+    batches: u64,
+}
+
+/// The current wall clock as a timestamp with no logical part.
+fn physical_now() -> u64 {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis());
+    u64::try_from(ms).unwrap_or(u64::MAX >> LOGICAL_BITS) << LOGICAL_BITS
+}
+
+impl Group {
+    /// Starts serving writes for `term` with timestamps from `floor` on.
+    pub(super) fn start_serving(&self, term: u64, floor: u64) {
+        if let Ok(mut clock) = self.clock.lock() {
+            clock.floor = floor;
+            clock.last = clock.last.max(floor.saturating_sub(1));
+            clock.inflight = None;
+        }
+        let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
+        let batcher = tokio::spawn(run_batcher(self.weak(), receiver));
+        self.track(batcher.abort_handle());
+        self.serving.send_replace(Some(Serving { term, queue }));
+    }
+
+    /// Commits `request` through the leader's batcher and returns its commit timestamp
+    /// (the original one if the group applied this request id before).
+    pub(crate) async fn write(&self, request: WriteRequest) -> Result<u64> {
+        let serving = self.serving.borrow().clone();
+        let Some(serving) = serving else {
+            return Err(self.not_leader());
+        };
+        if let Some(applied) = self.dedup_get(&request.request_id) {
+            return Ok(applied.commit_ts);
+        }
+        if self.ctx.budget.is_exhausted() {
+            return Err(TabletServerError::Busy {
+                reason: "memory is full until flushes catch up".to_owned(),
+                retry_after_ms: 50,
+            });
+        }
+        let (reply, answer) = oneshot::channel();
+        if serving
+            .queue
+            .send(Pending { request, reply })
+            .await
+            .is_err()
+        {
+            return Err(self.not_leader());
+        }
+        // A dropped reply means the term ended: the write may or may not have committed,
+        // and the client's retry (same request id) is deduplicated by the next leader.
+        answer.await.unwrap_or_else(|_| Err(self.not_leader()))
+    }
+
+    /// Makes a leader read at `read_ts` repeatable: later writes get larger timestamps, and
+    /// a write in flight at or below it is waited for.
+    pub(super) async fn observe_read_ts(&self, read_ts: u64) -> Result<()> {
+        let wait_for = match self.clock.lock() {
+            Ok(mut clock) => {
+                clock.last = clock.last.max(read_ts);
+                clock
+                    .inflight
+                    .filter(|&(_, min_ts)| min_ts <= read_ts)
+                    .map(|(batch, _)| batch)
+            }
+            Err(_) => None,
+        };
+        if let Some(batch) = wait_for {
+            let mut done = self.batches_done.subscribe();
+            done.wait_for(|done| *done >= batch)
+                .await
+                .map_err(|_| TabletServerError::ShuttingDown)?;
+        }
+        Ok(())
+    }
+
+    /// Assigns timestamps, appends the batch as one entry and answers every writer.
+    async fn commit_batch(&self, batch: Vec<Pending>) {
+        let mut writes = Vec::with_capacity(batch.len());
+        let batch_number = match self.clock.lock() {
+            Ok(mut clock) => {
+                let now = physical_now();
+                let mut first = None;
+                for pending in &batch {
+                    let ts = clock.floor.max(clock.last + 1).max(now);
+                    clock.last = ts;
+                    first.get_or_insert(ts);
+                    let request = &pending.request;
+                    writes.push(gpb::TabletWrite {
+                        tablet_id: request.tablet_id,
+                        epoch: request.epoch,
+                        request_id: Some(request.request_id.to_proto()),
+                        commit_ts: ts,
+                        mutations: request.mutations.clone(),
+                    });
+                }
+                clock.batches += 1;
+                clock.inflight = first.map(|ts| (clock.batches, ts));
+                clock.batches
+            }
+            Err(_) => {
+                for pending in batch {
+                    let _ = pending.reply.send(Err(TabletServerError::ShuttingDown));
+                }
+                return;
+            }
+        };
+        let entry = gpb::GroupEntry {
+            kind: Some(gpb::group_entry::Kind::Writes(gpb::Writes { writes })),
+        };
+        let outcome = match self.stream.append(Bytes::from(entry.encode_to_vec())).await {
+            Ok(index) => {
+                match tokio::time::timeout(APPLY_TIMEOUT, self.wait_applied(index)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(error),
+                    Err(_) => Err(TabletServerError::Stream {
+                        group_id: self.id,
+                        source: StreamError::Timeout {
+                            operation: "applying a committed write",
+                        },
+                    }),
+                }
+            }
+            Err(source) => Err(self.append_error(source)),
+        };
+        for pending in batch {
+            let answer = match &outcome {
+                // Applied, now or before: the dedup table has its timestamp. Absent means
+                // its tablet closed or changed epoch while it was in flight.
+                Ok(()) => self
+                    .dedup_get(&pending.request.request_id)
+                    .map(|applied| applied.commit_ts)
+                    .ok_or(TabletServerError::TabletNotFound(pending.request.tablet_id)),
+                Err(error) => Err(error.duplicate()),
+            };
+            let _ = pending.reply.send(answer);
+        }
+        if let Ok(mut clock) = self.clock.lock() {
+            clock.inflight = None;
+        }
+        self.batches_done.send_replace(batch_number);
+    }
+
+    pub(super) fn append_error(&self, source: StreamError) -> TabletServerError {
+        match source {
+            StreamError::NotLeader { .. } => self.not_leader(),
+            StreamError::EntryTooLarge { .. } => {
+                TabletServerError::InvalidArgument(source.to_string())
+            }
+            source => TabletServerError::Stream {
+                group_id: self.id,
+                source,
+            },
+        }
+    }
+}
+
+/// Commits the queue's writes, a batch per journal entry, until the term ends (the queue's
+/// sender is dropped) or the group goes away.
+async fn run_batcher(group: Weak<Group>, mut queue: mpsc::Receiver<Pending>) {
+    while let Some(first) = queue.recv().await {
+        let Some(group) = group.upgrade() else {
+            return;
+        };
+        let mut bytes = first.request.bytes();
+        let mut batch = vec![first];
+        while batch.len() < group.ctx.max_batch_writes && bytes < MAX_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(pending) => {
+                    bytes += pending.request.bytes();
+                    batch.push(pending);
+                }
+                Err(_) => break,
+            }
+        }
+        group.commit_batch(batch).await;
+    }
+}

@@ -1,0 +1,159 @@
+//! Leadership of a group replica: taking over as leader, owning the tablets while it
+//! leads, and stepping down.
+//!
+//! Taking over, in order: catch up (a ReadIndex barrier, then apply up to it) so the
+//! replica has every tablet and every timestamp the old leader committed; take a fresh TSO
+//! timestamp as the floor of its commit timestamps; start the write batcher. Then, while
+//! it leads, an owner loop claims every hosted tablet in its BaseStore (fencing the old
+//! leader out of the manifest) and records each flush in the log, so followers drop the
+//! flushed data and the log can be truncated.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use luna_kernel::stream::{Leadership, Stream};
+use luna_proto::group as gpb;
+
+use super::{Group, owner_epoch};
+use crate::error::Result;
+
+/// How often the owner loop looks for new flushes and unclaimed tablets.
+const OWNER_POLL: Duration = Duration::from_millis(200);
+/// Pause between attempts to take over (the TSO or the barrier failing).
+const TAKEOVER_RETRY: Duration = Duration::from_millis(100);
+
+/// Follows the stream's leadership for as long as the group exists.
+pub(super) async fn run(group: Weak<Group>) {
+    let Some(mut leadership) = group.upgrade().map(|group| group.stream.watch_leadership()) else {
+        return;
+    };
+    loop {
+        let current: Leadership = *leadership.borrow_and_update();
+        let Some(group) = group.upgrade() else {
+            return;
+        };
+        let serving_term = group.serving.borrow().as_ref().map(|serving| serving.term);
+        if current.is_leader && serving_term != Some(current.term) {
+            if serving_term.is_some() {
+                group.step_down();
+            }
+            match group.take_over(current.term).await {
+                Ok(()) => {
+                    let owner = tokio::spawn(own_tablets(Arc::downgrade(&group), current.term));
+                    group.track(owner.abort_handle());
+                }
+                Err(error) => {
+                    tracing::info!(group = group.id, term = current.term, %error, "taking over as leader failed; retrying");
+                    drop(group);
+                    tokio::time::sleep(TAKEOVER_RETRY).await;
+                    continue;
+                }
+            }
+        } else if !current.is_leader && serving_term.is_some() {
+            group.step_down();
+        }
+        drop(group);
+        if leadership.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Group {
+    async fn take_over(&self, term: u64) -> Result<()> {
+        let index = self
+            .stream
+            .read_index()
+            .await
+            .map_err(|source| self.append_error(source))?;
+        self.wait_applied(index).await?;
+        let tso = self.ctx.tso.timestamp().await?;
+        let leadership = self.stream.leadership();
+        if !leadership.is_leader || leadership.term != term {
+            return Err(self.not_leader());
+        }
+        let floor = tso.max(self.max_applied_ts() + 1);
+        self.start_serving(term, floor);
+        tracing::info!(group = self.id, term, floor, "serving as leader");
+        Ok(())
+    }
+
+    fn serves_term(&self, term: u64) -> bool {
+        self.serving
+            .borrow()
+            .as_ref()
+            .is_some_and(|serving| serving.term == term)
+    }
+
+    /// Stops taking writes and hands the tablets back to replica mode, so this replica
+    /// never writes to a manifest the new leader owns.
+    fn step_down(&self) {
+        self.serving.send_replace(None);
+        for hosted in self.hosted() {
+            hosted.tablet.release();
+        }
+        tracing::info!(group = self.id, "stepped down");
+    }
+}
+
+/// While `term` lasts: claims hosted tablets and records their flushes in the log.
+async fn own_tablets(group: Weak<Group>, term: u64) {
+    // Tablet id to (claimed owner epoch, flushed index already recorded in the log).
+    let mut owned: HashMap<u64, (u64, u64)> = HashMap::new();
+    loop {
+        let Some(group) = group.upgrade() else {
+            return;
+        };
+        if !group.serves_term(term) {
+            return;
+        }
+        let changed = group.tablets_changed.notified();
+        let hosted = group.hosted();
+        owned.retain(|tablet_id, _| hosted.iter().any(|hosted| hosted.info.id == *tablet_id));
+        for hosted in hosted {
+            let epoch = owner_epoch(hosted.info.epoch, term);
+            let recorded = match owned.get(&hosted.info.id) {
+                Some(&(claimed, recorded)) if claimed == epoch => recorded,
+                _ => match hosted.tablet.claim(epoch).await {
+                    Ok(()) if !group.serves_term(term) => {
+                        // Stepped down while claiming: step_down's release may have run
+                        // before the claim finished.
+                        hosted.tablet.release();
+                        return;
+                    }
+                    Ok(()) => {
+                        owned.insert(hosted.info.id, (epoch, 0));
+                        0
+                    }
+                    Err(error) => {
+                        tracing::warn!(group = group.id, tablet = hosted.info.id, epoch, %error, "cannot claim tablet");
+                        continue;
+                    }
+                },
+            };
+            let flushed = *hosted.tablet.watch_flushed().borrow();
+            if flushed > recorded {
+                let marker = gpb::TabletFlushed {
+                    tablet_id: hosted.info.id,
+                    epoch: hosted.info.epoch,
+                    flushed_up_to: flushed,
+                };
+                match group.propose(gpb::group_entry::Kind::Flushed(marker)).await {
+                    Ok(_) => {
+                        group.ctx.metrics.flushes_recorded.inc();
+                        owned.insert(hosted.info.id, (epoch, flushed));
+                    }
+                    Err(error) => {
+                        tracing::debug!(group = group.id, %error, "recording a flush");
+                    }
+                }
+            }
+        }
+        // Holding the group while waiting is fine: stopping it aborts this task.
+        tokio::select! {
+            () = changed => {}
+            () = tokio::time::sleep(OWNER_POLL) => {}
+        }
+    }
+}

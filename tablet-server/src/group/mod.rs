@@ -1,0 +1,324 @@
+//! A tablet group replica: one journal stream and the tablets whose writes it carries.
+//!
+//! Every replica applies the group's committed entries in order ([`apply`]). The leader
+//! also assigns commit timestamps and batches writes into entries ([`commit`]), claims its
+//! tablets in their BaseStores so that it alone flushes them, and records flushes in the log
+//! so that followers can drop the same data from memory ([`leader`]).
+
+mod apply;
+mod commit;
+mod dedup;
+mod leader;
+mod reads;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use bytes::Bytes;
+use luna_journal::raft::RaftStream;
+use luna_kernel::stream::Stream;
+use luna_proto::group as gpb;
+use luna_proto::master::TabletInfo;
+use luna_storage::{KeyRange, MemStoreOptions, MemoryBudget, Tablet};
+use prost::Message;
+use tokio::sync::{Notify, watch};
+use tokio::task::AbortHandle;
+
+use self::commit::{Clock, Serving};
+use self::dedup::Dedup;
+use crate::error::{Result, TabletServerError};
+use crate::metrics::ServerMetrics;
+use crate::stores::CollectionStores;
+use crate::tso::TsoClient;
+
+pub(crate) use self::commit::WriteRequest;
+pub(crate) use self::dedup::RequestKey;
+
+/// What every group on a server shares.
+pub(crate) struct GroupContext {
+    pub(crate) server_id: u64,
+    pub(crate) stores: CollectionStores,
+    pub(crate) budget: Arc<MemoryBudget>,
+    pub(crate) memstore: MemStoreOptions,
+    pub(crate) tso: TsoClient,
+    /// Tablet id to the group hosting it here, for request routing.
+    pub(crate) tablet_groups: RwLock<HashMap<u64, u64>>,
+    /// Server id to tablet-service address, for NotLeader hints.
+    pub(crate) peer_addrs: RwLock<HashMap<u64, String>>,
+    pub(crate) max_batch_writes: usize,
+    pub(crate) metrics: ServerMetrics,
+}
+
+/// A tablet hosted by a group replica, at the epoch the group's log opened it with.
+#[derive(Clone)]
+pub(crate) struct Hosted {
+    pub(crate) info: TabletInfo,
+    pub(crate) tablet: Arc<Tablet>,
+    pub(crate) load: Arc<TabletLoad>,
+}
+
+/// Requests served for a tablet since it opened here, for the load in heartbeats.
+#[derive(Debug, Default)]
+pub(crate) struct TabletLoad {
+    pub(crate) reads: AtomicU64,
+    pub(crate) writes: AtomicU64,
+}
+
+/// One replica of a tablet group.
+pub(crate) struct Group {
+    me: Weak<Group>,
+    id: u64,
+    stream: Arc<RaftStream>,
+    ctx: Arc<GroupContext>,
+    tablets: RwLock<HashMap<u64, Hosted>>,
+    /// Highest applied journal index.
+    applied: watch::Sender<u64>,
+    /// Highest commit timestamp applied: a new leader starts its clock above it.
+    max_applied_ts: AtomicU64,
+    dedup: Mutex<Dedup>,
+    clock: Mutex<Clock>,
+    /// The write queue while this replica serves as leader.
+    serving: watch::Sender<Option<Serving>>,
+    /// Number of the last write batch whose outcome is known.
+    batches_done: watch::Sender<u64>,
+    /// Wakes the leader's owner loop when the log opens or closes a tablet.
+    tablets_changed: Notify,
+    tasks: Mutex<Vec<AbortHandle>>,
+    /// The last term in which this replica tried to hand leadership to the preferred one.
+    transfer_tried: Mutex<u64>,
+}
+
+impl Group {
+    /// Starts a replica on `stream`: its apply loop and its leadership task.
+    pub(crate) fn start(id: u64, stream: RaftStream, ctx: Arc<GroupContext>) -> Arc<Group> {
+        let group = Arc::new_cyclic(|me| Group {
+            me: me.clone(),
+            id,
+            stream: Arc::new(stream),
+            ctx,
+            tablets: RwLock::new(HashMap::new()),
+            applied: watch::Sender::new(0),
+            max_applied_ts: AtomicU64::new(0),
+            dedup: Mutex::new(Dedup::default()),
+            clock: Mutex::new(Clock::default()),
+            serving: watch::Sender::new(None),
+            batches_done: watch::Sender::new(0),
+            tablets_changed: Notify::new(),
+            tasks: Mutex::new(Vec::new()),
+            transfer_tried: Mutex::new(0),
+        });
+        let apply = tokio::spawn(apply::run(Arc::downgrade(&group)));
+        let lead = tokio::spawn(leader::run(Arc::downgrade(&group)));
+        group.track(apply.abort_handle());
+        group.track(lead.abort_handle());
+        group
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn stream(&self) -> &RaftStream {
+        &self.stream
+    }
+
+    fn weak(&self) -> Weak<Group> {
+        self.me.clone()
+    }
+
+    fn track(&self, task: AbortHandle) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.retain(|task| !task.is_finished());
+            tasks.push(task);
+        }
+    }
+
+    /// The highest commit timestamp applied.
+    pub(crate) fn max_applied_ts(&self) -> u64 {
+        self.max_applied_ts.load(Ordering::Acquire)
+    }
+
+    /// The highest applied journal index.
+    pub(crate) fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Waits until the apply loop has applied `index`.
+    pub(crate) async fn wait_applied(&self, index: u64) -> Result<()> {
+        let mut applied = self.applied.subscribe();
+        applied
+            .wait_for(|applied| *applied >= index)
+            .await
+            .map(|_| ())
+            .map_err(|_| TabletServerError::ShuttingDown)
+    }
+
+    /// The tablets this replica hosts.
+    pub(crate) fn hosted(&self) -> Vec<Hosted> {
+        self.tablets
+            .read()
+            .map(|tablets| tablets.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The tablet `tablet_id` if hosted here at `epoch`.
+    pub(crate) fn tablet(&self, tablet_id: u64, epoch: u64) -> Result<Hosted> {
+        let hosted = self
+            .tablets
+            .read()
+            .ok()
+            .and_then(|tablets| tablets.get(&tablet_id).cloned())
+            .ok_or(TabletServerError::TabletNotFound(tablet_id))?;
+        if hosted.info.epoch != epoch {
+            return Err(TabletServerError::EpochMismatch {
+                tablet_id,
+                requested_epoch: epoch,
+                current_epoch: hosted.info.epoch,
+            });
+        }
+        Ok(hosted)
+    }
+
+    /// The error that sends a client to this group's leader.
+    pub(crate) fn not_leader(&self) -> TabletServerError {
+        let leadership = self.stream.leadership();
+        let leader = leadership.leader_id.filter(|&id| id != 0).and_then(|id| {
+            let addrs = self.ctx.peer_addrs.read().ok()?;
+            addrs.get(&id).map(|addr| (id, addr.clone()))
+        });
+        TabletServerError::NotLeader {
+            group_id: self.id,
+            leader,
+        }
+    }
+
+    /// Makes the group's log open and close tablets so that it hosts exactly `desired`
+    /// (the master's assignment). Only the serving leader proposes; other replicas follow
+    /// the log.
+    pub(crate) async fn reconcile(&self, desired: &[TabletInfo]) {
+        if self.serving.borrow().is_none() {
+            return;
+        }
+        let hosted: HashMap<u64, u64> = self
+            .hosted()
+            .into_iter()
+            .map(|hosted| (hosted.info.id, hosted.info.epoch))
+            .collect();
+        let mut entries = Vec::new();
+        for info in desired {
+            if hosted.get(&info.id) != Some(&info.epoch) {
+                entries.push(gpb::group_entry::Kind::OpenTablet(info.clone()));
+            }
+        }
+        for &tablet_id in hosted.keys() {
+            if !desired.iter().any(|info| info.id == tablet_id) {
+                entries.push(gpb::group_entry::Kind::CloseTablet(gpb::CloseTablet {
+                    tablet_id,
+                }));
+            }
+        }
+        for kind in entries {
+            if let Err(error) = self.propose(kind).await {
+                tracing::debug!(group = self.id, %error, "reconciling tablets");
+                return;
+            }
+        }
+    }
+
+    /// Hands leadership to `preferred` (the master's preferred leader, the first voter)
+    /// once per term, so that leaders spread over the servers. Only a serving leader that
+    /// is not the preferred one tries; a failed transfer is retried next term.
+    pub(crate) async fn prefer_leader(&self, preferred: u64) {
+        let term = match self.serving.borrow().as_ref() {
+            Some(serving) => serving.term,
+            None => return,
+        };
+        if preferred == 0 || preferred == self.ctx.server_id {
+            return;
+        }
+        let first_try = self
+            .transfer_tried
+            .lock()
+            .map(|mut tried| std::mem::replace(&mut *tried, term) != term)
+            .unwrap_or(false);
+        if !first_try {
+            return;
+        }
+        match self.stream.transfer_leader(preferred).await {
+            Ok(_) => tracing::info!(
+                group = self.id,
+                to = preferred,
+                "leadership handed to the preferred leader"
+            ),
+            Err(error) => {
+                tracing::debug!(group = self.id, to = preferred, %error, "leader transfer failed")
+            }
+        }
+    }
+
+    /// Appends one control entry (not a write) and waits until it is applied here.
+    async fn propose(&self, kind: gpb::group_entry::Kind) -> Result<u64> {
+        let entry = gpb::GroupEntry { kind: Some(kind) };
+        let index = self
+            .stream
+            .append(Bytes::from(entry.encode_to_vec()))
+            .await
+            .map_err(|source| TabletServerError::Stream {
+                group_id: self.id,
+                source,
+            })?;
+        self.wait_applied(index).await?;
+        Ok(index)
+    }
+
+    /// The MemStore bytes of every hosted tablet.
+    pub(crate) fn memory_bytes(&self, tablet_id: u64) -> u64 {
+        self.tablets
+            .read()
+            .ok()
+            .and_then(|tablets| {
+                tablets.get(&tablet_id).map(|hosted| {
+                    let memtables = hosted.tablet.memstore().snapshot().unwrap_or_default();
+                    memtables
+                        .iter()
+                        .map(|memtable| memtable.approximate_bytes() as u64)
+                        .sum()
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    /// Stops the replica's tasks and closes its tablets (flushing what the leader owns).
+    pub(crate) async fn stop(&self) {
+        if let Ok(tasks) = self.tasks.lock() {
+            for task in tasks.iter() {
+                task.abort();
+            }
+        }
+        self.serving.send_replace(None);
+        for hosted in self.hosted() {
+            if let Err(error) = hosted.tablet.close().await {
+                tracing::debug!(group = self.id, tablet = hosted.info.id, %error, "closing tablet");
+            }
+        }
+    }
+}
+
+/// The storage key range of a tablet from its catalog record.
+pub(crate) fn storage_range(info: &TabletInfo) -> KeyRange {
+    match &info.range {
+        Some(range) => KeyRange::new(
+            Bytes::copy_from_slice(&range.start),
+            range.end.as_ref().map(|end| Bytes::copy_from_slice(end)),
+        ),
+        None => KeyRange::all(),
+    }
+}
+
+/// The manifest epoch a leader claims a tablet with: the routing epoch first, so a move
+/// to another group fences the old one, then the leader's term, so a new leader in the
+/// same group fences the old leader.
+pub(crate) fn owner_epoch(routing_epoch: u64, term: u64) -> u64 {
+    (routing_epoch << 32) | (term & u64::from(u32::MAX))
+}

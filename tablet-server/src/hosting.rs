@@ -1,0 +1,224 @@
+//! The group replicas a server hosts, kept in line with the master's assignment.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use luna_journal::raft::grpc::GrpcNode;
+use luna_kernel::stream::Stream;
+use luna_proto::master as mpb;
+
+use crate::error::{Result, TabletServerError};
+use crate::group::{Group, GroupContext, Hosted};
+use crate::metrics::GroupSample;
+
+/// When the previous heartbeat report was made, and each tablet's (reads, writes) then.
+struct LastReport {
+    at: Instant,
+    counters: HashMap<u64, (u64, u64)>,
+}
+
+/// A server's group replicas.
+pub(crate) struct Hosting {
+    ctx: Arc<GroupContext>,
+    node: GrpcNode,
+    groups: RwLock<HashMap<u64, Arc<Group>>>,
+    /// Groups whose tablets are being reconciled, so heartbeats do not pile up proposals.
+    reconciling: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Request counters at the previous report, for rates.
+    last_report: std::sync::Mutex<LastReport>,
+}
+
+impl Hosting {
+    pub(crate) fn new(ctx: Arc<GroupContext>, node: GrpcNode) -> Self {
+        Self {
+            ctx,
+            node,
+            groups: RwLock::new(HashMap::new()),
+            reconciling: std::sync::Mutex::new(std::collections::HashSet::new()),
+            last_report: std::sync::Mutex::new(LastReport {
+                at: Instant::now(),
+                counters: HashMap::new(),
+            }),
+        }
+    }
+
+    pub(crate) fn server_id(&self) -> u64 {
+        self.ctx.server_id
+    }
+
+    pub(crate) fn context(&self) -> &Arc<GroupContext> {
+        &self.ctx
+    }
+
+    fn group(&self, group_id: u64) -> Option<Arc<Group>> {
+        self.groups.read().ok()?.get(&group_id).cloned()
+    }
+
+    fn all_groups(&self) -> Vec<Arc<Group>> {
+        self.groups
+            .read()
+            .map(|groups| groups.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The group hosting `tablet_id` here and the tablet, if hosted at `epoch`.
+    pub(crate) fn locate(&self, tablet_id: u64, epoch: u64) -> Result<(Arc<Group>, Hosted)> {
+        let group_id = self
+            .ctx
+            .tablet_groups
+            .read()
+            .ok()
+            .and_then(|index| index.get(&tablet_id).copied())
+            .ok_or(TabletServerError::TabletNotFound(tablet_id))?;
+        let group = self
+            .group(group_id)
+            .ok_or(TabletServerError::TabletNotFound(tablet_id))?;
+        let hosted = group.tablet(tablet_id, epoch)?;
+        Ok((group, hosted))
+    }
+
+    /// Applies a heartbeat response: learns peers' addresses, starts replicas of new
+    /// groups, and has each group's leader open and close tablets as assigned.
+    pub(crate) async fn apply_assignment(self: &Arc<Self>, response: &mpb::HeartbeatResponse) {
+        for peer in &response.peers {
+            match peer.raft_addr.parse::<SocketAddr>() {
+                Ok(addr) => self.node.set_peer(peer.id, addr),
+                Err(error) => {
+                    tracing::warn!(server = peer.id, addr = %peer.raft_addr, %error, "bad raft address from the master");
+                }
+            }
+            if let Ok(mut addrs) = self.ctx.peer_addrs.write() {
+                addrs.insert(peer.id, peer.addr.clone());
+            }
+        }
+        for assignment in &response.groups {
+            let group = match self.group(assignment.group_id) {
+                Some(group) => group,
+                None => match self.start_group(assignment).await {
+                    Ok(group) => group,
+                    Err(error) => {
+                        tracing::warn!(group = assignment.group_id, %error, "cannot host group");
+                        continue;
+                    }
+                },
+            };
+            let claimed = self
+                .reconciling
+                .lock()
+                .map(|mut busy| busy.insert(assignment.group_id))
+                .unwrap_or(false);
+            if claimed {
+                let hosting = Arc::clone(self);
+                let tablets = assignment.tablets.clone();
+                let preferred = assignment.voters.first().copied().unwrap_or(0);
+                tokio::spawn(async move {
+                    group.reconcile(&tablets).await;
+                    group.prefer_leader(preferred).await;
+                    if let Ok(mut busy) = hosting.reconciling.lock() {
+                        busy.remove(&group.id());
+                    }
+                });
+            }
+        }
+    }
+
+    async fn start_group(&self, assignment: &mpb::GroupAssignment) -> Result<Arc<Group>> {
+        let stream = self
+            .node
+            .node()
+            .add_stream(assignment.group_id, &assignment.voters)
+            .await?;
+        let group = Group::start(assignment.group_id, stream, Arc::clone(&self.ctx));
+        if let Ok(mut groups) = self.groups.write() {
+            groups.insert(assignment.group_id, Arc::clone(&group));
+        }
+        tracing::info!(group = assignment.group_id, voters = ?assignment.voters, "hosting group replica");
+        Ok(group)
+    }
+
+    /// What the next heartbeat reports: every group's role and its tablets' size and load.
+    pub(crate) fn report(&self) -> Vec<mpb::GroupReport> {
+        let now = Instant::now();
+        let Ok(mut last) = self.last_report.lock() else {
+            return Vec::new();
+        };
+        let seconds = now.duration_since(last.at).as_secs_f64().max(0.001);
+        let mut counters = HashMap::new();
+        let mut reports = Vec::new();
+        for group in self.all_groups() {
+            let leadership = group.stream().leadership();
+            let mut tablets = Vec::new();
+            for hosted in group.hosted() {
+                let reads = hosted.load.reads.load(Ordering::Relaxed);
+                let writes = hosted.load.writes.load(Ordering::Relaxed);
+                let (reads_before, writes_before) = last
+                    .counters
+                    .get(&hosted.info.id)
+                    .copied()
+                    .unwrap_or((reads, writes));
+                counters.insert(hosted.info.id, (reads, writes));
+                tablets.push(mpb::TabletReport {
+                    tablet_id: hosted.info.id,
+                    epoch: hosted.info.epoch,
+                    memory_bytes: group.memory_bytes(hosted.info.id),
+                    reads_per_sec: rate(reads.saturating_sub(reads_before), seconds),
+                    writes_per_sec: rate(writes.saturating_sub(writes_before), seconds),
+                });
+            }
+            reports.push(mpb::GroupReport {
+                group_id: group.id(),
+                is_leader: leadership.is_leader,
+                term: leadership.term,
+                leader_server_id: leadership.leader_id.unwrap_or(0),
+                applied_index: group.applied_index(),
+                tablets,
+            });
+        }
+        *last = LastReport { at: now, counters };
+        reports
+    }
+
+    /// The server's metrics in the Prometheus text format.
+    pub(crate) fn metrics_text(&self) -> String {
+        let samples: Vec<GroupSample> = self
+            .all_groups()
+            .iter()
+            .map(|group| {
+                let leadership = group.stream().leadership();
+                GroupSample {
+                    group_id: group.id(),
+                    is_leader: leadership.is_leader,
+                    term: leadership.term,
+                    applied_index: group.applied_index(),
+                    tablets: group.hosted().len(),
+                }
+            })
+            .collect();
+        self.ctx.metrics.render(
+            &samples,
+            self.ctx.budget.used() as u64,
+            self.node.node().stats().fsyncs,
+        )
+    }
+
+    /// Stops every group (flushing the tablets this server owns) and the journal server.
+    pub(crate) async fn shutdown(&self) {
+        let groups: Vec<_> = self
+            .groups
+            .write()
+            .map(|mut groups| groups.drain().map(|(_, group)| group).collect())
+            .unwrap_or_default();
+        for group in groups {
+            group.stop().await;
+        }
+        self.node.node().shutdown().await;
+        self.ctx.stores.shutdown().await;
+    }
+}
+
+fn rate(count: u64, seconds: f64) -> u64 {
+    (count as f64 / seconds).round() as u64
+}

@@ -1,0 +1,282 @@
+//! The tablet gRPC service: Get, BatchGet, Scan and Write on the tablets hosted here.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use luna_proto::keys;
+use luna_proto::master::Partitioning;
+use luna_proto::tablet::{self as pb, tablet_server};
+use luna_storage::{Direction, KeyRange, ScanRequest};
+use tonic::{Request, Response, Status};
+
+use crate::error::{Result, TabletServerError};
+use crate::group::{Group, Hosted, RequestKey, WriteRequest, storage_range};
+use crate::hosting::Hosting;
+
+/// Pairs a scan returns when the request sets no limit.
+const DEFAULT_SCAN_LIMIT: usize = 1000;
+/// Most pairs one scan response carries.
+const MAX_SCAN_LIMIT: usize = 10_000;
+/// Most keys in one BatchGet.
+const MAX_BATCH_GET_KEYS: usize = 10_000;
+
+/// The tablet service of one server.
+pub(crate) struct TabletService {
+    hosting: Arc<Hosting>,
+    /// Writes that arrive without a request id get one from this server.
+    own_client_id: [u8; 16],
+    next_seq: AtomicU64,
+}
+
+impl TabletService {
+    pub(crate) fn new(hosting: Arc<Hosting>) -> Self {
+        let mut own_client_id = [0u8; 16];
+        own_client_id[..8].copy_from_slice(&hosting.server_id().to_be_bytes());
+        own_client_id[8..].copy_from_slice(&std::process::id().to_be_bytes().repeat(2));
+        Self {
+            hosting,
+            own_client_id,
+            next_seq: AtomicU64::new(1),
+        }
+    }
+
+    fn observe<T>(&self, op: &str, result: &Result<T>, started: Instant) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(error) => error.kind_label(),
+        };
+        self.hosting
+            .context()
+            .metrics
+            .observe(op, outcome, started.elapsed());
+    }
+
+    fn locate(&self, tablet: Option<&pb::TabletRef>) -> Result<(Arc<Group>, Hosted)> {
+        let tablet = tablet.ok_or_else(|| {
+            TabletServerError::InvalidArgument("the request names no tablet".to_owned())
+        })?;
+        self.hosting.locate(tablet.tablet_id, tablet.epoch)
+    }
+
+    async fn get_inner(&self, request: pb::GetRequest) -> Result<pb::GetResponse> {
+        let (group, hosted) = self.locate(request.tablet.as_ref())?;
+        let options = request.options.unwrap_or_default();
+        let read_ts = group
+            .read_barrier(options.mode().into(), options.read_ts)
+            .await?;
+        let key = storage_key(&hosted, &request.key)?;
+        hosted.load.reads.fetch_add(1, Ordering::Relaxed);
+        let value = hosted.tablet.get(&key, read_ts).await?;
+        Ok(pb::GetResponse {
+            error: None,
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+        })
+    }
+
+    async fn batch_get_inner(&self, request: pb::BatchGetRequest) -> Result<pb::BatchGetResponse> {
+        if request.keys.len() > MAX_BATCH_GET_KEYS {
+            return Err(TabletServerError::InvalidArgument(format!(
+                "{} keys in one BatchGet; the limit is {MAX_BATCH_GET_KEYS}",
+                request.keys.len()
+            )));
+        }
+        let (group, hosted) = self.locate(request.tablet.as_ref())?;
+        let options = request.options.unwrap_or_default();
+        let read_ts = group
+            .read_barrier(options.mode().into(), options.read_ts)
+            .await?;
+        let mut lookups = Vec::with_capacity(request.keys.len());
+        for key in &request.keys {
+            let key = storage_key(&hosted, key)?;
+            let value = hosted.tablet.get(&key, read_ts).await?;
+            lookups.push(pb::Lookup {
+                found: value.is_some(),
+                value: value.unwrap_or_default(),
+            });
+        }
+        hosted
+            .load
+            .reads
+            .fetch_add(lookups.len() as u64, Ordering::Relaxed);
+        Ok(pb::BatchGetResponse {
+            error: None,
+            lookups,
+        })
+    }
+
+    async fn scan_inner(&self, request: pb::ScanRequest) -> Result<pb::ScanResponse> {
+        let (group, hosted) = self.locate(request.tablet.as_ref())?;
+        let options = request.options.unwrap_or_default();
+        let read_ts = group
+            .read_barrier(options.mode().into(), options.read_ts)
+            .await?;
+        let limit = match usize::try_from(request.limit).unwrap_or(MAX_SCAN_LIMIT) {
+            0 => DEFAULT_SCAN_LIMIT,
+            limit => limit.min(MAX_SCAN_LIMIT),
+        };
+        let range = KeyRange::new(request.start.clone(), request.end.clone());
+        let direction = if request.reverse {
+            Direction::Reverse
+        } else {
+            Direction::Forward
+        };
+        // One more than asked tells whether the tablet has more.
+        let mut pairs = hosted
+            .tablet
+            .scan(&ScanRequest {
+                range,
+                read_ts,
+                limit: limit + 1,
+                direction,
+            })
+            .await?;
+        let more = pairs.len() > limit;
+        pairs.truncate(limit);
+        hosted.load.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(pb::ScanResponse {
+            error: None,
+            pairs: pairs
+                .into_iter()
+                .map(|(key, value)| pb::KeyValue { key, value })
+                .collect(),
+            more,
+        })
+    }
+
+    async fn write_inner(&self, request: pb::WriteRequest) -> Result<pb::WriteResponse> {
+        if request.mutations.is_empty() {
+            return Err(TabletServerError::InvalidArgument(
+                "a write needs at least one mutation".to_owned(),
+            ));
+        }
+        let (group, hosted) = self.locate(request.tablet.as_ref())?;
+        let request_id = match &request.request_id {
+            Some(id) => RequestKey::new(id).ok_or_else(|| {
+                TabletServerError::InvalidArgument(
+                    "request_id.client_id must be 16 bytes".to_owned(),
+                )
+            })?,
+            None => RequestKey::new(&pb::RequestId {
+                client_id: Bytes::copy_from_slice(&self.own_client_id),
+                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            })
+            .ok_or_else(|| TabletServerError::Internal("server request id".to_owned()))?,
+        };
+        let limits = hosted.tablet.memstore().options().limits;
+        let mut mutations = Vec::with_capacity(request.mutations.len());
+        for mutation in request.mutations {
+            let key = storage_key(&hosted, &mutation.key)?;
+            if mutation.op() == pb::mutation::Op::Put
+                && mutation.value.len() > limits.max_value_size
+            {
+                return Err(TabletServerError::InvalidArgument(format!(
+                    "value of {} bytes exceeds the limit of {} bytes",
+                    mutation.value.len(),
+                    limits.max_value_size
+                )));
+            }
+            mutations.push(pb::Mutation {
+                key: Bytes::from(key),
+                ..mutation
+            });
+        }
+        hosted.load.writes.fetch_add(1, Ordering::Relaxed);
+        let commit_ts = group
+            .write(WriteRequest {
+                tablet_id: hosted.info.id,
+                epoch: hosted.info.epoch,
+                request_id,
+                mutations,
+            })
+            .await?;
+        Ok(pb::WriteResponse {
+            error: None,
+            commit_ts,
+        })
+    }
+}
+
+/// The storage key of a user key in `hosted`, checked against the limits and the tablet's
+/// range.
+fn storage_key(hosted: &Hosted, key: &[u8]) -> Result<Vec<u8>> {
+    let partitioning = Partitioning::try_from(hosted.info.partitioning).unwrap_or_default();
+    let routed = keys::routing_key(partitioning, key);
+    let limits = hosted.tablet.memstore().options().limits;
+    if key.is_empty() || routed.len() > limits.max_key_size {
+        return Err(TabletServerError::InvalidArgument(format!(
+            "keys must be 1 to {} bytes (this one is {})",
+            limits.max_key_size - (routed.len() - key.len()),
+            key.len()
+        )));
+    }
+    if !storage_range(&hosted.info).contains(&routed) {
+        return Err(TabletServerError::InvalidArgument(format!(
+            "key is outside tablet {}: route it with the current routing table",
+            hosted.info.id
+        )));
+    }
+    Ok(routed)
+}
+
+/// Answers with the response, or with the typed error inside a default response, or
+/// with a gRPC status for errors that are not the client's to route around.
+fn respond<T: Default>(
+    result: Result<T>,
+    set_error: impl FnOnce(&mut T, pb::TabletError),
+) -> Result<Response<T>, Status> {
+    match result {
+        Ok(response) => Ok(Response::new(response)),
+        Err(error) => {
+            let error = error.into_reply()?;
+            let mut response = T::default();
+            set_error(&mut response, error);
+            Ok(Response::new(response))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl tablet_server::Tablet for TabletService {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let started = Instant::now();
+        let result = self.get_inner(request.into_inner()).await;
+        self.observe("get", &result, started);
+        respond(result, |response, error| response.error = Some(error))
+    }
+
+    async fn batch_get(
+        &self,
+        request: Request<pb::BatchGetRequest>,
+    ) -> Result<Response<pb::BatchGetResponse>, Status> {
+        let started = Instant::now();
+        let result = self.batch_get_inner(request.into_inner()).await;
+        self.observe("batch_get", &result, started);
+        respond(result, |response, error| response.error = Some(error))
+    }
+
+    async fn scan(
+        &self,
+        request: Request<pb::ScanRequest>,
+    ) -> Result<Response<pb::ScanResponse>, Status> {
+        let started = Instant::now();
+        let result = self.scan_inner(request.into_inner()).await;
+        self.observe("scan", &result, started);
+        respond(result, |response, error| response.error = Some(error))
+    }
+
+    async fn write(
+        &self,
+        request: Request<pb::WriteRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let started = Instant::now();
+        let result = self.write_inner(request.into_inner()).await;
+        self.observe("write", &result, started);
+        respond(result, |response, error| response.error = Some(error))
+    }
+}

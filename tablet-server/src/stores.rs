@@ -1,0 +1,61 @@
+//! The BaseStores of the collections this server hosts tablets of: one per collection,
+//! shared by all its tablets here, opened on first use.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use luna_kernel::objstore::LunaObjectStore;
+use luna_storage::{BaseStore, BaseStoreOptions};
+use object_store::ObjectStore;
+use object_store::path::Path;
+
+use crate::error::Result;
+
+/// Open BaseStores by collection id.
+pub(crate) struct CollectionStores {
+    object_store: Arc<LunaObjectStore>,
+    options: BaseStoreOptions,
+    open: tokio::sync::Mutex<HashMap<u64, Arc<BaseStore>>>,
+}
+
+impl CollectionStores {
+    pub(crate) fn new(object_store: Arc<LunaObjectStore>, options: BaseStoreOptions) -> Self {
+        Self {
+            object_store,
+            options,
+            open: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where a collection's BaseStore lives: by id, so that a collection dropped and
+    /// created again under the same name never sees the old data.
+    pub(crate) fn root(collection_id: u64) -> Path {
+        Path::from(format!("collections/{collection_id}"))
+    }
+
+    /// The collection's BaseStore, opened (and its manifest replayed) on first use.
+    pub(crate) async fn get(&self, collection_id: u64) -> Result<Arc<BaseStore>> {
+        let mut open = self.open.lock().await;
+        if let Some(base) = open.get(&collection_id) {
+            return Ok(Arc::clone(base));
+        }
+        let store = Arc::clone(&self.object_store) as Arc<dyn ObjectStore>;
+        let base = BaseStore::open(store, Self::root(collection_id), self.options.clone()).await?;
+        open.insert(collection_id, Arc::clone(&base));
+        Ok(base)
+    }
+
+    /// Stops every BaseStore's background jobs and waits for them.
+    pub(crate) async fn shutdown(&self) {
+        let open: Vec<_> = self
+            .open
+            .lock()
+            .await
+            .drain()
+            .map(|(_, base)| base)
+            .collect();
+        for base in open {
+            base.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! A master and three tablet servers in one process on loopback: writes replicate through
+//! the group's journal, reads see them, a retried write applies once, a new leader keeps
+//! every acknowledged write, and a restart brings everything back.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use luna_journal::{LocalConfig, LocalStream};
+use luna_kernel::objstore::{LunaObjectStore, ObjectStoreOptions, open_object_store};
+use luna_kernel::stream::Stream;
+use luna_master::{Master, MasterConfig};
+use luna_proto::master::{CollectionRoute, CreateCollectionRequest, Partitioning};
+use luna_proto::tablet::tablet_client::TabletClient;
+use luna_proto::tablet::{self as pb, mutation::Op};
+use luna_tablet_server::{TabletServer, TabletServerConfig};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Channel;
+
+struct Universe {
+    master: Option<Master>,
+    master_stream: Arc<LocalStream>,
+    master_addr: SocketAddr,
+    master_task: JoinHandle<()>,
+    servers: Vec<Option<TabletServer>>,
+    dir: tempfile::TempDir,
+    store: Arc<LunaObjectStore>,
+}
+
+async fn start_master(
+    dir: &Path,
+    addr: Option<SocketAddr>,
+) -> (Master, Arc<LocalStream>, SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind(addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .await
+        .expect("bind master");
+    let addr = listener.local_addr().expect("master addr");
+    let stream =
+        Arc::new(LocalStream::open(LocalConfig::new(dir.join("master"))).expect("master journal"));
+    let config = MasterConfig {
+        heartbeat_timeout: Duration::from_secs(5),
+        ..MasterConfig::default()
+    };
+    let master = Master::open(config, Arc::clone(&stream) as Arc<dyn Stream>)
+        .await
+        .expect("open master");
+    let service = master.service();
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+    (master, stream, addr, task)
+}
+
+/// Stops a master and closes its journal, so the next one can open it.
+async fn stop_master(master: Master, stream: Arc<LocalStream>, task: JoinHandle<()>) {
+    task.abort();
+    let _ = task.await;
+    master.shutdown().await;
+    // Connection tasks of the stopped service let go of the master a moment later.
+    let mut stream = stream;
+    for _ in 0..100 {
+        match Arc::try_unwrap(stream) {
+            Ok(stream) => return stream.close().await,
+            Err(shared) => stream = shared,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the master journal is still in use 5 s after shutdown");
+}
+
+async fn start_server(
+    dir: &Path,
+    i: usize,
+    master: SocketAddr,
+    store: &Arc<LunaObjectStore>,
+) -> TabletServer {
+    let mut config = TabletServerConfig::new(
+        dir.join(format!("server-{i}")),
+        master.to_string(),
+        Arc::clone(store),
+    );
+    config.heartbeat_interval = Duration::from_millis(100);
+    config.tick_interval = Duration::from_millis(20);
+    TabletServer::start(config)
+        .await
+        .expect("start tablet server")
+}
+
+impl Universe {
+    async fn start() -> Universe {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().join("objects").display());
+        std::fs::create_dir_all(dir.path().join("objects")).expect("objects dir");
+        let store = open_object_store(&url, &ObjectStoreOptions::default()).expect("store");
+        let (master, master_stream, master_addr, master_task) =
+            start_master(dir.path(), None).await;
+        let mut servers = Vec::new();
+        for i in 0..3 {
+            servers.push(Some(start_server(dir.path(), i, master_addr, &store).await));
+        }
+        Universe {
+            master: Some(master),
+            master_stream,
+            master_addr,
+            master_task,
+            servers,
+            dir,
+            store,
+        }
+    }
+
+    fn master(&self) -> &Master {
+        self.master.as_ref().expect("master running")
+    }
+
+    /// Waits until every tablet of the collection has a leader that serves it.
+    async fn wait_route(&self, database: &str, collection: &str) -> CollectionRoute {
+        for _ in 0..200 {
+            if let Ok(route) = self.master().routing(database, collection)
+                && !route.tablets.is_empty()
+                && route
+                    .tablets
+                    .iter()
+                    .all(|tablet| tablet.leader_server_id != 0)
+            {
+                return route;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("collection {database}/{collection} never got leaders");
+    }
+
+    async fn stop(mut self) {
+        for server in self.servers.iter_mut().filter_map(Option::take) {
+            server.shutdown().await;
+        }
+        if let Some(master) = self.master.take() {
+            stop_master(master, self.master_stream, self.master_task).await;
+        }
+    }
+}
+
+async fn client(addr: &str) -> TabletClient<Channel> {
+    TabletClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect tablet server")
+}
+
+fn put(key: &str, value: &str) -> pb::Mutation {
+    pb::Mutation {
+        op: Op::Put as i32,
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Bytes::copy_from_slice(value.as_bytes()),
+    }
+}
+
+/// Writes through whichever replica leads, following NotLeader hints.
+async fn write(
+    route: &CollectionRoute,
+    tablet: usize,
+    request_seq: u64,
+    mutations: Vec<pb::Mutation>,
+) -> u64 {
+    let tablet = &route.tablets[tablet];
+    let info = tablet.tablet.as_ref().expect("tablet info");
+    for _ in 0..100 {
+        for replica in &tablet.replicas {
+            let mut client = client(&replica.addr).await;
+            let response = client
+                .write(pb::WriteRequest {
+                    tablet: Some(pb::TabletRef {
+                        tablet_id: info.id,
+                        epoch: info.epoch,
+                    }),
+                    request_id: Some(pb::RequestId {
+                        client_id: Bytes::from_static(&[9; 16]),
+                        seq: request_seq,
+                    }),
+                    mutations: mutations.clone(),
+                })
+                .await
+                .expect("write rpc")
+                .into_inner();
+            if response.error.is_none() {
+                return response.commit_ts;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no replica accepted the write");
+}
+
+async fn get(
+    route: &CollectionRoute,
+    tablet: usize,
+    key: &str,
+    mode: pb::ReadMode,
+) -> Option<Bytes> {
+    let tablet = &route.tablets[tablet];
+    let info = tablet.tablet.as_ref().expect("tablet info");
+    for _ in 0..100 {
+        for replica in &tablet.replicas {
+            let response = client(&replica.addr)
+                .await
+                .get(pb::GetRequest {
+                    tablet: Some(pb::TabletRef {
+                        tablet_id: info.id,
+                        epoch: info.epoch,
+                    }),
+                    key: Bytes::copy_from_slice(key.as_bytes()),
+                    options: Some(pb::ReadOptions {
+                        mode: mode as i32,
+                        read_ts: 0,
+                    }),
+                })
+                .await
+                .expect("get rpc")
+                .into_inner();
+            if response.error.is_none() {
+                return response.found.then_some(response.value);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no replica answered the read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_replicate_dedup_and_survive_restart() {
+    let universe = Universe::start().await;
+    universe
+        .master()
+        .create_database("app")
+        .await
+        .expect("create db");
+    universe
+        .master()
+        .create_collection(&CreateCollectionRequest {
+            database: "app".to_owned(),
+            name: "users".to_owned(),
+            partitioning: Partitioning::Range as i32,
+            split_keys: vec![b"m".to_vec()],
+            ..CreateCollectionRequest::default()
+        })
+        .await
+        .expect("create collection");
+    let route = universe.wait_route("app", "users").await;
+    assert_eq!(route.tablets.len(), 2);
+
+    let first = write(&route, 0, 1, vec![put("alice", "1")]).await;
+    let retried = write(&route, 0, 1, vec![put("alice", "changed")]).await;
+    assert_eq!(
+        first, retried,
+        "a retried request id is answered, not applied again"
+    );
+    let second = write(&route, 1, 2, vec![put("zed", "2"), put("x", "3")]).await;
+    assert!(second > 0);
+
+    assert_eq!(
+        get(&route, 0, "alice", pb::ReadMode::Leader)
+            .await
+            .as_deref(),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        get(&route, 1, "x", pb::ReadMode::Follower).await.as_deref(),
+        Some(&b"3"[..])
+    );
+    assert_eq!(get(&route, 1, "nobody", pb::ReadMode::Leader).await, None);
+
+    // Every replica applied the writes: each one answers a follower read.
+    let tablet = &route.tablets[1];
+    let info = tablet.tablet.as_ref().expect("info");
+    for replica in &tablet.replicas {
+        let response = client(&replica.addr)
+            .await
+            .get(pb::GetRequest {
+                tablet: Some(pb::TabletRef {
+                    tablet_id: info.id,
+                    epoch: info.epoch,
+                }),
+                key: Bytes::from_static(b"zed"),
+                options: Some(pb::ReadOptions {
+                    mode: pb::ReadMode::Follower as i32,
+                    read_ts: 0,
+                }),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        assert!(
+            response.error.is_none(),
+            "replica {} refused: {:?}",
+            replica.server_id,
+            response.error
+        );
+        assert_eq!(&response.value[..], b"2");
+    }
+
+    // Full restart on the same directories.
+    let Universe {
+        master,
+        master_stream,
+        master_addr,
+        master_task,
+        mut servers,
+        dir,
+        store,
+    } = universe;
+    for server in servers.iter_mut().filter_map(Option::take) {
+        server.shutdown().await;
+    }
+    stop_master(master.expect("master"), master_stream, master_task).await;
+    let (master, master_stream, master_addr, master_task) =
+        start_master(dir.path(), Some(master_addr)).await;
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        servers.push(Some(start_server(dir.path(), i, master_addr, &store).await));
+    }
+    let universe = Universe {
+        master: Some(master),
+        master_stream,
+        master_addr,
+        master_task,
+        servers,
+        dir,
+        store,
+    };
+    let route = universe.wait_route("app", "users").await;
+    assert_eq!(
+        get(&route, 0, "alice", pb::ReadMode::Leader)
+            .await
+            .as_deref(),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        get(&route, 1, "zed", pb::ReadMode::Leader).await.as_deref(),
+        Some(&b"2"[..])
+    );
+    universe.stop().await;
+}
