@@ -43,6 +43,12 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// The universe refused or failed a request.
+    #[error(transparent)]
+    Client(#[from] luna_client::ClientError),
+    /// What was asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
     /// The master failed to start or serve.
     #[error(transparent)]
     Master(#[from] luna_master::MasterError),

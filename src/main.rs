@@ -3,6 +3,7 @@
 //! to a running universe or measure Luna on this machine.
 
 mod bench;
+mod cli;
 mod error;
 mod serve;
 mod store_args;
@@ -19,6 +20,8 @@ use crate::error::CliError;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    connection: cli::Connection,
 }
 
 #[derive(Subcommand)]
@@ -32,6 +35,8 @@ enum Command {
     /// Measure Luna's components on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 fn main() -> ExitCode {
@@ -65,5 +70,6 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Master(args) => runtime.block_on(serve::master::run(args)),
         Command::TabletServer(args) => runtime.block_on(serve::tablet::run(args)),
         Command::Bench(command) => runtime.block_on(bench::run(command)),
+        Command::Client(command) => runtime.block_on(cli::run(command, &cli.connection)),
     }
 }

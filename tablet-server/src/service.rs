@@ -178,10 +178,7 @@ impl TabletService {
                     limits.max_value_size
                 )));
             }
-            mutations.push(pb::Mutation {
-                key: Bytes::from(key),
-                ..mutation
-            });
+            mutations.push(pb::Mutation { key, ..mutation });
         }
         hosted.load.writes.fetch_add(1, Ordering::Relaxed);
         let commit_ts = group
@@ -199,26 +196,34 @@ impl TabletService {
     }
 }
 
-/// The storage key of a user key in `hosted`, checked against the limits and the tablet's
-/// range.
-fn storage_key(hosted: &Hosted, key: &[u8]) -> Result<Vec<u8>> {
+/// Checks a routing key (as clients send them: see `luna_proto::keys`) against the
+/// collection's partitioning, the size limits and the tablet's range. The routing key is
+/// also the storage key.
+fn storage_key(hosted: &Hosted, key: &Bytes) -> Result<Bytes> {
     let partitioning = Partitioning::try_from(hosted.info.partitioning).unwrap_or_default();
-    let routed = keys::routing_key(partitioning, key);
     let limits = hosted.tablet.memstore().options().limits;
-    if key.is_empty() || routed.len() > limits.max_key_size {
+    let user_key = keys::user_key(partitioning, key).unwrap_or_default();
+    if user_key.is_empty() || key.len() > limits.max_key_size {
         return Err(TabletServerError::InvalidArgument(format!(
-            "keys must be 1 to {} bytes (this one is {})",
-            limits.max_key_size - (routed.len() - key.len()),
-            key.len()
+            "keys must be 1 to {} bytes as stored (this one is {}; a hash collection adds {})",
+            limits.max_key_size,
+            key.len(),
+            keys::HASH_PREFIX_LEN
         )));
     }
-    if !storage_range(&hosted.info).contains(&routed) {
+    if partitioning == Partitioning::Hash && keys::routing_key(partitioning, user_key) != key[..] {
+        return Err(TabletServerError::InvalidArgument(
+            "the key's hash prefix does not match its hash: send keys::routing_key(Hash, key)"
+                .to_owned(),
+        ));
+    }
+    if !storage_range(&hosted.info).contains(key) {
         return Err(TabletServerError::InvalidArgument(format!(
             "key is outside tablet {}: route it with the current routing table",
             hosted.info.id
         )));
     }
-    Ok(routed)
+    Ok(key.clone())
 }
 
 /// Answers with the response, or with the typed error inside a default response, or

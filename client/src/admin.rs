@@ -1,0 +1,304 @@
+//! The administration API: databases, collections, and views of servers, groups, tablets.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use luna_proto::master::{
+    CollectionInfo, CreateCollectionRequest, CreateDatabaseRequest, DatabaseInfo,
+    DropCollectionRequest, DropDatabaseRequest, GroupInfo, ListCollectionsRequest,
+    ListDatabasesRequest, ListGroupsRequest, ListServersRequest, ListTabletsRequest, Partitioning,
+    ServerInfo, TabletInfo,
+};
+
+use crate::Inner;
+use crate::collection::checked_routing_key;
+use crate::error::{ClientError, Result};
+use crate::retry::Deadline;
+
+/// How to create a collection: partitioning, initial tablets, replication.
+#[derive(Debug, Clone)]
+pub struct CollectionSpec {
+    partitioning: Partitioning,
+    tablets: u32,
+    split_keys: Vec<Bytes>,
+    replication_factor: u32,
+}
+
+impl CollectionSpec {
+    /// Range partitioning (the default): tablets own ranges of keys, scans return keys in
+    /// order. One tablet unless split keys or a tablet count are given.
+    pub fn range() -> Self {
+        CollectionSpec {
+            partitioning: Partitioning::Range,
+            tablets: 0,
+            split_keys: Vec::new(),
+            replication_factor: 0,
+        }
+    }
+
+    /// Hash partitioning into `tablets` tablets (0: the universe default): sequential keys
+    /// spread over all tablets; scans return keys in hash order.
+    pub fn hash(tablets: u32) -> Self {
+        CollectionSpec {
+            partitioning: Partitioning::Hash,
+            tablets,
+            ..CollectionSpec::range()
+        }
+    }
+
+    /// Range collections: start with a tablet boundary at each of `keys` (strictly
+    /// increasing), so N keys make N + 1 tablets.
+    pub fn split_keys<I, K>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<Bytes>,
+    {
+        self.split_keys = keys.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Range collections: how many tablets to start with, when not split at keys.
+    pub fn tablets(mut self, tablets: u32) -> Self {
+        self.tablets = tablets;
+        self
+    }
+
+    /// Replicas per tablet group; 0 (the default) means the universe default.
+    pub fn replication_factor(mut self, replicas: u32) -> Self {
+        self.replication_factor = replicas;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.split_keys.is_empty() {
+            return Ok(());
+        }
+        if self.partitioning == Partitioning::Hash {
+            return Err(ClientError::invalid(
+                "split keys are for range-partitioned collections; give a hash collection a tablet count",
+            ));
+        }
+        if self.tablets != 0 {
+            return Err(ClientError::invalid(
+                "give either split keys or a tablet count, not both",
+            ));
+        }
+        for key in &self.split_keys {
+            checked_routing_key(Partitioning::Range, key)?;
+        }
+        if self.split_keys.windows(2).any(|pair| pair[0] >= pair[1]) {
+            return Err(ClientError::invalid(
+                "split keys must be strictly increasing",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for CollectionSpec {
+    fn default() -> Self {
+        CollectionSpec::range()
+    }
+}
+
+/// The administration API, from [`Client::admin`](crate::Client::admin). Calls go to the
+/// master and are retried on other listed masters and with backoff until the operation
+/// deadline. A create whose answer was lost is sent again and may then report
+/// [`ClientError::AlreadyExists`].
+#[derive(Debug, Clone)]
+pub struct Admin {
+    inner: Arc<Inner>,
+}
+
+impl Admin {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        Admin { inner }
+    }
+
+    fn deadline(&self) -> Deadline {
+        Deadline::after(self.inner.options.operation_timeout)
+    }
+
+    /// Creates database `name`; [`ClientError::AlreadyExists`] if it exists.
+    pub async fn create_database(&self, name: &str) -> Result<DatabaseInfo> {
+        let request = CreateDatabaseRequest {
+            name: name.to_string(),
+        };
+        let response = self
+            .inner
+            .call_master("CreateDatabase", &self.deadline(), |mut master| {
+                let request = request.clone();
+                async move { master.create_database(request).await }
+            })
+            .await?;
+        response
+            .database
+            .ok_or_else(|| ClientError::protocol("CreateDatabase answered without the database"))
+    }
+
+    /// Drops database `name` and its collections; [`ClientError::NotFound`] if it does not exist.
+    pub async fn drop_database(&self, name: &str) -> Result<()> {
+        let request = DropDatabaseRequest {
+            name: name.to_string(),
+        };
+        self.inner
+            .call_master("DropDatabase", &self.deadline(), |mut master| {
+                let request = request.clone();
+                async move { master.drop_database(request).await }
+            })
+            .await?;
+        self.inner.forget_routes(name, None);
+        Ok(())
+    }
+
+    /// Every database.
+    pub async fn list_databases(&self) -> Result<Vec<DatabaseInfo>> {
+        let response = self
+            .inner
+            .call_master("ListDatabases", &self.deadline(), |mut master| async move {
+                master.list_databases(ListDatabasesRequest {}).await
+            })
+            .await?;
+        Ok(response.databases)
+    }
+
+    /// Creates collection `name` in `database` as `spec` says.
+    pub async fn create_collection(
+        &self,
+        database: &str,
+        name: &str,
+        spec: CollectionSpec,
+    ) -> Result<CollectionInfo> {
+        spec.validate()?;
+        let request = CreateCollectionRequest {
+            database: database.to_string(),
+            name: name.to_string(),
+            partitioning: spec.partitioning.into(),
+            tablets: spec.tablets,
+            split_keys: spec.split_keys.iter().map(|key| key.to_vec()).collect(),
+            replication_factor: spec.replication_factor,
+        };
+        let response = self
+            .inner
+            .call_master("CreateCollection", &self.deadline(), |mut master| {
+                let request = request.clone();
+                async move { master.create_collection(request).await }
+            })
+            .await?;
+        self.inner.forget_routes(database, Some(name));
+        response.collection.ok_or_else(|| {
+            ClientError::protocol("CreateCollection answered without the collection")
+        })
+    }
+
+    /// Drops collection `name` of `database` and its data.
+    pub async fn drop_collection(&self, database: &str, name: &str) -> Result<()> {
+        let request = DropCollectionRequest {
+            database: database.to_string(),
+            name: name.to_string(),
+        };
+        self.inner
+            .call_master("DropCollection", &self.deadline(), |mut master| {
+                let request = request.clone();
+                async move { master.drop_collection(request).await }
+            })
+            .await?;
+        self.inner.forget_routes(database, Some(name));
+        Ok(())
+    }
+
+    /// The collections of `database`.
+    pub async fn list_collections(&self, database: &str) -> Result<Vec<CollectionInfo>> {
+        let request = ListCollectionsRequest {
+            database: database.to_string(),
+        };
+        let response = self
+            .inner
+            .call_master("ListCollections", &self.deadline(), |mut master| {
+                let request = request.clone();
+                async move { master.list_collections(request).await }
+            })
+            .await?;
+        Ok(response.collections)
+    }
+
+    /// Every tablet server the master knows, alive or not.
+    pub async fn list_servers(&self) -> Result<Vec<ServerInfo>> {
+        let response = self
+            .inner
+            .call_master("ListServers", &self.deadline(), |mut master| async move {
+                master.list_servers(ListServersRequest {}).await
+            })
+            .await?;
+        Ok(response.servers)
+    }
+
+    /// Every tablet group.
+    pub async fn list_groups(&self) -> Result<Vec<GroupInfo>> {
+        let response = self
+            .inner
+            .call_master("ListGroups", &self.deadline(), |mut master| async move {
+                master.list_groups(ListGroupsRequest {}).await
+            })
+            .await?;
+        Ok(response.groups)
+    }
+
+    /// The tablets of one collection, of one database (`collection` empty), or of the whole
+    /// universe (both empty).
+    pub async fn list_tablets(&self, database: &str, collection: &str) -> Result<Vec<TabletInfo>> {
+        let request = ListTabletsRequest {
+            database: database.to_string(),
+            collection: collection.to_string(),
+        };
+        let response = self
+            .inner
+            .call_master("ListTablets", &self.deadline(), |mut master| {
+                let request = request.clone();
+                async move { master.list_tablets(request).await }
+            })
+            .await?;
+        Ok(response.tablets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_are_checked_before_sending() {
+        assert!(CollectionSpec::range().validate().is_ok());
+        assert!(
+            CollectionSpec::range()
+                .split_keys(["b", "m"])
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            CollectionSpec::range()
+                .split_keys(["m", "b"])
+                .validate()
+                .is_err()
+        );
+        assert!(
+            CollectionSpec::range()
+                .split_keys(["b", "b"])
+                .validate()
+                .is_err()
+        );
+        assert!(
+            CollectionSpec::hash(4)
+                .split_keys(["b"])
+                .validate()
+                .is_err()
+        );
+        assert!(
+            CollectionSpec::range()
+                .tablets(2)
+                .split_keys(["b"])
+                .validate()
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! Connections: one shared tonic channel per address, and calls to the master with failover
+//! across the listed addresses.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+
+use luna_proto::master::master_client::MasterClient;
+use luna_proto::tablet::tablet_client::TabletClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Response, Status};
+use tracing::debug;
+
+use crate::Inner;
+use crate::error::{ClientError, Result, describe_status, is_transport_failure};
+use crate::retry::{Backoff, Deadline};
+
+/// Largest gRPC message the SDK sends or accepts: a batch of maximal values plus framing.
+/// Servers must accept at least 8 MiB values too (tonic's default limit is 4 MiB).
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// `addr` as a URI tonic can dial: `host:port` gets `http://`.
+pub(crate) fn normalize_addr(addr: &str) -> Result<String> {
+    let addr = addr.trim();
+    if addr.is_empty() {
+        return Err(ClientError::invalid("an empty address was given"));
+    }
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    // Reject what tonic cannot parse here, with the address in the message.
+    Endpoint::from_shared(uri.clone()).map_err(|error| {
+        ClientError::invalid(format!(
+            "`{addr}` is not a valid address ({error}); use host:port or http://host:port"
+        ))
+    })?;
+    Ok(uri)
+}
+
+impl Inner {
+    fn endpoint(&self, uri: &str) -> Result<Endpoint> {
+        let endpoint = Endpoint::from_shared(uri.to_string()).map_err(|error| {
+            ClientError::invalid(format!("`{uri}` is not a valid address ({error})"))
+        })?;
+        Ok(endpoint
+            .connect_timeout(self.options.connect_timeout)
+            .tcp_nodelay(true))
+    }
+
+    /// The shared channel to `addr` (as the routing or the caller spells it), created
+    /// unconnected on first use. tonic connects it lazily and reconnects after failures, so
+    /// one channel per address serves the client's lifetime.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel> {
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(channel) = channels.get(addr) {
+            return Ok(channel.clone());
+        }
+        let channel = self.endpoint(&normalize_addr(addr)?)?.connect_lazy();
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Connects to `uri` now (used to check a master is there), caching the channel.
+    pub(crate) async fn connect_now(&self, uri: &str) -> std::result::Result<(), String> {
+        let endpoint = self.endpoint(uri).map_err(|error| error.to_string())?;
+        let connect = endpoint.connect();
+        match tokio::time::timeout(self.options.connect_timeout, connect).await {
+            Ok(Ok(channel)) => {
+                self.channels
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(uri.to_string(), channel);
+                Ok(())
+            }
+            Ok(Err(error)) => Err(error_chain(&error)),
+            Err(_) => Err(format!(
+                "no connection within {:?}",
+                self.options.connect_timeout
+            )),
+        }
+    }
+
+    pub(crate) fn tablet_client(&self, addr: &str) -> Result<TabletClient<Channel>> {
+        Ok(TabletClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    fn master_client(&self, index: usize) -> Result<MasterClient<Channel>> {
+        let uri = self
+            .master_uris
+            .get(index)
+            .ok_or_else(|| ClientError::invalid("no master address was given"))?;
+        Ok(MasterClient::new(self.channel(uri)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// Calls the master: each listed address in turn (starting with the last one that
+    /// answered) until one answers, then again with backoff until `deadline`. Transport
+    /// failures move on; any other status is the answer, mapped to a [`ClientError`].
+    ///
+    /// A call whose answer was lost is sent again, so a retried create may report
+    /// [`ClientError::AlreadyExists`] for an object it created itself.
+    pub(crate) async fn call_master<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        deadline: &Deadline,
+        mut call: F,
+    ) -> Result<T>
+    where
+        F: FnMut(MasterClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        let count = self.master_uris.len();
+        let mut backoff = Backoff::new(&self.options, self.next_seed());
+        let mut last = String::from("no attempt was made before the deadline");
+        loop {
+            let first = self.preferred_master.load(Ordering::Relaxed);
+            for step in 0..count {
+                let index = (first + step) % count;
+                let timeout = deadline.attempt_timeout(self.options.request_timeout);
+                if timeout.is_zero() {
+                    break;
+                }
+                let request = call(self.master_client(index)?);
+                match tokio::time::timeout(timeout, request).await {
+                    Ok(Ok(response)) => {
+                        self.preferred_master.store(index, Ordering::Relaxed);
+                        return Ok(response.into_inner());
+                    }
+                    Ok(Err(status)) if is_transport_failure(&status) => {
+                        last = format!("{}: {}", self.masters[index], describe_status(&status));
+                    }
+                    Ok(Err(status)) => return Err(ClientError::from_status(&status)),
+                    Err(_) => {
+                        last = format!("{}: no answer within {timeout:?}", self.masters[index]);
+                    }
+                }
+                debug!(operation, %last, "master call failed");
+            }
+            if !deadline.sleep(backoff.next_wait()).await {
+                return Err(ClientError::MasterUnreachable {
+                    addrs: self.masters.clone(),
+                    detail: format!("{operation}: {last}"),
+                });
+            }
+        }
+    }
+}
+
+/// An error with its sources, on one line.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        // Some errors repeat their source in their own message.
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClientOptions;
+
+    #[tokio::test]
+    async fn one_channel_per_address_is_shared() -> Result<()> {
+        let inner = Inner::new(["127.0.0.1:1"], ClientOptions::default())?;
+        inner.tablet_client("127.0.0.1:2")?;
+        inner.tablet_client("127.0.0.1:2")?;
+        inner.tablet_client("127.0.0.1:3")?;
+        let channels = inner.channels.lock().map(|map| map.len()).unwrap_or(0);
+        assert_eq!(
+            channels, 2,
+            "nothing connects until used, and each address once"
+        );
+        let first = inner.next_request_id();
+        let second = inner.next_request_id();
+        assert_eq!(first.client_id, second.client_id);
+        assert_eq!(first.client_id.len(), 16);
+        assert!(second.seq > first.seq);
+        let other = Inner::new(["127.0.0.1:1"], ClientOptions::default())?;
+        assert_ne!(other.next_request_id().client_id, first.client_id);
+        Ok(())
+    }
+
+    #[test]
+    fn addresses_get_a_scheme() {
+        assert_eq!(
+            normalize_addr("127.0.0.1:7420").ok().as_deref(),
+            Some("http://127.0.0.1:7420")
+        );
+        assert_eq!(
+            normalize_addr("http://master:7420").ok().as_deref(),
+            Some("http://master:7420")
+        );
+        assert!(matches!(
+            normalize_addr(" "),
+            Err(ClientError::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            normalize_addr("not an address"),
+            Err(ClientError::InvalidArgument { .. })
+        ));
+    }
+}

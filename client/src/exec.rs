@@ -1,0 +1,285 @@
+//! Sending one request to one tablet until it succeeds, fails for good, or the operation
+//! deadline passes: the SDK's retry policy in one place.
+//!
+//! | answer | action |
+//! | --- | --- |
+//! | NotLeader with a leader address | remember the leader of the group, retry at once (a few times in a row, then with backoff) |
+//! | NotLeader without a hint, EpochMismatch, TabletNotFound, no tablet for the key | refetch the routing, retry with backoff |
+//! | transport failure (UNAVAILABLE, connect failure, per-request timeout) | refetch the routing, retry with backoff |
+//! | Busy | wait `retry_after_ms`, retry |
+//! | SnapshotTooOld, INVALID_ARGUMENT, other statuses | return the typed error at once |
+//!
+//! Writes are retried like reads: each carries a [`RequestId`](luna_proto::tablet::RequestId)
+//! that stays the same across its retries, so the group applies it at most once.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use luna_proto::tablet::tablet_client::TabletClient;
+use luna_proto::tablet::tablet_error::Kind;
+use luna_proto::tablet::{TabletError, TabletRef};
+use tonic::Status;
+use tonic::transport::Channel;
+use tracing::debug;
+
+use crate::Inner;
+use crate::error::{
+    ClientError, Result, describe_status, is_connect_failure, is_transport_failure,
+};
+use crate::retry::{Backoff, Deadline};
+use crate::routing::{RouteCache, TabletEntry};
+
+/// NotLeader hints followed at once before retries back off (two replicas that hint at
+/// each other must not spin).
+const MAX_HINTED_IN_A_ROW: u32 = 3;
+
+/// Shortest attempt worth starting: one squeezed into the deadline's last instant would
+/// likely time out, and leave a write's outcome unknown when it had surely not applied.
+const MIN_ATTEMPT: Duration = Duration::from_millis(25);
+
+/// Which replica a request needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// The group leader: writes and leader reads.
+    Leader,
+    /// Any replica: follower and stale reads.
+    AnyReplica,
+}
+
+/// How to find the tablet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Locate<'a> {
+    /// The tablet holding this routing key.
+    Key(&'a [u8]),
+    /// The tablet holding the keys just below this exclusive end (`None`: unbounded).
+    Before(Option<&'a [u8]>),
+}
+
+/// What one request is.
+pub(crate) struct CallSpec<'a> {
+    pub(crate) operation: &'static str,
+    pub(crate) access: Access,
+    /// Whether the request changes data (so a lost answer leaves its outcome unknown).
+    pub(crate) is_write: bool,
+    /// The read timestamp, for [`ClientError::SnapshotTooOld`].
+    pub(crate) read_ts: u64,
+    pub(crate) locate: Locate<'a>,
+    /// For multi-key requests: whether all keys still fall in the located tablet. If not, the
+    /// routing changed under the request and the caller must split it again.
+    pub(crate) fits: Option<&'a (dyn Fn(&TabletEntry) -> bool + Sync)>,
+}
+
+/// The tablet an attempt goes to.
+pub(crate) struct Target {
+    pub(crate) tablet: TabletRef,
+    /// The tablet's routing-key range.
+    pub(crate) start: Bytes,
+    pub(crate) end: Option<Bytes>,
+    pub(crate) client: TabletClient<Channel>,
+}
+
+/// How a request ended.
+pub(crate) enum Outcome<T> {
+    Done(T),
+    /// The keys no longer fit in one tablet: split again and resend.
+    Resplit,
+}
+
+/// Why the latest attempt failed.
+enum Failure {
+    Nothing,
+    /// The server could not be reached or did not answer.
+    Unreachable {
+        addr: String,
+        detail: String,
+    },
+    /// The server answered with a retryable refusal, or there was no route.
+    Refused {
+        detail: String,
+    },
+}
+
+/// Runs `call` against the tablet `spec` locates, with the retry policy of this module.
+pub(crate) async fn on_tablet<T, F, Fut>(
+    inner: &Inner,
+    cache: &RouteCache,
+    spec: &CallSpec<'_>,
+    deadline: &Deadline,
+    mut call: F,
+) -> Result<Outcome<T>>
+where
+    F: FnMut(Target) -> Fut,
+    Fut: Future<Output = std::result::Result<(Option<TabletError>, T), Status>>,
+{
+    let mut backoff = Backoff::new(&inner.options, inner.next_seed());
+    let mut hinted_in_a_row = 0;
+    let mut last = Failure::Nothing;
+    let mut maybe_applied = false;
+    loop {
+        let timeout = deadline.attempt_timeout(inner.options.request_timeout);
+        if timeout < MIN_ATTEMPT.min(inner.options.request_timeout) {
+            return Err(exhausted(spec, deadline, last, maybe_applied));
+        }
+        let table = cache.table(inner, deadline).await?;
+        let located = match spec.locate {
+            Locate::Key(key) => table.locate(key),
+            Locate::Before(end) => table.locate_before(end),
+        };
+        let Some(tablet) = located else {
+            last = Failure::Refused {
+                detail: "the routing from the master has no tablet for the key".into(),
+            };
+            cache.invalidate(table.generation);
+            if !deadline.sleep(backoff.next_wait()).await {
+                return Err(exhausted(spec, deadline, last, maybe_applied));
+            }
+            continue;
+        };
+        if spec.fits.is_some_and(|fits| !fits(tablet)) {
+            return Ok(Outcome::Resplit);
+        }
+        let addr = match spec.access {
+            Access::Leader => cache.leader_addr(tablet),
+            Access::AnyReplica => backoff.pick(&tablet.replicas).cloned(),
+        };
+        let Some(addr) = addr else {
+            last = Failure::Refused {
+                detail: format!("tablet {} has no replicas in the routing", tablet.id),
+            };
+            cache.invalidate(table.generation);
+            if !deadline.sleep(backoff.next_wait()).await {
+                return Err(exhausted(spec, deadline, last, maybe_applied));
+            }
+            continue;
+        };
+        let target = Target {
+            tablet: TabletRef {
+                tablet_id: tablet.id,
+                epoch: tablet.epoch,
+            },
+            start: tablet.start.clone(),
+            end: tablet.end.clone(),
+            client: inner.tablet_client(&addr)?,
+        };
+        let group_id = tablet.group_id;
+        let mut wait = None;
+        match tokio::time::timeout(timeout, call(target)).await {
+            Err(_) => {
+                maybe_applied |= spec.is_write;
+                // An attempt cut short by the deadline says little about the server: keep
+                // the failure before it, if any, as the one to report.
+                let clipped = timeout < inner.options.request_timeout;
+                if !clipped || matches!(last, Failure::Nothing) {
+                    last = Failure::Unreachable {
+                        addr,
+                        detail: format!("no answer within {timeout:?}"),
+                    };
+                }
+                cache.invalidate(table.generation);
+            }
+            Ok(Err(status)) if is_transport_failure(&status) => {
+                maybe_applied |= spec.is_write && !is_connect_failure(&status);
+                last = Failure::Unreachable {
+                    addr,
+                    detail: describe_status(&status),
+                };
+                cache.invalidate(table.generation);
+            }
+            Ok(Err(status)) => return Err(ClientError::from_status(&status)),
+            Ok(Ok((None, value))) => return Ok(Outcome::Done(value)),
+            Ok(Ok((Some(error), _))) => {
+                let detail = format!("{addr}: {}", refusal(&error));
+                debug!(operation = spec.operation, %detail, "tablet refused");
+                match error.kind {
+                    Some(Kind::NotLeader(hint)) => {
+                        let hinted = !hint.leader_addr.is_empty() && hint.leader_addr != addr;
+                        if hinted {
+                            cache.set_leader(group_id, hint.leader_addr);
+                        } else {
+                            cache.invalidate(table.generation);
+                        }
+                        last = Failure::Refused { detail };
+                        if hinted && hinted_in_a_row < MAX_HINTED_IN_A_ROW {
+                            hinted_in_a_row += 1;
+                            continue;
+                        }
+                    }
+                    Some(Kind::Busy(busy)) => {
+                        last = Failure::Refused { detail };
+                        if busy.retry_after_ms > 0 {
+                            wait = Some(Duration::from_millis(busy.retry_after_ms));
+                        }
+                    }
+                    Some(Kind::SnapshotTooOld(too_old)) => {
+                        return Err(ClientError::SnapshotTooOld {
+                            read_ts: spec.read_ts,
+                            safe_point: too_old.safe_point,
+                        });
+                    }
+                    Some(Kind::EpochMismatch(_)) | Some(Kind::TabletNotFound(_)) | None => {
+                        last = Failure::Refused { detail };
+                        cache.invalidate(table.generation);
+                    }
+                }
+            }
+        }
+        hinted_in_a_row = 0;
+        let wait = wait.unwrap_or_else(|| backoff.next_wait());
+        if !deadline.sleep(wait).await {
+            return Err(exhausted(spec, deadline, last, maybe_applied));
+        }
+    }
+}
+
+/// A tablet error as one line.
+fn refusal(error: &TabletError) -> String {
+    let kind = match &error.kind {
+        Some(Kind::NotLeader(hint)) if hint.leader_addr.is_empty() => {
+            "not leader, leader unknown".to_string()
+        }
+        Some(Kind::NotLeader(hint)) => format!("not leader, leader is {}", hint.leader_addr),
+        Some(Kind::EpochMismatch(mismatch)) => {
+            format!("epoch mismatch, current epoch {}", mismatch.current_epoch)
+        }
+        Some(Kind::TabletNotFound(_)) => "tablet not hosted here".to_string(),
+        Some(Kind::Busy(busy)) => format!("busy, retry after {} ms", busy.retry_after_ms),
+        Some(Kind::SnapshotTooOld(too_old)) => {
+            format!("snapshot too old, safe point {}", too_old.safe_point)
+        }
+        None => "unknown refusal".to_string(),
+    };
+    if error.message.is_empty() {
+        kind
+    } else {
+        format!("{kind} ({})", error.message)
+    }
+}
+
+/// The error for an operation that ran out of time.
+fn exhausted(
+    spec: &CallSpec<'_>,
+    deadline: &Deadline,
+    last: Failure,
+    maybe_applied: bool,
+) -> ClientError {
+    let last_error = match &last {
+        Failure::Nothing => "no attempt could be made before the deadline".to_string(),
+        Failure::Unreachable { addr, detail } => format!("{addr}: {detail}"),
+        Failure::Refused { detail } => detail.clone(),
+    };
+    if maybe_applied {
+        return ClientError::OutcomeUnknown {
+            operation: spec.operation,
+            detail: last_error,
+        };
+    }
+    match last {
+        Failure::Unreachable { addr, detail } => ClientError::Unavailable { addr, detail },
+        _ => ClientError::Timeout {
+            operation: spec.operation,
+            after: deadline.budget(),
+            last_error,
+        },
+    }
+}

@@ -1,0 +1,239 @@
+//! `luna db`, `luna collection`, `luna servers`, `luna groups` and `luna tablets`.
+
+use clap::Subcommand;
+use luna_client::{Client, CollectionSpec, Partitioning};
+
+use super::collection_path;
+use super::output::{Cell, print_table, show_bytes};
+use crate::error::CliError;
+
+/// `luna db ...`
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Create a database.
+    Create {
+        /// Its name.
+        name: String,
+    },
+    /// List databases.
+    List,
+    /// Drop a database and every collection in it.
+    Drop {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// `luna collection ...`
+#[derive(Debug, Subcommand)]
+pub enum CollectionCommand {
+    /// Create a collection.
+    Create {
+        /// DATABASE/COLLECTION.
+        path: String,
+        /// Partition by a hash of the key instead of by key range.
+        #[arg(long)]
+        hash: bool,
+        /// Number of tablets (hash collections; range collections use --split).
+        #[arg(long)]
+        tablets: Option<u32>,
+        /// Split point of a range collection; repeat for more tablets.
+        #[arg(long = "split")]
+        splits: Vec<String>,
+        /// Replicas of each tablet (default: the universe's).
+        #[arg(long)]
+        replication_factor: Option<u32>,
+    },
+    /// List collections, of one database or of all.
+    List {
+        /// The database; all when absent.
+        database: Option<String>,
+    },
+    /// Drop a collection.
+    Drop {
+        /// DATABASE/COLLECTION.
+        path: String,
+    },
+}
+
+fn partitioning_name(partitioning: i32) -> &'static str {
+    match Partitioning::try_from(partitioning) {
+        Ok(Partitioning::Hash) => "hash",
+        _ => "range",
+    }
+}
+
+pub async fn db(client: &Client, command: DbCommand, json: bool) -> Result<(), CliError> {
+    let admin = client.admin();
+    match command {
+        DbCommand::Create { name } => {
+            let database = admin.create_database(&name).await?;
+            print_table(
+                &["database", "id"],
+                &[vec![Cell::from(database.name), Cell::from(database.id)]],
+                json,
+            );
+        }
+        DbCommand::List => {
+            let rows: Vec<Vec<Cell>> = admin
+                .list_databases()
+                .await?
+                .into_iter()
+                .map(|database| vec![Cell::from(database.name), Cell::from(database.id)])
+                .collect();
+            print_table(&["database", "id"], &rows, json);
+        }
+        DbCommand::Drop { name } => {
+            admin.drop_database(&name).await?;
+            print_table(&["dropped"], &[vec![Cell::from(name)]], json);
+        }
+    }
+    Ok(())
+}
+
+pub async fn collection(
+    client: &Client,
+    command: CollectionCommand,
+    json: bool,
+) -> Result<(), CliError> {
+    let admin = client.admin();
+    let headers = ["collection", "id", "partitioning", "tablets", "replicas"];
+    let row = |info: luna_client::CollectionInfo| {
+        vec![
+            Cell::from(format!("{}/{}", info.database, info.name)),
+            Cell::from(info.id),
+            Cell::from(partitioning_name(info.partitioning)),
+            Cell::from(info.tablet_count),
+            Cell::from(info.replication_factor),
+        ]
+    };
+    match command {
+        CollectionCommand::Create {
+            path,
+            hash,
+            tablets,
+            splits,
+            replication_factor,
+        } => {
+            let (database, name) = collection_path(&path)?;
+            let mut spec = if hash {
+                CollectionSpec::hash(tablets.unwrap_or(0))
+            } else {
+                let spec = CollectionSpec::range().split_keys(splits);
+                match tablets {
+                    Some(tablets) => spec.tablets(tablets),
+                    None => spec,
+                }
+            };
+            if let Some(replicas) = replication_factor {
+                spec = spec.replication_factor(replicas);
+            }
+            let info = admin.create_collection(database, name, spec).await?;
+            print_table(&headers, &[row(info)], json);
+        }
+        CollectionCommand::List { database } => {
+            let rows: Vec<Vec<Cell>> = admin
+                .list_collections(database.as_deref().unwrap_or(""))
+                .await?
+                .into_iter()
+                .map(row)
+                .collect();
+            print_table(&headers, &rows, json);
+        }
+        CollectionCommand::Drop { path } => {
+            let (database, name) = collection_path(&path)?;
+            admin.drop_collection(database, name).await?;
+            print_table(&["dropped"], &[vec![Cell::from(path)]], json);
+        }
+    }
+    Ok(())
+}
+
+pub async fn servers(client: &Client, json: bool) -> Result<(), CliError> {
+    let rows: Vec<Vec<Cell>> = client
+        .admin()
+        .list_servers()
+        .await?
+        .into_iter()
+        .map(|server| {
+            vec![
+                Cell::from(server.id),
+                Cell::from(server.addr),
+                Cell::from(if server.alive { "up" } else { "down" }),
+                Cell::from(server.group_replicas),
+                Cell::from(server.group_leaders),
+                Cell::from(server.http_addr),
+            ]
+        })
+        .collect();
+    print_table(
+        &["server", "addr", "state", "replicas", "leaders", "http"],
+        &rows,
+        json,
+    );
+    Ok(())
+}
+
+pub async fn groups(client: &Client, json: bool) -> Result<(), CliError> {
+    let rows: Vec<Vec<Cell>> = client
+        .admin()
+        .list_groups()
+        .await?
+        .into_iter()
+        .map(|group| {
+            let replicas: Vec<String> = group.replicas.iter().map(u64::to_string).collect();
+            vec![
+                Cell::from(group.id),
+                Cell::from(replicas.join(",")),
+                Cell::from(group.leader_server_id),
+                Cell::from(group.term),
+                Cell::from(group.tablet_count),
+            ]
+        })
+        .collect();
+    print_table(
+        &["group", "replicas", "leader", "term", "tablets"],
+        &rows,
+        json,
+    );
+    Ok(())
+}
+
+pub async fn tablets(client: &Client, path: Option<&str>, json: bool) -> Result<(), CliError> {
+    let (database, collection) = match path {
+        Some(path) => collection_path(path)?,
+        None => ("", ""),
+    };
+    let rows: Vec<Vec<Cell>> = client
+        .admin()
+        .list_tablets(database, collection)
+        .await?
+        .into_iter()
+        .map(|tablet| {
+            let (start, end) = match &tablet.range {
+                Some(range) => (
+                    show_bytes(&range.start),
+                    range
+                        .end
+                        .as_deref()
+                        .map_or_else(|| "∞".to_owned(), show_bytes),
+                ),
+                None => (String::new(), "∞".to_owned()),
+            };
+            vec![
+                Cell::from(tablet.id),
+                Cell::from(tablet.collection_id),
+                Cell::from(start),
+                Cell::from(end),
+                Cell::from(tablet.epoch),
+                Cell::from(tablet.group_id),
+            ]
+        })
+        .collect();
+    print_table(
+        &["tablet", "collection", "start", "end", "epoch", "group"],
+        &rows,
+        json,
+    );
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! The `luna` subcommands that talk to a running universe through the client SDK: catalog
+//! administration (`db`, `collection`, `servers`, `groups`, `tablets`) and data (`put`,
+//! `get`, `delete`, `scan`). Output is a table for people, or JSON with `--json`.
+
+mod catalog;
+mod data;
+mod output;
+
+use clap::{Args, Subcommand};
+use luna_client::Client;
+
+pub use self::catalog::{CollectionCommand, DbCommand};
+pub use self::data::{DeleteArgs, GetArgs, PutArgs, ScanArgs};
+use crate::error::CliError;
+
+/// How to reach the universe, and how to print.
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// The master's address.
+    #[arg(
+        long,
+        global = true,
+        env = "LUNA_MASTER",
+        default_value = "127.0.0.1:7420"
+    )]
+    pub master: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Connection {
+    async fn connect(&self) -> Result<Client, CliError> {
+        Ok(Client::connect([self.master.as_str()]).await?)
+    }
+}
+
+/// The subcommands of this module.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Create, list and drop databases.
+    #[command(subcommand)]
+    Db(DbCommand),
+    /// Create, list and drop collections (named DATABASE/COLLECTION).
+    #[command(subcommand)]
+    Collection(CollectionCommand),
+    /// Write a value.
+    Put(PutArgs),
+    /// Read a value.
+    Get(GetArgs),
+    /// Delete a key.
+    Delete(DeleteArgs),
+    /// List keys and values in order.
+    Scan(ScanArgs),
+    /// List the tablet servers.
+    Servers,
+    /// List the tablet groups.
+    Groups,
+    /// List tablets, of one collection (DATABASE/COLLECTION) or of all.
+    Tablets {
+        /// DATABASE/COLLECTION; all tablets when absent.
+        collection: Option<String>,
+    },
+}
+
+/// Runs one client subcommand.
+pub async fn run(command: ClientCommand, connection: &Connection) -> Result<(), CliError> {
+    let client = connection.connect().await?;
+    let json = connection.json;
+    match command {
+        ClientCommand::Db(command) => catalog::db(&client, command, json).await,
+        ClientCommand::Collection(command) => catalog::collection(&client, command, json).await,
+        ClientCommand::Put(args) => data::put(&client, args, json).await,
+        ClientCommand::Get(args) => data::get(&client, args, json).await,
+        ClientCommand::Delete(args) => data::delete(&client, args, json).await,
+        ClientCommand::Scan(args) => data::scan(&client, args, json).await,
+        ClientCommand::Servers => catalog::servers(&client, json).await,
+        ClientCommand::Groups => catalog::groups(&client, json).await,
+        ClientCommand::Tablets { collection } => {
+            catalog::tablets(&client, collection.as_deref(), json).await
+        }
+    }
+}
+
+/// Splits `DATABASE/COLLECTION`.
+fn collection_path(path: &str) -> Result<(&str, &str), CliError> {
+    match path.split_once('/') {
+        Some((database, collection)) if !database.is_empty() && !collection.is_empty() => {
+            Ok((database, collection))
+        }
+        _ => Err(CliError::Invalid(format!(
+            "`{path}` is not DATABASE/COLLECTION, e.g. app/users"
+        ))),
+    }
+}
