@@ -10,7 +10,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use super::{STREAM, Sim, seeds};
-use crate::raft::{RaftConfig, Server, sync};
+use crate::raft::{Membership, RaftConfig, Server, sync};
 
 impl Sim {
     /// Has replica `id`'s application truncate at `up_to`, with snapshot data unique to the
@@ -113,7 +113,7 @@ impl Sim {
 
 #[test]
 fn lagging_and_new_replicas_catch_up_from_snapshots_under_faults() {
-    for seed in seeds(800..803) {
+    for seed in seeds(800..806) {
         println!("snapshots_under_faults: seed {seed} (replay with LUNA_SEED={seed})");
         let mut sim = Sim::with_spares(seed, 3, 1);
         sim.drop_rate = 0.05;
@@ -305,4 +305,107 @@ fn compaction_reclaims_log_space() {
     drain(&mut server);
     let next = answer.try_recv();
     assert!(matches!(next, Ok(Ok(i)) if i == committed + 1), "{next:?}");
+}
+
+#[test]
+fn a_deposed_leader_drops_its_uncommitted_tail_when_it_installs_a_snapshot() {
+    let seed = seeds(1000..1001)[0];
+    println!("deposed_leader_snapshot: seed {seed}");
+    let mut sim = Sim::new(seed, 3);
+    let old = sim.run_until_leader(300);
+    for i in 0..20 {
+        sim.propose(old, Bytes::from(format!("entry-{i}")));
+    }
+    for _ in 0..10 {
+        sim.step();
+    }
+    // Cut off, the old leader grows a tail that never commits.
+    sim.isolated = Some(old);
+    for i in 0..30 {
+        sim.propose(old, Bytes::from(format!("lost-{i}")));
+    }
+    let new = (0..500)
+        .find_map(|_| {
+            sim.step();
+            sim.leader().filter(|&id| id != old)
+        })
+        .expect("a new leader");
+    for i in 0..5 {
+        sim.propose(new, Bytes::from(format!("new-{i}")));
+    }
+    for _ in 0..20 {
+        sim.step();
+    }
+    let others: Vec<u64> = (1..=3).filter(|&id| id != old).collect();
+    for &id in &others {
+        let committed = sim.committed(id);
+        sim.truncate(id, committed);
+    }
+    let snapshot = sim.snapshot_of(new).expect("a snapshot");
+    sim.isolated = None;
+    for _ in 0..200 {
+        sim.step();
+        if sim.snapshot_of(old).is_some() {
+            break;
+        }
+    }
+    assert_eq!(sim.snapshot_of(old).map(|s| s.index), Some(snapshot.index));
+    // Nothing of the lost tail survives the snapshot.
+    let after = snapshot.index + 1;
+    let held = sim
+        .host(old)
+        .with(move |s| s.read(STREAM, after, after).unwrap_or_default());
+    assert!(
+        held.is_empty(),
+        "seed {seed}: kept {held:?} after the snapshot"
+    );
+    sim.heal_and_verify();
+}
+
+#[test]
+fn a_snapshot_holds_the_configuration_of_its_own_index() {
+    let seed = seeds(1100..1101)[0];
+    println!("snapshot_configuration: seed {seed}");
+    let mut sim = Sim::with_spares(seed, 3, 1);
+    let leader = sim.run_until_leader(300);
+    for i in 0..10 {
+        sim.propose(leader, Bytes::from(format!("entry-{i}")));
+    }
+    for _ in 0..10 {
+        sim.step();
+    }
+    let before_change = sim.committed(leader);
+    sim.start(4);
+    sim.members.push(4);
+    let added = sim.admin("add learner", |s| {
+        s.change_membership(STREAM, &[1, 2, 3], &[4])
+    });
+    assert!(added > before_change, "seed {seed}");
+    // The application snapshots an index before the change: the snapshot must not claim
+    // 4 already replicated there, or replaying the change would apply it twice.
+    for id in 1..=3 {
+        sim.truncate(id, before_change);
+    }
+    let conf_state = |sim: &Sim, id: u64| {
+        sim.host(id).with(|s| {
+            let replica = s.streams.get(&STREAM).expect("stream");
+            let meta = replica.node.store().snapshot_ref().get_metadata().clone();
+            (
+                meta.index,
+                Membership::from_conf_state(meta.get_conf_state()),
+            )
+        })
+    };
+    for id in 1..=3 {
+        let (index, membership) = conf_state(&sim, id);
+        assert_eq!(index, before_change, "seed {seed}: replica {id}");
+        assert_eq!(membership.voters, [1, 2, 3], "seed {seed}: replica {id}");
+        assert_eq!(membership.learners, [0u64; 0], "seed {seed}: replica {id}");
+    }
+    // After the change, a later snapshot holds it.
+    let later = sim.committed(leader);
+    sim.truncate(leader, later);
+    let (_, membership) = conf_state(&sim, leader);
+    assert_eq!(membership.learners, [4], "seed {seed}");
+    sim.heal_and_verify();
 }
