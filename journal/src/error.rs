@@ -107,18 +107,6 @@ pub enum JournalError {
         committed: u64,
     },
 
-    /// A new replica cannot catch up: the log no longer starts at index 1, and snapshots do
-    /// not exist yet.
-    #[error(
-        "raft stream {stream_id}: the log starts at {first_index}, a new replica cannot catch up"
-    )]
-    LogTruncated {
-        /// The stream.
-        stream_id: u64,
-        /// The first index the leader still holds.
-        first_index: u64,
-    },
-
     /// Leadership went to another replica than the transfer asked for.
     #[error("raft stream {stream_id}: leadership went to {leader:?}, not to {to}")]
     LeaderTransfer {

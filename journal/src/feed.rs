@@ -2,12 +2,13 @@
 //!
 //! Both stream implementations publish their committed index on a `watch` channel and can
 //! read committed entries by index; one task per subscription turns that into an ordered
-//! channel of entries, with backpressure from the subscriber.
+//! channel of entries, with backpressure from the subscriber. Where entries were discarded
+//! the source answers with the snapshot that replaced them, and the feed moves on past it.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use luna_kernel::stream::{Entry, StreamError, Subscription};
+use luna_kernel::stream::{Committed, StreamError, Subscription};
 use tokio::sync::{mpsc, watch};
 
 /// Entries a subscriber may receive ahead of consuming them.
@@ -19,8 +20,9 @@ const READ_CHUNK: u64 = 256;
 #[async_trait]
 pub(crate) trait EntrySource: Send + Sync + 'static {
     /// Entries `from..=to`, in order; all of them must be committed. Returns at least one
-    /// entry, or [`StreamError::Truncated`] if `from` is no longer held.
-    async fn read(&self, from: u64, to: u64) -> Result<Vec<Entry>, StreamError>;
+    /// item: the snapshot alone if `from` is at or below its index (entries up to it are
+    /// gone), else entries.
+    async fn read(&self, from: u64, to: u64) -> Result<Vec<Committed>, StreamError>;
 }
 
 /// Starts a task that delivers entries from `from` onwards as `committed` advances. The
@@ -47,10 +49,11 @@ pub(crate) fn spawn_feed(
                             .await;
                         return;
                     }
-                    Ok(entries) => {
-                        for entry in entries {
-                            next = entry.index + 1;
-                            if tx.send(Ok(entry)).await.is_err() {
+                    Ok(items) => {
+                        for item in items {
+                            // A snapshot moves the feed past everything it covers.
+                            next = item.index() + 1;
+                            if tx.send(Ok(item)).await.is_err() {
                                 return;
                             }
                         }

@@ -1,5 +1,6 @@
-//! Three journal servers in one process, connected by the gRPC transport over loopback.
-//! Every test is bounded by `LIMIT`.
+//! Journal servers in one process, connected by the gRPC transport over loopback: three
+//! voters, and for membership changes a fourth server that joins later. Every test is
+//! bounded by `LIMIT`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -7,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use luna_journal::JournalError;
 use luna_journal::raft::grpc::GrpcNode;
-use luna_journal::raft::{RaftConfig, RaftStream};
-use luna_kernel::stream::{Stream, StreamError};
+use luna_journal::raft::{Membership, RaftConfig, RaftStream};
+use luna_kernel::stream::{Committed, Snapshot, Stream, StreamError};
 use luna_proto::journal::RaftBatch;
 use luna_proto::journal::raft_transport_client::RaftTransportClient;
 use tempfile::TempDir;
@@ -18,32 +20,55 @@ use tokio::net::TcpListener;
 const STREAM: u64 = 1;
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// The stream's voters at index 0, on every server (including one that joins later).
+const VOTERS: [u64; 3] = [1, 2, 3];
+
 struct Cluster {
     dirs: Vec<TempDir>,
     addrs: HashMap<u64, SocketAddr>,
     nodes: Vec<Option<(GrpcNode, Arc<RaftStream>)>>,
+    /// Listeners of servers that have not started yet (their peers know the address).
+    spare: HashMap<u64, TcpListener>,
 }
 
 impl Cluster {
     async fn new() -> Self {
+        Self::with_spares(0).await
+    }
+
+    /// The three voters, started, and `spares` more servers whose addresses every server
+    /// knows but that do not run yet.
+    async fn with_spares(spares: u64) -> Self {
+        let size = 3 + spares;
         let mut listeners = Vec::new();
         let mut addrs = HashMap::new();
-        for id in 1..=3u64 {
+        for id in 1..=size {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             addrs.insert(id, listener.local_addr().expect("addr"));
             listeners.push(listener);
         }
         let mut cluster = Self {
-            dirs: (0..3)
+            dirs: (0..size)
                 .map(|_| tempfile::tempdir().expect("tempdir"))
                 .collect(),
             addrs,
-            nodes: (0..3).map(|_| None).collect(),
+            nodes: (0..size).map(|_| None).collect(),
+            spare: HashMap::new(),
         };
-        for (id, listener) in (1..=3u64).zip(listeners) {
-            cluster.start_on(id, listener).await;
+        for (id, listener) in (1..=size).zip(listeners) {
+            if VOTERS.contains(&id) {
+                cluster.start_on(id, listener).await;
+            } else {
+                cluster.spare.insert(id, listener);
+            }
         }
         cluster
+    }
+
+    /// Starts a spare server.
+    async fn start_spare(&mut self, id: u64) {
+        let listener = self.spare.remove(&id).expect("a spare server");
+        self.start_on(id, listener).await;
     }
 
     async fn start_on(&mut self, id: u64, listener: TcpListener) {
@@ -52,7 +77,7 @@ impl Cluster {
         let node = GrpcNode::start(config, listener, &self.addrs).expect("start");
         let stream = node
             .node()
-            .add_stream(STREAM, &[1, 2, 3])
+            .add_stream(STREAM, &VOTERS)
             .await
             .expect("add stream");
         self.nodes[id as usize - 1] = Some((node, Arc::new(stream)));
@@ -122,20 +147,42 @@ impl Cluster {
     }
 }
 
-/// Every non-empty entry of `stream` up to `to`, through a subscription from 1.
-async fn read_all(stream: &RaftStream, to: u64) -> BTreeMap<u64, Bytes> {
+/// What a subscription from 1 delivers up to `to`: the snapshot, if the log was
+/// compacted, and every non-empty entry after it.
+async fn subscribe_all(stream: &RaftStream, to: u64) -> (Option<Snapshot>, BTreeMap<u64, Bytes>) {
     while stream.committed_index() < to {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut subscription = stream.subscribe(1).await.expect("subscribe");
-    let mut seen = BTreeMap::new();
-    for expected in 1..=to {
-        let entry = subscription.next().await.expect("open").expect("entry");
-        assert_eq!(entry.index, expected, "subscription skipped or reordered");
-        if !entry.data.is_empty() {
-            seen.insert(entry.index, entry.data);
+    let (mut snapshot, mut seen) = (None, BTreeMap::new());
+    let mut expected = 1;
+    while expected <= to {
+        match subscription.next().await.expect("open").expect("item") {
+            Committed::Snapshot(s) => {
+                assert!(
+                    snapshot.is_none() && seen.is_empty(),
+                    "snapshot after entries"
+                );
+                expected = s.index + 1;
+                snapshot = Some(s);
+            }
+            Committed::Entry(entry) => {
+                assert_eq!(entry.index, expected, "subscription skipped or reordered");
+                expected += 1;
+                if !entry.data.is_empty() {
+                    seen.insert(entry.index, entry.data);
+                }
+            }
         }
     }
+    (snapshot, seen)
+}
+
+/// Every non-empty entry of `stream` up to `to`, through a subscription from 1 of a log
+/// that was never compacted.
+async fn read_all(stream: &RaftStream, to: u64) -> BTreeMap<u64, Bytes> {
+    let (snapshot, seen) = subscribe_all(stream, to).await;
+    assert_eq!(snapshot, None);
     seen
 }
 
@@ -207,6 +254,101 @@ async fn garbage_from_a_peer_is_ignored() {
         cluster.append_many(10, "after", &mut acked).await;
         assert_eq!(acked.len(), 20);
         for id in 1..=3 {
+            cluster.kill(id).await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Retries a membership change while the stream is busy or the learner still catches up.
+async fn change(what: &str, op: impl AsyncFn() -> Result<u64, JournalError>) -> u64 {
+    loop {
+        match op().await {
+            Ok(index) => return index,
+            Err(JournalError::ChangeInProgress { .. } | JournalError::NotCaughtUp { .. }) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_added_after_truncation_catches_up_from_the_snapshot_and_votes() {
+    tokio::time::timeout(LIMIT, async {
+        let mut cluster = Cluster::with_spares(1).await;
+        let mut acked = BTreeMap::new();
+        cluster.append_many(200, "before", &mut acked).await;
+        let last = *acked.keys().next_back().expect("acked");
+        // Every replica's application has flushed up to `last` and truncates there.
+        let data = Bytes::from(format!("tablets flushed to {last}"));
+        for id in VOTERS {
+            let stream = cluster.stream(id);
+            while stream.committed_index() < last {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            stream.truncate(last, data.clone()).await.expect("truncate");
+        }
+        // Server 4 starts with the initial voters, is added as a learner and gets the
+        // snapshot: the log it would need from index 1 is gone everywhere.
+        cluster.start_spare(4).await;
+        let leader = cluster.stream(cluster.leader().await);
+        change("add learner", || leader.add_learner(4)).await;
+        cluster.append_many(50, "learning", &mut acked).await;
+        let end = *acked.keys().next_back().expect("acked");
+        let learner = cluster.stream(4);
+        let (snapshot, seen) = subscribe_all(&learner, end).await;
+        let snapshot = snapshot.expect("the learner caught up without the snapshot");
+        assert_eq!(snapshot.data, data);
+        assert!(snapshot.index >= last, "snapshot at {}", snapshot.index);
+        let mut expected = acked.clone();
+        expected.retain(|&index, _| index > snapshot.index);
+        assert_eq!(seen, expected, "the learner's entries after the snapshot");
+
+        // Promoted, it is a voter: it can lead, and with one old voter down the other two
+        // and server 4 still make a quorum of four.
+        change("promote", || leader.promote(4)).await;
+        let voters = Membership {
+            voters: vec![1, 2, 3, 4],
+            learners: Vec::new(),
+            outgoing: Vec::new(),
+        };
+        assert_eq!(leader.membership(), voters);
+        // Server 4 applies the change it received like any other entry.
+        while learner.membership() != voters {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let term = loop {
+            let leader = cluster.stream(cluster.leader().await);
+            match leader.transfer_leader(4).await {
+                Ok(term) => break term,
+                Err(JournalError::LeaderTransfer { .. } | JournalError::Stream { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("transfer: {e}"),
+            }
+        };
+        while !learner.leadership().is_leader {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(learner.leadership().term >= term);
+        let index = learner
+            .append(Bytes::from_static(b"led by 4"))
+            .await
+            .expect("append on 4");
+        acked.insert(index, Bytes::from_static(b"led by 4"));
+        cluster.kill(1).await;
+        cluster.append_many(20, "three of four", &mut acked).await;
+        let end = *acked.keys().next_back().expect("acked");
+        for id in [2, 3, 4] {
+            let (snapshot, seen) = subscribe_all(&cluster.stream(id), end).await;
+            let start = snapshot.map_or(1, |s| s.index + 1);
+            let mut expected = acked.clone();
+            expected.retain(|&index, _| index >= start);
+            assert_eq!(seen, expected, "replica {id}");
+        }
+        for id in [2, 3, 4] {
             cluster.kill(id).await;
         }
     })

@@ -13,7 +13,8 @@
 //!   (on the one replica of a local stream). A committed entry is never lost while a quorum
 //!   of replicas keeps its disks, and never changes.
 //! - **Indexes** are assigned by the stream, start at 1 and are contiguous. Every committed
-//!   index is delivered to every subscriber exactly once, in increasing order, with no gaps.
+//!   index is delivered to every subscriber exactly once, in increasing order, with no gaps,
+//!   except that a [snapshot](#snapshots-and-truncation) stands in for a discarded prefix.
 //!   Some indexes are written by the stream itself (a new leader's first entry, membership
 //!   changes): they arrive with empty [`Entry::data`], and an application skips them. Because
 //!   [`Stream::append`] rejects empty data, an empty entry is always such an internal entry.
@@ -29,6 +30,30 @@
 //! - **Reads.** [`Stream::read_index`] is the linearizable read barrier: once a replica has
 //!   applied every entry up to the returned index, a read served from its state reflects
 //!   every append acknowledged before `read_index` was called.
+//!
+//! # Snapshots and truncation
+//!
+//! A stream does not keep its log forever. Once the application has made the effect of a
+//! prefix durable elsewhere (Luna: a tablet group's tablets flushed their MemStores to
+//! shared storage), it calls [`Stream::truncate`]`(up_to, snapshot)`. `snapshot` is the
+//! application's own metadata describing its state as of index `up_to` (for a tablet group:
+//! its tablets, their epochs and manifest positions). It is opaque to the stream and holds
+//! no base data, which is already in shared storage. The stream stores it durably, then
+//! may discard entries up to `up_to` and reclaim their space.
+//!
+//! - A subscription that starts at or below the snapshot's index, or that falls behind it,
+//!   first yields [`Committed::Snapshot`] with the snapshot's index, term and exactly the
+//!   bytes the application gave, then [`Committed::Entry`] from `index + 1` on. The
+//!   application rebuilds its state from the snapshot (reading base data from shared
+//!   storage) and applies the entries after it. So "every committed index once, in order"
+//!   holds with a snapshot standing in for the prefix it replaced.
+//! - On a replicated stream the snapshot also reaches replicas that lag behind the
+//!   discarded prefix, or that join after it: their subscriptions deliver it the same way.
+//!   So the snapshot of `up_to` must be valid on every replica, which shared-storage
+//!   metadata is.
+//! - `up_to` must be committed (delivered to this replica's subscriptions), otherwise
+//!   [`StreamError::BeyondCommitted`]; truncating at or below the current snapshot's index
+//!   changes nothing. Each replica truncates its own copy of the log.
 
 use std::sync::Arc;
 
@@ -45,6 +70,39 @@ pub struct Entry {
     pub term: u64,
     /// The appended bytes; empty for entries the stream wrote itself.
     pub data: Bytes,
+}
+
+/// The application's metadata standing in for a discarded prefix of a stream, as given to
+/// [`Stream::truncate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The last index the snapshot covers; entries resume at `index + 1`.
+    pub index: u64,
+    /// Term of the entry at `index` (always 1 on a single-replica stream).
+    pub term: u64,
+    /// The bytes the application passed to [`Stream::truncate`], unchanged.
+    pub data: Bytes,
+}
+
+/// One item of a [`Subscription`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Committed {
+    /// The application's state as of `index`: entries up to it are gone, and the next item
+    /// is the entry at `index + 1`. Comes first when a subscription starts at or below the
+    /// snapshot, or later when this replica caught up by a snapshot instead of entries.
+    Snapshot(Snapshot),
+    /// The next committed entry.
+    Entry(Entry),
+}
+
+impl Committed {
+    /// The last index this item covers: the entry's index, or the snapshot's.
+    pub fn index(&self) -> u64 {
+        match self {
+            Committed::Snapshot(snapshot) => snapshot.index,
+            Committed::Entry(entry) => entry.index,
+        }
+    }
 }
 
 /// Who leads a stream, as this replica currently knows it.
@@ -87,13 +145,15 @@ pub enum StreamError {
     #[error("empty entries cannot be appended")]
     EmptyEntry,
 
-    /// The requested entries were discarded by [`Stream::truncate`].
-    #[error("entry {requested} was truncated; the stream starts at {first_index}")]
-    Truncated {
+    /// [`Stream::truncate`] asked to discard entries that are not committed here yet: the
+    /// application's snapshot would describe a state the log does not hold. Retry once
+    /// this replica has committed `up_to`.
+    #[error("cannot truncate up to {up_to}: committed only up to {committed}")]
+    BeyondCommitted {
         /// The index asked for.
-        requested: u64,
-        /// The first index still held.
-        first_index: u64,
+        up_to: u64,
+        /// This replica's committed index.
+        committed: u64,
     },
 
     /// The stream was shut down or failed; an operation in flight has an unknown outcome.
@@ -144,23 +204,24 @@ impl StreamError {
     }
 }
 
-/// Committed entries of a stream in index order, from [`Stream::subscribe`].
+/// Committed entries of a stream in index order, from [`Stream::subscribe`], with a
+/// [`Committed::Snapshot`] standing in for any discarded prefix.
 ///
-/// Ends (`None`) when the stream closes. An `Err` item ends it too: the subscriber fell
-/// behind a truncation, or the log could not be read.
+/// Ends (`None`) when the stream closes. An `Err` item ends it too: the log could not be
+/// read.
 #[derive(Debug)]
 pub struct Subscription {
-    rx: mpsc::Receiver<Result<Entry, StreamError>>,
+    rx: mpsc::Receiver<Result<Committed, StreamError>>,
 }
 
 impl Subscription {
     /// Wraps the receiving end that an implementation feeds.
-    pub fn new(rx: mpsc::Receiver<Result<Entry, StreamError>>) -> Self {
+    pub fn new(rx: mpsc::Receiver<Result<Committed, StreamError>>) -> Self {
         Self { rx }
     }
 
-    /// The next committed entry; waits until one is committed.
-    pub async fn next(&mut self) -> Option<Result<Entry, StreamError>> {
+    /// The next committed item; waits until one is committed.
+    pub async fn next(&mut self) -> Option<Result<Committed, StreamError>> {
         self.rx.recv().await
     }
 }
@@ -177,14 +238,18 @@ pub trait Stream: Send + Sync {
     /// one fsync (and one replication round) covers all that are waiting.
     async fn append(&self, data: Bytes) -> Result<u64, StreamError>;
 
-    /// Committed entries from index `from` onwards, including those committed later.
-    /// `from` below the first retained index answers [`StreamError::Truncated`].
+    /// Committed entries from index `from` onwards, including those committed later. If
+    /// `from` is at or below the snapshot's index (entries there were discarded), the
+    /// snapshot comes first and entries follow from its index + 1; a subscriber that falls
+    /// behind a snapshot later gets it the same way (see the [module docs](self)).
     async fn subscribe(&self, from: u64) -> Result<Subscription, StreamError>;
 
-    /// Allows the stream to discard entries up to and including `up_to`, which every
-    /// consumer must have made durable elsewhere. Space is reclaimed lazily; entries above
-    /// `up_to` are kept. Truncating past the committed index is capped at it.
-    async fn truncate(&self, up_to: u64) -> Result<(), StreamError>;
+    /// Stores `snapshot`, the application's metadata for its state as of `up_to`, durably
+    /// before returning, and lets the stream discard entries up to and including `up_to`
+    /// and reclaim their space. Entries above `up_to` are kept. `up_to` beyond the
+    /// committed index is [`StreamError::BeyondCommitted`]; at or below the current
+    /// snapshot's index the call changes nothing.
+    async fn truncate(&self, up_to: u64, snapshot: Bytes) -> Result<(), StreamError>;
 
     /// The current leadership as this replica sees it.
     fn leadership(&self) -> Leadership;
@@ -214,13 +279,13 @@ mod tests {
                 term: 1,
                 data: Bytes::from(vec![index as u8]),
             };
-            tx.send(Ok(entry)).await.ok();
+            tx.send(Ok(Committed::Entry(entry))).await.ok();
         }
         drop(tx);
         let mut seen = Vec::new();
         while let Some(item) = sub.next().await {
             match item {
-                Ok(entry) => seen.push(entry.index),
+                Ok(item) => seen.push(item.index()),
                 Err(e) => panic!("unexpected error {e}"),
             }
         }
@@ -241,6 +306,14 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "entry of 10 bytes exceeds the limit of 4 bytes"
+        );
+        let e = StreamError::BeyondCommitted {
+            up_to: 9,
+            committed: 5,
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot truncate up to 9: committed only up to 5"
         );
     }
 }

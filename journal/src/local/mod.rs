@@ -7,14 +7,17 @@
 //! (see `segment`); docs/journal.md explains why this is not raft-engine.
 //!
 //! Committed entries are also kept in memory from the first retained index, so subscribers
-//! read without touching disk; [`Stream::truncate`] bounds that memory and deletes whole
-//! segments. That is the right trade for development and tests, not for large logs.
+//! read without touching disk. [`Stream::truncate`] stores the application's snapshot in
+//! one atomically replaced file (see `snapshot`), then frees that memory and deletes whole
+//! segments; a reopen restores the snapshot, and subscriptions from at or below it start
+//! with it. That is the right trade for development and tests, not for large logs.
 //!
 //! After a write or fsync error the stream fails: the affected appends and every later one
 //! get [`StreamError::Io`], and the stream must be reopened. Retrying an fsync after a
 //! failure is unsafe (the kernel may have dropped the dirty pages), so it is not tried.
 
 mod segment;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -26,7 +29,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use luna_kernel::stream::{Entry, Leadership, Stream, StreamError, Subscription};
+use luna_kernel::stream::{
+    Committed, Entry, Leadership, Snapshot, Stream, StreamError, Subscription,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::JournalError;
@@ -99,7 +104,8 @@ impl LocalStream {
     /// Opens (or creates) the log in `config.dir`, recovering every acknowledged entry.
     ///
     /// A torn final write is cut off (it was never acknowledged); any other damage is
-    /// [`JournalError::Corruption`]. Another open stream on the same directory is
+    /// [`JournalError::Corruption`], including a damaged snapshot file or segments that do
+    /// not continue where the snapshot ends. Another open stream on the same directory is
     /// [`JournalError::Locked`].
     pub fn open(config: LocalConfig) -> Result<Self, JournalError> {
         Self::open_with(config, Box::new(DataSync))
@@ -115,14 +121,10 @@ impl LocalStream {
         std::fs::create_dir_all(dir)
             .map_err(|e| JournalError::io(format!("creating {}", dir.display()), e))?;
         let lock = lock_dir(&config.dir)?;
+        let snapshot = snapshot::read(dir)?;
         let mut recovered = segment::recover(dir)?;
+        let log = MemLog::recover(dir, snapshot, &mut recovered)?;
         let next_index = recovered.next_index;
-        let entries = std::mem::take(&mut recovered.entries);
-        let first_index = entries.first().map_or(next_index, |e| e.index);
-        let log = MemLog {
-            first_index,
-            entries: entries.into(),
-        };
         let shared = Arc::new(Shared {
             log: Mutex::new(log),
             failed: Mutex::new(None),
@@ -218,24 +220,20 @@ impl Stream for LocalStream {
     }
 
     async fn subscribe(&self, from: u64) -> Result<Subscription, StreamError> {
-        let from = from.max(1);
-        let first_index = lock(&self.shared.log).first_index;
-        if from < first_index {
-            return Err(StreamError::Truncated {
-                requested: from,
-                first_index,
-            });
-        }
         let source: Arc<dyn EntrySource> = Arc::clone(&self.shared) as Arc<dyn EntrySource>;
-        Ok(spawn_feed(source, self.committed.clone(), from))
+        Ok(spawn_feed(source, self.committed.clone(), from.max(1)))
     }
 
-    async fn truncate(&self, up_to: u64) -> Result<(), StreamError> {
+    async fn truncate(&self, up_to: u64, snapshot: Bytes) -> Result<(), StreamError> {
         if let Some(e) = self.failure() {
             return Err(e);
         }
-        self.request(|reply| Request::Truncate { up_to, reply })
-            .await
+        self.request(|reply| Request::Truncate {
+            up_to,
+            data: snapshot,
+            reply,
+        })
+        .await
     }
 
     fn leadership(&self) -> Leadership {
@@ -264,24 +262,82 @@ struct Shared {
     failed: Mutex<Option<StreamError>>,
 }
 
-/// Committed entries from `first_index`: `entries[i].index == first_index + i`.
+/// Committed entries from `first_index`: `entries[i].index == first_index + i`, and the
+/// snapshot that replaced the entries before them (`first_index` is its index + 1).
 #[derive(Debug)]
 struct MemLog {
     first_index: u64,
     entries: VecDeque<Entry>,
+    snapshot: Option<Snapshot>,
+}
+
+impl MemLog {
+    /// Combines the snapshot and the segments found at open. Segments may still hold
+    /// entries the snapshot covers (truncation deletes whole segments only): those are
+    /// dropped. They must continue the snapshot without a gap, and reach at least its
+    /// index, since it only ever covers committed (fsynced) entries.
+    fn recover(
+        dir: &std::path::Path,
+        snapshot: Option<Snapshot>,
+        recovered: &mut segment::Recovered,
+    ) -> Result<Self, JournalError> {
+        let entries = std::mem::take(&mut recovered.entries);
+        let log_start = recovered.segments.first().copied();
+        let corrupt = |reason: String| JournalError::Corruption {
+            path: dir.to_owned(),
+            offset: 0,
+            reason,
+        };
+        let Some(snapshot) = snapshot else {
+            if let Some(start) = log_start.filter(|&start| start > 1) {
+                return Err(corrupt(format!(
+                    "the log starts at {start} but there is no snapshot"
+                )));
+            }
+            return Ok(Self {
+                first_index: 1,
+                entries: entries.into(),
+                snapshot: None,
+            });
+        };
+        match log_start {
+            Some(start) if start > snapshot.index + 1 => {
+                return Err(corrupt(format!(
+                    "the log starts at {start}, after the snapshot at {}",
+                    snapshot.index
+                )));
+            }
+            Some(_) if recovered.next_index <= snapshot.index => {
+                return Err(corrupt(format!(
+                    "the log ends at {}, before the snapshot at {}",
+                    recovered.next_index - 1,
+                    snapshot.index
+                )));
+            }
+            Some(_) => {}
+            // Every segment gone: the first one is created where the snapshot ends.
+            None => recovered.next_index = snapshot.index + 1,
+        }
+        Ok(Self {
+            first_index: snapshot.index + 1,
+            entries: entries
+                .into_iter()
+                .filter(|e| e.index > snapshot.index)
+                .collect(),
+            snapshot: Some(snapshot),
+        })
+    }
 }
 
 #[async_trait]
 impl EntrySource for Shared {
-    async fn read(&self, from: u64, to: u64) -> Result<Vec<Entry>, StreamError> {
+    async fn read(&self, from: u64, to: u64) -> Result<Vec<Committed>, StreamError> {
         let log = lock(&self.log);
-        if from < log.first_index {
-            return Err(StreamError::Truncated {
-                requested: from,
-                first_index: log.first_index,
-            });
+        if let Some(snapshot) = log.snapshot.as_ref().filter(|s| from <= s.index) {
+            return Ok(vec![Committed::Snapshot(snapshot.clone())]);
         }
-        let start = usize::try_from(from - log.first_index).unwrap_or(usize::MAX);
+        // Only the snapshot moves `first_index`, so `from` is never below it here.
+        let start = usize::try_from(from.saturating_sub(log.first_index)).unwrap_or(usize::MAX);
         let count = usize::try_from(to.saturating_sub(from) + 1).unwrap_or(usize::MAX);
         Ok(log
             .entries
@@ -289,6 +345,7 @@ impl EntrySource for Shared {
             .skip(start)
             .take(count)
             .cloned()
+            .map(Committed::Entry)
             .collect())
     }
 }

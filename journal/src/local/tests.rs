@@ -15,16 +15,29 @@ fn entry(i: u64) -> Bytes {
     Bytes::from(format!("entry-{i}"))
 }
 
-async fn collect(stream: &LocalStream, from: u64, count: usize) -> Vec<Entry> {
+/// The first `count` items of a subscription from `from`.
+async fn items(stream: &LocalStream, from: u64, count: usize) -> Vec<Committed> {
     let mut sub = stream.subscribe(from).await.expect("subscribe");
     let mut got = Vec::new();
     while got.len() < count {
         match sub.next().await {
-            Some(Ok(e)) => got.push(e),
+            Some(Ok(item)) => got.push(item),
             other => panic!("subscription ended early: {other:?}"),
         }
     }
     got
+}
+
+/// The first `count` entries of a subscription from `from` (which has no snapshot).
+async fn collect(stream: &LocalStream, from: u64, count: usize) -> Vec<Entry> {
+    items(stream, from, count)
+        .await
+        .into_iter()
+        .map(|item| match item {
+            Committed::Entry(entry) => entry,
+            Committed::Snapshot(s) => panic!("unexpected snapshot {s:?}"),
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -38,6 +51,9 @@ async fn appends_are_contiguous_and_delivered_in_order() {
     assert_eq!(stream.read_index().await.expect("read_index"), 20);
     for i in 1..=20 {
         let got = live.next().await.expect("open").expect("entry");
+        let Committed::Entry(got) = got else {
+            panic!("unexpected {got:?}")
+        };
         assert_eq!((got.index, got.term, got.data), (i, 1, entry(i)));
     }
     let leader = stream.leadership();
@@ -260,44 +276,127 @@ async fn one_fsync_covers_every_append_queued_meanwhile() {
     );
 }
 
+/// The items a subscription from `from` must yield after a truncation at `snapshot`:
+/// the snapshot if `from` is at or below it, then entries up to `last`.
+fn expected(from: u64, snapshot: &Snapshot, last: u64) -> Vec<Committed> {
+    let mut items = Vec::new();
+    let mut next = from;
+    if from <= snapshot.index {
+        items.push(Committed::Snapshot(snapshot.clone()));
+        next = snapshot.index + 1;
+    }
+    items.extend((next..=last).map(|i| {
+        Committed::Entry(Entry {
+            index: i,
+            term: 1,
+            data: entry(i),
+        })
+    }));
+    items
+}
+
 #[tokio::test]
-async fn truncate_discards_old_entries_and_segments() {
+async fn truncate_stores_the_snapshot_deletes_segments_and_survives_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let stream = LocalStream::open(config(dir.path())).expect("open");
     for i in 1..=40 {
         stream.append(entry(i)).await.expect("append");
     }
     let files_before = std::fs::read_dir(dir.path()).expect("ls").count();
-    stream.truncate(30).await.expect("truncate");
+    let data = Bytes::from_static(b"tablets flushed to 30");
+    stream.truncate(30, data.clone()).await.expect("truncate");
     let files_after = std::fs::read_dir(dir.path()).expect("ls").count();
+    // One snapshot file more, and several segments fewer.
     assert!(
-        files_after < files_before,
+        files_after + 1 < files_before,
         "{files_after} files, before {files_before}"
     );
-    let err = stream.subscribe(30).await.expect_err("truncated");
+    let snapshot = Snapshot {
+        index: 30,
+        term: 1,
+        data,
+    };
+    for from in [0, 1, 30, 31, 35] {
+        let want = expected(from, &snapshot, 40);
+        assert_eq!(items(&stream, from, want.len()).await, want, "from {from}");
+    }
+    // Beyond the committed index is an error; at or below the snapshot nothing changes.
+    let err = stream
+        .truncate(41, Bytes::from_static(b"future"))
+        .await
+        .expect_err("beyond committed");
     assert!(
         matches!(
             err,
-            StreamError::Truncated {
-                requested: 30,
-                first_index: 31
+            StreamError::BeyondCommitted {
+                up_to: 41,
+                committed: 40
             }
         ),
         "{err}"
     );
-    let got = collect(&stream, 31, 10).await;
-    assert_eq!(got[0].index, 31);
-    // Truncating beyond the committed index is capped, and later appends still number on.
-    stream.truncate(1_000).await.expect("truncate");
+    stream
+        .truncate(20, Bytes::from_static(b"older"))
+        .await
+        .expect("no-op");
+    assert_eq!(items(&stream, 1, 1).await, expected(1, &snapshot, 30)[..1]);
     assert_eq!(stream.append(entry(41)).await.expect("append"), 41);
     stream.close().await;
 
     let stream = LocalStream::open(config(dir.path())).expect("reopen");
-    let first_kept = lock(&stream.shared.log).first_index;
-    assert!(
-        first_kept > 1 && first_kept <= 41,
-        "first kept index {first_kept}"
-    );
+    assert_eq!(lock(&stream.shared.log).first_index, 31);
     assert_eq!(stream.read_index().await.expect("read_index"), 41);
+    for from in [1, 30, 31, 40] {
+        let want = expected(from, &snapshot, 41);
+        assert_eq!(items(&stream, from, want.len()).await, want, "from {from}");
+    }
+    // Truncating everything keeps the active segment, and numbering continues.
+    let last = Snapshot {
+        index: 41,
+        term: 1,
+        data: Bytes::from_static(b"everything"),
+    };
+    stream
+        .truncate(41, last.data.clone())
+        .await
+        .expect("truncate");
+    assert_eq!(stream.append(entry(42)).await.expect("append"), 42);
     stream.close().await;
+    let stream = LocalStream::open(config(dir.path())).expect("reopen");
+    assert_eq!(items(&stream, 1, 2).await, expected(1, &last, 42));
+    stream.close().await;
+}
+
+#[tokio::test]
+async fn a_damaged_or_missing_snapshot_is_corruption_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stream = LocalStream::open(config(dir.path())).expect("open");
+    for i in 1..=40 {
+        stream.append(entry(i)).await.expect("append");
+    }
+    stream
+        .truncate(30, Bytes::from_static(b"state at 30"))
+        .await
+        .expect("truncate");
+    stream.close().await;
+    let path = dir.path().join("SNAPSHOT");
+    let good = std::fs::read(&path).expect("read");
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x01;
+    std::fs::write(&path, &bad).expect("write");
+    let err = LocalStream::open(config(dir.path())).expect_err("corrupt snapshot");
+    assert!(
+        matches!(&err, JournalError::Corruption { path: p, .. } if *p == path),
+        "{err}"
+    );
+    // Without its snapshot, a log that no longer starts at 1 cannot be replayed.
+    std::fs::remove_file(&path).expect("remove");
+    let err = LocalStream::open(config(dir.path())).expect_err("missing snapshot");
+    assert!(matches!(err, JournalError::Corruption { .. }), "{err}");
+    std::fs::write(&path, &good).expect("restore");
+    LocalStream::open(config(dir.path()))
+        .expect("intact again")
+        .close()
+        .await;
 }

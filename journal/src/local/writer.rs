@@ -1,4 +1,5 @@
-//! The local stream's writer thread: group commit, segment rolling and truncation.
+//! The local stream's writer thread: group commit, segment rolling, and truncation with
+//! the application's snapshot.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -8,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use luna_kernel::stream::{Entry, StreamError};
+use luna_kernel::stream::{Entry, Snapshot, StreamError};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::segment::{self, MAGIC, Recovered};
+use super::snapshot;
 use super::{LocalConfig, Shared, lock};
 use crate::error::JournalError;
 
@@ -23,9 +25,10 @@ pub(super) enum Request {
         data: Bytes,
         reply: oneshot::Sender<Result<u64, StreamError>>,
     },
-    /// Discard entries up to `up_to`.
+    /// Store `data` as the snapshot of `up_to`, then discard entries up to it.
     Truncate {
         up_to: u64,
+        data: Bytes,
         reply: oneshot::Sender<Result<(), StreamError>>,
     },
 }
@@ -122,7 +125,9 @@ impl Writer {
                         bytes += data.len();
                         appends.push((data, reply));
                     }
-                    Request::Truncate { up_to, reply } => truncates.push((up_to, reply)),
+                    Request::Truncate { up_to, data, reply } => {
+                        truncates.push((up_to, data, reply))
+                    }
                 }
                 if bytes < self.max_batch_bytes {
                     next = queue.try_recv().ok();
@@ -135,8 +140,8 @@ impl Writer {
             if !appends.is_empty() {
                 self.commit(appends);
             }
-            for (up_to, reply) in truncates {
-                let _ = reply.send(self.truncate(up_to));
+            for (up_to, data, reply) in truncates {
+                let _ = reply.send(self.truncate(up_to, data));
             }
         }
     }
@@ -213,16 +218,35 @@ impl Writer {
         Ok(())
     }
 
-    /// Drops entries up to `up_to` (capped at the committed index) from memory, and deletes
-    /// the segments that hold nothing newer.
-    fn truncate(&mut self, up_to: u64) -> Result<(), StreamError> {
-        let up_to = up_to.min(self.next_index - 1);
+    /// Stores `data` as the snapshot of `up_to` (durably, before anything is deleted),
+    /// drops entries up to it from memory, and deletes the segments that hold nothing
+    /// newer. A failed snapshot write leaves the previous snapshot and every segment.
+    fn truncate(&mut self, up_to: u64, data: Bytes) -> Result<(), StreamError> {
+        let committed = self.next_index - 1;
+        if up_to > committed {
+            return Err(StreamError::BeyondCommitted { up_to, committed });
+        }
+        let current = lock(&self.shared.log)
+            .snapshot
+            .as_ref()
+            .map_or(0, |s| s.index);
+        if up_to <= current {
+            return Ok(());
+        }
+        let snapshot = Snapshot {
+            index: up_to,
+            term: 1,
+            data,
+        };
+        snapshot::write(&self.dir, &snapshot)
+            .map_err(|e| io_error(format!("writing the snapshot in {}", self.dir.display()), e))?;
         {
             let mut log = lock(&self.shared.log);
             while log.entries.front().is_some_and(|e| e.index <= up_to) {
                 log.entries.pop_front();
             }
-            log.first_index = log.first_index.max(up_to + 1);
+            log.first_index = up_to + 1;
+            log.snapshot = Some(snapshot);
         }
         let mut deleted = false;
         while self.segments.len() > 1 && self.segments.get(1).is_some_and(|&next| next <= up_to + 1)
@@ -284,15 +308,17 @@ fn io_error(context: String, source: io::Error) -> StreamError {
     }
 }
 
+type TruncateReply = oneshot::Sender<Result<(), StreamError>>;
+
 fn fail_all(
     appends: Vec<(Bytes, oneshot::Sender<Result<u64, StreamError>>)>,
-    truncates: Vec<(u64, oneshot::Sender<Result<(), StreamError>>)>,
+    truncates: Vec<(u64, Bytes, TruncateReply)>,
     error: &StreamError,
 ) {
     for (_, reply) in appends {
         let _ = reply.send(Err(error.clone()));
     }
-    for (_, reply) in truncates {
+    for (_, _, reply) in truncates {
         let _ = reply.send(Err(error.clone()));
     }
 }

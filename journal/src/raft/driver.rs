@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use luna_kernel::stream::{Entry, StreamError};
+use luna_kernel::stream::{Committed, StreamError};
 use raft_engine::Engine;
 use tokio::sync::oneshot;
 
@@ -66,7 +66,14 @@ pub(crate) enum Event {
         stream_id: u64,
         from: u64,
         to: u64,
-        reply: oneshot::Sender<Result<Vec<Entry>, StreamError>>,
+        reply: oneshot::Sender<Result<Vec<Committed>, StreamError>>,
+    },
+    /// The application's snapshot of `up_to`: store it and compact the log.
+    Truncate {
+        stream_id: u64,
+        up_to: u64,
+        data: Bytes,
+        reply: oneshot::Sender<Result<(), StreamError>>,
     },
     /// Host a replica of a stream.
     AddStream {
@@ -412,7 +419,19 @@ impl Driver {
                 to,
                 reply,
             } => {
-                let _ = reply.send(self.server.entries(stream_id, from, to));
+                let _ = reply.send(self.server.read(stream_id, from, to));
+            }
+            Event::Truncate {
+                stream_id,
+                up_to,
+                data,
+                reply,
+            } => {
+                let result = match &self.failed {
+                    Some(e) => Err(e.clone()),
+                    None => self.server.truncate(stream_id, up_to, data),
+                };
+                let _ = reply.send(result);
             }
             Event::AddStream {
                 stream_id,

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use luna_kernel::stream::{Stream, StreamError};
+use luna_kernel::stream::{Committed, Stream, StreamError};
 use tempfile::TempDir;
 
 use super::{MemNetwork, Node, RaftConfig, RaftStream, Transport};
 
 mod admin;
+mod snapshots;
 
 const STREAM: u64 = 3;
 const LIMIT: Duration = Duration::from_secs(30);
@@ -131,7 +132,10 @@ async fn read_all(stream: &RaftStream, to: u64) -> BTreeMap<u64, Bytes> {
     let mut seen = BTreeMap::new();
     let mut expected = 1;
     while expected <= to {
-        let entry = subscription.next().await.expect("open").expect("entry");
+        let item = subscription.next().await.expect("open").expect("entry");
+        let Committed::Entry(entry) = item else {
+            panic!("unexpected {item:?}")
+        };
         assert_eq!(entry.index, expected, "subscription skipped or reordered");
         expected += 1;
         if !entry.data.is_empty() {
@@ -227,15 +231,20 @@ async fn isolated_leader_is_replaced_and_restart_keeps_everything() {
             }
             assert_eq!(read_all(&stream, last).await, acked, "replica {id}");
         }
-        // Truncation is recorded: a subscription below it is refused.
-        leader.truncate(10).await.expect("truncate");
-        assert!(matches!(
-            leader.subscribe(5).await,
-            Err(StreamError::Truncated {
-                first_index: 11,
-                ..
-            })
-        ));
+        // After a truncation a subscription below it starts with the snapshot.
+        let data = Bytes::from_static(b"state at 10");
+        leader.truncate(10, data.clone()).await.expect("truncate");
+        let mut subscription = leader.subscribe(5).await.expect("subscribe");
+        match subscription.next().await {
+            Some(Ok(Committed::Snapshot(snapshot))) => {
+                assert_eq!((snapshot.index, snapshot.data), (10, data))
+            }
+            other => panic!("expected the snapshot, got {other:?}"),
+        }
+        match subscription.next().await {
+            Some(Ok(Committed::Entry(entry))) => assert_eq!(entry.index, 11),
+            other => panic!("expected entry 11, got {other:?}"),
+        }
         for id in 1..=3 {
             cluster.stop(id).await;
         }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
-use luna_kernel::stream::{Entry, Leadership, StreamError};
+use luna_kernel::stream::{Committed, Entry, Leadership, Snapshot, StreamError};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tempfile::TempDir;
@@ -19,6 +19,7 @@ use tokio::sync::{oneshot, watch};
 use super::{RaftConfig, Server, sync};
 
 mod admin_tests;
+mod snapshot_tests;
 
 const STREAM: u64 = 7;
 type Answer = oneshot::Receiver<Result<u64, StreamError>>;
@@ -96,6 +97,8 @@ struct Sim {
     initial_voters: Vec<u64>,
     /// Replicas that hold the log and are checked by `heal_and_verify`.
     members: Vec<u64>,
+    /// Snapshot data given to `truncate` (unique per call), with the index it was for.
+    snapshots: BTreeMap<Bytes, u64>,
 }
 
 impl Sim {
@@ -124,6 +127,7 @@ impl Sim {
             reads_checked: 0,
             initial_voters: (1..=voters).collect(),
             members: (1..=voters).collect(),
+            snapshots: BTreeMap::new(),
         };
         for _ in 0..voters + spares {
             sim.dirs.push(tempfile::tempdir().expect("tempdir"));
@@ -315,9 +319,27 @@ impl Sim {
             .with(|server| *server.watch_committed(STREAM).expect("stream").borrow())
     }
 
-    fn log(&self, id: u64, to: u64) -> Vec<Entry> {
-        self.host(id)
-            .with(move |server| server.entries(STREAM, 1, to).expect("read log"))
+    /// Replica `id`'s committed log up to `to`, read as a subscription from 1 reads it:
+    /// its snapshot (if the log was compacted), then every entry after it.
+    fn log(&self, id: u64, to: u64) -> (Option<Snapshot>, Vec<Entry>) {
+        self.host(id).with(move |server| {
+            let (mut snapshot, mut entries, mut next) = (None, Vec::new(), 1);
+            while next <= to {
+                let items = server.read(STREAM, next, to).expect("read log");
+                assert!(!items.is_empty(), "nothing held at {next}");
+                for item in items {
+                    next = item.index() + 1;
+                    match item {
+                        Committed::Snapshot(s) => {
+                            assert!(entries.is_empty(), "a snapshot after entries");
+                            snapshot = Some(s);
+                        }
+                        Committed::Entry(entry) => entries.push(entry),
+                    }
+                }
+            }
+            (snapshot, entries)
+        })
     }
 
     /// Heals everything, lets the cluster converge, and checks every replica's committed
@@ -342,33 +364,45 @@ impl Sim {
                 break;
             }
         }
-        let first = members[0];
-        let commit = self.committed(first);
-        let reference = self.log(first, commit);
-        assert_eq!(
-            reference.len() as u64,
-            commit,
-            "seed {}: log has gaps",
-            self.seed
-        );
-        for &id in &members[1..] {
+        let seed = self.seed;
+        let commit = self.committed(members[0]);
+        // Every replica's log: contiguous after its snapshot (if any), equal to the others'
+        // where they overlap, holding every acknowledged entry after its snapshot.
+        let mut reference: BTreeMap<u64, Entry> = BTreeMap::new();
+        let mut snapshots = Vec::new();
+        for &id in &members {
+            assert_eq!(self.committed(id), commit, "seed {seed}: replica {id} lags");
+            let (snapshot, log) = self.log(id, commit);
+            let start = snapshot.as_ref().map_or(1, |s| s.index + 1);
+            let indexes: Vec<u64> = log.iter().map(|e| e.index).collect();
+            let expected: Vec<u64> = (start..=commit).collect();
             assert_eq!(
-                self.committed(id),
-                commit,
-                "seed {}: replica {id} lags",
-                self.seed
+                indexes, expected,
+                "seed {seed}: replica {id}'s log has gaps"
             );
-            let log = self.log(id, commit);
-            assert_eq!(log, reference, "seed {}: replica {id} diverged", self.seed);
+            for entry in log {
+                let held = reference
+                    .entry(entry.index)
+                    .or_insert_with(|| entry.clone());
+                assert_eq!(*held, entry, "seed {seed}: replica {id} diverged");
+            }
+            for (index, data) in self.acked.range(start..) {
+                let entry = reference.get(index).map(|e| &e.data);
+                assert_eq!(entry, Some(data), "seed {seed}: {id} lost entry {index}");
+            }
+            snapshots.extend(snapshot.map(|s| (id, s)));
         }
-        for (index, data) in &self.acked {
-            let entry = reference.get(*index as usize - 1);
-            assert_eq!(
-                entry.map(|e| &e.data),
-                Some(data),
-                "seed {}: lost entry {index}",
-                self.seed
-            );
+        for (id, snapshot) in snapshots {
+            // Delivered exactly as some replica's application gave it, for that index, and
+            // with the term of the entry it replaced.
+            let given = self.snapshots.get(&snapshot.data);
+            assert_eq!(given, Some(&snapshot.index), "seed {seed}: {id}'s snapshot");
+            if let Some(entry) = reference.get(&snapshot.index) {
+                assert_eq!(
+                    entry.term, snapshot.term,
+                    "seed {seed}: {id}'s snapshot term"
+                );
+            }
         }
     }
 }

@@ -205,14 +205,8 @@ impl Replica {
             if current.learners.contains(&id) {
                 continue;
             }
-            // No snapshots exist: a new replica catches up from index 1 or not at all.
-            let first_index = raft.raft_log.first_index();
-            if !current.voters.contains(&id) && first_index > 1 {
-                return Err(JournalError::LogTruncated {
-                    stream_id: self.stream_id,
-                    first_index,
-                });
-            }
+            // A new replica catches up from index 1, or from the snapshot if the log was
+            // compacted.
             changes.push(single(id, ConfChangeType::AddLearnerNode));
         }
         for &id in current.voters.iter().chain(&current.learners) {

@@ -13,6 +13,10 @@
 //!
 //! A [`RaftStream`] also changes its stream's [`Membership`] (learners first, then
 //! promotion, by joint consensus), transfers leadership, and serves lease reads.
+//!
+//! [`Stream::truncate`](luna_kernel::stream::Stream::truncate) stores the application's
+//! snapshot with raft's metadata and compacts the log; a replica that lags behind the
+//! compacted prefix, or joins after it, catches up from that snapshot.
 
 mod admin;
 mod driver;
@@ -25,6 +29,7 @@ mod logger;
 mod membership;
 mod replica;
 mod server;
+mod snapshot;
 mod storage;
 mod stream;
 mod transport;

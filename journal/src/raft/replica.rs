@@ -46,6 +46,8 @@ pub(crate) struct Replica {
     pub(super) lease_until: u64,
     /// Votes are refused before this tick (see [`Replica::refuses_votes`]).
     quiet_until: u64,
+    /// The index of a snapshot from the leader that is staged but not yet durable.
+    pub(super) installing: Option<u64>,
     pub(crate) committed: watch::Sender<u64>,
     pub(crate) leadership: watch::Sender<Leadership>,
     pub(crate) membership: watch::Sender<Membership>,
@@ -64,6 +66,7 @@ impl Replica {
             transfer: None,
             lease_until: 0,
             quiet_until: now + quiet,
+            installing: None,
             // Entries up to the recovered applied index are not delivered again.
             committed: watch::Sender::new(applied),
             leadership: watch::Sender::new(Leadership::default()),

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use luna_kernel::stream::{Leadership, StreamError};
+use luna_kernel::stream::{Committed, Leadership, StreamError};
 use protobuf::Message as _;
 use raft::eraftpb::{EntryType, Message, MessageType};
 use raft::{RawNode, StateRole};
@@ -35,6 +35,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::logger;
 use super::replica::{Replica, Reply};
+use super::snapshot::{Purge, snapshot_recipients, to_kernel};
 use super::storage::{EngineStorage, EntryExt};
 use crate::error::JournalError;
 
@@ -63,11 +64,17 @@ pub struct RaftConfig {
     /// Wall time of one tick of the driver's clock (the [`Node`](super::Node) ticks every
     /// stream at once, at this interval).
     pub tick_interval: Duration,
+    /// Size at which the raft-engine log moves on to a new file, in bytes. Space is
+    /// reclaimed in whole files, once every entry in a file is compacted.
+    pub engine_file_size: u64,
+    /// Log size above which raft-engine purges files of compacted entries, in bytes; at
+    /// least `engine_file_size`.
+    pub engine_purge_threshold: u64,
 }
 
 impl RaftConfig {
     /// Defaults: 100 ms ticks, election after 10 ticks (1 s), heartbeats every 2, 8 MiB
-    /// entries.
+    /// entries, 128 MiB log files purged above 1 GiB.
     pub fn new(node_id: u64, dir: impl Into<PathBuf>) -> Self {
         Self {
             node_id,
@@ -76,6 +83,8 @@ impl RaftConfig {
             heartbeat_tick: 2,
             max_entry_size: 8 << 20,
             tick_interval: Duration::from_millis(100),
+            engine_file_size: 128 << 20,
+            engine_purge_threshold: 1 << 30,
         }
     }
 }
@@ -103,6 +112,7 @@ pub struct Server {
     unsynced: SyncRound,
     pub(super) next_read_id: u64,
     pub(super) ticks: u64,
+    pub(super) purge: Purge,
 }
 
 impl Server {
@@ -121,6 +131,8 @@ impl Server {
             dir: config.dir.display().to_string(),
             // Tolerating a torn tail is safe: it was never fsynced, so never acknowledged.
             recovery_mode: raft_engine::RecoveryMode::TolerateTailCorruption,
+            target_file_size: raft_engine::ReadableSize(config.engine_file_size),
+            purge_threshold: raft_engine::ReadableSize(config.engine_purge_threshold),
             ..raft_engine::Config::default()
         };
         let engine = Engine::open(engine_config).map_err(|e| JournalError::Engine {
@@ -135,6 +147,7 @@ impl Server {
             unsynced: SyncRound::default(),
             next_read_id: 0,
             ticks: 0,
+            purge: Purge::default(),
         })
     }
 
@@ -149,13 +162,15 @@ impl Server {
     }
 
     /// Entries from `from` up to `to` of `stream_id` as stored here (committed ones up to
-    /// [`watch_committed`](Self::watch_committed)); fewer when they pass `READ_BYTES`.
-    pub fn entries(
-        &self,
-        stream_id: u64,
-        from: u64,
-        to: u64,
-    ) -> Result<Vec<luna_kernel::stream::Entry>, StreamError> {
+    /// [`watch_committed`](Self::watch_committed)); fewer when they pass `READ_BYTES`. If
+    /// `from` is at or below the snapshot, the snapshot alone.
+    pub fn read(&self, stream_id: u64, from: u64, to: u64) -> Result<Vec<Committed>, StreamError> {
+        let replica = self.streams.get(&stream_id).ok_or(StreamError::Closed)?;
+        if let Some(snapshot) =
+            to_kernel(replica.node.store().snapshot_ref()).filter(|s| from <= s.index)
+        {
+            return Ok(vec![Committed::Snapshot(snapshot)]);
+        }
         let mut entries = Vec::new();
         // Bounded in bytes, not only in count: this runs on the driver thread, and a
         // huge read would delay every stream's heartbeats. At least one entry comes back.
@@ -174,6 +189,7 @@ impl Server {
                     EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => Bytes::new(),
                 },
             })
+            .map(Committed::Entry)
             .collect())
     }
 
@@ -313,6 +329,7 @@ impl Server {
             replica.expire(self.ticks, timeout);
             replica.leave_stuck_joint();
         }
+        self.purge_if_due();
     }
 
     /// Steps one message from peer server `from`. Garbage is logged and ignored: a peer
@@ -367,12 +384,15 @@ impl Server {
             }
             let mut ready = replica.node.ready();
             // A leader sends before persisting: replication overlaps its own fsync.
-            push_messages(&mut out, stream_id, ready.take_messages());
-            if !ready.snapshot().is_empty() {
-                tracing::error!(
-                    stream_id,
-                    "ignoring a raft snapshot: logs are never compacted"
-                );
+            let messages = ready.take_messages();
+            let snapshots_sent = snapshot_recipients(&messages);
+            push_messages(&mut out, stream_id, messages);
+            // A snapshot from the leader goes first: it replaces the log that the entries
+            // and hard state of this ready continue.
+            if !ready.snapshot().is_empty()
+                && let Err(e) = replica.install_snapshot(ready.snapshot(), &mut batch)
+            {
+                return Err(self.fail(e));
             }
             let committed = ready.take_committed_entries();
             if let Err(e) = replica.apply_committed(&committed, &mut batch) {
@@ -397,6 +417,7 @@ impl Server {
                 .readies
                 .push((stream_id, ready.number(), persisted_messages));
             replica.node.advance_append_async(ready);
+            replica.report_snapshots(snapshots_sent);
             if let Some(last) = committed.last() {
                 applied.push((stream_id, last.index));
             }
@@ -436,6 +457,7 @@ impl Server {
             push_messages(&mut out, stream_id, messages);
             if let Some(replica) = self.streams.get_mut(&stream_id) {
                 replica.node.on_persist_ready(number);
+                replica.finish_snapshot();
             }
         }
         out

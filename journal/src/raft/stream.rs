@@ -1,12 +1,11 @@
 //! [`RaftStream`]: the kernel [`Stream`] over one stream replica of a [`Node`](super::Node).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use luna_kernel::stream::{Entry, Leadership, Stream, StreamError, Subscription};
+use luna_kernel::stream::{Committed, Leadership, Stream, StreamError, Subscription};
 use tokio::sync::{oneshot, watch};
 
 use super::driver::Event;
@@ -28,9 +27,6 @@ pub struct RaftStream {
     leadership: watch::Receiver<Leadership>,
     membership: watch::Receiver<Membership>,
     max_entry_size: usize,
-    /// Entries up to here may be discarded (see [`Stream::truncate`]); subscriptions start
-    /// above it.
-    truncated: AtomicU64,
 }
 
 impl RaftStream {
@@ -49,7 +45,6 @@ impl RaftStream {
             leadership,
             membership,
             max_entry_size,
-            truncated: AtomicU64::new(0),
         }
     }
 
@@ -97,10 +92,9 @@ impl RaftStream {
         self.admin(event, answer).await
     }
 
-    /// Adds `node` as a learner: it receives the log from index 1 (the node hosts the
-    /// stream with [`Node::add_stream`](super::Node::add_stream) and the stream's initial
-    /// voters) but does not vote. [`JournalError::LogTruncated`] if the log no longer
-    /// starts at 1.
+    /// Adds `node` as a learner: it receives the log (the node hosts the stream with
+    /// [`Node::add_stream`](super::Node::add_stream) and the stream's initial voters) but
+    /// does not vote. If the log was compacted, it starts from the leader's snapshot.
     pub async fn add_learner(&self, node: u64) -> Result<u64, JournalError> {
         let mut target = self.membership();
         target.learners.push(node);
@@ -194,27 +188,23 @@ impl Stream for RaftStream {
     }
 
     async fn subscribe(&self, from: u64) -> Result<Subscription, StreamError> {
-        let from = from.max(1);
-        let truncated = self.truncated.load(Ordering::Acquire);
-        if from <= truncated {
-            return Err(StreamError::Truncated {
-                requested: from,
-                first_index: truncated + 1,
-            });
-        }
         let source = Arc::new(DriverSource {
             stream_id: self.stream_id,
             events: self.events.clone(),
         });
-        Ok(spawn_feed(source, self.committed.clone(), from))
+        Ok(spawn_feed(source, self.committed.clone(), from.max(1)))
     }
 
-    async fn truncate(&self, up_to: u64) -> Result<(), StreamError> {
-        // Only the permission is recorded: reclaiming space needs log compaction with
-        // metadata snapshots, which raft streams do not have yet (docs/journal.md).
-        let up_to = up_to.min(self.committed_index());
-        self.truncated.fetch_max(up_to, Ordering::AcqRel);
-        Ok(())
+    async fn truncate(&self, up_to: u64, snapshot: Bytes) -> Result<(), StreamError> {
+        let (reply, answer) = oneshot::channel();
+        let event = Event::Truncate {
+            stream_id: self.stream_id,
+            up_to,
+            data: snapshot,
+            reply,
+        };
+        self.events.send(event).map_err(|_| StreamError::Closed)?;
+        answer.await.map_err(|_| StreamError::Closed)?
     }
 
     fn leadership(&self) -> Leadership {
@@ -240,7 +230,7 @@ struct DriverSource {
 
 #[async_trait]
 impl EntrySource for DriverSource {
-    async fn read(&self, from: u64, to: u64) -> Result<Vec<Entry>, StreamError> {
+    async fn read(&self, from: u64, to: u64) -> Result<Vec<Committed>, StreamError> {
         let (reply, answer) = oneshot::channel();
         let event = Event::Read {
             stream_id: self.stream_id,

@@ -1,0 +1,211 @@
+//! Log compaction with metadata-only snapshots, on the leader and on followers.
+//!
+//! - [`Server::truncate`]: the application hands over its snapshot of index `up_to` (opaque
+//!   bytes, see `kernel::stream`). It is stored with raft's metadata for that index (term,
+//!   conf state) in the engine, fsynced, and the log is compacted up to it. Each replica
+//!   truncates its own log.
+//! - A follower that needs entries the leader no longer holds gets the leader's snapshot
+//!   (raft's `MsgSnapshot`). The ready loop installs it in raft-rs's documented order
+//!   (before entries and the hard state of the same ready), and once the round is durable
+//!   ([`Replica::finish_snapshot`]) raft applies past it and subscribers receive it.
+//! - Space comes back when raft-engine purges files that hold only compacted entries
+//!   ([`Server::purge_if_due`], at most once per election timeout).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use luna_kernel::stream::{self, StreamError};
+use raft::SnapshotStatus;
+use raft::eraftpb::{Message, MessageType, Snapshot};
+use raft_engine::LogBatch;
+
+use super::membership::Membership;
+use super::replica::Replica;
+use super::server::Server;
+
+/// When raft-engine may next purge, and whether a compaction asked it to.
+#[derive(Debug, Default)]
+pub(super) struct Purge {
+    due: bool,
+    not_before: u64,
+}
+
+impl Server {
+    /// Stores `data`, the application's snapshot of its state as of `up_to`, for
+    /// `stream_id`, fsynced, and compacts the stream's log up to `up_to`.
+    ///
+    /// `up_to` past this replica's applied index (what its subscribers have been given) is
+    /// [`StreamError::BeyondCommitted`]; at or below the current snapshot it is a no-op.
+    pub fn truncate(&mut self, stream_id: u64, up_to: u64, data: Bytes) -> Result<(), StreamError> {
+        let engine = self.engine();
+        let Some(replica) = self.streams.get_mut(&stream_id) else {
+            return Err(StreamError::Closed);
+        };
+        let applied = replica.node.raft.raft_log.applied;
+        if up_to > applied {
+            return Err(StreamError::BeyondCommitted {
+                up_to,
+                committed: applied,
+            });
+        }
+        let storage = replica.node.store();
+        if up_to <= storage.snapshot_ref().get_metadata().index {
+            return Ok(());
+        }
+        let mut batch = LogBatch::default();
+        let snapshot = storage
+            .stage_compaction(up_to, data, &mut batch)
+            .map_err(|reason| StreamError::Corruption {
+                location: format!("raft stream {stream_id} at {up_to}"),
+                reason,
+            })?;
+        // Synced here, not in the next round: the application may drop what the snapshot
+        // replaces as soon as this returns. Truncations are rare (one per flush).
+        match catch_unwind(AssertUnwindSafe(|| engine.write(&mut batch, true))) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(StreamError::Io {
+                    context: format!("writing the snapshot of raft stream {stream_id}"),
+                    source: Arc::new(std::io::Error::other(e.to_string())),
+                });
+            }
+            Err(_) => {
+                // raft-engine panics when fsync fails; its state is unknown after that.
+                return Err(self.fail(StreamError::Io {
+                    context: "fsync of the raft log".to_owned(),
+                    source: Arc::new(std::io::Error::other("raft-engine fsync failed")),
+                }));
+            }
+        }
+        replica.node.mut_store().set_snapshot(snapshot);
+        self.purge.due = true;
+        self.purge_if_due();
+        Ok(())
+    }
+
+    /// The latest snapshot of `stream_id` on this replica, if its log was ever compacted.
+    pub fn snapshot(&self, stream_id: u64) -> Option<stream::Snapshot> {
+        let replica = self.streams.get(&stream_id)?;
+        to_kernel(replica.node.store().snapshot_ref())
+    }
+
+    /// The first index still in `stream_id`'s log on this replica.
+    pub fn first_index(&self, stream_id: u64) -> Option<u64> {
+        let replica = self.streams.get(&stream_id)?;
+        Some(replica.node.store().first_index_inner())
+    }
+
+    /// Lets raft-engine purge log files that hold only compacted entries, if a compaction
+    /// happened and the last purge was an election timeout ago or more. Purging rewrites
+    /// what little is still live in old files, so it is not run on every compaction.
+    pub(super) fn purge_if_due(&mut self) {
+        if !self.purge.due || self.ticks < self.purge.not_before {
+            return;
+        }
+        self.purge.due = false;
+        self.purge.not_before = self.ticks + self.config.election_tick as u64;
+        let engine = self.engine();
+        match catch_unwind(AssertUnwindSafe(|| engine.purge_expired_files())) {
+            Ok(Ok(pinned)) if !pinned.is_empty() => {
+                // raft-engine asks for these to be compacted: only their applications can.
+                tracing::info!(streams = ?pinned, "streams that are not truncated pin old raft log files");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "purging raft log files failed"),
+            Err(_) => {
+                self.fail(StreamError::Io {
+                    context: "purging the raft log".to_owned(),
+                    source: Arc::new(std::io::Error::other("raft-engine purge panicked")),
+                });
+            }
+        }
+    }
+}
+
+/// The kernel's view of a raft snapshot; `None` for the empty one (index 0).
+pub(super) fn to_kernel(snapshot: &Snapshot) -> Option<stream::Snapshot> {
+    let meta = snapshot.get_metadata();
+    (meta.index > 0).then(|| stream::Snapshot {
+        index: meta.index,
+        term: meta.term,
+        data: snapshot.data.clone(),
+    })
+}
+
+/// The peers that `messages` send a snapshot to.
+pub(super) fn snapshot_recipients(messages: &[Message]) -> Vec<u64> {
+    messages
+        .iter()
+        .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+        .map(|m| m.to)
+        .collect()
+}
+
+impl Replica {
+    /// Stages a snapshot that raft received from the leader in `batch` (it replaces this
+    /// replica's log and conf state). It counts as applied, and reaches subscribers, only
+    /// once the round is durable: [`finish_snapshot`](Self::finish_snapshot).
+    pub(crate) fn install_snapshot(
+        &mut self,
+        snapshot: &Snapshot,
+        batch: &mut LogBatch,
+    ) -> Result<(), StreamError> {
+        self.node
+            .mut_store()
+            .apply_snapshot(snapshot, batch)
+            .map_err(|e| StreamError::Io {
+                context: format!("staging a snapshot of stream {}", self.stream_id),
+                source: Arc::new(std::io::Error::other(e.to_string())),
+            })?;
+        let index = snapshot.get_metadata().index;
+        tracing::info!(
+            stream_id = self.stream_id,
+            index,
+            "installing a raft snapshot"
+        );
+        self.installing = Some(index);
+        let conf_state = self.node.raft.prs().conf().to_conf_state();
+        self.membership
+            .send_replace(Membership::from_conf_state(&conf_state));
+        // Entries up to the snapshot never reach this replica as entries, so appends
+        // waiting for them (from when it led) cannot learn their outcome here.
+        while let Some(entry) = self.appends.first_entry() {
+            if *entry.key() > index {
+                break;
+            }
+            let (_, (_, reply)) = entry.remove_entry();
+            let _ = reply.send(Err(StreamError::Closed));
+        }
+        Ok(())
+    }
+
+    /// Once the snapshot being installed is durable: raft applies it, and the committed
+    /// watch moves to it, so subscriptions behind it receive it.
+    pub(crate) fn finish_snapshot(&mut self) {
+        let Some(index) = self.installing else {
+            return;
+        };
+        if self.node.raft.raft_log.persisted < index {
+            return;
+        }
+        self.installing = None;
+        if self.node.raft.raft_log.applied < index {
+            self.node.advance_apply_to(index);
+        }
+        self.committed.send_if_modified(|committed| {
+            let moved = *committed < index;
+            *committed = (*committed).max(index);
+            moved
+        });
+    }
+
+    /// Tells raft that snapshots to `peers` left. If one is lost, the follower rejects the
+    /// next append and the leader sends the snapshot again; without this report raft would
+    /// wait for the follower forever (the transport never reports a loss).
+    pub(crate) fn report_snapshots(&mut self, peers: Vec<u64>) {
+        for peer in peers {
+            self.node.report_snapshot(peer, SnapshotStatus::Finish);
+        }
+    }
+}
