@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
-use luna_kernel::stream::{Entry, Stream, Subscription};
-use luna_proto::masterlog::Command;
+use luna_kernel::stream::{Committed, Entry, Snapshot, Stream, Subscription};
+use luna_proto::masterlog::{Command, MasterState};
 use prost::Message;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -23,6 +23,9 @@ use crate::error::MasterError;
 use crate::heartbeat::registry::Registry;
 use crate::state::State;
 use crate::tso::{TsoAllocator, physical_ms};
+
+/// Entries between two truncations of the master's log.
+const TRUNCATE_EVERY: u64 = 1024;
 
 /// Results of applied entries kept for their proposers. A proposer waits for its own index
 /// while holding the turn, so only a few results are ever outstanding.
@@ -195,6 +198,44 @@ impl Core {
         Ok(())
     }
 
+    /// Replaces the state with a snapshot's: the log before it is gone.
+    fn install_snapshot(&self, snapshot: &Snapshot) -> Result<(), MasterError> {
+        let state =
+            MasterState::decode(snapshot.data.as_ref()).map_err(|error| MasterError::Corrupt {
+                index: snapshot.index,
+                reason: format!("master snapshot: {error}"),
+            })?;
+        if state.applied_index != snapshot.index {
+            return Err(MasterError::Corrupt {
+                index: snapshot.index,
+                reason: format!(
+                    "master snapshot of index {} stands at index {}",
+                    state.applied_index, snapshot.index
+                ),
+            });
+        }
+        *self.write_state() = State::from_snapshot(state);
+        self.bump_routing_version();
+        tracing::info!(
+            index = snapshot.index,
+            "master state restored from a snapshot"
+        );
+        Ok(())
+    }
+
+    /// Every `TRUNCATE_EVERY` entries, lets the stream discard the log behind a snapshot of
+    /// the whole state: the master's state is small, so restart replays at most that many
+    /// entries after loading it.
+    async fn truncate_behind(&self, index: u64) {
+        if !index.is_multiple_of(TRUNCATE_EVERY) {
+            return;
+        }
+        let snapshot = Bytes::from(self.read_state().snapshot().encode_to_vec());
+        if let Err(error) = self.stream.truncate(index, snapshot).await {
+            tracing::warn!(index, %error, "truncating the master log");
+        }
+    }
+
     fn apply_entry(&self, entry: &Entry) {
         let mut state = self.write_state();
         if entry.data.is_empty() {
@@ -249,10 +290,20 @@ async fn apply_loop(core: Arc<Core>, mut subscription: Subscription, applied: wa
             next = subscription.next() => next,
         };
         match next {
-            Some(Ok(entry)) => {
+            Some(Ok(Committed::Entry(entry))) => {
                 core.apply_entry(&entry);
                 applied.send_replace(entry.index);
+                core.truncate_behind(entry.index).await;
             }
+            Some(Ok(Committed::Snapshot(snapshot))) => match core.install_snapshot(&snapshot) {
+                Ok(()) => {
+                    applied.send_replace(snapshot.index);
+                }
+                Err(error) => {
+                    core.fail(error);
+                    break;
+                }
+            },
             Some(Err(error)) => {
                 core.fail(MasterError::stream("reading the master log", error));
                 break;

@@ -194,6 +194,7 @@ impl Hosting {
                     term: leadership.term,
                     applied_index: group.applied_index(),
                     tablets: group.hosted().len(),
+                    truncated_index: group.truncated_index(),
                 }
             })
             .collect();

@@ -25,6 +25,7 @@ pub(crate) struct ServerMetrics {
     group_term: IntGaugeVec,
     group_applied: IntGaugeVec,
     group_tablets: IntGaugeVec,
+    group_truncated: IntGaugeVec,
     memory_bytes: IntGauge,
     journal_fsyncs: IntGauge,
 }
@@ -36,6 +37,7 @@ pub(crate) struct GroupSample {
     pub(crate) term: u64,
     pub(crate) applied_index: u64,
     pub(crate) tablets: usize,
+    pub(crate) truncated_index: u64,
 }
 
 fn gauge(value: u64) -> i64 {
@@ -81,6 +83,13 @@ impl ServerMetrics {
             Opts::new("group_tablets", "Tablets the group replica hosts"),
             &["group"],
         )?;
+        let group_truncated = IntGaugeVec::new(
+            Opts::new(
+                "group_truncated_index",
+                "The group's log is truncated up to here behind a snapshot",
+            ),
+            &["group"],
+        )?;
         let memory_bytes = IntGauge::new("memstore_bytes", "MemStore memory of all tablets")?;
         let journal_fsyncs = IntGauge::new(
             "journal_fsyncs",
@@ -93,6 +102,7 @@ impl ServerMetrics {
         registry.register(Box::new(group_term.clone()))?;
         registry.register(Box::new(group_applied.clone()))?;
         registry.register(Box::new(group_tablets.clone()))?;
+        registry.register(Box::new(group_truncated.clone()))?;
         registry.register(Box::new(memory_bytes.clone()))?;
         registry.register(Box::new(journal_fsyncs.clone()))?;
         Ok(ServerMetrics {
@@ -104,6 +114,7 @@ impl ServerMetrics {
             group_term,
             group_applied,
             group_tablets,
+            group_truncated,
             memory_bytes,
             journal_fsyncs,
         })
@@ -123,6 +134,7 @@ impl ServerMetrics {
         self.group_term.reset();
         self.group_applied.reset();
         self.group_tablets.reset();
+        self.group_truncated.reset();
         for group in groups {
             let label = group.group_id.to_string();
             let label = [label.as_str()];
@@ -138,6 +150,9 @@ impl ServerMetrics {
             self.group_tablets
                 .with_label_values(&label)
                 .set(gauge(group.tablets as u64));
+            self.group_truncated
+                .with_label_values(&label)
+                .set(gauge(group.truncated_index));
         }
         self.memory_bytes.set(gauge(memory_bytes));
         self.journal_fsyncs.set(gauge(fsyncs));
@@ -167,6 +182,7 @@ mod tests {
                 term: 2,
                 applied_index: 10,
                 tablets: 4,
+                truncated_index: 8,
             }],
             1024,
             5,

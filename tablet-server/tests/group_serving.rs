@@ -88,6 +88,8 @@ async fn start_server(
     );
     config.heartbeat_interval = Duration::from_millis(100);
     config.tick_interval = Duration::from_millis(20);
+    // Small memtables flush often, so the logs get truncated behind snapshots.
+    config.memstore.memtable_size = 16 * 1024;
     TabletServer::start(config)
         .await
         .expect("start tablet server")
@@ -303,6 +305,28 @@ async fn writes_replicate_dedup_and_survive_restart() {
         );
         assert_eq!(&response.value[..], b"2");
     }
+
+    // Enough writes to flush several memtables: the group's log is truncated behind a
+    // snapshot, and the restart below replays from it.
+    for seq in 0..300u64 {
+        let key = format!("bulk{seq:05}");
+        write(&route, 0, 100 + seq, vec![put(&key, &"v".repeat(200))]).await;
+    }
+    let mut truncated = false;
+    for _ in 0..100 {
+        truncated = universe.servers.iter().flatten().any(|server| {
+            let text = (server.metrics_renderer())();
+            text.lines().any(|line| {
+                line.starts_with("luna_group_truncated_index")
+                    && line.rsplit(' ').next().is_some_and(|value| value != "0")
+            })
+        });
+        if truncated {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(truncated, "no group log was truncated after many flushes");
 
     // Full restart on the same directories.
     let Universe {

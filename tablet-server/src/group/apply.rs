@@ -9,14 +9,15 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use luna_kernel::stream::{Entry, Stream};
+use bytes::Bytes;
+use luna_kernel::stream::{Committed, Entry, Snapshot, Stream};
 use luna_proto::group as gpb;
 use luna_proto::master::TabletInfo;
 use luna_proto::tablet::mutation::Op;
 use luna_storage::{Tablet, WriteBatch};
 use prost::Message;
 
-use super::dedup::{Applied, RequestKey};
+use super::dedup::{Applied, Dedup, RequestKey};
 use super::{Group, Hosted, storage_range};
 use crate::error::{Result, TabletServerError};
 
@@ -46,8 +47,12 @@ pub(super) async fn run(group: Weak<Group>) {
         let Some(group) = group.upgrade() else {
             return;
         };
-        let index = entry.index;
-        if let Err(error) = group.apply_entry(entry).await {
+        let index = entry.index();
+        let applied = match entry {
+            Committed::Entry(entry) => group.apply_entry(entry).await,
+            Committed::Snapshot(snapshot) => group.install_snapshot(snapshot).await,
+        };
+        if let Err(error) = applied {
             // Skipping an entry would let replicas diverge: stop applying, so this replica
             // serves nothing newer than what it applied correctly.
             tracing::error!(group = group_id, index, %error, "cannot apply a group entry; replica stopped");
@@ -76,9 +81,11 @@ impl Group {
                 }
                 Some(gpb::group_entry::Kind::OpenTablet(info)) => {
                     self.open_tablet(info).await?;
+                    self.last_control_index.store(index, Ordering::Release);
                 }
                 Some(gpb::group_entry::Kind::CloseTablet(close)) => {
                     self.close_tablet(close.tablet_id).await;
+                    self.last_control_index.store(index, Ordering::Release);
                 }
                 Some(gpb::group_entry::Kind::Flushed(flushed)) => {
                     self.apply_flushed(flushed).await?;
@@ -226,21 +233,96 @@ impl Group {
         Ok(())
     }
 
-    /// Lets the stream discard entries that every hosted tablet has in its BaseStore.
+    /// Rebuilds the group's state from a snapshot that stands for the log up to its index:
+    /// the tablets it lists (opened from their BaseStores, which hold everything up to
+    /// there), the dedup table, and the timestamp high-water mark.
+    async fn install_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        let state = gpb::GroupSnapshot::decode(snapshot.data).map_err(|error| {
+            TabletServerError::CorruptEntry {
+                group_id: self.id,
+                index: snapshot.index,
+                detail: format!("group snapshot: {error}"),
+            }
+        })?;
+        let listed: Vec<u64> = state.tablets.iter().map(|info| info.id).collect();
+        for hosted in self.hosted() {
+            if !listed.contains(&hosted.info.id) {
+                self.close_tablet(hosted.info.id).await;
+            }
+        }
+        for info in state.tablets {
+            self.open_tablet(info).await?;
+        }
+        if let Ok(mut dedup) = self.dedup.lock() {
+            *dedup = Dedup::from_records(&state.recent_requests);
+        }
+        self.max_applied_ts
+            .fetch_max(state.max_commit_ts, Ordering::AcqRel);
+        self.last_control_index
+            .store(snapshot.index, Ordering::Release);
+        self.truncated.fetch_max(snapshot.index, Ordering::AcqRel);
+        self.applied.send_replace(snapshot.index);
+        tracing::info!(
+            group = self.id,
+            index = snapshot.index,
+            "group state restored from a snapshot"
+        );
+        Ok(())
+    }
+
+    /// Lets the stream discard entries that every hosted tablet has in its BaseStore,
+    /// behind a snapshot of the group at that index.
+    ///
+    /// The snapshot must describe the group exactly at the truncation index `x`, but it is
+    /// taken later, at the applied index. The tablet set is the same at both only if no
+    /// tablet opened or closed in between, so truncation waits until then; the dedup
+    /// records are cut at `x`. A tablet with nothing in memory has everything it ever
+    /// applied in its BaseStore, so it holds the log back no further than now.
     async fn truncate_flushed(&self) {
+        let applied = self.applied_index();
         let hosted = self.hosted();
         let Some(up_to) = hosted
             .iter()
-            .map(|hosted| *hosted.tablet.watch_flushed().borrow())
+            .map(|hosted| {
+                let empty =
+                    hosted.tablet.memstore().snapshot().is_ok_and(|memtables| {
+                        memtables.iter().all(|memtable| memtable.is_empty())
+                    });
+                if empty {
+                    applied
+                } else {
+                    hosted.tablet.flushed_up_to()
+                }
+            })
             .min()
         else {
             return;
         };
-        if up_to == 0 {
+        if up_to <= self.truncated.load(Ordering::Acquire)
+            || self.last_control_index.load(Ordering::Acquire) > up_to
+        {
             return;
         }
-        if let Err(error) = self.stream.truncate(up_to).await {
-            tracing::debug!(group = self.id, up_to, %error, "truncating the group journal");
+        let recent_requests = match self.dedup.lock() {
+            Ok(dedup) => dedup.records_up_to(up_to),
+            Err(_) => return,
+        };
+        let snapshot = gpb::GroupSnapshot {
+            tablets: hosted.into_iter().map(|hosted| hosted.info).collect(),
+            recent_requests,
+            max_commit_ts: self.max_applied_ts(),
+        };
+        match self
+            .stream
+            .truncate(up_to, Bytes::from(snapshot.encode_to_vec()))
+            .await
+        {
+            Ok(()) => {
+                self.truncated.fetch_max(up_to, Ordering::AcqRel);
+            }
+            Err(error) => {
+                tracing::debug!(group = self.id, up_to, %error, "truncating the group journal");
+            }
         }
     }
 }

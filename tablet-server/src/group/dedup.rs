@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use luna_proto::group::AppliedRequest;
 use luna_proto::tablet::RequestId;
 
 /// Writes remembered per group.
@@ -70,6 +71,39 @@ impl Dedup {
             }
         }
     }
+
+    /// The records of requests applied at or below `index`, oldest first, for a snapshot
+    /// of the group at `index`.
+    pub(crate) fn records_up_to(&self, index: u64) -> Vec<AppliedRequest> {
+        self.order
+            .iter()
+            .filter_map(|key| {
+                let applied = self.applied.get(key)?;
+                (applied.index <= index).then(|| AppliedRequest {
+                    request_id: Some(key.to_proto()),
+                    commit_ts: applied.commit_ts,
+                    index: applied.index,
+                })
+            })
+            .collect()
+    }
+
+    /// The table a snapshot recorded.
+    pub(crate) fn from_records(records: &[AppliedRequest]) -> Dedup {
+        let mut dedup = Dedup::default();
+        for record in records {
+            if let Some(key) = record.request_id.as_ref().and_then(RequestKey::new) {
+                dedup.insert(
+                    key,
+                    Applied {
+                        index: record.index,
+                        commit_ts: record.commit_ts,
+                    },
+                );
+            }
+        }
+        dedup
+    }
 }
 
 #[cfg(test)]
@@ -106,6 +140,35 @@ mod tests {
         );
         assert_eq!(dedup.applied.len(), CAPACITY);
         assert_eq!(dedup.order.len(), CAPACITY);
+    }
+
+    #[test]
+    fn snapshot_records_stop_at_the_index_and_round_trip() {
+        let mut dedup = Dedup::default();
+        for seq in 1..=5 {
+            dedup.insert(
+                key(seq),
+                Applied {
+                    index: seq * 10,
+                    commit_ts: seq * 100,
+                },
+            );
+        }
+        let records = dedup.records_up_to(30);
+        assert_eq!(records.len(), 3);
+        let restored = Dedup::from_records(&records);
+        assert_eq!(
+            restored.get(&key(3)),
+            Some(Applied {
+                index: 30,
+                commit_ts: 300
+            })
+        );
+        assert_eq!(
+            restored.get(&key(4)),
+            None,
+            "applied after the snapshot's index"
+        );
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub(crate) struct Group {
     applied: watch::Sender<u64>,
     /// Highest commit timestamp applied: a new leader starts its clock above it.
     max_applied_ts: AtomicU64,
+    /// Index of the last entry that opened or closed a tablet.
+    last_control_index: AtomicU64,
+    /// The log is truncated up to here.
+    truncated: AtomicU64,
     dedup: Mutex<Dedup>,
     clock: Mutex<Clock>,
     /// The write queue while this replica serves as leader.
@@ -100,6 +104,8 @@ impl Group {
             tablets: RwLock::new(HashMap::new()),
             applied: watch::Sender::new(0),
             max_applied_ts: AtomicU64::new(0),
+            last_control_index: AtomicU64::new(0),
+            truncated: AtomicU64::new(0),
             dedup: Mutex::new(Dedup::default()),
             clock: Mutex::new(Clock::default()),
             serving: watch::Sender::new(None),
@@ -137,6 +143,11 @@ impl Group {
     /// The highest commit timestamp applied.
     pub(crate) fn max_applied_ts(&self) -> u64 {
         self.max_applied_ts.load(Ordering::Acquire)
+    }
+
+    /// The log is truncated up to here.
+    pub(crate) fn truncated_index(&self) -> u64 {
+        self.truncated.load(Ordering::Acquire)
     }
 
     /// The highest applied journal index.
