@@ -1,0 +1,243 @@
+//! A universe of real `luna` processes on loopback for integration tests: one `luna master`
+//! and `luna tablet-server`s, each a child process killed by PID when the test ends (also
+//! on panic), with its log in the test's directory.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use luna_client::Client;
+
+/// How long a process may take to print its address.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A child process, killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    child: Child,
+    /// What it printed when it started serving.
+    pub banner: String,
+}
+
+impl Proc {
+    /// SIGKILL, as a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `luna ARGS`, logging to `log`, and waits for its first stdout line.
+fn spawn(args: &[String], log: &Path) -> Proc {
+    let stderr = File::create(log).expect("create the process log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_luna"))
+        .args(args)
+        .env("LUNA_LOG", "info")
+        .env_remove("LUNA_MASTER")
+        .env_remove("LUNA_DATA_DIR")
+        .env_remove("LUNA_OBJECT_STORE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr))
+        .spawn()
+        .expect("spawn luna");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut proc = Proc {
+        child,
+        banner: String::new(),
+    };
+    match received.recv_timeout(START_TIMEOUT) {
+        Ok(line) => proc.banner = line,
+        Err(_) => panic!(
+            "`luna {}` printed nothing within {START_TIMEOUT:?}; log:\n{}",
+            args.join(" "),
+            std::fs::read_to_string(log).unwrap_or_default()
+        ),
+    }
+    proc
+}
+
+/// The word after `marker` in `banner`.
+fn word_after<'a>(banner: &'a str, marker: &str) -> &'a str {
+    banner
+        .split_once(marker)
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no `{marker}` in `{banner}`"))
+}
+
+/// A master and tablet servers sharing one `file://` object store.
+pub struct Universe {
+    pub dir: tempfile::TempDir,
+    pub master: Option<Proc>,
+    pub master_addr: String,
+    pub servers: Vec<Option<Proc>>,
+}
+
+impl Universe {
+    /// Starts a master and `servers` tablet servers.
+    pub fn start(servers: usize) -> Universe {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut universe = Universe {
+            dir,
+            master: None,
+            master_addr: "127.0.0.1:0".to_owned(),
+            servers: Vec::new(),
+        };
+        universe.start_master();
+        for i in 0..servers {
+            let server = universe.spawn_server(i);
+            universe.servers.push(Some(server));
+        }
+        universe
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// (Re)starts the master, on its first address after the first start.
+    pub fn start_master(&mut self) {
+        let args: Vec<String> = [
+            "master",
+            "--data-dir",
+            &self.path("master").display().to_string(),
+            "--listen",
+            &self.master_addr,
+            "--http",
+            "127.0.0.1:0",
+            "--heartbeat-timeout-secs",
+            "3",
+        ]
+        .iter()
+        .map(|arg| (*arg).to_owned())
+        .collect();
+        let master = spawn(&args, &self.path("master.log"));
+        self.master_addr = word_after(&master.banner, "serving on ").to_owned();
+        self.master = Some(master);
+    }
+
+    fn spawn_server(&self, i: usize) -> Proc {
+        let objects = self.path("objects");
+        std::fs::create_dir_all(&objects).expect("objects dir");
+        let args: Vec<String> = [
+            "tablet-server",
+            "--master",
+            &self.master_addr,
+            "--data-dir",
+            &self.path(&format!("server-{i}")).display().to_string(),
+            "--object-store",
+            &format!("file://{}", objects.display()),
+        ]
+        .iter()
+        .map(|arg| (*arg).to_owned())
+        .collect();
+        spawn(&args, &self.path(&format!("server-{i}.log")))
+    }
+
+    /// The id the master gave tablet server `i`.
+    pub fn server_id(&self, i: usize) -> u64 {
+        let proc = self.servers[i].as_ref().expect("server running");
+        word_after(&proc.banner, "tablet server ")
+            .parse()
+            .expect("server id")
+    }
+
+    /// The index of the process running server `id`.
+    pub fn index_of(&self, id: u64) -> usize {
+        (0..self.servers.len())
+            .find(|&i| self.servers[i].is_some() && self.server_id(i) == id)
+            .unwrap_or_else(|| panic!("no running process is server {id}"))
+    }
+
+    /// SIGKILLs tablet server `i`.
+    pub fn kill_server(&mut self, i: usize) {
+        if let Some(server) = self.servers[i].take() {
+            server.kill();
+        }
+    }
+
+    /// Restarts tablet server `i` on its data directory.
+    pub fn restart_server(&mut self, i: usize) {
+        let server = self.spawn_server(i);
+        self.servers[i] = Some(server);
+    }
+
+    /// SIGKILLs every process.
+    pub fn kill_all(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill_server(i);
+        }
+        if let Some(master) = self.master.take() {
+            master.kill();
+        }
+    }
+
+    /// A client of this universe.
+    pub async fn client(&self) -> Client {
+        Client::connect([self.master_addr.as_str()])
+            .await
+            .expect("connect to the master")
+    }
+
+    /// Waits until the master counts `count` live servers.
+    pub async fn wait_servers_up(&self, client: &Client, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(servers) = client.admin().list_servers().await
+                && servers.iter().filter(|server| server.alive).count() >= count
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{count} servers never came up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs the `luna` CLI against this universe.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_luna"))
+            .args(args)
+            .env("LUNA_MASTER", &self.master_addr)
+            .output()
+            .expect("run the luna CLI")
+    }
+
+    /// The process logs, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|ext| ext == "log") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                    out.push_str(&format!("--- {}\n", path.display()));
+                    for line in tail.into_iter().rev() {
+                        out.push_str(line);
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+        out
+    }
+}
