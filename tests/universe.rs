@@ -205,6 +205,22 @@ async fn range_and_hash_collections_route_across_many_tablets() {
     assert_eq!(hashed_all.len(), expected.len());
 }
 
+/// Three servers and database `app` with one led collection.
+async fn with_collection(name: &str, spec: CollectionSpec) -> (Universe, Client, Collection) {
+    let universe = Universe::start(3);
+    let client = universe.client().await;
+    universe.wait_servers_up(&client, 3).await;
+    client.admin().create_database("app").await.expect("db");
+    client
+        .admin()
+        .create_collection("app", name, spec)
+        .await
+        .expect("collection");
+    wait_led(&client, "app", name).await;
+    let collection = client.database("app").collection(name);
+    (universe, client, collection)
+}
+
 /// Keys acknowledged by the writers, with their values.
 type Acked = Arc<Mutex<Vec<(String, String)>>>;
 
@@ -253,17 +269,7 @@ async fn wait_progress(acked: &Acked, from: usize, more: usize, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_follower_then_leader_under_load_loses_nothing() {
-    let mut universe = Universe::start(3);
-    let client = universe.client().await;
-    universe.wait_servers_up(&client, 3).await;
-    client.admin().create_database("app").await.expect("db");
-    client
-        .admin()
-        .create_collection("app", "load", CollectionSpec::hash(6))
-        .await
-        .expect("collection");
-    wait_led(&client, "app", "load").await;
-    let collection = client.database("app").collection("load");
+    let (mut universe, client, collection) = with_collection("load", CollectionSpec::hash(6)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Acked = Arc::default();
@@ -323,17 +329,7 @@ async fn kill_follower_then_leader_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_restart_after_kill_keeps_every_write() {
-    let mut universe = Universe::start(3);
-    let client = universe.client().await;
-    universe.wait_servers_up(&client, 3).await;
-    client.admin().create_database("app").await.expect("db");
-    client
-        .admin()
-        .create_collection("app", "kv", CollectionSpec::hash(4))
-        .await
-        .expect("collection");
-    wait_led(&client, "app", "kv").await;
-    let kv = client.database("app").collection("kv");
+    let (mut universe, _client, kv) = with_collection("kv", CollectionSpec::hash(4)).await;
     for i in 0..200u32 {
         kv.put(format!("key{i}"), format!("value{i}"))
             .await

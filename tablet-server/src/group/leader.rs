@@ -62,12 +62,7 @@ pub(super) async fn run(group: Weak<Group>) {
 
 impl Group {
     async fn take_over(&self, term: u64) -> Result<()> {
-        let index = self
-            .stream
-            .read_index()
-            .await
-            .map_err(|source| self.append_error(source))?;
-        self.wait_applied(index).await?;
+        self.catch_up().await?;
         let tso = self.ctx.tso.timestamp().await?;
         let leadership = self.stream.leadership();
         if !leadership.is_leader || leadership.term != term {

@@ -28,6 +28,17 @@ impl From<ReadMode> for ReadConsistency {
 }
 
 impl Group {
+    /// A ReadIndex round, then apply up to it: afterwards this replica reflects every
+    /// write acknowledged before the call.
+    pub(super) async fn catch_up(&self) -> Result<()> {
+        let index = self
+            .stream
+            .read_index()
+            .await
+            .map_err(|source| self.append_error(source))?;
+        self.wait_applied(index).await
+    }
+
     /// Waits until this replica may serve a read with `consistency` at `read_ts` (0: the
     /// newest data), and returns the timestamp to read at.
     pub(crate) async fn read_barrier(
@@ -50,14 +61,7 @@ impl Group {
                     self.observe_read_ts(read_ts).await?;
                 }
             }
-            ReadConsistency::Follower => {
-                let index = self
-                    .stream
-                    .read_index()
-                    .await
-                    .map_err(|source| self.append_error(source))?;
-                self.wait_applied(index).await?;
-            }
+            ReadConsistency::Follower => self.catch_up().await?,
             ReadConsistency::Stale => {
                 if read_ts == 0 {
                     return Err(TabletServerError::InvalidArgument(
