@@ -6,6 +6,7 @@ mod bench;
 mod cli;
 mod error;
 mod serve;
+mod stdout;
 mod store_args;
 
 use std::process::ExitCode;

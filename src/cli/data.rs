@@ -7,6 +7,7 @@ use serde_json::json;
 use super::collection_path;
 use super::output::{Cell, print_table, show_bytes};
 use crate::error::CliError;
+use crate::stdout::say;
 
 /// `luna put DATABASE/COLLECTION KEY VALUE`
 #[derive(Debug, Args)]
@@ -73,14 +74,14 @@ pub async fn get(client: &Client, args: GetArgs, json: bool) -> Result<(), CliEr
     let collection = client.database(database).collection(name);
     match collection.get(&args.key).await? {
         Some(value) if json => {
-            println!(
+            say(format_args!(
                 "{}",
                 json!({ "key": args.key, "value": show_bytes(&value) })
-            );
+            ));
             Ok(())
         }
         Some(value) => {
-            println!("{}", show_bytes(&value));
+            say(format_args!("{}", show_bytes(&value)));
             Ok(())
         }
         None => Err(CliError::NotFound(format!(

@@ -2,6 +2,8 @@
 
 use serde_json::Value;
 
+use crate::stdout::say;
+
 /// One table cell: numbers stay numbers in JSON.
 pub enum Cell {
     /// Text.
@@ -65,7 +67,7 @@ pub fn print_table(headers: &[&str], rows: &[Vec<Cell>], json: bool) {
                 )
             })
             .collect();
-        println!("{}", Value::Array(objects));
+        say(format_args!("{}", Value::Array(objects)));
         return;
     }
     let shown: Vec<Vec<String>> = rows
@@ -84,7 +86,7 @@ pub fn print_table(headers: &[&str], rows: &[Vec<Cell>], json: bool) {
             .zip(&widths)
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        say(format_args!("{}", padded.join("  ").trim_end()));
     };
     line(headers.to_vec());
     for row in &shown {

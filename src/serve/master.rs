@@ -20,6 +20,7 @@ use super::grpc_metrics::GrpcMetrics;
 use super::http::{HttpEndpoint, MetricsFn};
 use super::{parse_addr, shutdown_signal};
 use crate::error::CliError;
+use crate::stdout::say;
 
 /// Flags of `luna master`.
 #[derive(Debug, Args)]
@@ -168,11 +169,11 @@ pub async fn run(args: MasterArgs) -> Result<(), CliError> {
         Duration::from_secs(args.heartbeat_timeout_secs),
     );
     let process = MasterProcess::start(&args.data_dir, listen, http, config).await?;
-    println!(
+    say(format_args!(
         "master serving on {} (http://{})",
         process.addr(),
         process.http_addr()
-    );
+    ));
     shutdown_signal().await;
     process.stop().await;
     Ok(())

@@ -10,6 +10,7 @@ use super::master::{MasterProcess, master_config};
 use super::tablet::TabletProcess;
 use super::{parse_addr, shutdown_signal};
 use crate::error::CliError;
+use crate::stdout::say;
 use crate::store_args::StoreArgs;
 
 /// Flags of `luna start`.
@@ -81,30 +82,33 @@ pub async fn run(args: StartArgs) -> Result<(), CliError> {
         }
     }
 
-    println!("Luna is running (data in {}).", data_dir.display());
-    println!(
+    say(format_args!(
+        "Luna is running (data in {}).",
+        data_dir.display()
+    ));
+    say(format_args!(
         "  master            {}  http://{}",
         master.addr(),
         master.http_addr()
-    );
+    ));
     for process in &servers {
         let server = process.server();
-        println!(
+        say(format_args!(
             "  tablet server {:<3} {}  http://{}  (journal {})",
             server.server_id(),
             server.addr(),
             process.http_addr(),
             server.raft_addr()
-        );
+        ));
     }
-    println!(
+    say(format_args!(
         "Try: luna db create app && luna collection create app/users && luna put app/users alice 1"
-    );
-    println!("Press Ctrl-C to stop.");
+    ));
+    say(format_args!("Press Ctrl-C to stop."));
     shutdown_signal().await;
-    println!("Stopping...");
+    say(format_args!("Stopping..."));
     stop_all(servers, master).await;
-    println!("Stopped.");
+    say(format_args!("Stopped."));
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use super::http::{HttpEndpoint, MetricsFn};
 use super::metrics::object_store_text;
 use super::{parse_addr, shutdown_signal};
 use crate::error::CliError;
+use crate::stdout::say;
 use crate::store_args::StoreArgs;
 
 /// Flags of `luna tablet-server`.
@@ -121,13 +122,13 @@ pub async fn run(args: TabletServerArgs) -> Result<(), CliError> {
     )
     .await?;
     let server = process.server();
-    println!(
+    say(format_args!(
         "tablet server {} serving on {} (raft {}, http://{})",
         server.server_id(),
         server.addr(),
         server.raft_addr(),
         process.http_addr()
-    );
+    ));
     shutdown_signal().await;
     process.stop().await;
     Ok(())

@@ -54,11 +54,10 @@ fn spawn(args: &[String], log: &Path) -> Proc {
     let stdout = child.stdout.take().expect("piped stdout");
     let (lines, received) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if lines.send(line).is_err() {
-                return;
-            }
+        // Keeps draining after the test stops listening, so the child never writes into
+        // a closed pipe.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
         }
     });
     let mut proc = Proc {
