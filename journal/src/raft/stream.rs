@@ -133,6 +133,30 @@ impl RaftStream {
         self.admin(event, answer).await
     }
 
+    /// Proposes `data` before returning, and returns a future of its commit index with the
+    /// same meaning as [`Stream::append`]. Appends started one after another from one task
+    /// are proposed, and so committed, in that order, so a caller can keep several in
+    /// flight (the future of `append` proposes only when first polled).
+    pub fn append_ordered(
+        &self,
+        data: Bytes,
+    ) -> impl Future<Output = Result<u64, StreamError>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let sent = StreamError::check_entry(&data, self.max_entry_size).and_then(|()| {
+            self.events
+                .send(Event::Propose {
+                    stream_id: self.stream_id,
+                    data,
+                    reply,
+                })
+                .map_err(|_| StreamError::Closed)
+        });
+        async move {
+            sent?;
+            answer.await.map_err(|_| StreamError::Closed)?
+        }
+    }
+
     /// A linearizable read barrier like [`Stream::read_index`], which a leader holding a
     /// lease answers from its committed index at once, without a round of heartbeats.
     /// The lease comes from the leader's last answered read barrier and lasts two ticks
@@ -177,14 +201,7 @@ impl Stream for RaftStream {
 
     async fn append(&self, data: Bytes) -> Result<u64, StreamError> {
         // Checked here too, so bad input never costs the driver a turn.
-        StreamError::check_entry(&data, self.max_entry_size)?;
-        let stream_id = self.stream_id;
-        self.request(|reply| Event::Propose {
-            stream_id,
-            data,
-            reply,
-        })
-        .await
+        self.append_ordered(data).await
     }
 
     async fn subscribe(&self, from: u64) -> Result<Subscription, StreamError> {

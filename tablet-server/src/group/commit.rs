@@ -1,10 +1,13 @@
 //! The leader's write path: commit timestamps and group commit.
 //!
 //! Writes queue for one batcher task per leadership term. It takes everything that queued
-//! while the previous entry was committing (up to a count and a byte bound), gives each
-//! write a commit timestamp in queue order, appends them as one journal entry, waits until
-//! the entry is applied here, and answers each writer. One entry in flight per group keeps
-//! timestamps in log order, and batches grow with load.
+//! (up to a count and a byte bound), gives each write a commit timestamp in queue order,
+//! and proposes them as one journal entry. Up to `WINDOW` entries are in flight at once:
+//! they are proposed in order ([`RaftStream::append_ordered`]), so timestamps follow log
+//! order, and the raft driver batches them further. Once an entry is applied here, its
+//! writers get their answers, in log order. Batches grow with load.
+//!
+//! [`RaftStream::append_ordered`]: luna_journal::raft::RaftStream::append_ordered
 //!
 //! **Timestamps.** A commit timestamp is above the leader's floor (a fresh TSO timestamp,
 //! and every timestamp already applied, taken when it became leader), above every
@@ -12,11 +15,16 @@
 //! at a TSO timestamp `t` is repeatable: every write that commits after it gets a
 //! timestamp above `t`, and a read waits for a write in flight that got one at or below.
 
-use std::sync::Weak;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use luna_kernel::stream::{Stream, StreamError};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use luna_kernel::stream::StreamError;
 use luna_proto::group as gpb;
 use luna_proto::tablet::Mutation;
 use prost::Message;
@@ -30,6 +38,8 @@ use crate::error::{Result, TabletServerError};
 const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Writes queued per group before writers wait.
 const QUEUE_DEPTH: usize = 8192;
+/// Journal entries of writes in flight per group.
+const WINDOW: usize = 4;
 /// How long a committed entry may take to be applied here before the writer gives up.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Logical bits of a timestamp: (physical ms << 18) | logical.
@@ -71,8 +81,8 @@ pub(super) struct Clock {
     floor: u64,
     /// The largest timestamp assigned to a write or read at by a snapshot read.
     last: u64,
-    /// The batch being committed: its number and its smallest timestamp.
-    inflight: Option<(u64, u64)>,
+    /// The batches being committed, oldest first: number and smallest timestamp.
+    inflight: VecDeque<(u64, u64)>,
     batches: u64,
 }
 
@@ -90,7 +100,7 @@ impl Group {
         if let Ok(mut clock) = self.clock.lock() {
             clock.floor = floor;
             clock.last = clock.last.max(floor.saturating_sub(1));
-            clock.inflight = None;
+            clock.inflight.clear();
         }
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let batcher = tokio::spawn(run_batcher(self.weak(), receiver));
@@ -134,10 +144,14 @@ impl Group {
         let wait_for = match self.clock.lock() {
             Ok(mut clock) => {
                 clock.last = clock.last.max(read_ts);
+                // Batches finish in order, so waiting for the newest one at or below
+                // `read_ts` waits for all of them.
                 clock
                     .inflight
-                    .filter(|&(_, min_ts)| min_ts <= read_ts)
-                    .map(|(batch, _)| batch)
+                    .iter()
+                    .rev()
+                    .find(|&&(_, min_ts)| min_ts <= read_ts)
+                    .map(|&(batch, _)| batch)
             }
             Err(_) => None,
         };
@@ -150,10 +164,11 @@ impl Group {
         Ok(())
     }
 
-    /// Assigns timestamps, appends the batch as one entry and answers every writer.
-    async fn commit_batch(&self, batch: Vec<Pending>) {
+    /// Assigns timestamps and proposes the batch as one entry; the returned future
+    /// resolves once the entry is applied here (or failed).
+    fn start_batch(self: Arc<Self>, batch: Vec<Pending>) -> InFlight {
         let mut writes = Vec::with_capacity(batch.len());
-        let batch_number = match self.clock.lock() {
+        let number = match self.clock.lock() {
             Ok(mut clock) => {
                 let now = physical_now();
                 let mut first = None;
@@ -171,34 +186,49 @@ impl Group {
                     });
                 }
                 clock.batches += 1;
-                clock.inflight = first.map(|ts| (clock.batches, ts));
-                clock.batches
-            }
-            Err(_) => {
-                for pending in batch {
-                    let _ = pending.reply.send(Err(TabletServerError::ShuttingDown));
+                let number = clock.batches;
+                if let Some(ts) = first {
+                    clock.inflight.push_back((number, ts));
                 }
-                return;
+                Ok(number)
             }
+            Err(_) => Err(TabletServerError::ShuttingDown),
         };
         let entry = gpb::GroupEntry {
             kind: Some(gpb::group_entry::Kind::Writes(gpb::Writes { writes })),
         };
-        let outcome = match self.stream.append(Bytes::from(entry.encode_to_vec())).await {
-            Ok(index) => {
-                match tokio::time::timeout(APPLY_TIMEOUT, self.wait_applied(index)).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(error)) => Err(error),
-                    Err(_) => Err(TabletServerError::Stream {
-                        group_id: self.id,
-                        source: StreamError::Timeout {
-                            operation: "applying a committed write",
-                        },
-                    }),
-                }
-            }
-            Err(source) => Err(self.append_error(source)),
-        };
+        let append = number.as_ref().ok().map(|_| {
+            self.stream
+                .append_ordered(Bytes::from(entry.encode_to_vec()))
+        });
+        Box::pin(async move {
+            let outcome = match (number, append) {
+                (Ok(number), Some(append)) => match append.await {
+                    Ok(index) => {
+                        match tokio::time::timeout(APPLY_TIMEOUT, self.wait_applied(index)).await {
+                            Ok(applied) => (number, applied),
+                            Err(_) => (
+                                number,
+                                Err(TabletServerError::Stream {
+                                    group_id: self.id,
+                                    source: StreamError::Timeout {
+                                        operation: "applying a committed write",
+                                    },
+                                }),
+                            ),
+                        }
+                    }
+                    Err(source) => (number, Err(self.append_error(source))),
+                },
+                (Ok(number), None) => (number, Err(TabletServerError::ShuttingDown)),
+                (Err(error), _) => (0, Err(error)),
+            };
+            (self, batch, outcome)
+        })
+    }
+
+    /// Answers every writer of a finished batch.
+    fn finish_batch(&self, batch: Vec<Pending>, number: u64, outcome: Result<()>) {
         for pending in batch {
             let answer = match &outcome {
                 // Applied, now or before: the dedup table has its timestamp. Absent means
@@ -212,9 +242,9 @@ impl Group {
             let _ = pending.reply.send(answer);
         }
         if let Ok(mut clock) = self.clock.lock() {
-            clock.inflight = None;
+            clock.inflight.retain(|&(batch, _)| batch != number);
         }
-        self.batches_done.send_replace(batch_number);
+        self.batches_done.send_replace(number);
     }
 
     pub(super) fn append_error(&self, source: StreamError) -> TabletServerError {
@@ -231,24 +261,45 @@ impl Group {
     }
 }
 
-/// Commits the queue's writes, a batch per journal entry, until the term ends (the queue's
-/// sender is dropped) or the group goes away.
+/// A batch on its way through the journal: resolves to the group, the batch, its number
+/// and its outcome.
+type InFlight = Pin<Box<dyn Future<Output = (Arc<Group>, Vec<Pending>, (u64, Result<()>))> + Send>>;
+
+/// Commits the queue's writes, a batch per journal entry and up to `WINDOW` entries at a
+/// time, until the term ends (the queue's sender is dropped) and the last entry finished,
+/// or the group goes away.
 async fn run_batcher(group: Weak<Group>, mut queue: mpsc::Receiver<Pending>) {
-    while let Some(first) = queue.recv().await {
-        let Some(group) = group.upgrade() else {
-            return;
-        };
-        let mut bytes = first.request.bytes();
-        let mut batch = vec![first];
-        while batch.len() < group.ctx.max_batch_writes && bytes < MAX_BATCH_BYTES {
-            match queue.try_recv() {
-                Ok(pending) => {
-                    bytes += pending.request.bytes();
-                    batch.push(pending);
-                }
-                Err(_) => break,
+    let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            // Finishing first keeps the window moving.
+            biased;
+            Some((group, batch, (number, outcome))) = inflight.next(), if !inflight.is_empty() => {
+                group.finish_batch(batch, number, outcome);
             }
+            pending = queue.recv(), if open && inflight.len() < WINDOW => {
+                let Some(first) = pending else {
+                    open = false;
+                    continue;
+                };
+                let Some(group) = group.upgrade() else {
+                    return;
+                };
+                let mut bytes = first.request.bytes();
+                let mut batch = vec![first];
+                while batch.len() < group.ctx.max_batch_writes && bytes < MAX_BATCH_BYTES {
+                    match queue.try_recv() {
+                        Ok(pending) => {
+                            bytes += pending.request.bytes();
+                            batch.push(pending);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                inflight.push_back(group.start_batch(batch));
+            }
+            else => return,
         }
-        group.commit_batch(batch).await;
     }
 }
