@@ -3,6 +3,7 @@
 mod journal;
 mod report;
 mod storage;
+mod ycsb;
 
 use clap::Subcommand;
 
@@ -15,6 +16,8 @@ pub enum BenchCommand {
     Storage(storage::StorageBenchArgs),
     /// Replicated journal streams: N streams, R replicas over loopback gRPC, concurrent appenders.
     Journal(journal::JournalBenchArgs),
+    /// YCSB core workloads (load, A-F) against a running universe, through the client SDK.
+    Ycsb(ycsb::YcsbBenchArgs),
 }
 
 /// Runs a benchmark.
@@ -22,5 +25,6 @@ pub async fn run(command: BenchCommand) -> Result<(), CliError> {
     match command {
         BenchCommand::Storage(args) => storage::run(args).await,
         BenchCommand::Journal(args) => journal::run(args).await,
+        BenchCommand::Ycsb(args) => ycsb::run(args).await,
     }
 }

@@ -33,8 +33,14 @@ impl Latencies {
         let _ = self.histogram.add(&other.histogram);
     }
 
-    fn quantile(&self, q: f64) -> f64 {
+    /// The latency at quantile `q` (0 to 1), in microseconds.
+    pub fn quantile(&self, q: f64) -> f64 {
         self.histogram.value_at_quantile(q) as f64
+    }
+
+    /// The slowest recorded latency, in microseconds.
+    pub fn max(&self) -> f64 {
+        self.histogram.max() as f64
     }
 }
 
@@ -86,7 +92,7 @@ impl WorkloadReport {
             },
             p50_us: latencies.quantile(0.5),
             p99_us: latencies.quantile(0.99),
-            max_us: latencies.histogram.max() as f64,
+            max_us: latencies.max(),
             object_store_puts: 0,
             object_store_gets: 0,
             bytes_written: 0,
