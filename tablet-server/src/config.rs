@@ -77,6 +77,7 @@ impl TabletServerConfig {
         config.election_tick = self.election_tick;
         config.heartbeat_tick = self.heartbeat_tick;
         config.tick_interval = self.tick_interval;
+        config.max_entry_size = crate::group::MAX_ENTRY_BYTES;
         config
     }
 }

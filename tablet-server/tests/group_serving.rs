@@ -263,6 +263,9 @@ async fn writes_replicate_dedup_and_survive_restart() {
         "a retried request id is answered, not applied again"
     );
     let second = write(&route, 1, 2, vec![put("zed", "2"), put("x", "3")]).await;
+    // The largest valid value fits in one journal entry.
+    let largest = "v".repeat(8 << 20);
+    write(&route, 1, 3, vec![put("zbig", &largest)]).await;
     assert!(second > 0);
 
     assert_eq!(

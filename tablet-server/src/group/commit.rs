@@ -34,8 +34,12 @@ use super::Group;
 use super::dedup::RequestKey;
 use crate::error::{Result, TabletServerError};
 
-/// Bytes of mutations above which a batch takes no more writes.
+/// Most bytes of mutations in one batch, unless a single write is larger; the group's
+/// journal takes entries of up to `MAX_ENTRY_BYTES`, which holds any one valid write.
 const MAX_BATCH_BYTES: usize = 4 << 20;
+/// The group journal's entry limit: above the largest write (an 8 MiB value, a 4 KiB key
+/// and framing), so a valid write never fails for its size.
+pub(crate) const MAX_ENTRY_BYTES: usize = 16 << 20;
 /// Writes queued per group before writers wait.
 const QUEUE_DEPTH: usize = 8192;
 /// Journal entries of writes in flight per group.
@@ -270,6 +274,8 @@ type InFlight = Pin<Box<dyn Future<Output = (Arc<Group>, Vec<Pending>, (u64, Res
 /// or the group goes away.
 async fn run_batcher(group: Weak<Group>, mut queue: mpsc::Receiver<Pending>) {
     let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+    // A write taken from the queue that would have made the last batch too big.
+    let mut carried: Option<Pending> = None;
     let mut open = true;
     loop {
         tokio::select! {
@@ -278,7 +284,7 @@ async fn run_batcher(group: Weak<Group>, mut queue: mpsc::Receiver<Pending>) {
             Some((group, batch, (number, outcome))) = inflight.next(), if !inflight.is_empty() => {
                 group.finish_batch(batch, number, outcome);
             }
-            pending = queue.recv(), if open && inflight.len() < WINDOW => {
+            pending = next_write(&mut queue, &mut carried), if (open || carried.is_some()) && inflight.len() < WINDOW => {
                 let Some(first) = pending else {
                     open = false;
                     continue;
@@ -288,18 +294,31 @@ async fn run_batcher(group: Weak<Group>, mut queue: mpsc::Receiver<Pending>) {
                 };
                 let mut bytes = first.request.bytes();
                 let mut batch = vec![first];
-                while batch.len() < group.ctx.max_batch_writes && bytes < MAX_BATCH_BYTES {
-                    match queue.try_recv() {
-                        Ok(pending) => {
-                            bytes += pending.request.bytes();
-                            batch.push(pending);
-                        }
-                        Err(_) => break,
+                while batch.len() < group.ctx.max_batch_writes {
+                    let Ok(pending) = queue.try_recv() else {
+                        break;
+                    };
+                    if bytes + pending.request.bytes() > MAX_BATCH_BYTES {
+                        carried = Some(pending);
+                        break;
                     }
+                    bytes += pending.request.bytes();
+                    batch.push(pending);
                 }
                 inflight.push_back(group.start_batch(batch));
             }
             else => return,
         }
+    }
+}
+
+/// The carried-over write if there is one, else the next one from the queue.
+async fn next_write(
+    queue: &mut mpsc::Receiver<Pending>,
+    carried: &mut Option<Pending>,
+) -> Option<Pending> {
+    match carried.take() {
+        Some(pending) => Some(pending),
+        None => queue.recv().await,
     }
 }

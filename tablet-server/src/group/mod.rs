@@ -32,7 +32,7 @@ use crate::metrics::ServerMetrics;
 use crate::stores::CollectionStores;
 use crate::tso::TsoClient;
 
-pub(crate) use self::commit::WriteRequest;
+pub(crate) use self::commit::{MAX_ENTRY_BYTES, WriteRequest};
 pub(crate) use self::dedup::RequestKey;
 
 /// What every group on a server shares.
