@@ -185,11 +185,11 @@ impl Sim {
         for _ in 0..100 {
             let (out, more) = self.host(id).with(|server| {
                 let mut out = server.ready().expect("ready");
-                let Some(round) = server.take_sync() else {
+                let Some(mut round) = server.take_sync() else {
                     return (out, false);
                 };
-                sync(&server.engine(), &round).expect("fsync");
-                out.extend(server.finish_sync(round));
+                out.extend(sync(&server.engine(), &mut round).expect("fsync"));
+                server.finish_sync(round);
                 (out, true)
             });
             self.send(id, out);

@@ -15,6 +15,7 @@
 //! promotion, by joint consensus), transfers leadership, and serves lease reads.
 
 mod admin;
+mod cache;
 mod driver;
 #[cfg(test)]
 mod driver_tests;

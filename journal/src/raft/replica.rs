@@ -84,6 +84,21 @@ impl Replica {
         }
     }
 
+    /// The first entry a follower may still need from this replica: above the lowest
+    /// index any peer matched, while it leads; nothing otherwise.
+    pub(crate) fn lagging_from(&self) -> u64 {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            return u64::MAX;
+        }
+        raft.prs()
+            .iter()
+            .filter(|&(&id, _)| id != raft.id)
+            .map(|(_, progress)| progress.matched + 1)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     pub(crate) fn not_leader(&self) -> StreamError {
         let leadership = self.current_leadership();
         StreamError::NotLeader {

@@ -8,15 +8,16 @@
 //!    messages, [`Server::propose`] / [`Server::read_index`];
 //! 2. [`Server::ready`]: for every stream with a ready, in raft-rs's documented order, send
 //!    the leader's messages at once, deliver committed entries, add new entries and the hard
-//!    state to one `LogBatch` shared by all streams, answer read states, and
-//!    `advance_append_async`. The batch is written without fsync, because raft-rs 0.7 reads
-//!    entries back from storage once `advance_append_async` returns;
-//! 3. [`Server::take_sync`] / [`sync`] / [`Server::finish_sync`]: one fsync covers every
-//!    round written since the last one (group commit across proposals and streams); only
-//!    then does raft hear `on_persist_ready`, and do followers' messages (votes, append
-//!    acks) leave.
+//!    state to one `LogBatch` shared by all streams and rounds, answer read states, and
+//!    `advance_append_async`. raft-rs 0.7 reads entries back from storage once
+//!    `advance_append_async` returns: each stream's entry cache serves them until the
+//!    batch is written;
+//! 3. [`Server::take_sync`] / [`sync`] / [`Server::finish_sync`]: one engine write with
+//!    fsync covers every round since the last one (group commit across proposals and
+//!    streams). Only after it do the messages that waited for it (votes, append acks)
+//!    leave, and does raft hear `on_persist_ready`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,18 +29,20 @@ use protobuf::Message as _;
 use raft::eraftpb::{EntryType, Message, MessageType};
 use raft::{RawNode, StateRole};
 
-/// Most bytes one subscription read takes from the engine (on the driver thread).
-const READ_BYTES: usize = 4 * 1024 * 1024;
 use raft_engine::{Engine, LogBatch};
 use tokio::sync::{oneshot, watch};
 
 use super::logger;
 use super::replica::{Replica, Reply};
-use super::storage::{EngineStorage, EntryExt};
+use super::storage::EngineStorage;
 use crate::error::JournalError;
 
+/// Most bytes one subscription read takes (on the driver thread).
+const READ_BYTES: u64 = 4 * 1024 * 1024;
 /// Engine region reserved for the sync marker (stream ids start at 1).
 const SYNC_REGION: u64 = 0;
+/// Bytes of written entries a stream keeps in memory for followers that lag.
+const MAX_CACHED_BYTES: usize = 4 * 1024 * 1024;
 /// Read barriers, membership changes and leader transfers still unanswered after this many
 /// election timeouts fail.
 const READ_TIMEOUT_ELECTIONS: u64 = 2;
@@ -80,10 +83,17 @@ impl RaftConfig {
     }
 }
 
-/// Readies written to the engine but not yet fsynced, in order.
+/// Ready rounds not yet durable: what they write, and what waits for it.
 #[derive(Debug, Default)]
 pub struct SyncRound {
-    readies: Vec<(u64, u64, Vec<Message>)>,
+    /// Every round's writes, for every stream, in order.
+    batch: LogBatch,
+    /// `(stream, ready number)` in order, for `on_persist_ready`.
+    readies: Vec<(u64, u64)>,
+    /// The last entry (index, term) each stream appended.
+    last_entries: HashMap<u64, (u64, u64)>,
+    /// Messages that may leave once the round is durable, as `(to, envelope)`.
+    messages: Vec<(u64, Bytes)>,
     must_sync: bool,
 }
 
@@ -121,6 +131,8 @@ impl Server {
             dir: config.dir.display().to_string(),
             // Tolerating a torn tail is safe: it was never fsynced, so never acknowledged.
             recovery_mode: raft_engine::RecoveryMode::TolerateTailCorruption,
+            // Small raft batches hardly compress, and LZ4 would run on every sync.
+            batch_compression_threshold: raft_engine::ReadableSize(0),
             ..raft_engine::Config::default()
         };
         let engine = Engine::open(engine_config).map_err(|e| JournalError::Engine {
@@ -156,12 +168,19 @@ impl Server {
         from: u64,
         to: u64,
     ) -> Result<Vec<luna_kernel::stream::Entry>, StreamError> {
-        let mut entries = Vec::new();
+        let Some(replica) = self.streams.get(&stream_id) else {
+            return Err(StreamError::Closed);
+        };
         // Bounded in bytes, not only in count: this runs on the driver thread, and a
         // huge read would delay every stream's heartbeats. At least one entry comes back.
-        self.engine
-            .fetch_entries_to::<EntryExt>(stream_id, from, to + 1, Some(READ_BYTES), &mut entries)
-            .map_err(engine_error)?;
+        let entries = replica
+            .node
+            .store()
+            .read(from, to + 1, Some(READ_BYTES))
+            .map_err(|e| StreamError::Io {
+                context: format!("reading entries of stream {stream_id}"),
+                source: Arc::new(std::io::Error::other(e.to_string())),
+            })?;
         Ok(entries
             .into_iter()
             .map(|e| luna_kernel::stream::Entry {
@@ -357,7 +376,8 @@ impl Server {
     /// now as `(to, envelope)`. An engine write error fails the server: the caller stops
     /// it, and every waiting append learns [`StreamError::Io`] (never an acknowledgement).
     pub fn ready(&mut self) -> Result<Vec<(u64, Bytes)>, StreamError> {
-        let mut batch = LogBatch::default();
+        // Added to the batch of every round since the last sync; put back below.
+        let mut batch = std::mem::take(&mut self.unsynced.batch);
         let mut out = Vec::new();
         let lease_ticks = self.lease_ticks();
         let mut applied = Vec::new();
@@ -392,25 +412,24 @@ impl Server {
             }
             replica.answer_reads(ready.take_read_states(), lease_ticks);
             self.unsynced.must_sync |= ready.must_sync();
+            if let Some(last) = ready.entries().last() {
+                self.unsynced
+                    .last_entries
+                    .insert(stream_id, (last.index, last.term));
+            }
             let persisted_messages = ready.take_persisted_messages();
-            self.unsynced
-                .readies
-                .push((stream_id, ready.number(), persisted_messages));
+            push_messages(&mut self.unsynced.messages, stream_id, persisted_messages);
+            self.unsynced.readies.push((stream_id, ready.number()));
             replica.node.advance_append_async(ready);
             if let Some(last) = committed.last() {
                 applied.push((stream_id, last.index));
             }
             replica.update_leadership();
         }
-        // raft-rs 0.7 reads these entries back from storage as soon as
-        // `advance_append_async` returns, so they are written now (without fsync).
-        if !batch.is_empty()
-            && let Err(e) = self.engine.write(&mut batch, false)
-        {
-            return Err(self.fail(engine_error(e)));
-        }
+        self.unsynced.batch = batch;
         // Only now: applying may append an entry (raft leaves a joint configuration by
-        // itself), at the last index in storage, so the batch must be there first.
+        // itself), at the last index in storage, so this round's entries must be there
+        // (in the entry cache) first.
         for (stream_id, index) in applied {
             if let Some(replica) = self.streams.get_mut(&stream_id) {
                 replica.node.advance_apply_to(index);
@@ -420,8 +439,8 @@ impl Server {
         Ok(out)
     }
 
-    /// Takes every ready written since the last call, for one fsync (step 3 of a round).
-    /// Rounds must be synced and finished in the order they are taken.
+    /// Takes every ready round since the last call, for one engine write and fsync (step 3
+    /// of a round). Rounds must be synced and finished in the order they are taken.
     pub fn take_sync(&mut self) -> Option<SyncRound> {
         if self.unsynced.readies.is_empty() {
             return None;
@@ -429,16 +448,23 @@ impl Server {
         Some(std::mem::take(&mut self.unsynced))
     }
 
-    /// Tells raft that `round` is durable and returns the messages that waited for it.
-    pub fn finish_sync(&mut self, round: SyncRound) -> Vec<(u64, Bytes)> {
-        let mut out = Vec::new();
-        for (stream_id, number, messages) in round.readies {
-            push_messages(&mut out, stream_id, messages);
+    /// Tells raft that `round`, which [`sync`] wrote, is durable, and lets the entry caches
+    /// drop what the engine now serves.
+    pub fn finish_sync(&mut self, round: SyncRound) {
+        for (stream_id, number) in round.readies {
             if let Some(replica) = self.streams.get_mut(&stream_id) {
                 replica.node.on_persist_ready(number);
             }
         }
-        out
+        for (stream_id, (index, term)) in round.last_entries {
+            if let Some(replica) = self.streams.get_mut(&stream_id) {
+                let keep_from = replica.lagging_from();
+                replica
+                    .node
+                    .mut_store()
+                    .on_written(index, term, keep_from, MAX_CACHED_BYTES);
+            }
+        }
     }
 
     /// Fails every waiting append and read with `error`, and drops all streams: after a
@@ -480,19 +506,21 @@ fn decode_envelope(bytes: &[u8]) -> Option<(u64, Message)> {
     Some((u64::from_le_bytes(*id), message))
 }
 
-/// The fsync step of a round, run off the ready loop (it blocks). raft-engine panics when
-/// fsync fails, so the panic is caught and reported as an error: the server must stop.
-pub fn sync(engine: &Engine, round: &SyncRound) -> Result<(), StreamError> {
-    if !round.must_sync {
-        return Ok(());
+/// The write and fsync step of a round, run off the ready loop (it blocks). Returns the
+/// messages that waited for the round to be durable, as `(to, envelope)`: they may leave
+/// at once, before [`Server::finish_sync`]. raft-engine panics when fsync fails, so the
+/// panic is caught and reported as an error: the server must stop.
+pub fn sync(engine: &Engine, round: &mut SyncRound) -> Result<Vec<(u64, Bytes)>, StreamError> {
+    if round.must_sync && round.batch.is_empty() {
+        // raft-engine skips the fsync of an empty batch, so a tiny marker carries it.
+        round
+            .batch
+            .put(SYNC_REGION, b"sync".to_vec(), Vec::new())
+            .map_err(engine_error)?;
     }
-    let mut marker = LogBatch::default();
-    // raft-engine skips the fsync of an empty batch, so a tiny marker carries it.
-    marker
-        .put(SYNC_REGION, b"sync".to_vec(), Vec::new())
-        .map_err(engine_error)?;
-    match catch_unwind(AssertUnwindSafe(|| engine.write(&mut marker, true))) {
-        Ok(Ok(_)) => Ok(()),
+    let (batch, must_sync) = (&mut round.batch, round.must_sync);
+    match catch_unwind(AssertUnwindSafe(|| engine.write(batch, must_sync))) {
+        Ok(Ok(_)) => Ok(std::mem::take(&mut round.messages)),
         Ok(Err(e)) => Err(engine_error(e)),
         Err(_) => Err(StreamError::Io {
             context: "fsync of the raft log".to_owned(),

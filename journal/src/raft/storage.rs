@@ -1,9 +1,10 @@
 //! [`raft::Storage`] over a shared raft-engine: one raft-engine "region" per stream.
 //!
 //! Entries live in the engine's log; the hard state and conf state are engine key-values of
-//! the stream. Writes are added to a [`LogBatch`] that the server writes once per ready
-//! round for all of its streams (without fsync, so raft can read them back at once); a
-//! separate sync step makes the round durable before raft learns it is persisted.
+//! the stream. Writes are added to a [`LogBatch`] that collects every ready round of every
+//! stream until the sync thread writes and fsyncs it in one engine write; only then does
+//! raft learn the round is persisted. Until it is written, raft reads the entries from the
+//! stream's [`EntryCache`], which also keeps the tail the followers still need.
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use raft_engine::{Engine, LogBatch, MessageExt};
 
+use super::cache::EntryCache;
 use crate::error::JournalError;
 
 const HARD_STATE_KEY: &[u8] = b"hs";
@@ -37,6 +39,10 @@ pub(crate) struct EngineStorage {
     stream_id: u64,
     state: RaftState,
     applied: u64,
+    /// Every entry not yet written to the engine, and recent ones kept for replication.
+    cache: EntryCache,
+    /// Entries up to here are in the engine as they are in the cache.
+    written: u64,
 }
 
 impl EngineStorage {
@@ -95,6 +101,8 @@ impl EngineStorage {
                 conf_state,
             },
             applied,
+            cache: EntryCache::default(),
+            written: 0,
         };
         let last = storage.last_index_inner();
         if storage.state.hard_state.commit > last {
@@ -106,11 +114,41 @@ impl EngineStorage {
         Ok(storage)
     }
 
-    /// Adds `entries` (which may overwrite a conflicting tail) to `batch`.
+    /// Adds `entries` (which may overwrite a conflicting tail) to `batch`, and to the cache
+    /// that serves them until the batch is written.
     pub(crate) fn append(&mut self, entries: &[Entry], batch: &mut LogBatch) -> raft::Result<()> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
         batch
             .add_entries::<EntryExt>(self.stream_id, entries)
-            .map_err(|e| store_error(format!("adding entries: {e}")))
+            .map_err(|e| store_error(format!("adding entries: {e}")))?;
+        // What the engine holds from here on is stale until the batch is written.
+        self.written = self.written.min(first.index - 1);
+        self.cache.append(entries);
+        Ok(())
+    }
+
+    /// Notes that the batch holding entry `index` of `term` is written: the cached entries
+    /// up to it may go, except those from `keep_from` on (which followers still need) while
+    /// the cache holds less than `max_cached` bytes.
+    pub(crate) fn on_written(&mut self, index: u64, term: u64, keep_from: u64, max_cached: usize) {
+        // A different term there means a later round overwrote the entry, and what follows
+        // it is not written yet: wait for that round. The same term means the same entry,
+        // and (by raft's log matching) the same entries before it.
+        if self.cache.term(index) == Some(term) {
+            self.written = self.written.max(index);
+        }
+        self.cache
+            .compact_to(self.written.min(keep_from.saturating_sub(1)));
+        // Past the budget, written entries go even if a follower still needs them: it
+        // reads them from the engine.
+        while self.cache.bytes() > max_cached
+            && let Some(first) = self.cache.first()
+            && first <= self.written
+        {
+            self.cache.compact_to(first);
+        }
     }
 
     /// Adds a new hard state to `batch` and makes it the one raft reads.
@@ -160,7 +198,53 @@ impl EngineStorage {
     }
 
     fn last_index_inner(&self) -> u64 {
-        self.engine.last_index(self.stream_id).unwrap_or(0)
+        // A cached tail may have overwritten a longer one that the engine still holds.
+        self.cache
+            .last()
+            .unwrap_or_else(|| self.engine.last_index(self.stream_id).unwrap_or(0))
+    }
+
+    /// Entries `low..high`, from the engine and then the cache, at most `max_size` bytes
+    /// as raft counts them (at least one entry).
+    pub(crate) fn read(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<u64>,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first_index_inner() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        let cached_from = self.cache.first().unwrap_or(u64::MAX).max(low);
+        let mut entries = Vec::new();
+        let from_engine = cached_from.min(high);
+        if low < from_engine {
+            let limit = max_size.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+            self.engine
+                .fetch_entries_to::<EntryExt>(self.stream_id, low, from_engine, limit, &mut entries)
+                .map_err(|e| match e {
+                    raft_engine::Error::EntryCompacted => {
+                        raft::Error::Store(StorageError::Compacted)
+                    }
+                    raft_engine::Error::EntryNotFound => {
+                        raft::Error::Store(StorageError::Unavailable)
+                    }
+                    other => store_error(format!("reading entries {low}..{from_engine}: {other}")),
+                })?;
+            raft::util::limit_size(&mut entries, max_size);
+            if entries.len() as u64 != from_engine - low {
+                // Cut short by the size limit.
+                return Ok(entries);
+            }
+        }
+        let used = entries.iter().map(|e| u64::from(e.compute_size())).sum();
+        if !self
+            .cache
+            .read(cached_from, high, max_size, used, &mut entries)
+        {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(entries)
     }
 }
 
@@ -180,27 +264,21 @@ impl raft::Storage for EngineStorage {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        if low < self.first_index_inner() {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        let max_size = max_size
-            .into()
-            .map(|m| usize::try_from(m).unwrap_or(usize::MAX));
-        let mut entries = Vec::new();
-        self.engine
-            .fetch_entries_to::<EntryExt>(self.stream_id, low, high, max_size, &mut entries)
-            .map_err(|e| match e {
-                raft_engine::Error::EntryCompacted => raft::Error::Store(StorageError::Compacted),
-                raft_engine::Error::EntryNotFound => raft::Error::Store(StorageError::Unavailable),
-                other => store_error(format!("reading entries {low}..{high}: {other}")),
-            })?;
-        Ok(entries)
+        self.read(low, high, max_size.into())
     }
 
     fn term(&self, index: u64) -> raft::Result<u64> {
         // Logs are never compacted yet, so index 0 is the only entry before the first.
         if index == 0 {
             return Ok(0);
+        }
+        if let Some(first) = self.cache.first()
+            && index >= first
+        {
+            return self
+                .cache
+                .term(index)
+                .ok_or(raft::Error::Store(StorageError::Unavailable));
         }
         match self.engine.get_entry::<EntryExt>(self.stream_id, index) {
             Ok(Some(entry)) => Ok(entry.term),
