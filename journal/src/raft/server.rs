@@ -17,7 +17,7 @@
 //!    streams). Only after it do the messages that waited for it (votes, append acks)
 //!    leave, and does raft hear `on_persist_ready`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,6 +41,8 @@ use crate::error::JournalError;
 const READ_BYTES: u64 = 4 * 1024 * 1024;
 /// Engine region reserved for the sync marker (stream ids start at 1).
 const SYNC_REGION: u64 = 0;
+/// An idle stream ticks once per this many server ticks (see `Server::tick`).
+const IDLE_TICK_EVERY: u64 = 5;
 /// Bytes of written entries a stream keeps in memory for followers that lag.
 const MAX_CACHED_BYTES: usize = 4 * 1024 * 1024;
 /// Read barriers, membership changes and leader transfers still unanswered after this many
@@ -109,6 +111,10 @@ pub struct Server {
     pub(super) config: RaftConfig,
     engine: Arc<Engine>,
     pub(super) streams: BTreeMap<u64, Replica>,
+    /// Streams that may have a ready: touched (ticked, stepped, proposed to...) since the
+    /// last [`ready`](Self::ready), or with a ready in it. `ready` visits only these, so a
+    /// thousand idle streams cost nothing per round.
+    pub(super) touched: BTreeSet<u64>,
     logger: slog::Logger,
     unsynced: SyncRound,
     pub(super) next_read_id: u64,
@@ -144,6 +150,7 @@ impl Server {
             config,
             engine: Arc::new(engine),
             streams: BTreeMap::new(),
+            touched: BTreeSet::new(),
             unsynced: SyncRound::default(),
             next_read_id: 0,
             ticks: 0,
@@ -241,6 +248,7 @@ impl Server {
         let quiet = self.config.election_tick as u64;
         let replica = Replica::new(stream_id, node, self.ticks, quiet);
         self.streams.insert(stream_id, replica);
+        self.touched.insert(stream_id);
         Ok(())
     }
 
@@ -271,6 +279,7 @@ impl Server {
 
     /// [`propose`](Self::propose), answering on `reply`.
     pub(crate) fn propose_to(&mut self, stream_id: u64, data: Bytes, reply: Reply) {
+        self.touched.insert(stream_id);
         let limit = self.config.max_entry_size;
         let Some(replica) = self.streams.get_mut(&stream_id) else {
             let _ = reply.send(Err(StreamError::Closed));
@@ -310,6 +319,7 @@ impl Server {
 
     /// [`read_index`](Self::read_index), answering on `reply`.
     pub(crate) fn read_index_to(&mut self, stream_id: u64, reply: Reply) {
+        self.touched.insert(stream_id);
         let Some(replica) = self.streams.get_mut(&stream_id) else {
             let _ = reply.send(Err(StreamError::Closed));
             return;
@@ -323,14 +333,21 @@ impl Server {
     }
 
     /// Advances every stream's logical clock by one tick, and expires stale read barriers,
-    /// membership changes and leader transfers.
+    /// membership changes and leader transfers. Idle streams (see `Replica::is_idle`) tick
+    /// only every `IDLE_TICK_EVERY` calls: their heartbeats, the main cost of a stream
+    /// nobody writes to, become that much rarer. docs/journal.md explains why that is safe.
     pub fn tick(&mut self) {
         self.ticks += 1;
         let timeout = self.config.election_tick as u64 * READ_TIMEOUT_ELECTIONS;
-        for replica in self.streams.values_mut() {
+        let slow_tick = self.ticks.is_multiple_of(IDLE_TICK_EVERY);
+        for (&stream_id, replica) in &mut self.streams {
+            if !slow_tick && replica.is_idle() {
+                continue;
+            }
             replica.node.tick();
             replica.expire(self.ticks, timeout);
             replica.leave_stuck_joint();
+            self.touched.insert(stream_id);
         }
     }
 
@@ -361,6 +378,7 @@ impl Server {
             message.get_msg_type(),
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
         );
+        self.touched.insert(stream_id);
         if vote && replica.refuses_votes(self.ticks) {
             tracing::debug!(from, stream_id, "refusing a vote right after a restart");
             return;
@@ -381,10 +399,16 @@ impl Server {
         let mut out = Vec::new();
         let lease_ticks = self.lease_ticks();
         let mut applied = Vec::new();
-        for (&stream_id, replica) in &mut self.streams {
+        for stream_id in std::mem::take(&mut self.touched) {
+            let Some(replica) = self.streams.get_mut(&stream_id) else {
+                continue;
+            };
             if !replica.node.has_ready() {
                 continue;
             }
+            // Handling a ready can leave another (raft hands out entries in slices):
+            // visit again next round.
+            self.touched.insert(stream_id);
             let mut ready = replica.node.ready();
             // A leader sends before persisting: replication overlaps its own fsync.
             push_messages(&mut out, stream_id, ready.take_messages());
@@ -448,12 +472,21 @@ impl Server {
         Some(std::mem::take(&mut self.unsynced))
     }
 
+    /// Discards the log of `stream_id` before `index`, as log compaction will.
+    #[cfg(test)]
+    pub(crate) fn compact_log(&mut self, stream_id: u64, index: u64) {
+        if let Some(replica) = self.streams.get_mut(&stream_id) {
+            replica.node.mut_store().compact_to(index);
+        }
+    }
+
     /// Tells raft that `round`, which [`sync`] wrote, is durable, and lets the entry caches
     /// drop what the engine now serves.
     pub fn finish_sync(&mut self, round: SyncRound) {
         for (stream_id, number) in round.readies {
             if let Some(replica) = self.streams.get_mut(&stream_id) {
                 replica.node.on_persist_ready(number);
+                self.touched.insert(stream_id);
             }
         }
         for (stream_id, (index, term)) in round.last_entries {

@@ -43,6 +43,11 @@ pub(crate) struct EngineStorage {
     cache: EntryCache,
     /// Entries up to here are in the engine as they are in the cache.
     written: u64,
+    /// The first and last index of the log. Kept here because raft asks for them on every
+    /// `has_ready` and message, and each engine lookup takes a lock of its region map:
+    /// with a thousand idle streams that was most of a server's CPU.
+    first: u64,
+    last: u64,
 }
 
 impl EngineStorage {
@@ -94,7 +99,6 @@ impl EngineStorage {
             )));
         }
         let storage = Self {
-            engine,
             stream_id,
             state: RaftState {
                 hard_state,
@@ -103,8 +107,11 @@ impl EngineStorage {
             applied,
             cache: EntryCache::default(),
             written: 0,
+            first: engine.first_index(stream_id).unwrap_or(1),
+            last: engine.last_index(stream_id).unwrap_or(0),
+            engine,
         };
-        let last = storage.last_index_inner();
+        let last = storage.last;
         if storage.state.hard_state.commit > last {
             return Err(engine_error(format!(
                 "commit index {} is past the last stored entry {last}",
@@ -126,6 +133,7 @@ impl EngineStorage {
         // What the engine holds from here on is stale until the batch is written.
         self.written = self.written.min(first.index - 1);
         self.cache.append(entries);
+        self.last = self.cache.last().unwrap_or(self.last);
         Ok(())
     }
 
@@ -139,6 +147,8 @@ impl EngineStorage {
         if self.cache.term(index) == Some(term) {
             self.written = self.written.max(index);
         }
+        // The last entry stays: raft reads its term on most messages.
+        let keep_from = keep_from.min(self.last);
         self.cache
             .compact_to(self.written.min(keep_from.saturating_sub(1)));
         // Past the budget, written entries go even if a follower still needs them: it
@@ -146,6 +156,7 @@ impl EngineStorage {
         while self.cache.bytes() > max_cached
             && let Some(first) = self.cache.first()
             && first <= self.written
+            && first < self.last
         {
             self.cache.compact_to(first);
         }
@@ -194,14 +205,18 @@ impl EngineStorage {
 
     /// The first index still in the log.
     pub(crate) fn first_index_inner(&self) -> u64 {
-        self.engine.first_index(self.stream_id).unwrap_or(1)
+        self.first
     }
 
     fn last_index_inner(&self) -> u64 {
-        // A cached tail may have overwritten a longer one that the engine still holds.
-        self.cache
-            .last()
-            .unwrap_or_else(|| self.engine.last_index(self.stream_id).unwrap_or(0))
+        self.last
+    }
+
+    /// Discards the log before `index`, as log compaction will.
+    #[cfg(test)]
+    pub(crate) fn compact_to(&mut self, index: u64) {
+        self.engine.compact_to(self.stream_id, index);
+        self.first = self.engine.first_index(self.stream_id).unwrap_or(1);
     }
 
     /// Entries `low..high`, from the engine and then the cache, at most `max_size` bytes

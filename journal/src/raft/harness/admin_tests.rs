@@ -178,7 +178,7 @@ fn bad_membership_changes_are_typed_errors() {
     }
     // Once the log no longer starts at 1, a new replica cannot catch up (no snapshots).
     sim.host(leader).with(|s| {
-        s.engine().compact_to(STREAM, 10);
+        s.compact_log(STREAM, 10);
     });
     match answer(&sim, leader, vec![1, 2, 3], vec![4, 5]) {
         Err(JournalError::LogTruncated { first_index, .. }) => {
