@@ -42,7 +42,7 @@ const READ_BYTES: u64 = 4 * 1024 * 1024;
 /// Engine region reserved for the sync marker (stream ids start at 1).
 const SYNC_REGION: u64 = 0;
 /// An idle stream ticks once per this many server ticks (see `Server::tick`).
-const IDLE_TICK_EVERY: u64 = 5;
+pub(super) const IDLE_TICK_EVERY: u64 = 5;
 /// Bytes of written entries a stream keeps in memory for followers that lag.
 const MAX_CACHED_BYTES: usize = 4 * 1024 * 1024;
 /// Read barriers, membership changes and leader transfers still unanswered after this many
