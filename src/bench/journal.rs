@@ -5,7 +5,10 @@
 //! `--appenders` concurrent appenders are spread over the streams; each appends
 //! `--entry-size`-byte entries to its stream's current leader, one at a time, for
 //! `--duration` seconds. Commit latency is the time from `append` to its acknowledgement
-//! (fsynced on a quorum).
+//! (fsynced on a quorum). `--idle-streams` more streams get no appends at all; the report's
+//! process CPU (user + system, from `getrusage`) over the timed window, divided by the
+//! number of servers, is what one server spends on them (with `--appenders 0`, nothing
+//! else runs).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,9 +36,12 @@ pub struct JournalBenchArgs {
     /// Servers (and so replicas per stream).
     #[arg(long, default_value_t = 3)]
     replicas: u64,
-    /// Concurrent appenders, spread round-robin over the streams.
+    /// Concurrent appenders, spread round-robin over the streams (0: only measure CPU).
     #[arg(long, default_value_t = 64)]
     appenders: u64,
+    /// Extra streams, replicated on every server like the others, that get no appends.
+    #[arg(long, default_value_t = 0)]
+    idle_streams: u64,
     /// Entry size in bytes.
     #[arg(long, default_value_t = 128)]
     entry_size: usize,
@@ -55,6 +61,7 @@ pub struct JournalBenchArgs {
 #[derive(Debug, Serialize)]
 struct JournalReport {
     streams: u64,
+    idle_streams: u64,
     replicas: u64,
     appenders: u64,
     entry_size: usize,
@@ -72,13 +79,18 @@ struct JournalReport {
     bytes_per_sec: f64,
     /// Appends retried because leadership moved.
     not_leader_retries: u64,
+    /// CPU time of the whole process (all servers, appenders and transport), in percent
+    /// of one core.
+    cpu_percent: f64,
+    /// `cpu_percent` divided by the number of servers.
+    cpu_percent_per_server: f64,
 }
 
 /// Runs the benchmark and prints its report.
 pub async fn run(args: JournalBenchArgs) -> Result<(), CliError> {
-    if args.streams == 0 || args.replicas == 0 || args.appenders == 0 || args.entry_size == 0 {
+    if args.streams == 0 || args.replicas == 0 || args.entry_size == 0 {
         return Err(CliError::Invalid(
-            "--streams, --replicas, --appenders and --entry-size must be at least 1".into(),
+            "--streams, --replicas and --entry-size must be at least 1".into(),
         ));
     }
     if !(args.duration > 0.0 && args.duration.is_finite()) {
@@ -101,8 +113,9 @@ pub async fn run(args: JournalBenchArgs) -> Result<(), CliError> {
         println!("{line}");
     } else {
         println!(
-            "journal  streams {} replicas {} appenders {} entry {} B: {:.0} appends/s  commit p50 {:.0} us  p99 {:.0} us  max {:.0} us  {:.0} fsyncs/s  {:.1} MiB/s  ({} appends in {:.1} s, {} leader retries)",
+            "journal  streams {} (+{} idle) replicas {} appenders {} entry {} B: {:.0} appends/s  commit p50 {:.0} us  p99 {:.0} us  max {:.0} us  {:.0} fsyncs/s  {:.1} MiB/s  cpu {:.1}% ({:.2}% per server)  ({} appends in {:.1} s, {} leader retries)",
             report.streams,
+            report.idle_streams,
             report.replicas,
             report.appenders,
             report.entry_size,
@@ -112,6 +125,8 @@ pub async fn run(args: JournalBenchArgs) -> Result<(), CliError> {
             report.max_us,
             report.fsyncs_per_sec,
             report.bytes_per_sec / (1024.0 * 1024.0),
+            report.cpu_percent,
+            report.cpu_percent_per_server,
             report.appends,
             report.seconds,
             report.not_leader_retries,
@@ -164,7 +179,7 @@ async fn drive(
     voters: &[u64],
 ) -> Result<JournalReport, CliError> {
     let mut replicas: Replicas = Vec::new();
-    for stream_id in 1..=args.streams {
+    for stream_id in 1..=args.streams + args.idle_streams {
         let mut streams = Vec::new();
         for server in servers {
             let stream = server
@@ -193,6 +208,7 @@ async fn drive(
         }
     }
     let fsyncs_before: u64 = servers.iter().map(|s| s.node().stats().fsyncs).sum();
+    let cpu_before = process_cpu()?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.duration);
     let payload = Bytes::from(vec![0x5a; args.entry_size]);
@@ -205,6 +221,9 @@ async fn drive(
             append_until(&replicas[stream], payload, deadline).await
         }));
     }
+    if workers.is_empty() {
+        tokio::time::sleep_until(deadline.into()).await;
+    }
     let mut latencies = Latencies::new();
     let (mut appends, mut retries) = (0, 0);
     for worker in workers {
@@ -216,12 +235,15 @@ async fn drive(
         latencies.merge(&worker_latencies);
     }
     let elapsed = started.elapsed();
+    let cpu = process_cpu()?.saturating_sub(cpu_before);
     let fsyncs_after: u64 = servers.iter().map(|s| s.node().stats().fsyncs).sum();
     // The shared report computes the percentiles.
     let shared = WorkloadReport::new("journal", appends, elapsed, &latencies);
     let seconds = elapsed.as_secs_f64();
+    let cpu_percent = 100.0 * cpu.as_secs_f64() / seconds;
     Ok(JournalReport {
         streams: args.streams,
+        idle_streams: args.idle_streams,
         replicas: args.replicas,
         appenders: args.appenders,
         entry_size: args.entry_size,
@@ -234,7 +256,27 @@ async fn drive(
         fsyncs_per_sec: (fsyncs_after - fsyncs_before) as f64 / seconds,
         bytes_per_sec: (appends * args.entry_size as u64) as f64 / seconds,
         not_leader_retries: retries,
+        cpu_percent,
+        cpu_percent_per_server: cpu_percent / args.replicas as f64,
     })
+}
+
+/// User plus system CPU time of this process so far.
+fn process_cpu() -> Result<Duration, CliError> {
+    // SAFETY: `getrusage` only writes the `rusage` it is given, which is zeroed plain data.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a `rusage` that lives across the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Err(CliError::Io {
+            what: "reading the process's CPU time",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let time = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    Ok(time(usage.ru_utime) + time(usage.ru_stime))
 }
 
 fn leader_of(streams: &[Arc<RaftStream>]) -> Option<&Arc<RaftStream>> {

@@ -47,6 +47,7 @@ impl Server {
         reply: AdminReply,
     ) {
         let now = self.ticks;
+        self.touched.insert(stream_id);
         match self.streams.get_mut(&stream_id) {
             Some(replica) => replica.change_membership(voters, learners, now, reply),
             None => closed(stream_id, reply),
@@ -68,6 +69,7 @@ impl Server {
     /// [`transfer_leader`](Self::transfer_leader), answering on `reply`.
     pub(crate) fn transfer_leader_to(&mut self, stream_id: u64, to: u64, reply: AdminReply) {
         let now = self.ticks;
+        self.touched.insert(stream_id);
         match self.streams.get_mut(&stream_id) {
             Some(replica) => replica.transfer_leader(to, now, reply),
             None => closed(stream_id, reply),
@@ -97,6 +99,7 @@ impl Server {
         let _ = reply.send(Ok(committed));
         // Renewed in the background before it lapses, so steady lease reads never wait.
         if renew && let Some(replica) = self.streams.get_mut(&stream_id) {
+            self.touched.insert(stream_id);
             self.next_read_id += 1;
             replica.start_read(self.next_read_id, now, None);
         }

@@ -10,10 +10,12 @@
 //!    proposals and messages that arrived during the previous turn share this one;
 //! 2. tick every stream once if the tick is due (coalesced: one timer for all streams);
 //! 3. run [`Server::ready`] and hand the messages to the transport, one batch per peer;
-//! 4. if no fsync is running, give every round written since the last one to the sync
-//!    thread. While it fsyncs, the loop keeps writing new rounds without fsync; when the
-//!    sync is done ([`Event::Synced`]) raft learns it is persisted, the messages that
-//!    waited for it leave, and the next sync covers everything written meanwhile.
+//! 4. if no sync is running, give every round since the last one to the sync thread, which
+//!    writes them to the engine with one fsync and sends the messages that waited for it
+//!    (append acks, votes) at once. Meanwhile the loop keeps running rounds, whose entries
+//!    the streams' entry caches serve, so it never waits for the disk. When the sync is
+//!    done ([`Event::Synced`]) raft learns it is persisted, and the next sync covers
+//!    everything that queued meanwhile.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,14 +145,18 @@ impl Node {
                         return;
                     }
                 };
-                let syncer =
-                    match SyncThread::spawn(server.engine(), loop_events.clone(), sync_counters) {
-                        Ok(syncer) => syncer,
-                        Err(e) => {
-                            let _ = opened_tx.send(Err(e));
-                            return;
-                        }
-                    };
+                let syncer = match SyncThread::spawn(
+                    server.engine(),
+                    Arc::clone(&transport),
+                    loop_events.clone(),
+                    sync_counters,
+                ) {
+                    Ok(syncer) => syncer,
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                        return;
+                    }
+                };
                 let _ = opened_tx.send(Ok(()));
                 let driver = Driver {
                     server,
@@ -254,7 +260,7 @@ fn failed(stream_id: u64, source: &StreamError) -> JournalError {
     }
 }
 
-/// The thread that fsyncs rounds, so the ready loop never waits for the disk.
+/// The thread that writes and fsyncs rounds, so the ready loop never waits for the disk.
 struct SyncThread {
     rounds: Sender<SyncRound>,
     thread: JoinHandle<()>,
@@ -263,6 +269,7 @@ struct SyncThread {
 impl SyncThread {
     fn spawn(
         engine: Arc<Engine>,
+        transport: Arc<dyn Transport>,
         events: Sender<Event>,
         counters: Arc<Counters>,
     ) -> Result<Self, JournalError> {
@@ -270,8 +277,11 @@ impl SyncThread {
         let thread = std::thread::Builder::new()
             .name("luna-raft-sync".to_owned())
             .spawn(move || {
-                while let Ok(round) = queue.recv() {
-                    let result = sync(&engine, &round);
+                while let Ok(mut round) = queue.recv() {
+                    // The acks leave straight from here: a hop through the driver thread
+                    // would add its wake-up (and whatever round it is busy with) to every
+                    // commit.
+                    let result = sync(&engine, &mut round).map(|out| send(&*transport, out));
                     counters.rounds.fetch_add(1, Ordering::Relaxed);
                     if round.must_sync() {
                         counters.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -347,7 +357,7 @@ impl Driver {
             }
             if self.failed.is_none() {
                 match self.server.ready() {
-                    Ok(out) => self.send(out),
+                    Ok(out) => send(&*self.transport, out),
                     Err(e) => self.failed = Some(e),
                 }
             }
@@ -443,10 +453,7 @@ impl Driver {
             Event::Synced { round, result } => {
                 self.syncing = false;
                 match result {
-                    Ok(()) if self.failed.is_none() => {
-                        let out = self.server.finish_sync(round);
-                        self.send(out);
-                    }
+                    Ok(()) if self.failed.is_none() => self.server.finish_sync(round),
                     Ok(()) => {}
                     Err(e) => {
                         self.server.fail(e.clone());
@@ -506,15 +513,15 @@ impl Driver {
             self.syncing = true;
         }
     }
+}
 
-    /// Sends `out`, one batch per destination server.
-    fn send(&self, out: Vec<(u64, Bytes)>) {
-        let mut batches: BTreeMap<u64, Vec<Bytes>> = BTreeMap::new();
-        for (to, message) in out {
-            batches.entry(to).or_default().push(message);
-        }
-        for (to, messages) in batches {
-            self.transport.send(to, messages);
-        }
+/// Sends `out`, one batch per destination server.
+fn send(transport: &dyn Transport, out: Vec<(u64, Bytes)>) {
+    let mut batches: BTreeMap<u64, Vec<Bytes>> = BTreeMap::new();
+    for (to, message) in out {
+        batches.entry(to).or_default().push(message);
+    }
+    for (to, messages) in batches {
+        transport.send(to, messages);
     }
 }

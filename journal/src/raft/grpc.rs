@@ -1,11 +1,11 @@
 //! The gRPC raft transport (`luna.journal.v1.RaftTransport`, tonic).
 //!
 //! Every server dials every peer once and keeps one long-lived bidirectional `Exchange`
-//! stream to it. Outgoing messages for a peer queue on that peer's connection task, which
-//! sends everything queued since its previous send as one [`RaftBatch`]: batching per
-//! destination server, on top of the driver's one batch per peer per ready round. A lost
-//! connection is redialled with backoff; messages queued while it is down are dropped
-//! (raft resends what still matters).
+//! stream to it. The driver's batch for a peer (one per ready round) goes straight into
+//! that stream's queue, with no task in between: tonic's encoder writes everything queued
+//! since its previous write at once. A lost connection is redialled with backoff by the
+//! peer's connection task; messages sent while it is down are dropped (raft resends what
+//! still matters).
 //!
 //! Raft messages are opaque `bytes` in the batch; a peer that sends garbage (undecodable
 //! messages, a batch for another server) is logged and ignored.
@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,8 +34,6 @@ use crate::error::JournalError;
 
 /// Ready rounds queued for one peer before new ones are dropped (raft resends).
 const PEER_QUEUE_DEPTH: usize = 4096;
-/// Most bytes of raft messages in one batch on the wire.
-const MAX_BATCH_BYTES: usize = 16 << 20;
 /// Largest batch a server accepts: one maximal batch plus one oversized entry.
 const MAX_DECODING_BYTES: usize = 64 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -51,13 +49,16 @@ pub struct GrpcTransport {
     peers: Mutex<HashMap<u64, PeerLink>>,
 }
 
-/// The queue and connection task of one peer.
+/// The exchange queue and connection task of one peer.
 #[derive(Debug)]
 struct PeerLink {
     addr: SocketAddr,
-    queue: mpsc::Sender<Vec<Bytes>>,
+    outbound: Arc<Outbound>,
     task: AbortHandle,
 }
+
+/// The request queue of the exchange with one peer, while it is up.
+type Outbound = Mutex<Option<mpsc::Sender<RaftBatch>>>;
 
 impl GrpcTransport {
     /// Starts a connection task to each of `peers` (node id to address) for server
@@ -79,46 +80,59 @@ impl GrpcTransport {
         if peer_id == self.node_id {
             return;
         }
-        let Ok(mut peers) = self.peers.lock() else {
-            return;
-        };
+        // The map stays consistent under a panic elsewhere: every update is one insert.
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if peers.get(&peer_id).is_some_and(|link| link.addr == addr) {
             return;
         }
-        let (queue, receiver) = mpsc::channel(PEER_QUEUE_DEPTH);
+        let outbound = Arc::new(Mutex::new(None));
         let link = Link {
-            node_id: self.node_id,
             peer_id,
             addr,
+            outbound: Arc::clone(&outbound),
         };
-        let task = tokio::spawn(link.run(receiver)).abort_handle();
-        if let Some(old) = peers.insert(peer_id, PeerLink { addr, queue, task }) {
+        let task = tokio::spawn(link.run()).abort_handle();
+        let new = PeerLink {
+            addr,
+            outbound,
+            task,
+        };
+        if let Some(old) = peers.insert(peer_id, new) {
             old.task.abort();
         }
     }
 
     fn abort_links(&self) {
-        if let Ok(peers) = self.peers.lock() {
-            for link in peers.values() {
-                link.task.abort();
-            }
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        for link in peers.values() {
+            link.task.abort();
         }
     }
 }
 
 impl Transport for GrpcTransport {
     fn send(&self, to: u64, messages: Vec<Bytes>) {
-        let queue = match self.peers.lock() {
-            Ok(peers) => peers.get(&to).map(|link| link.queue.clone()),
-            Err(_) => None,
+        // Cloned out so the peer map's lock is not held while queueing.
+        let outbound = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&to)
+            .map(|link| Arc::clone(&link.outbound));
+        let Some(outbound) = outbound else {
+            tracing::warn!(to, "no address for raft peer; dropping messages");
+            return;
         };
-        match queue {
-            Some(queue) => {
-                if queue.try_send(messages).is_err() {
-                    tracing::debug!(to, "raft peer queue full or closed; dropping messages");
-                }
-            }
-            None => tracing::warn!(to, "no address for raft peer; dropping messages"),
+        let outbound = outbound.lock().unwrap_or_else(PoisonError::into_inner);
+        let batch = RaftBatch {
+            from: self.node_id,
+            to,
+            messages,
+        };
+        match outbound.as_ref().map(|queue| queue.try_send(batch)) {
+            Some(Ok(())) => {}
+            Some(Err(_)) => tracing::debug!(to, "raft peer queue full or closed; dropping"),
+            None => tracing::debug!(to, "raft link down; dropping messages"),
         }
     }
 }
@@ -131,78 +145,56 @@ impl Drop for GrpcTransport {
 
 /// One server's connection to one peer.
 struct Link {
-    node_id: u64,
     peer_id: u64,
     addr: SocketAddr,
+    outbound: Arc<Outbound>,
 }
 
 impl Link {
-    async fn run(self, mut queue: mpsc::Receiver<Vec<Bytes>>) {
+    /// Keeps the exchange up until the task is aborted.
+    async fn run(self) {
         let mut backoff = MIN_BACKOFF;
         loop {
-            match self.exchange(&mut queue).await {
-                Ok(()) => return,
-                Err((connected, reason)) => {
-                    tracing::debug!(peer = self.peer_id, addr = %self.addr, reason, "raft link down");
-                    if connected {
-                        backoff = MIN_BACKOFF;
-                    }
-                }
+            let (connected, reason) = self.exchange().await;
+            // Messages sent while the link is down are dropped; raft resends what matters.
+            *self.outbound.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            tracing::debug!(peer = self.peer_id, addr = %self.addr, reason, "raft link down");
+            if connected {
+                backoff = MIN_BACKOFF;
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            // Messages queued while the link was down are stale; raft resends what matters.
-            loop {
-                match queue.try_recv() {
-                    Ok(_) => {}
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => return,
-                }
-            }
         }
     }
 
-    /// Connects and pumps batches until the queue closes (`Ok`) or the link breaks (`Err`
-    /// with whether it had connected, and why).
-    async fn exchange(&self, queue: &mut mpsc::Receiver<Vec<Bytes>>) -> Result<(), (bool, String)> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|e| (false, e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(3));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| (false, e.to_string()))?;
+    /// Connects, opens the exchange and publishes its queue, then waits until the link
+    /// breaks. Returns whether it had connected, and why it ended.
+    async fn exchange(&self) -> (bool, String) {
+        let endpoint = match Endpoint::from_shared(format!("http://{}", self.addr)) {
+            Ok(endpoint) => endpoint
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(3)),
+            Err(e) => return (false, e.to_string()),
+        };
+        let channel = match endpoint.connect().await {
+            Ok(channel) => channel,
+            Err(e) => return (false, e.to_string()),
+        };
         let mut client =
             RaftTransportClient::new(channel).max_encoding_message_size(MAX_DECODING_BYTES);
-        let (batches, outbound) = mpsc::channel::<RaftBatch>(16);
-        let mut acks = client
-            .exchange(ReceiverStream::new(outbound))
-            .await
-            .map_err(|e| (false, e.to_string()))?
-            .into_inner();
+        let (queue, outbound) = mpsc::channel::<RaftBatch>(PEER_QUEUE_DEPTH);
+        let mut acks = match client.exchange(ReceiverStream::new(outbound)).await {
+            Ok(response) => response.into_inner(),
+            Err(e) => return (false, e.to_string()),
+        };
+        *self.outbound.lock().unwrap_or_else(PoisonError::into_inner) = Some(queue);
         loop {
-            tokio::select! {
-                first = queue.recv() => {
-                    let Some(mut messages) = first else { return Ok(()) };
-                    let mut bytes: usize = messages.iter().map(Bytes::len).sum();
-                    while bytes < MAX_BATCH_BYTES {
-                        let Ok(more) = queue.try_recv() else { break };
-                        bytes += more.iter().map(Bytes::len).sum::<usize>();
-                        messages.extend(more);
-                    }
-                    let batch = RaftBatch { from: self.node_id, to: self.peer_id, messages };
-                    if batches.send(batch).await.is_err() {
-                        return Err((true, "the exchange stream closed".to_owned()));
-                    }
-                }
-                ack = acks.message() => match ack {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Err((true, "the peer ended the exchange".to_owned())),
-                    Err(status) => return Err((true, status.to_string())),
-                },
+            match acks.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return (true, "the peer ended the exchange".to_owned()),
+                Err(status) => return (true, status.to_string()),
             }
         }
     }

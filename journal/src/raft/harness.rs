@@ -99,6 +99,10 @@ struct Sim {
     members: Vec<u64>,
     /// Snapshot data given to `truncate` (unique per call), with the index it was for.
     snapshots: BTreeMap<Bytes, u64>,
+    /// Chance that a server leaves a step's rounds unsynced, as the driver does while its
+    /// sync thread is busy: later rounds, truncations and crashes then meet rounds that
+    /// only the entry cache holds.
+    defer_sync_rate: f64,
 }
 
 impl Sim {
@@ -128,6 +132,7 @@ impl Sim {
             initial_voters: (1..=voters).collect(),
             members: (1..=voters).collect(),
             snapshots: BTreeMap::new(),
+            defer_sync_rate: 0.0,
         };
         for _ in 0..voters + spares {
             sim.dirs.push(tempfile::tempdir().expect("tempdir"));
@@ -187,13 +192,18 @@ impl Sim {
     /// Runs ready rounds of server `id` until it has nothing left to do.
     fn drain(&mut self, id: u64) {
         for _ in 0..100 {
-            let (out, more) = self.host(id).with(|server| {
+            // Rolled only when enabled, so other tests' seeds replay as before.
+            let defer = self.defer_sync_rate > 0.0 && self.rng.random_bool(self.defer_sync_rate);
+            let (out, more) = self.host(id).with(move |server| {
                 let mut out = server.ready().expect("ready");
-                let Some(round) = server.take_sync() else {
+                if defer {
+                    return (out, false);
+                }
+                let Some(mut round) = server.take_sync() else {
                     return (out, false);
                 };
-                sync(&server.engine(), &round).expect("fsync");
-                out.extend(server.finish_sync(round));
+                out.extend(sync(&server.engine(), &mut round).expect("fsync"));
+                server.finish_sync(round);
                 (out, true)
             });
             self.send(id, out);
@@ -347,6 +357,7 @@ impl Sim {
     fn heal_and_verify(&mut self) {
         self.isolated = None;
         self.drop_rate = 0.0;
+        self.defer_sync_rate = 0.0;
         let members = self.members.clone();
         for &id in &members {
             if self.servers[id as usize - 1].is_none() {
@@ -422,6 +433,7 @@ fn committed_entries_survive_faults() {
         sim.drop_rate = 0.05;
         sim.dup_rate = 0.05;
         sim.max_delay = 3;
+        sim.defer_sync_rate = 0.2;
         sim.run_until_leader(300);
         for step in 0..600u64 {
             let id = sim.rng.random_range(1..=3u64);
@@ -543,4 +555,38 @@ fn garbage_from_a_peer_is_ignored() {
         server.watch_leadership(STREAM).map(|w| w.borrow().term),
         Some(0)
     );
+}
+
+#[test]
+fn idle_streams_tick_slowly_and_still_replace_a_crashed_leader() {
+    let seed = seeds(300..301)[0];
+    println!("idle_streams: seed {seed}");
+    let mut sim = Sim::new(seed, 3);
+    let leader = sim.run_until_leader(300);
+    sim.propose(leader, Bytes::from_static(b"x"));
+    for _ in 0..20 {
+        sim.step();
+    }
+    assert_eq!(sim.acked.len(), 1, "seed {seed}");
+    let idle = |sim: &Sim, id: u64| sim.host(id).with(|s| s.streams[&STREAM].is_idle());
+    for id in 1..=3 {
+        assert!(idle(&sim, id), "seed {seed}: replica {id} is not idle");
+    }
+    // A waiting append makes the leader busy, so it ticks at full rate again.
+    sim.propose(leader, Bytes::from_static(b"y"));
+    assert!(!idle(&sim, leader), "seed {seed}");
+    for _ in 0..20 {
+        sim.step();
+    }
+    // The followers of an idle stream still elect a new leader when the old one dies,
+    // after an election timeout of slow ticks.
+    sim.crash(leader);
+    let ticks = 2 * 10 * super::server::IDLE_TICK_EVERY + 100;
+    let new_leader = sim.run_until_leader(ticks);
+    assert_ne!(new_leader, leader, "seed {seed}");
+    sim.propose(new_leader, Bytes::from_static(b"z"));
+    for _ in 0..20 {
+        sim.step();
+    }
+    assert_eq!(sim.acked.len(), 3, "seed {seed}");
 }

@@ -19,6 +19,7 @@
 //! compacted prefix, or joins after it, catches up from that snapshot.
 
 mod admin;
+mod cache;
 mod driver;
 #[cfg(test)]
 mod driver_tests;

@@ -87,6 +87,48 @@ impl Replica {
         }
     }
 
+    /// The first entry a follower may still need from this replica: above the lowest
+    /// index any peer matched, while it leads; nothing otherwise.
+    pub(crate) fn lagging_from(&self) -> u64 {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            return u64::MAX;
+        }
+        raft.prs()
+            .iter()
+            .filter(|&(&id, _)| id != raft.id)
+            .map(|(_, progress)| progress.matched + 1)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Whether nothing is happening on this replica that a slower clock could delay: no
+    /// operation waits, and the log is committed and (on a leader) matched everywhere.
+    /// Idle replicas tick at a fraction of the server's rate (see `Server::tick`).
+    pub(crate) fn is_idle(&self) -> bool {
+        let raft = &self.node.raft;
+        let last = raft.raft_log.last_index();
+        let quiet = self.appends.is_empty()
+            && self.reads.is_empty()
+            && self.change.is_none()
+            && self.transfer.is_none()
+            && raft.raft_log.committed == last
+            && raft.raft_log.applied == last
+            && self.membership.borrow().outgoing.is_empty();
+        quiet
+            && match raft.state {
+                StateRole::Leader => {
+                    raft.lead_transferee.is_none()
+                        && raft
+                            .prs()
+                            .iter()
+                            .all(|(_, progress)| progress.matched == last)
+                }
+                StateRole::Follower => raft.leader_id != 0,
+                StateRole::Candidate | StateRole::PreCandidate => false,
+            }
+    }
+
     pub(crate) fn not_leader(&self) -> StreamError {
         let leadership = self.current_leadership();
         StreamError::NotLeader {

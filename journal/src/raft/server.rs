@@ -8,15 +8,16 @@
 //!    messages, [`Server::propose`] / [`Server::read_index`];
 //! 2. [`Server::ready`]: for every stream with a ready, in raft-rs's documented order, send
 //!    the leader's messages at once, deliver committed entries, add new entries and the hard
-//!    state to one `LogBatch` shared by all streams, answer read states, and
-//!    `advance_append_async`. The batch is written without fsync, because raft-rs 0.7 reads
-//!    entries back from storage once `advance_append_async` returns;
-//! 3. [`Server::take_sync`] / [`sync`] / [`Server::finish_sync`]: one fsync covers every
-//!    round written since the last one (group commit across proposals and streams); only
-//!    then does raft hear `on_persist_ready`, and do followers' messages (votes, append
-//!    acks) leave.
+//!    state to one `LogBatch` shared by all streams and rounds, answer read states, and
+//!    `advance_append_async`. raft-rs 0.7 reads entries back from storage once
+//!    `advance_append_async` returns: each stream's entry cache serves them until the
+//!    batch is written;
+//! 3. [`Server::take_sync`] / [`sync`] / [`Server::finish_sync`]: one engine write with
+//!    fsync covers every round since the last one (group commit across proposals and
+//!    streams). Only after it do the messages that waited for it (votes, append acks)
+//!    leave, and does raft hear `on_persist_ready`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,19 +29,23 @@ use protobuf::Message as _;
 use raft::eraftpb::{EntryType, Message, MessageType};
 use raft::{RawNode, StateRole};
 
-/// Most bytes one subscription read takes from the engine (on the driver thread).
-const READ_BYTES: usize = 4 * 1024 * 1024;
 use raft_engine::{Engine, LogBatch};
 use tokio::sync::{oneshot, watch};
 
 use super::logger;
 use super::replica::{Replica, Reply};
 use super::snapshot::{Purge, snapshot_recipients, to_kernel};
-use super::storage::{EngineStorage, EntryExt};
+use super::storage::EngineStorage;
 use crate::error::JournalError;
 
+/// Most bytes one subscription read takes (on the driver thread).
+const READ_BYTES: u64 = 4 * 1024 * 1024;
 /// Engine region reserved for the sync marker (stream ids start at 1).
 const SYNC_REGION: u64 = 0;
+/// An idle stream ticks once per this many server ticks (see `Server::tick`).
+pub(super) const IDLE_TICK_EVERY: u64 = 5;
+/// Bytes of written entries a stream keeps in memory for followers that lag.
+const MAX_CACHED_BYTES: usize = 4 * 1024 * 1024;
 /// Read barriers, membership changes and leader transfers still unanswered after this many
 /// election timeouts fail.
 const READ_TIMEOUT_ELECTIONS: u64 = 2;
@@ -89,10 +94,17 @@ impl RaftConfig {
     }
 }
 
-/// Readies written to the engine but not yet fsynced, in order.
+/// Ready rounds not yet durable: what they write, and what waits for it.
 #[derive(Debug, Default)]
 pub struct SyncRound {
-    readies: Vec<(u64, u64, Vec<Message>)>,
+    /// Every round's writes, for every stream, in order.
+    batch: LogBatch,
+    /// `(stream, ready number)` in order, for `on_persist_ready`.
+    readies: Vec<(u64, u64)>,
+    /// The last entry (index, term) each stream appended.
+    last_entries: HashMap<u64, (u64, u64)>,
+    /// Messages that may leave once the round is durable, as `(to, envelope)`.
+    messages: Vec<(u64, Bytes)>,
     must_sync: bool,
 }
 
@@ -108,6 +120,10 @@ pub struct Server {
     pub(super) config: RaftConfig,
     engine: Arc<Engine>,
     pub(super) streams: BTreeMap<u64, Replica>,
+    /// Streams that may have a ready: touched (ticked, stepped, proposed to...) since the
+    /// last [`ready`](Self::ready), or with a ready in it. `ready` visits only these, so a
+    /// thousand idle streams cost nothing per round.
+    pub(super) touched: BTreeSet<u64>,
     logger: slog::Logger,
     unsynced: SyncRound,
     pub(super) next_read_id: u64,
@@ -133,6 +149,8 @@ impl Server {
             recovery_mode: raft_engine::RecoveryMode::TolerateTailCorruption,
             target_file_size: raft_engine::ReadableSize(config.engine_file_size),
             purge_threshold: raft_engine::ReadableSize(config.engine_purge_threshold),
+            // Small raft batches hardly compress, and LZ4 would run on every sync.
+            batch_compression_threshold: raft_engine::ReadableSize(0),
             ..raft_engine::Config::default()
         };
         let engine = Engine::open(engine_config).map_err(|e| JournalError::Engine {
@@ -144,6 +162,7 @@ impl Server {
             config,
             engine: Arc::new(engine),
             streams: BTreeMap::new(),
+            touched: BTreeSet::new(),
             unsynced: SyncRound::default(),
             next_read_id: 0,
             ticks: 0,
@@ -171,12 +190,16 @@ impl Server {
         {
             return Ok(vec![Committed::Snapshot(snapshot)]);
         }
-        let mut entries = Vec::new();
         // Bounded in bytes, not only in count: this runs on the driver thread, and a
         // huge read would delay every stream's heartbeats. At least one entry comes back.
-        self.engine
-            .fetch_entries_to::<EntryExt>(stream_id, from, to + 1, Some(READ_BYTES), &mut entries)
-            .map_err(engine_error)?;
+        let entries = replica
+            .node
+            .store()
+            .read(from, to + 1, Some(READ_BYTES))
+            .map_err(|e| StreamError::Io {
+                context: format!("reading entries of stream {stream_id}"),
+                source: Arc::new(std::io::Error::other(e.to_string())),
+            })?;
         Ok(entries
             .into_iter()
             .map(|e| luna_kernel::stream::Entry {
@@ -238,6 +261,7 @@ impl Server {
         let quiet = self.config.election_tick as u64;
         let replica = Replica::new(stream_id, node, self.ticks, quiet);
         self.streams.insert(stream_id, replica);
+        self.touched.insert(stream_id);
         Ok(())
     }
 
@@ -268,6 +292,7 @@ impl Server {
 
     /// [`propose`](Self::propose), answering on `reply`.
     pub(crate) fn propose_to(&mut self, stream_id: u64, data: Bytes, reply: Reply) {
+        self.touched.insert(stream_id);
         let limit = self.config.max_entry_size;
         let Some(replica) = self.streams.get_mut(&stream_id) else {
             let _ = reply.send(Err(StreamError::Closed));
@@ -307,6 +332,7 @@ impl Server {
 
     /// [`read_index`](Self::read_index), answering on `reply`.
     pub(crate) fn read_index_to(&mut self, stream_id: u64, reply: Reply) {
+        self.touched.insert(stream_id);
         let Some(replica) = self.streams.get_mut(&stream_id) else {
             let _ = reply.send(Err(StreamError::Closed));
             return;
@@ -320,14 +346,21 @@ impl Server {
     }
 
     /// Advances every stream's logical clock by one tick, and expires stale read barriers,
-    /// membership changes and leader transfers.
+    /// membership changes and leader transfers. Idle streams (see `Replica::is_idle`) tick
+    /// only every `IDLE_TICK_EVERY` calls: their heartbeats, the main cost of a stream
+    /// nobody writes to, become that much rarer. docs/journal.md explains why that is safe.
     pub fn tick(&mut self) {
         self.ticks += 1;
         let timeout = self.config.election_tick as u64 * READ_TIMEOUT_ELECTIONS;
-        for replica in self.streams.values_mut() {
+        let slow_tick = self.ticks.is_multiple_of(IDLE_TICK_EVERY);
+        for (&stream_id, replica) in &mut self.streams {
+            if !slow_tick && replica.is_idle() {
+                continue;
+            }
             replica.node.tick();
             replica.expire(self.ticks, timeout);
             replica.leave_stuck_joint();
+            self.touched.insert(stream_id);
         }
         self.purge_if_due();
     }
@@ -359,6 +392,7 @@ impl Server {
             message.get_msg_type(),
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
         );
+        self.touched.insert(stream_id);
         if vote && replica.refuses_votes(self.ticks) {
             tracing::debug!(from, stream_id, "refusing a vote right after a restart");
             return;
@@ -374,14 +408,21 @@ impl Server {
     /// now as `(to, envelope)`. An engine write error fails the server: the caller stops
     /// it, and every waiting append learns [`StreamError::Io`] (never an acknowledgement).
     pub fn ready(&mut self) -> Result<Vec<(u64, Bytes)>, StreamError> {
-        let mut batch = LogBatch::default();
+        // Added to the batch of every round since the last sync; put back below.
+        let mut batch = std::mem::take(&mut self.unsynced.batch);
         let mut out = Vec::new();
         let lease_ticks = self.lease_ticks();
         let mut applied = Vec::new();
-        for (&stream_id, replica) in &mut self.streams {
+        for stream_id in std::mem::take(&mut self.touched) {
+            let Some(replica) = self.streams.get_mut(&stream_id) else {
+                continue;
+            };
             if !replica.node.has_ready() {
                 continue;
             }
+            // Handling a ready can leave another (raft hands out entries in slices):
+            // visit again next round.
+            self.touched.insert(stream_id);
             let mut ready = replica.node.ready();
             // A leader sends before persisting: replication overlaps its own fsync.
             let messages = ready.take_messages();
@@ -412,10 +453,14 @@ impl Server {
             }
             replica.answer_reads(ready.take_read_states(), lease_ticks);
             self.unsynced.must_sync |= ready.must_sync();
+            if let Some(last) = ready.entries().last() {
+                self.unsynced
+                    .last_entries
+                    .insert(stream_id, (last.index, last.term));
+            }
             let persisted_messages = ready.take_persisted_messages();
-            self.unsynced
-                .readies
-                .push((stream_id, ready.number(), persisted_messages));
+            push_messages(&mut self.unsynced.messages, stream_id, persisted_messages);
+            self.unsynced.readies.push((stream_id, ready.number()));
             replica.node.advance_append_async(ready);
             replica.report_snapshots(snapshots_sent);
             if let Some(last) = committed.last() {
@@ -423,15 +468,10 @@ impl Server {
             }
             replica.update_leadership();
         }
-        // raft-rs 0.7 reads these entries back from storage as soon as
-        // `advance_append_async` returns, so they are written now (without fsync).
-        if !batch.is_empty()
-            && let Err(e) = self.engine.write(&mut batch, false)
-        {
-            return Err(self.fail(engine_error(e)));
-        }
+        self.unsynced.batch = batch;
         // Only now: applying may append an entry (raft leaves a joint configuration by
-        // itself), at the last index in storage, so the batch must be there first.
+        // itself), at the last index in storage, so this round's entries must be there
+        // (in the entry cache) first.
         for (stream_id, index) in applied {
             if let Some(replica) = self.streams.get_mut(&stream_id) {
                 replica.node.advance_apply_to(index);
@@ -441,8 +481,8 @@ impl Server {
         Ok(out)
     }
 
-    /// Takes every ready written since the last call, for one fsync (step 3 of a round).
-    /// Rounds must be synced and finished in the order they are taken.
+    /// Takes every ready round since the last call, for one engine write and fsync (step 3
+    /// of a round). Rounds must be synced and finished in the order they are taken.
     pub fn take_sync(&mut self) -> Option<SyncRound> {
         if self.unsynced.readies.is_empty() {
             return None;
@@ -450,17 +490,25 @@ impl Server {
         Some(std::mem::take(&mut self.unsynced))
     }
 
-    /// Tells raft that `round` is durable and returns the messages that waited for it.
-    pub fn finish_sync(&mut self, round: SyncRound) -> Vec<(u64, Bytes)> {
-        let mut out = Vec::new();
-        for (stream_id, number, messages) in round.readies {
-            push_messages(&mut out, stream_id, messages);
+    /// Tells raft that `round`, which [`sync`] wrote, is durable, and lets the entry caches
+    /// drop what the engine now serves.
+    pub fn finish_sync(&mut self, round: SyncRound) {
+        for (stream_id, number) in round.readies {
             if let Some(replica) = self.streams.get_mut(&stream_id) {
                 replica.node.on_persist_ready(number);
+                self.touched.insert(stream_id);
                 replica.finish_snapshot();
             }
         }
-        out
+        for (stream_id, (index, term)) in round.last_entries {
+            if let Some(replica) = self.streams.get_mut(&stream_id) {
+                let keep_from = replica.lagging_from();
+                replica
+                    .node
+                    .mut_store()
+                    .on_written(index, term, keep_from, MAX_CACHED_BYTES);
+            }
+        }
     }
 
     /// Fails every waiting append and read with `error`, and drops all streams: after a
@@ -502,19 +550,21 @@ fn decode_envelope(bytes: &[u8]) -> Option<(u64, Message)> {
     Some((u64::from_le_bytes(*id), message))
 }
 
-/// The fsync step of a round, run off the ready loop (it blocks). raft-engine panics when
-/// fsync fails, so the panic is caught and reported as an error: the server must stop.
-pub fn sync(engine: &Engine, round: &SyncRound) -> Result<(), StreamError> {
-    if !round.must_sync {
-        return Ok(());
+/// The write and fsync step of a round, run off the ready loop (it blocks). Returns the
+/// messages that waited for the round to be durable, as `(to, envelope)`: they may leave
+/// at once, before [`Server::finish_sync`]. raft-engine panics when fsync fails, so the
+/// panic is caught and reported as an error: the server must stop.
+pub fn sync(engine: &Engine, round: &mut SyncRound) -> Result<Vec<(u64, Bytes)>, StreamError> {
+    if round.must_sync && round.batch.is_empty() {
+        // raft-engine skips the fsync of an empty batch, so a tiny marker carries it.
+        round
+            .batch
+            .put(SYNC_REGION, b"sync".to_vec(), Vec::new())
+            .map_err(engine_error)?;
     }
-    let mut marker = LogBatch::default();
-    // raft-engine skips the fsync of an empty batch, so a tiny marker carries it.
-    marker
-        .put(SYNC_REGION, b"sync".to_vec(), Vec::new())
-        .map_err(engine_error)?;
-    match catch_unwind(AssertUnwindSafe(|| engine.write(&mut marker, true))) {
-        Ok(Ok(_)) => Ok(()),
+    let (batch, must_sync) = (&mut round.batch, round.must_sync);
+    match catch_unwind(AssertUnwindSafe(|| engine.write(batch, must_sync))) {
+        Ok(Ok(_)) => Ok(std::mem::take(&mut round.messages)),
         Ok(Err(e)) => Err(engine_error(e)),
         Err(_) => Err(StreamError::Io {
             context: "fsync of the raft log".to_owned(),

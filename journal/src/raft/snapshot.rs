@@ -61,7 +61,11 @@ impl Server {
                 reason,
             })?;
         // Synced here, not in the next round: the application may drop what the snapshot
-        // replaces as soon as this returns. Truncations are rare (one per flush).
+        // replaces as soon as this returns. Truncations are rare (one per flush). The sync
+        // thread may be writing a round meanwhile, which is safe: raft applies only
+        // persisted entries, so no unwritten round holds an entry this compacts, and a
+        // history key it deletes but a round still writes is ignored as stale (see
+        // `EngineStorage::conf_state_at`).
         match catch_unwind(AssertUnwindSafe(|| engine.write(&mut batch, true))) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -79,6 +83,9 @@ impl Server {
             }
         }
         replica.node.mut_store().set_snapshot(snapshot);
+        // The compaction may leave a follower needing the snapshot: let the next ready see
+        // this stream even if nothing else touched it.
+        self.touched.insert(stream_id);
         self.purge.due = true;
         self.purge_if_due();
         Ok(())

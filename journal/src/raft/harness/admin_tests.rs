@@ -308,9 +308,9 @@ fn a_restarted_replica_refuses_votes_for_an_election_timeout() {
     let answers = |server: &mut Server| -> Vec<MessageType> {
         server.step(2, &envelope);
         let mut out = server.ready().expect("ready");
-        if let Some(round) = server.take_sync() {
-            crate::raft::sync(&server.engine(), &round).expect("fsync");
-            out.extend(server.finish_sync(round));
+        if let Some(mut round) = server.take_sync() {
+            out.extend(crate::raft::sync(&server.engine(), &mut round).expect("fsync"));
+            server.finish_sync(round);
         }
         out.into_iter()
             .filter(|(to, _)| *to == 2)
