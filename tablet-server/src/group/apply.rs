@@ -8,6 +8,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use luna_kernel::stream::{Committed, Entry, Snapshot, Stream};
@@ -169,14 +170,17 @@ impl Group {
         if current.is_some() {
             self.close_tablet(info.id).await;
         }
-        let base = self.ctx.stores.get(info.collection_id).await?;
-        let tablet = Tablet::open_replica(
-            base,
-            info.id,
-            storage_range(&info),
-            self.ctx.memstore,
-            Arc::clone(&self.ctx.budget),
-        )
+        let tablet = retry_transient(self.id, "opening a tablet", || async {
+            let base = self.ctx.stores.get(info.collection_id).await?;
+            Ok(Tablet::open_replica(
+                base,
+                info.id,
+                storage_range(&info),
+                self.ctx.memstore,
+                Arc::clone(&self.ctx.budget),
+            )
+            .await?)
+        })
         .await?;
         tracing::info!(
             group = self.id,
@@ -227,7 +231,10 @@ impl Group {
     /// memory (the leader's own handle already did), then let the log go.
     async fn apply_flushed(&self, flushed: gpb::TabletFlushed) -> Result<()> {
         if let Some(hosted) = self.hosted_at(flushed.tablet_id, flushed.epoch) {
-            hosted.tablet.apply_flushed(flushed.flushed_up_to).await?;
+            retry_transient(self.id, "applying a flush marker", || async {
+                Ok(hosted.tablet.apply_flushed(flushed.flushed_up_to).await?)
+            })
+            .await?;
         }
         self.truncate_flushed().await;
         Ok(())
@@ -327,6 +334,28 @@ impl Group {
     }
 }
 
+/// Runs `op` until it succeeds or fails for good. The apply loop must not skip an entry
+/// (replicas would diverge) and should not stop on a slow or briefly failing object store,
+/// so a transient failure is retried with backoff while the loop waits.
+async fn retry_transient<T, F, Fut>(group_id: u64, what: &str, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(value) => return Ok(value),
+            Err(TabletServerError::Storage(error)) if error.is_retryable() => {
+                tracing::warn!(group = group_id, %error, "{what} failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 fn to_batch(mutations: &[luna_proto::tablet::Mutation]) -> WriteBatch {
     let mut batch = WriteBatch::new();
     for mutation in mutations {
@@ -336,4 +365,45 @@ fn to_batch(mutations: &[luna_proto::tablet::Mutation]) -> WriteBatch {
         };
     }
     batch
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use luna_storage::StorageError;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn transient_storage_failures_are_retried_and_others_are_not() {
+        let calls = AtomicU32::new(0);
+        let value = retry_transient(1, "test", || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => Err(TabletServerError::Storage(StorageError::Job {
+                    job: "flush",
+                    detail: "slow store".to_owned(),
+                })),
+                _ => Ok(7),
+            }
+        })
+        .await;
+        assert_eq!(value.ok(), Some(7));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        let calls = AtomicU32::new(0);
+        let failed: Result<()> = retry_transient(1, "test", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(TabletServerError::Storage(StorageError::InvalidArgument {
+                message: "bad".to_owned(),
+            }))
+        })
+        .await;
+        assert!(failed.is_err());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "a permanent error is not retried"
+        );
+    }
 }
