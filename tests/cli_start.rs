@@ -155,3 +155,25 @@ fn start_serves_stops_on_ctrl_c_and_restarts_with_the_data() {
     assert_eq!(cli_ok(port, &["get", "app/users", "alice"]).trim(), "31");
     interrupt(started);
 }
+
+#[test]
+fn start_refuses_unusable_flags_with_one_line() {
+    for (flags, expected) in [
+        (&["--servers", "11"][..], "more than luna start runs"),
+        (
+            &["--servers", "2"][..],
+            "cannot hold --replication-factor 3",
+        ),
+        (&["--master-addr", "nowhere"][..], "expected HOST:PORT"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_luna"))
+            .arg("start")
+            .args(flags)
+            .output()
+            .expect("run luna start");
+        assert!(!output.status.success(), "{flags:?}");
+        let message = String::from_utf8_lossy(&output.stderr);
+        assert!(message.contains(expected), "{flags:?}: {message}");
+        assert_eq!(message.trim().lines().count(), 1, "{flags:?}: {message}");
+    }
+}

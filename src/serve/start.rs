@@ -39,6 +39,13 @@ pub struct StartArgs {
 
 /// Runs the universe until Ctrl-C, then stops it cleanly.
 pub async fn run(args: StartArgs) -> Result<(), CliError> {
+    // Tablet services take ports +1..+10 and journals +11..+20 after the master's.
+    if args.servers > 10 {
+        return Err(CliError::Invalid(format!(
+            "--servers {} is more than luna start runs (10); run more with `luna tablet-server`",
+            args.servers
+        )));
+    }
     if args.servers == 0 || u32::from(args.servers) < args.replication_factor {
         return Err(CliError::Invalid(format!(
             "--servers {} cannot hold --replication-factor {}: run at least as many servers as replicas",
@@ -70,7 +77,7 @@ pub async fn run(args: StartArgs) -> Result<(), CliError> {
             &master_target,
             std::sync::Arc::clone(&object_store),
             addrs,
-            args.memory_mib << 20,
+            args.memory_mib.saturating_mul(1 << 20),
         )
         .await;
         match server {

@@ -118,7 +118,7 @@ pub async fn run(args: TabletServerArgs) -> Result<(), CliError> {
         &args.master,
         object_store,
         addrs,
-        args.memory_mib << 20,
+        args.memory_mib.saturating_mul(1 << 20),
     )
     .await?;
     let server = process.server();
