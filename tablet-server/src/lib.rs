@@ -6,7 +6,7 @@
 //! batches writes into entries with commit timestamps consistent with the master's TSO,
 //! serves linearizable reads under its lease, and alone flushes tablets to the BaseStores.
 //! Followers serve ReadIndex and stale reads. The master assigns groups and tablets through
-//! heartbeat responses. See docs/design.md and docs/operations.md.
+//! heartbeat responses. See docs/tablet-server.md and docs/operations.md.
 
 mod config;
 mod error;

@@ -283,7 +283,7 @@ impl Group {
         Ok(index)
     }
 
-    /// The MemStore bytes of every hosted tablet.
+    /// The MemStore bytes of tablet `tablet_id` (0 if it is not hosted here).
     pub(crate) fn memory_bytes(&self, tablet_id: u64) -> u64 {
         self.tablets
             .read()
