@@ -12,7 +12,7 @@ use luna_storage::{Direction, KeyRange, ScanRequest};
 use tonic::{Request, Response, Status};
 
 use crate::error::{Result, TabletServerError};
-use crate::group::{Group, Hosted, RequestKey, WriteRequest, storage_range};
+use crate::group::{Group, Hosted, RequestKey, WriteRequest};
 use crate::hosting::Hosting;
 
 /// Pairs a scan returns when the request sets no limit.
@@ -217,7 +217,7 @@ fn storage_key(hosted: &Hosted, key: &Bytes) -> Result<Bytes> {
                 .to_owned(),
         ));
     }
-    if !storage_range(&hosted.info).contains(key) {
+    if !hosted.tablet.range().contains(key) {
         return Err(TabletServerError::InvalidArgument(format!(
             "key is outside tablet {}: route it with the current routing table",
             hosted.info.id

@@ -196,7 +196,7 @@ impl Group {
             tablets.insert(
                 info.id,
                 Hosted {
-                    info,
+                    info: Arc::new(info),
                     tablet,
                     load: Arc::default(),
                 },
@@ -315,7 +315,10 @@ impl Group {
             Err(_) => return,
         };
         let snapshot = gpb::GroupSnapshot {
-            tablets: hosted.into_iter().map(|hosted| hosted.info).collect(),
+            tablets: hosted
+                .into_iter()
+                .map(|hosted| TabletInfo::clone(&hosted.info))
+                .collect(),
             recent_requests,
             max_commit_ts: self.max_applied_ts(),
         };

@@ -53,7 +53,8 @@ pub(crate) struct GroupContext {
 /// A tablet hosted by a group replica, at the epoch the group's log opened it with.
 #[derive(Clone)]
 pub(crate) struct Hosted {
-    pub(crate) info: TabletInfo,
+    /// Shared, because every request clones its tablet's `Hosted`.
+    pub(crate) info: Arc<TabletInfo>,
     pub(crate) tablet: Arc<Tablet>,
     pub(crate) load: Arc<TabletLoad>,
 }
