@@ -258,14 +258,14 @@ impl Collection {
             locate: Locate::Key(&routed),
             fits: None,
         };
-        let outcome = on_tablet(&self.inner, &self.cache, &spec, &deadline, |mut target| {
+        let outcome = on_tablet(&self.inner, &self.cache, &spec, &deadline, |target| {
             let request = pb::GetRequest {
                 tablet: Some(target.tablet),
                 key: routed.clone(),
                 options: Some(read),
             };
             async move {
-                let response = target.client.get(request).await?.into_inner();
+                let response = target.client.get(request).await?;
                 let value = response.found.then_some(response.value);
                 Ok((response.error, value))
             }
@@ -381,14 +381,14 @@ impl Collection {
             locate: Locate::Key(&first_key),
             fits: Some(&fits),
         };
-        let result = on_tablet(&self.inner, &self.cache, &spec, deadline, |mut target| {
+        let result = on_tablet(&self.inner, &self.cache, &spec, deadline, |target| {
             let request = pb::WriteRequest {
                 tablet: Some(target.tablet),
                 request_id: Some(request_id.clone()),
                 mutations: mutations.clone(),
             };
             async move {
-                let response = target.client.write(request).await?.into_inner();
+                let response = target.client.write(request).await?;
                 Ok((response.error, response.commit_ts))
             }
         })
@@ -474,7 +474,7 @@ impl Collection {
             locate: Locate::Key(&first_key),
             fits: Some(&fits),
         };
-        let result = on_tablet(&self.inner, &self.cache, &spec, deadline, |mut target| {
+        let result = on_tablet(&self.inner, &self.cache, &spec, deadline, |target| {
             let request = pb::BatchGetRequest {
                 tablet: Some(target.tablet),
                 keys: keys.clone(),
@@ -482,7 +482,7 @@ impl Collection {
             };
             let expected = keys.len();
             async move {
-                let response = target.client.batch_get(request).await?.into_inner();
+                let response = target.client.batch_get(request).await?;
                 if response.error.is_none() && response.lookups.len() != expected {
                     return Err(tonic::Status::internal(format!(
                         "BatchGet answered {} lookups for {expected} keys",

@@ -5,13 +5,13 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 
 use luna_proto::master::master_client::MasterClient;
-use luna_proto::tablet::tablet_client::TabletClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status};
 use tracing::debug;
 
 use crate::Inner;
 use crate::error::{ClientError, Result, describe_status, is_transport_failure};
+use crate::mux::TabletConn;
 use crate::retry::{Backoff, Deadline};
 
 /// Largest gRPC message the SDK sends or accepts: a batch of maximal values plus framing.
@@ -84,10 +84,18 @@ impl Inner {
         }
     }
 
-    pub(crate) fn tablet_client(&self, addr: &str) -> Result<TabletClient<Channel>> {
-        Ok(TabletClient::new(self.channel(addr)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    /// The shared multiplexed connection to the tablet server at `addr`.
+    pub(crate) fn tablet_conn(&self, addr: &str) -> Result<TabletConn> {
+        let mut conns = self
+            .tablet_conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(conn) = conns.get(addr) {
+            return Ok(conn.clone());
+        }
+        let conn = TabletConn::new(self.channel(addr)?);
+        conns.insert(addr.to_string(), conn.clone());
+        Ok(conn)
     }
 
     fn master_client(&self, index: usize) -> Result<MasterClient<Channel>> {
@@ -177,9 +185,9 @@ mod tests {
     #[tokio::test]
     async fn one_channel_per_address_is_shared() -> Result<()> {
         let inner = Inner::new(["127.0.0.1:1"], ClientOptions::default())?;
-        inner.tablet_client("127.0.0.1:2")?;
-        inner.tablet_client("127.0.0.1:2")?;
-        inner.tablet_client("127.0.0.1:3")?;
+        inner.tablet_conn("127.0.0.1:2")?;
+        inner.tablet_conn("127.0.0.1:2")?;
+        inner.tablet_conn("127.0.0.1:3")?;
         let channels = inner.channels.lock().map(|map| map.len()).unwrap_or(0);
         assert_eq!(
             channels, 2,

@@ -16,17 +16,16 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use luna_proto::tablet::tablet_client::TabletClient;
 use luna_proto::tablet::tablet_error::Kind;
 use luna_proto::tablet::{TabletError, TabletRef};
 use tonic::Status;
-use tonic::transport::Channel;
 use tracing::debug;
 
 use crate::Inner;
 use crate::error::{
     ClientError, Result, describe_status, is_connect_failure, is_transport_failure,
 };
+use crate::mux::TabletConn;
 use crate::retry::{Backoff, Deadline};
 use crate::routing::{RouteCache, TabletEntry};
 
@@ -76,7 +75,7 @@ pub(crate) struct Target {
     /// The tablet's routing-key range.
     pub(crate) start: Bytes,
     pub(crate) end: Option<Bytes>,
-    pub(crate) client: TabletClient<Channel>,
+    pub(crate) client: TabletConn,
 }
 
 /// How a request ended.
@@ -160,7 +159,7 @@ where
             },
             start: tablet.start.clone(),
             end: tablet.end.clone(),
-            client: inner.tablet_client(&addr)?,
+            client: inner.tablet_conn(&addr)?,
         };
         let group_id = tablet.group_id;
         let mut wait = None;

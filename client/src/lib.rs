@@ -48,6 +48,7 @@ mod collection;
 mod conn;
 mod error;
 mod exec;
+mod mux;
 mod retry;
 mod routing;
 mod scan;
@@ -70,6 +71,7 @@ pub use luna_proto::master::{
     CollectionInfo, DatabaseInfo, GroupInfo, Partitioning, ServerInfo, TabletInfo,
 };
 
+use mux::TabletConn;
 use routing::RouteCache;
 
 /// Largest key in bytes, as stored (a hash collection's stored key includes a 4-byte hash
@@ -153,6 +155,8 @@ pub(crate) struct Inner {
     pub(crate) preferred_master: AtomicUsize,
     /// One channel per server address.
     pub(crate) channels: Mutex<HashMap<String, Channel>>,
+    /// One multiplexed stream per tablet server address.
+    pub(crate) tablet_conns: Mutex<HashMap<String, TabletConn>>,
     /// Random, identifies this client's writes for deduplication.
     client_id: Bytes,
     next_seq: AtomicU64,
@@ -188,6 +192,7 @@ impl Inner {
             master_uris,
             preferred_master: AtomicUsize::new(0),
             channels: Mutex::new(HashMap::new()),
+            tablet_conns: Mutex::new(HashMap::new()),
             client_id: Bytes::copy_from_slice(uuid::Uuid::new_v4().as_bytes()),
             next_seq: AtomicU64::new(0),
             next_op: AtomicU64::new(0),

@@ -199,7 +199,7 @@ impl Collection {
             fits: None,
         };
         let limit = u32::try_from(remaining).unwrap_or(u32::MAX);
-        let outcome = on_tablet(&self.inner, &self.cache, &spec, deadline, |mut target| {
+        let outcome = on_tablet(&self.inner, &self.cache, &spec, deadline, |target| {
             // Clip the scan to the tablet: the cursor bound on one side, the tablet's on
             // the other, whichever is tighter.
             let start = cursor_start.clone().max(target.start.clone());
@@ -219,7 +219,7 @@ impl Collection {
             let tablet_start = target.start.clone();
             let tablet_end = target.end.clone();
             async move {
-                let response = target.client.scan(request).await?.into_inner();
+                let response = target.client.scan(request).await?;
                 let page = Page {
                     pairs: response.pairs,
                     more: response.more,

@@ -12,7 +12,7 @@ use luna_proto::master::master_client::MasterClient;
 use luna_proto::tablet::tablet_server::TabletServer as TabletGrpcServer;
 use luna_storage::MemoryBudget;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
@@ -37,7 +37,8 @@ pub struct TabletServer {
     addr: SocketAddr,
     raft_addr: SocketAddr,
     hosting: Arc<Hosting>,
-    stop_serving: Option<oneshot::Sender<()>>,
+    /// Set to true to stop the service and end its `Multiplex` streams.
+    stop_serving: watch::Sender<bool>,
     serving: JoinHandle<()>,
     heartbeats: JoinHandle<()>,
 }
@@ -86,16 +87,17 @@ impl TabletServer {
         });
         let hosting = Arc::new(Hosting::new(ctx, node));
 
-        let service = TabletGrpcServer::new(TabletService::new(Arc::clone(&hosting)))
+        let (stop_serving, stopping) = watch::channel(false);
+        let mut stop = stopping.clone();
+        let service = TabletGrpcServer::new(TabletService::new(Arc::clone(&hosting), stopping))
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_REQUEST_BYTES);
-        let (stop_serving, stop) = oneshot::channel::<()>();
         let serving = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stop.await;
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
                 })
                 .await;
             if let Err(error) = result {
@@ -117,7 +119,7 @@ impl TabletServer {
             addr,
             raft_addr,
             hosting,
-            stop_serving: Some(stop_serving),
+            stop_serving,
             serving,
             heartbeats,
         })
@@ -147,11 +149,9 @@ impl TabletServer {
 
     /// Stops heartbeats and the service, then every group: tablets this server owns are
     /// flushed, and the journal is closed.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
         self.heartbeats.abort();
-        if let Some(stop) = self.stop_serving.take() {
-            let _ = stop.send(());
-        }
+        self.stop_serving.send_replace(true);
         self.serving.abort();
         self.hosting.shutdown().await;
         tracing::info!(server_id = self.server_id, "tablet server stopped");

@@ -5,11 +5,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use luna_proto::keys;
 use luna_proto::master::Partitioning;
 use luna_proto::tablet::{self as pb, tablet_server};
+use luna_proto::{keys, multiplex};
 use luna_storage::{Direction, KeyRange, ScanRequest};
-use tonic::{Request, Response, Status};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Result, TabletServerError};
 use crate::group::{Group, Hosted, RequestKey, WriteRequest};
@@ -22,23 +23,28 @@ const MAX_SCAN_LIMIT: usize = 10_000;
 /// Most keys in one BatchGet.
 const MAX_BATCH_GET_KEYS: usize = 10_000;
 
-/// The tablet service of one server.
+/// The tablet service of one server. Clones share everything (a `Multiplex` stream serves
+/// its commands with one).
+#[derive(Clone)]
 pub(crate) struct TabletService {
     hosting: Arc<Hosting>,
     /// Writes that arrive without a request id get one from this server.
     own_client_id: [u8; 16],
-    next_seq: AtomicU64,
+    next_seq: Arc<AtomicU64>,
+    /// Turns true when the server stops, which ends the `Multiplex` streams.
+    stopping: watch::Receiver<bool>,
 }
 
 impl TabletService {
-    pub(crate) fn new(hosting: Arc<Hosting>) -> Self {
+    pub(crate) fn new(hosting: Arc<Hosting>, stopping: watch::Receiver<bool>) -> Self {
         let mut own_client_id = [0u8; 16];
         own_client_id[..8].copy_from_slice(&hosting.server_id().to_be_bytes());
         own_client_id[8..].copy_from_slice(&std::process::id().to_be_bytes().repeat(2));
         Self {
             hosting,
             own_client_id,
-            next_seq: AtomicU64::new(1),
+            next_seq: Arc::new(AtomicU64::new(1)),
+            stopping,
         }
     }
 
@@ -245,6 +251,20 @@ fn respond<T: Default>(
 
 #[tonic::async_trait]
 impl tablet_server::Tablet for TabletService {
+    type MultiplexStream = multiplex::ReplyStream;
+
+    async fn multiplex(
+        &self,
+        request: Request<Streaming<pb::CommandBatch>>,
+    ) -> Result<Response<Self::MultiplexStream>, Status> {
+        let replies = multiplex::serve(
+            Arc::new(self.clone()),
+            request.into_inner(),
+            self.stopping.clone(),
+        );
+        Ok(Response::new(replies))
+    }
+
     async fn get(
         &self,
         request: Request<pb::GetRequest>,

@@ -373,3 +373,131 @@ async fn writes_replicate_dedup_and_survive_restart() {
     );
     universe.stop().await;
 }
+
+/// Commands on a `Multiplex` stream answer as the unary calls do, each with its own id, and
+/// a server that stops ends its streams instead of waiting for its clients to hang up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multiplexed_commands_answer_like_unary_calls_and_stop_with_the_server() {
+    let mut universe = Universe::start().await;
+    universe
+        .master()
+        .create_database("app")
+        .await
+        .expect("create db");
+    universe
+        .master()
+        .create_collection(&CreateCollectionRequest {
+            database: "app".to_owned(),
+            name: "users".to_owned(),
+            partitioning: Partitioning::Range as i32,
+            ..CreateCollectionRequest::default()
+        })
+        .await
+        .expect("create collection");
+    let route = universe.wait_route("app", "users").await;
+    write(&route, 0, 1, vec![put("alice", "1")]).await;
+    let tablet = &route.tablets[0];
+    let info = tablet.tablet.as_ref().expect("tablet info");
+    let tablet_ref = Some(pb::TabletRef {
+        tablet_id: info.id,
+        epoch: info.epoch,
+    });
+    // A replica that leads (the routing may lag a leader change: ask each in turn).
+    let mut leader = None;
+    for replica in &tablet.replicas {
+        let mut client = client(&replica.addr).await;
+        let reply = client
+            .get(pb::GetRequest {
+                tablet: tablet_ref,
+                key: Bytes::from_static(b"alice"),
+                options: None,
+            })
+            .await
+            .expect("get rpc")
+            .into_inner();
+        if reply.error.is_none() {
+            leader = Some((replica.server_id, client));
+        }
+    }
+    let (leader_id, mut client) = leader.expect("a replica leads the tablet");
+
+    let get = |id, key: &'static [u8]| pb::Command {
+        id,
+        request: Some(pb::command::Request::Get(pb::GetRequest {
+            tablet: tablet_ref,
+            key: Bytes::from_static(key),
+            options: None,
+        })),
+    };
+    let commands = vec![
+        get(7, b"alice"),
+        get(8, b"nobody"),
+        pb::Command {
+            id: 9,
+            request: Some(pb::command::Request::Write(pb::WriteRequest {
+                tablet: tablet_ref,
+                request_id: None,
+                mutations: vec![put("bob", "2")],
+            })),
+        },
+        get(10, b""),
+        pb::Command {
+            id: 11,
+            request: None,
+        },
+    ];
+    let (sender, outbound) = tokio::sync::mpsc::unbounded_channel();
+    sender
+        .send(pb::CommandBatch { commands })
+        .expect("queue commands");
+    let mut replies = client
+        .multiplex(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            outbound,
+        ))
+        .await
+        .expect("open the stream")
+        .into_inner();
+    let mut answers = std::collections::BTreeMap::new();
+    while answers.len() < 5 {
+        let batch = tokio::time::timeout(Duration::from_secs(10), replies.message())
+            .await
+            .expect("replies within 10 s")
+            .expect("stream healthy")
+            .expect("stream open");
+        for reply in batch.replies {
+            assert!(
+                answers.insert(reply.id, reply.response).is_none(),
+                "one reply per id"
+            );
+        }
+    }
+    use pb::command_reply::Response as Answer;
+    assert!(matches!(&answers[&7], Some(Answer::Get(found)) if found.found && found.value == "1"));
+    assert!(
+        matches!(&answers[&8], Some(Answer::Get(missing)) if !missing.found && missing.error.is_none())
+    );
+    assert!(matches!(&answers[&9], Some(Answer::Write(written)) if written.commit_ts > 0));
+    for bad in [10, 11] {
+        assert!(
+            matches!(&answers[&bad], Some(Answer::Status(status)) if status.code == tonic::Code::InvalidArgument as i32),
+            "command {bad}: {:?}",
+            answers[&bad]
+        );
+    }
+
+    // Stop the leader with the stream still open (its sender is alive).
+    let index = universe
+        .servers
+        .iter()
+        .position(|server| server.as_ref().is_some_and(|s| s.server_id() == leader_id))
+        .expect("leader is one of ours");
+    if let Some(server) = universe.servers[index].take() {
+        server.shutdown().await;
+    }
+    let end = tokio::time::timeout(Duration::from_secs(10), replies.message())
+        .await
+        .expect("the stream ends within 10 s of the shutdown");
+    assert!(!matches!(end, Ok(Some(_))), "no more replies: {end:?}");
+    drop(sender);
+    universe.stop().await;
+}

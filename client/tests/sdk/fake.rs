@@ -8,20 +8,21 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use luna_client::{Client, ClientOptions};
 use luna_proto::master::master_server::MasterServer;
 use luna_proto::master::*;
+use luna_proto::multiplex;
 use luna_proto::tablet::tablet_error::Kind;
 use luna_proto::tablet::tablet_server::{Tablet, TabletServer};
 use luna_proto::tablet::*;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 pub use crate::fake_master::FakeMaster;
 
@@ -132,6 +133,8 @@ pub struct FakeTablet {
     pub seen: Mutex<Vec<Seen>>,
     /// Most pairs per scan page.
     pub page_size: AtomicUsize,
+    /// This fake, for the `Multiplex` streams it serves.
+    me: Weak<FakeTablet>,
 }
 
 impl FakeTablet {
@@ -219,6 +222,25 @@ impl FakeTablet {
 
 #[tonic::async_trait]
 impl Tablet for FakeTablet {
+    type MultiplexStream = multiplex::ReplyStream;
+
+    async fn multiplex(
+        &self,
+        request: Request<Streaming<CommandBatch>>,
+    ) -> Result<Response<Self::MultiplexStream>, Status> {
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Status::unavailable("stopped"))?;
+        // The fakes stop with their test: with the sender gone, nothing ends the streams.
+        let (_, never) = tokio::sync::watch::channel(false);
+        Ok(Response::new(multiplex::serve(
+            me,
+            request.into_inner(),
+            never,
+        )))
+    }
+
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let request = request.into_inner();
         let keys = [request.key.as_ref()];
@@ -420,7 +442,7 @@ impl Harness {
         let mut fakes = Vec::new();
         for index in 0..servers {
             let (listener, addr) = listen().await?;
-            let fake = Arc::new(FakeTablet {
+            let fake = Arc::new_cyclic(|me| FakeTablet {
                 index,
                 addr: addr.clone(),
                 universe: universe.clone(),
@@ -428,6 +450,7 @@ impl Harness {
                 always: Mutex::default(),
                 seen: Mutex::default(),
                 page_size: AtomicUsize::new(1000),
+                me: me.clone(),
             });
             lock(&universe.server_addrs).push(addr);
             let service = TabletServer::from_arc(fake.clone());

@@ -3,6 +3,7 @@
 mod admin;
 mod fake;
 mod fake_master;
+mod multiplex;
 mod retries;
 mod routing;
 mod scan;
