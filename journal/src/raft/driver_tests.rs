@@ -277,3 +277,55 @@ async fn operations_after_shutdown_are_closed() {
     .await
     .expect("test timed out");
 }
+
+/// Lease reads on a stream handle answer from the lease the ready loop published: at or past
+/// every acknowledged append, and never once another leader may have acknowledged more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_reads_cover_acknowledged_appends_and_end_with_the_lease() {
+    tokio::time::timeout(LIMIT, async {
+        let mut cluster = Cluster::new(3).await;
+        cluster.append_many(10, "warm").await;
+        let old = cluster.leader().await;
+        let leader = cluster.stream(old);
+        for i in 0..200 {
+            let index = match leader.append(Bytes::from(format!("entry-{i}"))).await {
+                Ok(index) => index,
+                // A leader change on a loaded machine: the rest of the test needs a new one.
+                Err(StreamError::NotLeader { .. }) => break,
+                Err(error) => panic!("append failed: {error}"),
+            };
+            let read = leader.lease_read().await.expect("lease read on the leader");
+            assert!(
+                read >= index,
+                "lease read at {read} after append {index} was acknowledged"
+            );
+        }
+
+        let old = cluster.leader().await;
+        cluster.network.isolate(old);
+        let new = loop {
+            let id = cluster.leader().await;
+            if id != old {
+                break id;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let acked = cluster
+            .stream(new)
+            .append(Bytes::from_static(b"on the new leader"))
+            .await
+            .expect("append on the new leader");
+        let stale =
+            tokio::time::timeout(Duration::from_secs(1), cluster.stream(old).lease_read()).await;
+        assert!(
+            !matches!(stale, Ok(Ok(index)) if index < acked),
+            "the isolated old leader answered {stale:?} after the new leader acknowledged {acked}"
+        );
+        cluster.network.heal();
+        for id in 1..=3 {
+            cluster.stop(id).await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}

@@ -96,7 +96,7 @@ impl Replica {
                     to,
                     "handing over a joint configuration"
                 );
-                self.lease_until = 0;
+                self.end_lease();
                 self.node.transfer_leader(to);
             }
             return;

@@ -3,6 +3,8 @@
 //! leader transfers. Membership changes are in `membership.rs`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use luna_kernel::stream::{Leadership, StreamError};
 use raft::eraftpb::{Entry, EntryType};
@@ -10,6 +12,7 @@ use raft::{RawNode, ReadState, StateRole};
 use raft_engine::LogBatch;
 use tokio::sync::{oneshot, watch};
 
+use super::lease::LeaseCell;
 use super::membership::{Membership, PendingChange};
 use super::storage::EngineStorage;
 use crate::error::JournalError;
@@ -22,6 +25,7 @@ pub(crate) type AdminReply = oneshot::Sender<Result<u64, JournalError>>;
 /// A read barrier waiting for raft. `reply` is `None` for the leader's own lease renewals.
 struct PendingRead {
     issued: u64,
+    issued_at: Instant,
     term: u64,
     by_leader: bool,
     reply: Option<Reply>,
@@ -43,7 +47,10 @@ pub(crate) struct Replica {
     pub(super) change: Option<PendingChange>,
     transfer: Option<PendingTransfer>,
     /// While leader: lease reads are answered locally before this tick.
-    pub(super) lease_until: u64,
+    lease_until: u64,
+    /// The same lease in real time, for the stream handles (see `lease.rs`).
+    lease_until_at: Option<Instant>,
+    pub(crate) lease: Arc<LeaseCell>,
     /// Votes are refused before this tick (see [`Replica::refuses_votes`]).
     quiet_until: u64,
     /// The index of a snapshot from the leader that is staged but not yet durable.
@@ -54,7 +61,14 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
-    pub(crate) fn new(stream_id: u64, node: RawNode<EngineStorage>, now: u64, quiet: u64) -> Self {
+    /// `lease` is how long a lease lasts in real time.
+    pub(crate) fn new(
+        stream_id: u64,
+        node: RawNode<EngineStorage>,
+        now: u64,
+        quiet: u64,
+        lease: Duration,
+    ) -> Self {
         let applied = node.raft.raft_log.applied;
         let membership = Membership::from_conf_state(&node.raft.prs().conf().to_conf_state());
         let replica = Self {
@@ -65,6 +79,8 @@ impl Replica {
             change: None,
             transfer: None,
             lease_until: 0,
+            lease_until_at: None,
+            lease: Arc::new(LeaseCell::new(lease / 2)),
             quiet_until: now + quiet,
             installing: None,
             // Entries up to the recovered applied index are not delivered again.
@@ -163,11 +179,27 @@ impl Replica {
         self.node.read_index(id.to_le_bytes().to_vec());
         let read = PendingRead {
             issued: now,
+            issued_at: Instant::now(),
             term: self.node.raft.term,
             by_leader: self.node.raft.state == StateRole::Leader,
             reply,
         };
         self.reads.insert(id, read);
+    }
+
+    /// Ends the lease, for the driver and the stream handles alike.
+    pub(super) fn end_lease(&mut self) {
+        self.lease_until = 0;
+        self.lease_until_at = None;
+        self.lease.publish(None);
+    }
+
+    /// Publishes the commit index and the lease to the stream handles, at the end of a
+    /// ready (after this ready's leadership change, if any).
+    pub(crate) fn publish_lease(&self) {
+        self.lease.set_committed(self.node.raft.raft_log.committed);
+        let leads = self.node.raft.state == StateRole::Leader && self.transfer.is_none();
+        self.lease.publish(self.lease_until_at.filter(|_| leads));
     }
 
     /// The committed index, if this replica leads with a lease valid at tick `now`.
@@ -184,7 +216,12 @@ impl Replica {
     /// proves a quorum still followed it at `t`, and no follower of that quorum votes for
     /// another candidate for an election timeout after hearing from it: the lease runs until
     /// `t + lease_ticks`, which is shorter than that.
-    pub(crate) fn answer_reads(&mut self, states: Vec<ReadState>, lease_ticks: u64) {
+    pub(crate) fn answer_reads(
+        &mut self,
+        states: Vec<ReadState>,
+        lease_ticks: u64,
+        lease_duration: Duration,
+    ) {
         for state in states {
             let id = state
                 .request_ctx
@@ -196,6 +233,8 @@ impl Replica {
             let raft = &self.node.raft;
             if read.by_leader && raft.state == StateRole::Leader && raft.term == read.term {
                 self.lease_until = self.lease_until.max(read.issued + lease_ticks);
+                let until = read.issued_at + lease_duration;
+                self.lease_until_at = Some(self.lease_until_at.map_or(until, |at| at.max(until)));
             }
             if let Some(reply) = read.reply {
                 let _ = reply.send(Ok(state.index));
@@ -278,7 +317,7 @@ impl Replica {
         }
         self.leadership.send_replace(now);
         if now.term != before.term || now.leader_id != before.leader_id {
-            self.lease_until = 0;
+            self.end_lease();
             let error = self.not_leader();
             for (_, read) in self.reads.drain() {
                 if let Some(reply) = read.reply {
@@ -332,7 +371,7 @@ impl Replica {
         }
         // The transferee campaigns without waiting for the followers' leases to lapse, so
         // this leader's lease is no proof of leadership any more.
-        self.lease_until = 0;
+        self.end_lease();
         self.node.transfer_leader(to);
         self.transfer = Some(PendingTransfer {
             to,

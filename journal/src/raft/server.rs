@@ -32,6 +32,7 @@ use raft::{RawNode, StateRole};
 use raft_engine::{Engine, LogBatch};
 use tokio::sync::{oneshot, watch};
 
+use super::lease::LeaseCell;
 use super::logger;
 use super::replica::{Replica, Reply};
 use super::snapshot::{Purge, snapshot_recipients, to_kernel};
@@ -259,10 +260,16 @@ impl Server {
                 reason: e.to_string(),
             })?;
         let quiet = self.config.election_tick as u64;
-        let replica = Replica::new(stream_id, node, self.ticks, quiet);
+        let lease = self.config.tick_interval * self.lease_ticks() as u32;
+        let replica = Replica::new(stream_id, node, self.ticks, quiet, lease);
         self.streams.insert(stream_id, replica);
         self.touched.insert(stream_id);
         Ok(())
+    }
+
+    /// The lease of `stream_id` as the ready loop publishes it.
+    pub(crate) fn lease(&self, stream_id: u64) -> Option<Arc<LeaseCell>> {
+        self.streams.get(&stream_id).map(|r| Arc::clone(&r.lease))
     }
 
     /// The committed index of `stream_id` as it advances (entries up to it are readable).
@@ -412,6 +419,7 @@ impl Server {
         let mut batch = std::mem::take(&mut self.unsynced.batch);
         let mut out = Vec::new();
         let lease_ticks = self.lease_ticks();
+        let lease_duration = self.config.tick_interval * lease_ticks as u32;
         let mut applied = Vec::new();
         for stream_id in std::mem::take(&mut self.touched) {
             let Some(replica) = self.streams.get_mut(&stream_id) else {
@@ -424,6 +432,10 @@ impl Server {
             // visit again next round.
             self.touched.insert(stream_id);
             let mut ready = replica.node.ready();
+            // Before this ready acknowledges appends (see `lease.rs`).
+            replica
+                .lease
+                .set_committed(replica.node.raft.raft_log.committed);
             // A leader sends before persisting: replication overlaps its own fsync.
             let messages = ready.take_messages();
             let snapshots_sent = snapshot_recipients(&messages);
@@ -451,7 +463,7 @@ impl Server {
                     source: Arc::new(std::io::Error::other(e.to_string())),
                 }));
             }
-            replica.answer_reads(ready.take_read_states(), lease_ticks);
+            replica.answer_reads(ready.take_read_states(), lease_ticks, lease_duration);
             self.unsynced.must_sync |= ready.must_sync();
             if let Some(last) = ready.entries().last() {
                 self.unsynced
@@ -467,6 +479,7 @@ impl Server {
                 applied.push((stream_id, last.index));
             }
             replica.update_leadership();
+            replica.publish_lease();
         }
         self.unsynced.batch = batch;
         // Only now: applying may append an entry (raft leaves a joint configuration by

@@ -9,6 +9,7 @@ use luna_kernel::stream::{Committed, Leadership, Stream, StreamError, Subscripti
 use tokio::sync::{oneshot, watch};
 
 use super::driver::Event;
+use super::lease::LeaseCell;
 use super::membership::Membership;
 use crate::error::JournalError;
 use crate::feed::{EntrySource, spawn_feed};
@@ -26,6 +27,7 @@ pub struct RaftStream {
     committed: watch::Receiver<u64>,
     leadership: watch::Receiver<Leadership>,
     membership: watch::Receiver<Membership>,
+    lease: Arc<LeaseCell>,
     max_entry_size: usize,
 }
 
@@ -36,6 +38,7 @@ impl RaftStream {
         committed: watch::Receiver<u64>,
         leadership: watch::Receiver<Leadership>,
         membership: watch::Receiver<Membership>,
+        lease: Arc<LeaseCell>,
         max_entry_size: usize,
     ) -> Self {
         Self {
@@ -44,6 +47,7 @@ impl RaftStream {
             committed,
             leadership,
             membership,
+            lease,
             max_entry_size,
         }
     }
@@ -161,8 +165,12 @@ impl RaftStream {
     /// lease answers from its committed index at once, without a round of heartbeats.
     /// The lease comes from the leader's last answered read barrier and lasts two ticks
     /// less than an election timeout; elsewhere (a follower, an expired lease, a leader
-    /// transfer in progress) this is a `read_index`.
+    /// transfer in progress) this is a `read_index`. While the lease is far from its end,
+    /// the answer comes from what the ready loop published, without the driver thread.
     pub async fn lease_read(&self) -> Result<u64, StreamError> {
+        if let Some(committed) = self.lease.read() {
+            return Ok(committed);
+        }
         let stream_id = self.stream_id;
         self.request(|reply| Event::LeaseRead { stream_id, reply })
             .await
