@@ -488,14 +488,14 @@ impl Driver {
             .server
             .watch_membership(stream_id)
             .ok_or_else(missing)?;
-        let lease = self.server.lease(stream_id).ok_or_else(missing)?;
+        let published = self.server.published(stream_id).ok_or_else(missing)?;
         Ok(RaftStream::new(
             stream_id,
             self.events.clone(),
             committed,
             leadership,
             membership,
-            lease,
+            published,
             self.server.max_entry_size(),
         ))
     }

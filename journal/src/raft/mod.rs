@@ -29,6 +29,7 @@ mod harness;
 mod lease;
 mod logger;
 mod membership;
+mod recent;
 mod replica;
 mod server;
 mod snapshot;

@@ -14,6 +14,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::lease::LeaseCell;
 use super::membership::{Membership, PendingChange};
+use super::recent::RecentEntries;
 use super::storage::EngineStorage;
 use crate::error::JournalError;
 
@@ -37,6 +38,13 @@ struct PendingTransfer {
     reply: AdminReply,
 }
 
+/// What a replica's stream handles read without the driver thread.
+#[derive(Debug)]
+pub(crate) struct Published {
+    pub(crate) lease: LeaseCell,
+    pub(crate) recent: RecentEntries,
+}
+
 /// One stream's replica on this server.
 pub(crate) struct Replica {
     pub(crate) stream_id: u64,
@@ -50,7 +58,7 @@ pub(crate) struct Replica {
     lease_until: u64,
     /// The same lease in real time, for the stream handles (see `lease.rs`).
     lease_until_at: Option<Instant>,
-    pub(crate) lease: Arc<LeaseCell>,
+    pub(crate) published: Arc<Published>,
     /// Votes are refused before this tick (see [`Replica::refuses_votes`]).
     quiet_until: u64,
     /// The index of a snapshot from the leader that is staged but not yet durable.
@@ -80,7 +88,10 @@ impl Replica {
             transfer: None,
             lease_until: 0,
             lease_until_at: None,
-            lease: Arc::new(LeaseCell::new(lease / 2)),
+            published: Arc::new(Published {
+                lease: LeaseCell::new(lease / 2),
+                recent: RecentEntries::default(),
+            }),
             quiet_until: now + quiet,
             installing: None,
             // Entries up to the recovered applied index are not delivered again.
@@ -191,15 +202,16 @@ impl Replica {
     pub(super) fn end_lease(&mut self) {
         self.lease_until = 0;
         self.lease_until_at = None;
-        self.lease.publish(None);
+        self.published.lease.publish(None);
     }
 
     /// Publishes the commit index and the lease to the stream handles, at the end of a
     /// ready (after this ready's leadership change, if any).
     pub(crate) fn publish_lease(&self) {
-        self.lease.set_committed(self.node.raft.raft_log.committed);
+        let lease = &self.published.lease;
+        lease.set_committed(self.node.raft.raft_log.committed);
         let leads = self.node.raft.state == StateRole::Leader && self.transfer.is_none();
-        self.lease.publish(self.lease_until_at.filter(|_| leads));
+        lease.publish(self.lease_until_at.filter(|_| leads));
     }
 
     /// The committed index, if this replica leads with a lease valid at tick `now`.

@@ -32,9 +32,8 @@ use raft::{RawNode, StateRole};
 use raft_engine::{Engine, LogBatch};
 use tokio::sync::{oneshot, watch};
 
-use super::lease::LeaseCell;
 use super::logger;
-use super::replica::{Replica, Reply};
+use super::replica::{Published, Replica, Reply};
 use super::snapshot::{Purge, snapshot_recipients, to_kernel};
 use super::storage::EngineStorage;
 use crate::error::JournalError;
@@ -202,17 +201,8 @@ impl Server {
                 source: Arc::new(std::io::Error::other(e.to_string())),
             })?;
         Ok(entries
-            .into_iter()
-            .map(|e| luna_kernel::stream::Entry {
-                index: e.index,
-                term: e.term,
-                // Membership changes are the stream's own entries: subscribers see them
-                // empty, as the kernel contract says.
-                data: match e.get_entry_type() {
-                    EntryType::EntryNormal => e.data,
-                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => Bytes::new(),
-                },
-            })
+            .iter()
+            .map(kernel_entry)
             .map(Committed::Entry)
             .collect())
     }
@@ -267,9 +257,11 @@ impl Server {
         Ok(())
     }
 
-    /// The lease of `stream_id` as the ready loop publishes it.
-    pub(crate) fn lease(&self, stream_id: u64) -> Option<Arc<LeaseCell>> {
-        self.streams.get(&stream_id).map(|r| Arc::clone(&r.lease))
+    /// What the ready loop publishes for `stream_id`'s handles.
+    pub(crate) fn published(&self, stream_id: u64) -> Option<Arc<Published>> {
+        self.streams
+            .get(&stream_id)
+            .map(|r| Arc::clone(&r.published))
     }
 
     /// The committed index of `stream_id` as it advances (entries up to it are readable).
@@ -433,7 +425,8 @@ impl Server {
             self.touched.insert(stream_id);
             let mut ready = replica.node.ready();
             // Before this ready acknowledges appends (see `lease.rs`).
-            replica
+            let published = Arc::clone(&replica.published);
+            published
                 .lease
                 .set_committed(replica.node.raft.raft_log.committed);
             // A leader sends before persisting: replication overlaps its own fsync.
@@ -448,6 +441,7 @@ impl Server {
                 return Err(self.fail(e));
             }
             let committed = ready.take_committed_entries();
+            published.recent.push(committed.iter().map(kernel_entry));
             if let Err(e) = replica.apply_committed(&committed, &mut batch) {
                 return Err(self.fail(e));
             }
@@ -590,5 +584,18 @@ fn engine_error(e: raft_engine::Error) -> StreamError {
     StreamError::Io {
         context: "writing the raft log".to_owned(),
         source: Arc::new(std::io::Error::other(e.to_string())),
+    }
+}
+
+/// A raft entry as subscribers see it. Membership changes are the stream's own entries:
+/// subscribers see them empty, as the kernel contract says.
+fn kernel_entry(entry: &raft::eraftpb::Entry) -> luna_kernel::stream::Entry {
+    luna_kernel::stream::Entry {
+        index: entry.index,
+        term: entry.term,
+        data: match entry.get_entry_type() {
+            EntryType::EntryNormal => entry.data.clone(),
+            EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => Bytes::new(),
+        },
     }
 }

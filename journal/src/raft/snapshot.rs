@@ -83,6 +83,9 @@ impl Server {
             }
         }
         replica.node.mut_store().set_snapshot(snapshot);
+        // A subscription from below the cut starts with the snapshot, as it would once
+        // the entries are gone from the engine.
+        replica.published.recent.discard_through(up_to);
         // The compaction may leave a follower needing the snapshot: let the next ready see
         // this stream even if nothing else touched it.
         self.touched.insert(stream_id);
@@ -172,6 +175,7 @@ impl Replica {
             "installing a raft snapshot"
         );
         self.installing = Some(index);
+        self.published.recent.clear();
         let conf_state = self.node.raft.prs().conf().to_conf_state();
         self.membership
             .send_replace(Membership::from_conf_state(&conf_state));

@@ -9,8 +9,8 @@ use luna_kernel::stream::{Committed, Leadership, Stream, StreamError, Subscripti
 use tokio::sync::{oneshot, watch};
 
 use super::driver::Event;
-use super::lease::LeaseCell;
 use super::membership::Membership;
+use super::replica::Published;
 use crate::error::JournalError;
 use crate::feed::{EntrySource, spawn_feed};
 
@@ -27,7 +27,7 @@ pub struct RaftStream {
     committed: watch::Receiver<u64>,
     leadership: watch::Receiver<Leadership>,
     membership: watch::Receiver<Membership>,
-    lease: Arc<LeaseCell>,
+    published: Arc<Published>,
     max_entry_size: usize,
 }
 
@@ -38,7 +38,7 @@ impl RaftStream {
         committed: watch::Receiver<u64>,
         leadership: watch::Receiver<Leadership>,
         membership: watch::Receiver<Membership>,
-        lease: Arc<LeaseCell>,
+        published: Arc<Published>,
         max_entry_size: usize,
     ) -> Self {
         Self {
@@ -47,7 +47,7 @@ impl RaftStream {
             committed,
             leadership,
             membership,
-            lease,
+            published,
             max_entry_size,
         }
     }
@@ -168,7 +168,7 @@ impl RaftStream {
     /// transfer in progress) this is a `read_index`. While the lease is far from its end,
     /// the answer comes from what the ready loop published, without the driver thread.
     pub async fn lease_read(&self) -> Result<u64, StreamError> {
-        if let Some(committed) = self.lease.read() {
+        if let Some(committed) = self.published.lease.read() {
             return Ok(committed);
         }
         let stream_id = self.stream_id;
@@ -216,6 +216,7 @@ impl Stream for RaftStream {
         let source = Arc::new(DriverSource {
             stream_id: self.stream_id,
             events: self.events.clone(),
+            published: Arc::clone(&self.published),
         });
         Ok(spawn_feed(source, self.committed.clone(), from.max(1)))
     }
@@ -247,15 +248,20 @@ impl Stream for RaftStream {
     }
 }
 
-/// Reads a subscription's entries on the driver thread, the only one that reads the engine.
+/// Reads a subscription's entries from the latest committed ones (see `recent.rs`), or on
+/// the driver thread, the only one that reads the engine.
 struct DriverSource {
     stream_id: u64,
     events: Sender<Event>,
+    published: Arc<Published>,
 }
 
 #[async_trait]
 impl EntrySource for DriverSource {
     async fn read(&self, from: u64, to: u64) -> Result<Vec<Committed>, StreamError> {
+        if let Some(entries) = self.published.recent.read(from, to) {
+            return Ok(entries);
+        }
         let (reply, answer) = oneshot::channel();
         let event = Event::Read {
             stream_id: self.stream_id,
