@@ -540,9 +540,12 @@ fn garbage_from_a_peer_is_ignored() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = Server::open(RaftConfig::new(1, dir.path())).expect("open");
     server.add_stream(STREAM, &[1, 2, 3]).expect("add");
-    server.step(2, b"");
-    server.step(2, b"\x07\0\0\0\0\0\0\0garbage that is not protobuf");
-    server.step(2, &[0xff; 64]);
+    server.step(2, &Bytes::new());
+    server.step(
+        2,
+        &Bytes::from_static(b"\x07\0\0\0\0\0\0\0garbage that is not protobuf"),
+    );
+    server.step(2, &Bytes::from_static(&[0xff; 64]));
     let other = raft::eraftpb::Message {
         from: 3,
         to: 1,
