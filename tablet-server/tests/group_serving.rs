@@ -284,22 +284,35 @@ async fn writes_replicate_dedup_and_survive_restart() {
     let tablet = &route.tablets[1];
     let info = tablet.tablet.as_ref().expect("info");
     for replica in &tablet.replicas {
-        let response = client(&replica.addr)
-            .await
-            .get(pb::GetRequest {
-                tablet: Some(pb::TabletRef {
-                    tablet_id: info.id,
-                    epoch: info.epoch,
-                }),
-                key: Bytes::from_static(b"zed"),
-                options: Some(pb::ReadOptions {
-                    mode: pb::ReadMode::Follower as i32,
-                    read_ts: 0,
-                }),
-            })
-            .await
-            .expect("get")
-            .into_inner();
+        // A replica may briefly know no leader (an election after the preferred-leader
+        // transfer): that refusal is retryable, so retry it for a while.
+        let mut response = pb::GetResponse::default();
+        for _ in 0..100 {
+            response = client(&replica.addr)
+                .await
+                .get(pb::GetRequest {
+                    tablet: Some(pb::TabletRef {
+                        tablet_id: info.id,
+                        epoch: info.epoch,
+                    }),
+                    key: Bytes::from_static(b"zed"),
+                    options: Some(pb::ReadOptions {
+                        mode: pb::ReadMode::Follower as i32,
+                        read_ts: 0,
+                    }),
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            let no_leader_yet = matches!(
+                response.error.as_ref().and_then(|error| error.kind.as_ref()),
+                Some(pb::tablet_error::Kind::NotLeader(hint)) if hint.leader_server_id == 0
+            );
+            if !no_leader_yet {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(
             response.error.is_none(),
             "replica {} refused: {:?}",
