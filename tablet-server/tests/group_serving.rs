@@ -122,6 +122,26 @@ impl Universe {
         self.master.as_ref().expect("master running")
     }
 
+    /// Creates database `app` and its range collection `users`, split at `split_keys`, and
+    /// waits for its routing.
+    async fn create_users(&self, split_keys: Vec<Vec<u8>>) -> CollectionRoute {
+        self.master()
+            .create_database("app")
+            .await
+            .expect("create db");
+        self.master()
+            .create_collection(&CreateCollectionRequest {
+                database: "app".to_owned(),
+                name: "users".to_owned(),
+                partitioning: Partitioning::Range as i32,
+                split_keys,
+                ..CreateCollectionRequest::default()
+            })
+            .await
+            .expect("create collection");
+        self.wait_route("app", "users").await
+    }
+
     /// Waits until every tablet of the collection has a leader that serves it.
     async fn wait_route(&self, database: &str, collection: &str) -> CollectionRoute {
         for _ in 0..200 {
@@ -237,23 +257,7 @@ async fn get(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_replicate_dedup_and_survive_restart() {
     let universe = Universe::start().await;
-    universe
-        .master()
-        .create_database("app")
-        .await
-        .expect("create db");
-    universe
-        .master()
-        .create_collection(&CreateCollectionRequest {
-            database: "app".to_owned(),
-            name: "users".to_owned(),
-            partitioning: Partitioning::Range as i32,
-            split_keys: vec![b"m".to_vec()],
-            ..CreateCollectionRequest::default()
-        })
-        .await
-        .expect("create collection");
-    let route = universe.wait_route("app", "users").await;
+    let route = universe.create_users(vec![b"m".to_vec()]).await;
     assert_eq!(route.tablets.len(), 2);
 
     let first = write(&route, 0, 1, vec![put("alice", "1")]).await;
@@ -392,22 +396,7 @@ async fn writes_replicate_dedup_and_survive_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn multiplexed_commands_answer_like_unary_calls_and_stop_with_the_server() {
     let mut universe = Universe::start().await;
-    universe
-        .master()
-        .create_database("app")
-        .await
-        .expect("create db");
-    universe
-        .master()
-        .create_collection(&CreateCollectionRequest {
-            database: "app".to_owned(),
-            name: "users".to_owned(),
-            partitioning: Partitioning::Range as i32,
-            ..CreateCollectionRequest::default()
-        })
-        .await
-        .expect("create collection");
-    let route = universe.wait_route("app", "users").await;
+    let route = universe.create_users(Vec::new()).await;
     write(&route, 0, 1, vec![put("alice", "1")]).await;
     let tablet = &route.tablets[0];
     let info = tablet.tablet.as_ref().expect("tablet info");

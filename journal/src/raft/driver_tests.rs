@@ -87,6 +87,20 @@ impl Cluster {
         }
     }
 
+    /// Cuts the leader off the network and waits for another node to lead; returns the old
+    /// and the new leader.
+    async fn isolate_leader(&self) -> (u64, u64) {
+        let old = self.leader().await;
+        self.network.isolate(old);
+        loop {
+            let id = self.leader().await;
+            if id != old {
+                return (old, id);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Appends `count` entries concurrently on the leader; returns index -> data.
     async fn append_many(&self, count: usize, tag: &str) -> BTreeMap<u64, Bytes> {
         let mut pending: Vec<Bytes> = (0..count)
@@ -194,15 +208,7 @@ async fn isolated_leader_is_replaced_and_restart_keeps_everything() {
     tokio::time::timeout(LIMIT, async {
         let mut cluster = Cluster::new(3).await;
         let mut acked = cluster.append_many(50, "before").await;
-        let old = cluster.leader().await;
-        cluster.network.isolate(old);
-        let new = loop {
-            let id = cluster.leader().await;
-            if id != old {
-                break id;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let (_, new) = cluster.isolate_leader().await;
         // The old leader learns nothing while isolated; appends go to the new one.
         let leader = cluster.stream(new);
         for i in 0..50 {
@@ -301,15 +307,7 @@ async fn lease_reads_cover_acknowledged_appends_and_end_with_the_lease() {
             );
         }
 
-        let old = cluster.leader().await;
-        cluster.network.isolate(old);
-        let new = loop {
-            let id = cluster.leader().await;
-            if id != old {
-                break id;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
+        let (old, new) = cluster.isolate_leader().await;
         let acked = cluster
             .stream(new)
             .append(Bytes::from_static(b"on the new leader"))
