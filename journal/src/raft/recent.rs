@@ -5,8 +5,8 @@
 //! they commit. Reading them through the driver cost a channel send, a wait for the
 //! driver's next turn and a reply on every commit, on every replica. The ready loop instead
 //! copies each committed entry here (a reference-counted `Bytes`, no data copy) before it
-//! publishes the new committed index; a read that finds its range here needs only a lock.
-//! Older entries, and snapshots, still come from the driver.
+//! publishes the new committed index; a read that finds its range here needs only a lock,
+//! and takes the entries out. Older entries, and snapshots, still come from the driver.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -81,20 +81,26 @@ impl RecentEntries {
         }
     }
 
-    /// Entries from `from` up to `to` (at least `from` itself), if the window holds `from`.
-    pub(crate) fn read(&self, from: u64, to: u64) -> Option<Vec<Committed>> {
-        let window = self.window.lock().ok()?;
+    /// Takes the entries from `from` up to `to` (at least `from` itself) out of the window,
+    /// if it holds `from`, and drops the older ones with them. Consumed entries leave, so
+    /// a window whose subscriber keeps up holds almost nothing, and an idle stream keeps
+    /// no entries alive. Another subscriber that needs them reads through the driver.
+    pub(crate) fn take(&self, from: u64, to: u64) -> Option<Vec<Committed>> {
+        let mut window = self.window.lock().ok()?;
+        let window = &mut *window;
         let first = window.entries.front()?.index;
-        let offset = usize::try_from(from.checked_sub(first)?).ok()?;
-        let entries: Vec<Committed> = window
-            .entries
-            .iter()
-            .skip(offset)
-            .take_while(|entry| entry.index <= to)
-            .cloned()
-            .map(Committed::Entry)
-            .collect();
-        (!entries.is_empty()).then_some(entries)
+        let last = window.entries.back()?.index;
+        if from < first || from > last {
+            return None;
+        }
+        let mut taken = Vec::new();
+        while let Some(entry) = window.entries.pop_front_if(|entry| entry.index <= to) {
+            window.bytes -= entry.data.len();
+            if entry.index >= from {
+                taken.push(Committed::Entry(entry));
+            }
+        }
+        Some(taken)
     }
 }
 
@@ -120,40 +126,50 @@ mod tests {
     }
 
     #[test]
-    fn reads_come_from_the_window_or_not_at_all() {
+    fn reads_take_from_the_window_or_nothing() {
         let recent = RecentEntries::default();
-        assert_eq!(indexes(recent.read(1, 5)), Vec::<u64>::new());
+        assert_eq!(indexes(recent.take(1, 5)), Vec::<u64>::new());
         recent.push((1..=5).map(|i| entry(i, 10)));
-        assert_eq!(indexes(recent.read(2, 3)), vec![2, 3]);
-        assert_eq!(indexes(recent.read(4, 100)), vec![4, 5]);
-        assert!(recent.read(6, 6).is_none(), "not committed yet");
+        assert_eq!(
+            indexes(recent.take(2, 3)),
+            vec![2, 3],
+            "entry 1 is dropped with them"
+        );
+        assert!(
+            recent.take(1, 1).is_none(),
+            "taken or dropped: the driver serves it"
+        );
+        assert!(recent.take(6, 6).is_none(), "not committed yet");
+        assert_eq!(indexes(recent.take(4, 100)), vec![4, 5]);
+        assert!(recent.take(5, 5).is_none(), "empty once consumed");
         // A gap starts the window over: entries before it are the driver's to serve.
+        recent.push([entry(6, 10)]);
         recent.push([entry(9, 10)]);
-        assert!(recent.read(5, 9).is_none());
-        assert_eq!(indexes(recent.read(9, 9)), vec![9]);
+        assert!(recent.take(6, 9).is_none());
         recent.push([entry(10, 10), entry(11, 10)]);
         recent.discard_through(10);
         assert!(
-            recent.read(10, 11).is_none(),
+            recent.take(10, 11).is_none(),
             "compacted: the snapshot answers"
         );
-        assert_eq!(indexes(recent.read(11, 11)), vec![11]);
+        assert_eq!(indexes(recent.take(11, 11)), vec![11]);
+        recent.push([entry(12, 10)]);
         recent.clear();
-        assert!(recent.read(9, 9).is_none());
+        assert!(recent.take(12, 12).is_none());
     }
 
     #[test]
     fn the_window_is_bounded_by_count_and_bytes() {
         let recent = RecentEntries::default();
         recent.push((1..=(MAX_ENTRIES as u64 + 10)).map(|i| entry(i, 1)));
-        assert!(recent.read(10, 10).is_none(), "the oldest were dropped");
-        assert_eq!(indexes(recent.read(11, 11)), vec![11]);
-        recent.push([entry(MAX_ENTRIES as u64 + 11, MAX_BYTES + 1)]);
+        assert!(recent.take(10, 10).is_none(), "the oldest were dropped");
+        assert_eq!(indexes(recent.take(11, 11)), vec![11]);
         let last = MAX_ENTRIES as u64 + 11;
+        recent.push([entry(last, MAX_BYTES + 1)]);
         assert!(
-            recent.read(last - 1, last).is_none(),
+            recent.take(last - 1, last).is_none(),
             "one huge entry pushes out the rest"
         );
-        assert_eq!(indexes(recent.read(last, last)), vec![last]);
+        assert_eq!(indexes(recent.take(last, last)), vec![last]);
     }
 }

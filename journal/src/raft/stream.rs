@@ -259,7 +259,7 @@ struct DriverSource {
 #[async_trait]
 impl EntrySource for DriverSource {
     async fn read(&self, from: u64, to: u64) -> Result<Vec<Committed>, StreamError> {
-        if let Some(entries) = self.published.recent.read(from, to) {
+        if let Some(entries) = self.published.recent.take(from, to) {
             return Ok(entries);
         }
         let (reply, answer) = oneshot::channel();
