@@ -226,12 +226,23 @@ impl Server {
         }
         let mut batch = LogBatch::default();
         let storage = EngineStorage::open(Arc::clone(&self.engine), stream_id, voters, &mut batch)?;
-        self.engine
-            .write(&mut batch, true)
-            .map_err(|e| JournalError::Engine {
-                path: self.config.dir.clone(),
-                reason: format!("bootstrapping stream {stream_id}: {e}"),
-            })?;
+        match write_synced(&self.engine, &mut batch, true) {
+            Ok(()) => {}
+            Err(WriteFailure::Engine(e)) => {
+                return Err(JournalError::Engine {
+                    path: self.config.dir.clone(),
+                    reason: format!("bootstrapping stream {stream_id}: {e}"),
+                });
+            }
+            Err(WriteFailure::FsyncPanicked) => {
+                // The engine's state is unknown after a failed fsync: the server stops.
+                let error = self.fail(fsync_failed());
+                return Err(JournalError::Engine {
+                    path: self.config.dir.clone(),
+                    reason: format!("bootstrapping stream {stream_id}: {error}"),
+                });
+            }
+        }
         let raft_config = raft::Config {
             id: self.config.node_id,
             applied: storage.applied(),
@@ -574,14 +585,40 @@ pub fn sync(engine: &Engine, round: &mut SyncRound) -> Result<Vec<(u64, Bytes)>,
             .put(SYNC_REGION, b"sync".to_vec(), Vec::new())
             .map_err(engine_error)?;
     }
-    let (batch, must_sync) = (&mut round.batch, round.must_sync);
-    match catch_unwind(AssertUnwindSafe(|| engine.write(batch, must_sync))) {
-        Ok(Ok(_)) => Ok(std::mem::take(&mut round.messages)),
-        Ok(Err(e)) => Err(engine_error(e)),
-        Err(_) => Err(StreamError::Io {
-            context: "fsync of the raft log".to_owned(),
-            source: Arc::new(std::io::Error::other("raft-engine fsync failed")),
-        }),
+    match write_synced(engine, &mut round.batch, round.must_sync) {
+        Ok(()) => Ok(std::mem::take(&mut round.messages)),
+        Err(WriteFailure::Engine(e)) => Err(engine_error(e)),
+        Err(WriteFailure::FsyncPanicked) => Err(fsync_failed()),
+    }
+}
+
+/// Why an engine write failed.
+pub(crate) enum WriteFailure {
+    /// The engine refused the write; its state is intact.
+    Engine(raft_engine::Error),
+    /// raft-engine 0.4.2 panics when an fsync fails; its state is unknown after that.
+    FsyncPanicked,
+}
+
+/// Writes `batch` (with an fsync if `sync`), turning raft-engine's panic on a failed fsync
+/// into an error, so no thread that writes dies of it.
+pub(crate) fn write_synced(
+    engine: &Engine,
+    batch: &mut LogBatch,
+    sync: bool,
+) -> Result<(), WriteFailure> {
+    match catch_unwind(AssertUnwindSafe(|| engine.write(batch, sync))) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(WriteFailure::Engine(e)),
+        Err(_) => Err(WriteFailure::FsyncPanicked),
+    }
+}
+
+/// The error that stops a server whose fsync failed.
+pub(crate) fn fsync_failed() -> StreamError {
+    StreamError::Io {
+        context: "fsync of the raft log".to_owned(),
+        source: Arc::new(std::io::Error::other("raft-engine fsync failed")),
     }
 }
 

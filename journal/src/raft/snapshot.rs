@@ -22,7 +22,7 @@ use raft_engine::LogBatch;
 
 use super::membership::Membership;
 use super::replica::Replica;
-use super::server::Server;
+use super::server::{Server, WriteFailure, fsync_failed, write_synced};
 
 /// When raft-engine may next purge, and whether a compaction asked it to.
 #[derive(Debug, Default)]
@@ -66,21 +66,16 @@ impl Server {
         // persisted entries, so no unwritten round holds an entry this compacts, and a
         // history key it deletes but a round still writes is ignored as stale (see
         // `EngineStorage::conf_state_at`).
-        match catch_unwind(AssertUnwindSafe(|| engine.write(&mut batch, true))) {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+        match write_synced(&engine, &mut batch, true) {
+            Ok(()) => {}
+            Err(WriteFailure::Engine(e)) => {
                 return Err(StreamError::Io {
                     context: format!("writing the snapshot of raft stream {stream_id}"),
                     source: Arc::new(std::io::Error::other(e.to_string())),
                 });
             }
-            Err(_) => {
-                // raft-engine panics when fsync fails; its state is unknown after that.
-                return Err(self.fail(StreamError::Io {
-                    context: "fsync of the raft log".to_owned(),
-                    source: Arc::new(std::io::Error::other("raft-engine fsync failed")),
-                }));
-            }
+            // The engine's state is unknown after a failed fsync: the server stops.
+            Err(WriteFailure::FsyncPanicked) => return Err(self.fail(fsync_failed())),
         }
         replica.node.mut_store().set_snapshot(snapshot);
         // A subscription from below the cut starts with the snapshot, as it would once
