@@ -2,28 +2,20 @@
 //! answers to bad flags.
 
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Runs `luna` with `args`, killing it if it outlives `limit`.
+mod support;
+
+/// Runs `luna` with `args` on `data_dir`, killing it if it outlives `limit`.
 fn luna(args: &[&str], data_dir: &std::path::Path, limit: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_luna"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env_remove("LUNA_OBJECT_STORE")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn luna");
-    let started = Instant::now();
-    while child.try_wait().expect("poll luna").is_none() {
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("luna {args:?} ran longer than {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("collect luna output")
+    support::output_within(
+        Command::new(env!("CARGO_BIN_EXE_luna"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env_remove("LUNA_OBJECT_STORE"),
+        limit,
+    )
 }
 
 #[test]

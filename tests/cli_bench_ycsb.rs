@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
 /// The `luna start` child; killed and reaped when dropped, also when a test panics.
 struct Universe {
     child: Child,
@@ -102,23 +104,12 @@ fn wait_for_servers(universe: &mut Universe, count: usize, limit: Duration) -> b
 
 /// Runs `luna` with `args`, killing it if it outlives `limit`.
 fn luna(args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_luna"))
-        .args(args)
-        .env_remove("LUNA_MASTER")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn luna");
-    let started = Instant::now();
-    while child.try_wait().expect("poll luna").is_none() {
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("luna {args:?} ran longer than {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("collect luna output")
+    support::output_within(
+        Command::new(env!("CARGO_BIN_EXE_luna"))
+            .args(args)
+            .env_remove("LUNA_MASTER"),
+        limit,
+    )
 }
 
 #[test]

@@ -240,3 +240,22 @@ impl Universe {
         out
     }
 }
+
+/// Runs `command` with its output captured, killing it (by its PID) if it outlives `limit`.
+pub fn output_within(command: &mut Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn luna");
+    let started = Instant::now();
+    while child.try_wait().expect("poll luna").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} ran longer than {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("collect luna output")
+}
