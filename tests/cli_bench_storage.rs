@@ -36,13 +36,7 @@ fn bench_storage_reports_every_workload_as_json() {
         dir.path(),
         Duration::from_secs(120),
     );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "luna failed: {stderr}");
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    let reports: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let reports = support::json_reports(&output);
     let names: Vec<&str> = reports
         .iter()
         .map(|r| r["workload"].as_str().unwrap())

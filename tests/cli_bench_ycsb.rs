@@ -134,13 +134,7 @@ fn bench_ycsb_runs_load_a_and_c_against_a_real_universe() {
         ],
         Duration::from_secs(60),
     );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "luna bench ycsb failed: {stderr}");
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    let reports: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let reports = support::json_reports(&output);
     let names: Vec<&str> = reports
         .iter()
         .map(|r| r["workload"].as_str().unwrap())

@@ -259,3 +259,14 @@ pub fn output_within(command: &mut Command, limit: Duration) -> Output {
     }
     child.wait_with_output().expect("collect luna output")
 }
+
+/// The JSON reports a successful `luna ... --json` run printed, one per line.
+pub fn json_reports(output: &Output) -> Vec<serde_json::Value> {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "luna failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON report per line"))
+        .collect()
+}
