@@ -29,6 +29,9 @@ struct PendingRead {
     issued_at: Instant,
     term: u64,
     by_leader: bool,
+    /// Whether raft has the barrier: a new leader's wait here until its term's first entry
+    /// commits (see `send_deferred_reads`).
+    sent: bool,
     reply: Option<Reply>,
 }
 
@@ -187,15 +190,42 @@ impl Replica {
 
     /// Starts a read barrier at tick `now`; a leader's answer renews its lease.
     pub(crate) fn start_read(&mut self, id: u64, now: u64, reply: Option<Reply>) {
-        self.node.read_index(id.to_le_bytes().to_vec());
+        let by_leader = self.node.raft.state == StateRole::Leader;
+        let sent = !by_leader || self.node.raft.commit_to_current_term();
+        if sent {
+            self.node.read_index(id.to_le_bytes().to_vec());
+        }
         let read = PendingRead {
             issued: now,
             issued_at: Instant::now(),
             term: self.node.raft.term,
-            by_leader: self.node.raft.state == StateRole::Leader,
+            by_leader,
+            sent,
             reply,
         };
         self.reads.insert(id, read);
+    }
+
+    /// Hands raft the read barriers that waited for this leader's first commit. raft-rs
+    /// silently drops a leader's barrier until the leader has committed an entry of its
+    /// own term, so a barrier issued right after an election would otherwise only time
+    /// out. The lease still counts from when the barrier was issued, which is earlier, so
+    /// it only gets shorter.
+    pub(crate) fn send_deferred_reads(&mut self) {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader || !raft.commit_to_current_term() {
+            return;
+        }
+        let mut deferred = Vec::new();
+        for (&id, read) in &mut self.reads {
+            if !read.sent {
+                read.sent = true;
+                deferred.push(id);
+            }
+        }
+        for id in deferred {
+            self.node.read_index(id.to_le_bytes().to_vec());
+        }
     }
 
     /// Ends the lease, for the driver and the stream handles alike.

@@ -484,6 +484,7 @@ impl Server {
                 applied.push((stream_id, last.index));
             }
             replica.update_leadership();
+            replica.send_deferred_reads();
             replica.publish_lease();
         }
         self.unsynced.batch = batch;

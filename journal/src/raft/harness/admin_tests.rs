@@ -209,6 +209,32 @@ fn leader_transfer_completes_under_message_loss() {
 }
 
 #[test]
+fn a_read_barrier_right_after_an_election_is_answered() {
+    for seed in seeds(700..710) {
+        let mut sim = Sim::new(seed, 3);
+        let leader = sim.run_until_leader(300);
+        // Issued before the leader's first entry of its term commits: raft-rs drops such a
+        // barrier, so the replica must hold it until that commit rather than let it time
+        // out.
+        let mut answer = sim.host(leader).with(|s| s.read_index(STREAM));
+        let mut steps = 0;
+        let result = loop {
+            if let Ok(result) = answer.try_recv() {
+                break result;
+            }
+            assert!(steps < 100, "seed {seed}: no answer in {steps} steps");
+            sim.step();
+            steps += 1;
+        };
+        assert!(
+            result.is_ok() || sim.leader() != Some(leader),
+            "seed {seed}: the barrier failed on a leader that kept its term: {result:?}"
+        );
+        sim.heal_and_verify();
+    }
+}
+
+#[test]
 fn lease_reads_are_local_and_lapse_on_a_partitioned_leader() {
     let seed = seeds(600..601)[0];
     println!("lease_reads: seed {seed} (replay with LUNA_SEED={seed})");
