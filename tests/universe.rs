@@ -5,8 +5,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,6 +12,7 @@ use luna_client::{Client, ClientError, Collection, CollectionSpec};
 use luna_proto::tablet::tablet_client::TabletClient;
 use luna_proto::tablet::{self as pb, tablet_error::Kind};
 use support::Universe;
+use support::load::{Writers, wait_led};
 
 fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -21,33 +20,6 @@ fn stdout(output: &std::process::Output) -> String {
 
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Waits until every tablet of the collection has a leader in the routing table.
-async fn wait_led(client: &Client, database: &str, collection: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let groups = client.admin().list_groups().await.unwrap_or_default();
-        let tablets = client
-            .admin()
-            .list_tablets(database, collection)
-            .await
-            .unwrap_or_default();
-        let led = !tablets.is_empty()
-            && tablets.iter().all(|tablet| {
-                groups
-                    .iter()
-                    .any(|group| group.id == tablet.group_id && group.leader_server_id != 0)
-            });
-        if led {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{database}/{collection} never got leaders"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -221,60 +193,12 @@ async fn with_collection(name: &str, spec: CollectionSpec) -> (Universe, Client,
     (universe, client, collection)
 }
 
-/// Keys acknowledged by the writers, with their values.
-type Acked = Arc<Mutex<Vec<(String, String)>>>;
-
-fn spawn_writers(
-    collection: &Collection,
-    writers: usize,
-    stop: &Arc<AtomicBool>,
-    acked: &Acked,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..writers)
-        .map(|w| {
-            let collection = collection.clone();
-            let stop = Arc::clone(stop);
-            let acked = Arc::clone(acked);
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let key = format!("w{w}-{n:06}");
-                    let value = format!("value-{w}-{n}");
-                    n += 1;
-                    // Failures during a failover are expected; only acknowledged writes
-                    // must survive.
-                    if collection.put(key.clone(), value.clone()).await.is_ok()
-                        && let Ok(mut acked) = acked.lock()
-                    {
-                        acked.push((key, value));
-                    }
-                }
-            })
-        })
-        .collect()
-}
-
-fn acked_count(acked: &Acked) -> usize {
-    acked.lock().map_or(0, |acked| acked.len())
-}
-
-/// Waits until the writers acknowledge `more` writes beyond `from`.
-async fn wait_progress(acked: &Acked, from: usize, more: usize, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked_count(acked) < from + more {
-        assert!(Instant::now() < deadline, "writes did not continue {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_follower_then_leader_under_load_loses_nothing() {
     let (mut universe, client, collection) = with_collection("load", CollectionSpec::hash(6)).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked: Acked = Arc::default();
-    let writers = spawn_writers(&collection, 6, &stop, &acked);
-    wait_progress(&acked, 0, 100, "at the start").await;
+    let writers = Writers::spawn(&collection, 6);
+    writers.wait_progress(100, "at the start").await;
 
     // A follower of group G dies: G keeps its quorum and writes go on.
     let groups = client.admin().list_groups().await.expect("groups");
@@ -290,41 +214,19 @@ async fn kill_follower_then_leader_under_load_loses_nothing() {
         .expect("a follower");
     let follower_index = universe.index_of(follower);
     universe.kill_server(follower_index);
-    let at_kill = acked_count(&acked);
-    wait_progress(&acked, at_kill, 200, "after killing a follower").await;
+    writers.wait_progress(200, "after killing a follower").await;
     universe.restart_server(follower_index);
     universe.wait_servers_up(&client, 3).await;
 
     // Now G's leader dies: a new leader is elected and writes go on.
     let leader_index = universe.index_of(leader);
     universe.kill_server(leader_index);
-    let at_kill = acked_count(&acked);
-    wait_progress(&acked, at_kill, 200, "after killing a leader").await;
+    writers.wait_progress(200, "after killing a leader").await;
     universe.restart_server(leader_index);
     universe.wait_servers_up(&client, 3).await;
-    let after_restart = acked_count(&acked);
-    wait_progress(&acked, after_restart, 100, "after the restart").await;
+    writers.wait_progress(100, "after the restart").await;
 
-    stop.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.await.expect("writer task");
-    }
-    let acked = acked.lock().map(|acked| acked.clone()).unwrap_or_default();
-    let mut missing = Vec::new();
-    for (key, value) in &acked {
-        match collection.get(key).await {
-            Ok(Some(found)) if found == value.as_bytes() => {}
-            other => missing.push(format!("{key}: {other:?}")),
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "{} of {} acknowledged writes are missing or wrong: {:?}\n{}",
-        missing.len(),
-        acked.len(),
-        &missing[..missing.len().min(10)],
-        universe.logs()
-    );
+    writers.stop_and_check(|| universe.logs()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -2,8 +2,8 @@
 //! across the listed addresses.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 
+use luna_proto::leader_hint::{self, LeaderSearch};
 use luna_proto::master::master_client::MasterClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status};
@@ -98,19 +98,35 @@ impl Inner {
         Ok(conn)
     }
 
-    fn master_client(&self, index: usize) -> Result<MasterClient<Channel>> {
-        let uri = self
-            .master_uris
-            .get(index)
-            .ok_or_else(|| ClientError::invalid("no master address was given"))?;
+    fn master_client(&self, uri: &str) -> Result<MasterClient<Channel>> {
         Ok(MasterClient::new(self.channel(uri)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
-    /// Calls the master: each listed address in turn (starting with the last one that
-    /// answered) until one answers, then again with backoff until `deadline`. Transport
-    /// failures move on; any other status is the answer, mapped to a [`ClientError`].
+    /// Remembers `uri` as the master to call first.
+    pub(crate) fn prefer_master(&self, uri: &str) {
+        let mut preferred = self
+            .preferred_master
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *preferred != uri {
+            *preferred = uri.to_owned();
+        }
+    }
+
+    fn preferred_master(&self) -> String {
+        self.preferred_master
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Calls the master: the one that answered last first, then the leader a replica names
+    /// (listed or not, so any one replica's address finds the leader), else each listed
+    /// address in turn, until one answers; then again with backoff until `deadline`.
+    /// Transport failures and replicas that do not lead move on; any other status is the
+    /// answer, mapped to a [`ClientError`].
     ///
     /// A call whose answer was lost is sent again, so a retried create may report
     /// [`ClientError::AlreadyExists`] for an object it created itself.
@@ -128,28 +144,33 @@ impl Inner {
         let mut backoff = Backoff::new(&self.options, self.next_seed());
         let mut last = String::from("no attempt was made before the deadline");
         loop {
-            let first = self.preferred_master.load(Ordering::Relaxed);
-            for step in 0..count {
-                let index = (first + step) % count;
+            let mut search = LeaderSearch::new(&self.master_uris, self.preferred_master());
+            // Every listed address once, plus one hop to a named leader.
+            for _ in 0..=count {
                 let timeout = deadline.attempt_timeout(self.options.request_timeout);
                 if timeout.is_zero() {
                     break;
                 }
-                let request = call(self.master_client(index)?);
-                match tokio::time::timeout(timeout, request).await {
+                let uri = search.current().to_owned();
+                let request = call(self.master_client(&uri)?);
+                let hint = match tokio::time::timeout(timeout, request).await {
                     Ok(Ok(response)) => {
-                        self.preferred_master.store(index, Ordering::Relaxed);
+                        self.prefer_master(&uri);
                         return Ok(response.into_inner());
                     }
                     Ok(Err(status)) if is_transport_failure(&status) => {
-                        last = format!("{}: {}", self.masters[index], describe_status(&status));
+                        last = format!("{uri}: {}", describe_status(&status));
+                        // A replica that does not lead names the one that does.
+                        leader_hint::read(&status).and_then(|hint| normalize_addr(&hint).ok())
                     }
                     Ok(Err(status)) => return Err(ClientError::from_status(&status)),
                     Err(_) => {
-                        last = format!("{}: no answer within {timeout:?}", self.masters[index]);
+                        last = format!("{uri}: no answer within {timeout:?}");
+                        None
                     }
-                }
+                };
                 debug!(operation, %last, "master call failed");
+                search.next(hint);
             }
             if !deadline.sleep(backoff.next_wait()).await {
                 return Err(ClientError::MasterUnreachable {

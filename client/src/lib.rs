@@ -54,7 +54,7 @@ mod routing;
 mod scan;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -151,8 +151,9 @@ pub(crate) struct Inner {
     pub(crate) masters: Vec<String>,
     /// The same, as URIs.
     pub(crate) master_uris: Vec<String>,
-    /// The master that answered last.
-    pub(crate) preferred_master: AtomicUsize,
+    /// The URI of the master that answered last: a listed one, or the leader a listed
+    /// replica named.
+    pub(crate) preferred_master: Mutex<String>,
     /// One channel per server address.
     pub(crate) channels: Mutex<HashMap<String, Channel>>,
     /// One multiplexed stream per tablet server address.
@@ -189,8 +190,8 @@ impl Inner {
         Ok(Inner {
             options,
             masters,
+            preferred_master: Mutex::new(master_uris[0].clone()),
             master_uris,
-            preferred_master: AtomicUsize::new(0),
             channels: Mutex::new(HashMap::new()),
             tablet_conns: Mutex::new(HashMap::new()),
             client_id: Bytes::copy_from_slice(uuid::Uuid::new_v4().as_bytes()),
@@ -260,10 +261,10 @@ impl Client {
     {
         let inner = Inner::new(master_addrs, options)?;
         let mut failures = Vec::new();
-        for (index, uri) in inner.master_uris.iter().enumerate() {
+        for uri in &inner.master_uris {
             match inner.connect_now(uri).await {
                 Ok(()) => {
-                    inner.preferred_master.store(index, Ordering::Relaxed);
+                    inner.prefer_master(uri);
                     return Ok(Client {
                         inner: Arc::new(inner),
                     });

@@ -116,6 +116,19 @@ pub struct Leadership {
     pub is_leader: bool,
 }
 
+impl Leadership {
+    /// `Ok` if this replica leads, else [`StreamError::NotLeader`] with the known leader.
+    pub fn check_leads(&self) -> Result<(), StreamError> {
+        if self.is_leader {
+            return Ok(());
+        }
+        Err(StreamError::NotLeader {
+            leader_hint: self.leader_id,
+            term: self.term,
+        })
+    }
+}
+
 /// Errors returned by [`Stream`] operations.
 ///
 /// Cheap to clone: one failed fsync fails every append it covered, each with the same error.
@@ -260,6 +273,15 @@ pub trait Stream: Send + Sync {
     /// The linearizable read barrier: an index that this replica must have applied before
     /// serving a read. Works on followers too (it asks the leader).
     async fn read_index(&self) -> Result<u64, StreamError>;
+
+    /// A read barrier like [`read_index`](Self::read_index) that also proves this replica
+    /// still leads: it fails on a replica that does not lead. A leader holding a lease may
+    /// answer from its committed index without a round trip. A single-replica stream is
+    /// its own quorum, so by default this is `read_index` on a leader.
+    async fn lease_read(&self) -> Result<u64, StreamError> {
+        self.leadership().check_leads()?;
+        self.read_index().await
+    }
 }
 
 #[cfg(test)]

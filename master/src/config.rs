@@ -1,5 +1,6 @@
 //! Master settings and the injectable wall clock.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,6 +53,13 @@ pub struct MasterConfig {
     pub tso_window: Duration,
     /// The wall clock (proposal stamps and TSO physical time).
     pub clock: Arc<dyn Clock>,
+    /// The client (gRPC) address of every master replica, by its replica id on the master's
+    /// stream. A replica that does not lead names the leader's address in its answers, so
+    /// clients go there next. Empty for a single master.
+    pub replica_addrs: BTreeMap<u64, String>,
+    /// How long a request waits for a leader while the master replicas elect one (or the
+    /// new leader catches up) before it fails as unavailable.
+    pub election_wait: Duration,
 }
 
 impl Default for MasterConfig {
@@ -63,6 +71,8 @@ impl Default for MasterConfig {
             heartbeat_timeout: Duration::from_secs(10),
             tso_window: Duration::from_secs(3),
             clock: Arc::new(SystemClock),
+            replica_addrs: BTreeMap::new(),
+            election_wait: Duration::from_secs(2),
         }
     }
 }

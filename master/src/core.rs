@@ -54,6 +54,10 @@ pub(crate) struct Core {
     failure: Mutex<Option<MasterError>>,
     /// Set to stop the apply loop and open watch streams.
     pub shutdown: watch::Sender<bool>,
+    /// The term this replica serves as leader: set once the term's activation caught its
+    /// state up and reset its TSO and soft state (see `leadership.rs`); 0 before that.
+    /// Changed only under the `tso` lock, so a TSO allocator always belongs to this term.
+    pub serving: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Core {
@@ -70,17 +74,14 @@ impl std::fmt::Debug for Core {
 pub(crate) type Turn<'a> = tokio::sync::MutexGuard<'a, ()>;
 
 impl Core {
-    /// Replays the stream and returns the core once it has caught up with everything
-    /// committed before the call, with the task applying later entries.
+    /// Starts the task that applies the stream from index 1 and the one that takes over
+    /// when this replica is elected (see `leadership.rs`). Returns once this replica serves
+    /// as leader or knows another leader, or after `election_wait`.
     pub async fn open(
         config: MasterConfig,
         stream: Arc<dyn Stream>,
     ) -> Result<(Arc<Self>, JoinHandle<()>), MasterError> {
         config.validate()?;
-        let caught_up = stream
-            .read_index()
-            .await
-            .map_err(|e| MasterError::stream("reading the committed index", e))?;
         let subscription = stream
             .subscribe(1)
             .await
@@ -98,29 +99,54 @@ impl Core {
             tso: tokio::sync::Mutex::new(TsoAllocator::new(0)),
             failure: Mutex::new(None),
             shutdown: watch::Sender::new(false),
+            serving: watch::Sender::new(0),
         });
-        let task = tokio::spawn(apply_loop(Arc::clone(&core), subscription, applied_tx));
-        if let Err(error) = core.wait_applied(caught_up).await {
-            core.shutdown.send_replace(true);
-            let _ = task.await;
-            return Err(error);
-        }
-        let limit = core.read_state().tso_limit;
-        let start_ms = core
+        let applying = tokio::spawn(apply_loop(Arc::clone(&core), subscription, applied_tx));
+        let leading = tokio::spawn(crate::leadership::leadership_loop(Arc::clone(&core)));
+        let task = tokio::spawn(async move {
+            // Both loops end on shutdown; the handle covers both.
+            let _ = applying.await;
+            let _ = leading.await;
+        });
+        core.settle().await;
+        Ok((core, task))
+    }
+
+    /// Takes over as the leader of `term`: catches the state up with everything committed
+    /// (a read barrier as the leader covers every earlier leader's entries), then starts the
+    /// TSO above the persisted window and forgets soft state from earlier terms.
+    pub(crate) async fn activate(&self, term: u64) -> Result<(), MasterError> {
+        let index = self
+            .stream
+            .read_index()
+            .await
+            .map_err(|e| MasterError::stream("reading the committed index", e))?;
+        self.wait_applied(index).await?;
+        let mut tso = self.tso.lock().await;
+        let limit = self.read_state().tso_limit;
+        *tso = TsoAllocator::new(limit);
+        // Leaders and liveness are rebuilt from this term's heartbeats: an earlier term's
+        // record on this replica may be arbitrarily old.
+        *self.registry() = Registry::default();
+        // Routing versions of a term start above every version an earlier leader served
+        // (its versions started at its own start time, and the TSO limit is past that).
+        let start_ms = self
             .config
             .clock
             .now_ms()
             .max(physical_ms(limit).saturating_add(1));
-        core.routing_version.send_modify(|version| {
-            *version = (*version).max(start_ms.saturating_mul(1 << ROUTING_VERSION_SHIFT));
+        self.routing_version.send_modify(|version| {
+            *version = (*version).max(start_ms.saturating_mul(1 << ROUTING_VERSION_SHIFT)) + 1;
         });
-        *core.tso.lock().await = TsoAllocator::new(limit);
+        self.serving.send_replace(term);
+        drop(tso);
         tracing::info!(
-            applied_index = caught_up,
-            databases = core.read_state().databases.len(),
-            "master state replayed"
+            term,
+            applied_index = index,
+            databases = self.read_state().databases.len(),
+            "master replica leads"
         );
-        Ok((core, task))
+        Ok(())
     }
 
     /// The applied state, for reading.
@@ -142,9 +168,9 @@ impl Core {
         self.routing_version.send_modify(|version| *version += 1);
     }
 
-    /// Waits for the turn to propose.
+    /// Waits for the turn to propose (on the leader only).
     pub async fn turn(&self) -> Result<Turn<'_>, MasterError> {
-        self.check_running()?;
+        self.lead().await?;
         Ok(self.proposals.lock().await)
     }
 
@@ -166,22 +192,12 @@ impl Core {
         })
     }
 
-    /// Fails if the stream says this replica does not lead (only the leader may propose or
-    /// hand out timestamps).
-    pub fn check_leader(&self) -> Result<(), MasterError> {
-        let leadership = self.stream.leadership();
-        if leadership.is_leader {
-            return Ok(());
-        }
-        Err(MasterError::Unavailable {
-            message: format!(
-                "this master replica does not lead term {} (leader: {:?})",
-                leadership.term, leadership.leader_id
-            ),
-        })
+    /// The stream this replica's state lives on.
+    pub fn stream(&self) -> &dyn Stream {
+        self.stream.as_ref()
     }
 
-    fn check_running(&self) -> Result<(), MasterError> {
+    pub(crate) fn check_running(&self) -> Result<(), MasterError> {
         match lock(&self.failure).clone() {
             Some(error) => Err(error),
             None if *self.shutdown.borrow() => Err(MasterError::Closed),

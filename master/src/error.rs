@@ -45,6 +45,18 @@ pub enum MasterError {
         message: String,
     },
 
+    /// This replica does not lead the master's stream; the request belongs on the leader.
+    #[error("this master replica does not lead (term {term}); {}", match .leader_addr {
+        Some(addr) => format!("the leader is at {addr}"),
+        None => "no leader is known yet".to_owned(),
+    })]
+    NotLeader {
+        /// The leader's client address, when this replica knows it.
+        leader_addr: Option<String>,
+        /// The latest term this replica has seen.
+        term: u64,
+    },
+
     /// The master's journal stream failed.
     #[error("master journal: {context}: {source}")]
     Stream {
@@ -118,7 +130,9 @@ impl MasterError {
             Self::NotFound { .. } => tonic::Code::NotFound,
             Self::AlreadyExists { .. } => tonic::Code::AlreadyExists,
             Self::FailedPrecondition { .. } => tonic::Code::FailedPrecondition,
-            Self::Unavailable { .. } | Self::Closed => tonic::Code::Unavailable,
+            Self::Unavailable { .. } | Self::NotLeader { .. } | Self::Closed => {
+                tonic::Code::Unavailable
+            }
             // Losing leadership or a quorum is transient; a broken disk or log is not.
             Self::Stream { source, .. } => match source {
                 StreamError::NotLeader { .. }
@@ -143,7 +157,15 @@ impl From<MasterError> for tonic::Status {
             }
             _ => error.to_string(),
         };
-        tonic::Status::new(error.code(), message)
+        let mut status = tonic::Status::new(error.code(), message);
+        if let MasterError::NotLeader {
+            leader_addr: Some(addr),
+            ..
+        } = &error
+        {
+            luna_proto::leader_hint::attach(&mut status, addr);
+        }
+        status
     }
 }
 
@@ -166,6 +188,16 @@ mod tests {
         let status = tonic::Status::from(not_leader);
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(status.message().contains("retry"));
+        let status = tonic::Status::from(MasterError::NotLeader {
+            leader_addr: Some("127.0.0.1:7421".into()),
+            term: 3,
+        });
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            luna_proto::leader_hint::read(&status).as_deref(),
+            Some("127.0.0.1:7421")
+        );
+        assert!(status.message().contains("the leader is at 127.0.0.1:7421"));
         let corrupt = MasterError::Corrupt {
             index: 3,
             reason: "bad".into(),

@@ -22,6 +22,7 @@ mod config;
 mod core;
 mod error;
 mod heartbeat;
+mod leadership;
 mod ops;
 mod placement;
 mod routing;

@@ -171,8 +171,10 @@ impl Core {
                 "{count} timestamps asked for; ask for at most {MAX_TIMESTAMP_BATCH} at a time"
             )));
         }
-        self.check_leader()?;
+        self.lead().await?;
         let mut tso = self.tso.lock().await;
+        // The allocator was reset for this term (under this lock) when it began.
+        let term = *self.serving.borrow();
         let now = self.config.clock.now_ms();
         let limit = self.read_state().tso_limit;
         let plan = tso.plan(now, count, limit, self.config.tso_window_ms())?;
@@ -190,6 +192,7 @@ impl Core {
                 "the persisted TSO window does not cover the batch",
             ));
         }
+        self.check_lease(term).await?;
         tso.commit(plan.batch);
         Ok(plan.batch)
     }
@@ -200,6 +203,8 @@ impl Core {
         request: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, MasterError> {
         heartbeat::validate(request)?;
+        // Only the leader knows every registered server and keeps liveness.
+        self.lead().await?;
         let server_id = self.register_if_needed(request).await?;
         {
             let state = self.read_state();

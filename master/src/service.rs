@@ -28,6 +28,13 @@ impl MasterService {
     pub(crate) fn new(core: Arc<Core>) -> Self {
         Self { core }
     }
+
+    /// The core, once this replica serves as leader: reads of a replica that does not lead
+    /// could be stale, so they are redirected like writes.
+    async fn leader(&self) -> Result<&Core, Status> {
+        self.core.lead().await?;
+        Ok(&self.core)
+    }
 }
 
 /// The routing tables of one WatchRouting call.
@@ -58,7 +65,7 @@ impl MasterRpc for MasterService {
         _request: Request<ListDatabasesRequest>,
     ) -> Result<Response<ListDatabasesResponse>, Status> {
         Ok(Response::new(ListDatabasesResponse {
-            databases: self.core.list_databases(),
+            databases: self.leader().await?.list_databases(),
         }))
     }
 
@@ -87,7 +94,10 @@ impl MasterRpc for MasterService {
         &self,
         request: Request<ListCollectionsRequest>,
     ) -> Result<Response<ListCollectionsResponse>, Status> {
-        let collections = self.core.list_collections(&request.get_ref().database)?;
+        let collections = self
+            .leader()
+            .await?
+            .list_collections(&request.get_ref().database)?;
         Ok(Response::new(ListCollectionsResponse { collections }))
     }
 
@@ -96,7 +106,7 @@ impl MasterRpc for MasterService {
         _request: Request<ListServersRequest>,
     ) -> Result<Response<ListServersResponse>, Status> {
         Ok(Response::new(ListServersResponse {
-            servers: self.core.list_servers(),
+            servers: self.leader().await?.list_servers(),
         }))
     }
 
@@ -105,7 +115,7 @@ impl MasterRpc for MasterService {
         _request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
         Ok(Response::new(ListGroupsResponse {
-            groups: self.core.list_groups(),
+            groups: self.leader().await?.list_groups(),
         }))
     }
 
@@ -115,7 +125,8 @@ impl MasterRpc for MasterService {
     ) -> Result<Response<ListTabletsResponse>, Status> {
         let request = request.get_ref();
         let tablets = self
-            .core
+            .leader()
+            .await?
             .list_tablets(&request.database, &request.collection)?;
         Ok(Response::new(ListTabletsResponse { tablets }))
     }
@@ -125,7 +136,10 @@ impl MasterRpc for MasterService {
         request: Request<GetRoutingRequest>,
     ) -> Result<Response<CollectionRoute>, Status> {
         let request = request.get_ref();
-        let route = self.core.routing(&request.database, &request.collection)?;
+        let route = self
+            .leader()
+            .await?
+            .routing(&request.database, &request.collection)?;
         Ok(Response::new(route))
     }
 
@@ -136,22 +150,28 @@ impl MasterRpc for MasterService {
         request: Request<WatchRoutingRequest>,
     ) -> Result<Response<Self::WatchRoutingStream>, Status> {
         let after = request.get_ref().after_version;
+        self.core.lead().await?;
         let core = Arc::clone(&self.core);
+        // The stream ends with the term it started in: the watcher reconnects and finds
+        // the new leader, whose table is the one that counts.
+        let term = *core.serving.borrow();
         let versions = core.routing_version.subscribe();
         let shutdown = core.shutdown.subscribe();
+        let serving = core.serving.subscribe();
         let tables = futures::stream::unfold(
-            (core, versions, shutdown, after),
-            |(core, mut versions, mut shutdown, after)| async move {
+            (core, versions, shutdown, serving, after),
+            move |(core, mut versions, mut shutdown, mut serving, after)| async move {
                 let changed = tokio::select! {
                     changed = versions.wait_for(|&version| version > after) => changed.is_ok(),
                     _ = shutdown.wait_for(|&stop| stop) => false,
+                    _ = serving.wait_for(|&served| served != term) => false,
                 };
                 if !changed {
                     return None;
                 }
                 let table = core.routing_table();
                 let sent = table.routing_version;
-                Some((Ok(table), (core, versions, shutdown, sent)))
+                Some((Ok(table), (core, versions, shutdown, serving, sent)))
             },
         );
         Ok(Response::new(Box::pin(tables)))

@@ -3,6 +3,7 @@
 //! servers must agree on ([`keys`]).
 
 pub mod keys;
+pub mod leader_hint;
 pub mod multiplex;
 
 /// Generated code, nested like the proto packages so cross-package references resolve.

@@ -16,7 +16,7 @@ use crate::error::CliError;
 /// How to reach the universe, and how to print.
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
-    /// The master's address.
+    /// The master's address, or the master replicas' addresses separated by commas.
     #[arg(
         long,
         global = true,
@@ -31,7 +31,7 @@ pub struct Connection {
 
 impl Connection {
     async fn connect(&self) -> Result<Client, CliError> {
-        Ok(Client::connect([self.master.as_str()]).await?)
+        Ok(Client::connect(master_addrs(&self.master)).await?)
     }
 }
 
@@ -92,4 +92,12 @@ fn collection_path(path: &str) -> Result<(&str, &str), CliError> {
             "`{path}` is not DATABASE/COLLECTION, e.g. app/users"
         ))),
     }
+}
+
+/// The addresses in a `--master` value: one, or several separated by commas.
+pub fn master_addrs(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|addr| !addr.is_empty())
+        .collect()
 }

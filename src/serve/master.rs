@@ -1,13 +1,12 @@
-//! `luna master`: one master replica, its state on a local journal stream.
+//! `luna master`: a master replica, its state on a local journal stream, or on a raft
+//! stream shared with the other replicas (`--replica-id` and `--replica`).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use luna_journal::{LocalConfig, LocalStream};
-use luna_kernel::stream::Stream;
 use luna_master::{Master, MasterConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -18,6 +17,7 @@ use prometheus::{Encoder, Registry, TextEncoder};
 
 use super::grpc_metrics::GrpcMetrics;
 use super::http::{HttpEndpoint, MetricsFn};
+use super::master_journal::{MasterJournal, ReplicaAddrs, check_replicas};
 use super::{parse_addr, shutdown_signal};
 use crate::error::CliError;
 use crate::stdout::say;
@@ -28,8 +28,8 @@ pub struct MasterArgs {
     /// Directory of the master's state (its journal).
     #[arg(long, env = "LUNA_DATA_DIR", default_value = "luna-data/master")]
     pub data_dir: PathBuf,
-    /// gRPC address to serve on.
-    #[arg(long, default_value = "127.0.0.1:7420")]
+    /// gRPC address to serve on (a replica serves on its own `--replica` entry instead).
+    #[arg(long, default_value = "127.0.0.1:7420", conflicts_with = "replicas")]
     pub listen: String,
     /// HTTP address of /metrics and /health.
     #[arg(long, default_value = "127.0.0.1:7480")]
@@ -40,12 +40,24 @@ pub struct MasterArgs {
     /// Seconds without a heartbeat after which a tablet server counts as down.
     #[arg(long, default_value_t = 10)]
     pub heartbeat_timeout_secs: u64,
+    /// This replica's id, for a replicated master: one of the `--replica` ids.
+    #[arg(long, requires = "replicas")]
+    pub replica_id: Option<u64>,
+    /// Every master replica, as ID=CLIENT_ADDR/RAFT_ADDR (repeat the flag, or separate
+    /// with commas); the same list on each replica. Without it the master runs alone.
+    #[arg(
+        long = "replica",
+        id = "replicas",
+        value_delimiter = ',',
+        requires = "replica_id"
+    )]
+    pub replicas: Vec<ReplicaAddrs>,
 }
 
 /// A master replica serving gRPC and HTTP.
 pub struct MasterProcess {
     master: Master,
-    stream: Arc<LocalStream>,
+    journal: MasterJournal,
     addr: SocketAddr,
     http: HttpEndpoint,
     stop_serving: Option<oneshot::Sender<()>>,
@@ -53,32 +65,24 @@ pub struct MasterProcess {
 }
 
 impl MasterProcess {
-    /// Opens the master's journal in `data_dir`, replays it, and serves on the addresses.
+    /// Opens the master on `journal` and serves gRPC on `listener` and HTTP on `http`.
     pub async fn start(
-        data_dir: &Path,
-        listen: SocketAddr,
+        listener: TcpListener,
         http: SocketAddr,
+        journal: MasterJournal,
         config: MasterConfig,
     ) -> Result<MasterProcess, CliError> {
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| CliError::Listen {
-                addr: listen.to_string(),
-                source,
-            })?;
         let addr = listener.local_addr().map_err(|source| CliError::Io {
             what: "reading the master's address",
             source,
         })?;
-        let stream = Arc::new(
-            LocalStream::open(LocalConfig::new(data_dir.join("journal"))).map_err(|source| {
-                CliError::Journal {
-                    what: "opening the master's journal",
-                    source,
-                }
-            })?,
-        );
-        let master = Master::open(config, Arc::clone(&stream) as Arc<dyn Stream>).await?;
+        let master = match Master::open(config, journal.stream()).await {
+            Ok(master) => master,
+            Err(error) => {
+                journal.close().await;
+                return Err(error.into());
+            }
+        };
         let service = master.service();
         let registry = Registry::new_custom(Some("luna".to_owned()), None)
             .map_err(|error| CliError::Invalid(format!("metrics registry: {error}")))?;
@@ -109,7 +113,7 @@ impl MasterProcess {
         let http = HttpEndpoint::start(http, metrics).await?;
         Ok(MasterProcess {
             master,
-            stream,
+            journal,
             addr,
             http,
             stop_serving: Some(stop_serving),
@@ -137,18 +141,26 @@ impl MasterProcess {
         let _ = (&mut self.serving).await;
         self.http.stop().await;
         self.master.shutdown().await;
-        // Connection tasks of the stopped service let go of the master a moment later;
-        // closing the journal then waits for its writer. Were it still shared, dropping it
-        // is safe too: every acknowledged entry is already fsynced.
-        let mut stream = self.stream;
-        for _ in 0..50 {
-            match Arc::try_unwrap(stream) {
-                Ok(stream) => return stream.close().await,
-                Err(shared) => stream = shared,
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.journal.close().await;
     }
+}
+
+/// Binds a gRPC listener, with the address in the error.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, CliError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| CliError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// The client addresses of `replicas`, by id, for the master's leader hints.
+pub fn replica_addrs(replicas: &[ReplicaAddrs]) -> std::collections::BTreeMap<u64, String> {
+    replicas
+        .iter()
+        .map(|replica| (replica.id, replica.client.to_string()))
+        .collect()
 }
 
 /// The master settings the flags ask for.
@@ -162,13 +174,33 @@ pub fn master_config(replication_factor: u32, heartbeat_timeout: Duration) -> Ma
 
 /// Runs `luna master` until Ctrl-C.
 pub async fn run(args: MasterArgs) -> Result<(), CliError> {
-    let listen = parse_addr("listen", &args.listen)?;
     let http = parse_addr("http", &args.http)?;
-    let config = master_config(
+    let mut config = master_config(
         args.replication_factor,
         Duration::from_secs(args.heartbeat_timeout_secs),
     );
-    let process = MasterProcess::start(&args.data_dir, listen, http, config).await?;
+    let process = match args.replica_id {
+        None => {
+            let listener = bind(parse_addr("listen", &args.listen)?).await?;
+            let journal = MasterJournal::local(&args.data_dir)?;
+            MasterProcess::start(listener, http, journal, config).await?
+        }
+        Some(me) => {
+            check_replicas(&args.replicas, me)?;
+            let own = args
+                .replicas
+                .iter()
+                .find(|replica| replica.id == me)
+                .ok_or_else(|| CliError::Invalid(format!("no --replica entry for {me}")))?;
+            let listener = bind(own.client).await?;
+            let raft_listener = bind(own.raft).await?;
+            let journal =
+                MasterJournal::replicated(&args.data_dir, me, &args.replicas, raft_listener)
+                    .await?;
+            config.replica_addrs = replica_addrs(&args.replicas);
+            MasterProcess::start(listener, http, journal, config).await?
+        }
+    };
     say(format_args!(
         "master serving on {} (http://{})",
         process.addr(),

@@ -4,6 +4,7 @@
 pub mod grpc_metrics;
 pub mod http;
 pub mod master;
+pub mod master_journal;
 pub mod metrics;
 pub mod start;
 pub mod tablet;

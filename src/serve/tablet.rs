@@ -18,7 +18,7 @@ use crate::store_args::StoreArgs;
 /// Flags of `luna tablet-server`.
 #[derive(Debug, Args)]
 pub struct TabletServerArgs {
-    /// The master's gRPC address.
+    /// The master's gRPC address, or the master replicas' addresses separated by commas.
     #[arg(long, env = "LUNA_MASTER", default_value = "127.0.0.1:7420")]
     pub master: String,
     /// Tablet service address (port 0 picks a free port).
@@ -72,7 +72,14 @@ impl TabletProcess {
             })
         };
         let http = HttpEndpoint::start(http, metrics).await?;
-        let mut config = TabletServerConfig::new(data_dir, master, object_store);
+        let mut config = TabletServerConfig::new(
+            data_dir,
+            crate::cli::master_addrs(master)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            object_store,
+        );
         config.listen_addr = listen;
         config.raft_listen_addr = raft_listen;
         config.http_addr = http.addr().to_string();

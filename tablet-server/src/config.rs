@@ -17,8 +17,8 @@ pub struct TabletServerConfig {
     /// The universe's object store; every collection's BaseStore lives under
     /// `collections/{id}` in it.
     pub object_store: Arc<LunaObjectStore>,
-    /// The master's gRPC address.
-    pub master_addr: String,
+    /// The gRPC addresses of the master replicas (any one finds the leader).
+    pub master_addrs: Vec<String>,
     /// Where to serve the tablet service (port 0 picks one).
     pub listen_addr: SocketAddr,
     /// Where to serve the journal transport (port 0 picks one).
@@ -47,17 +47,18 @@ pub struct TabletServerConfig {
 
 impl TabletServerConfig {
     /// Defaults for a server keeping its state in `data_dir`, reaching the master at
-    /// `master_addr`, with the universe's objects in `object_store`.
+    /// `master_addrs` (one address, or every master replica's), with the universe's
+    /// objects in `object_store`.
     pub fn new(
         data_dir: impl Into<PathBuf>,
-        master_addr: impl Into<String>,
+        master_addrs: Vec<String>,
         object_store: Arc<LunaObjectStore>,
     ) -> Self {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         Self {
             data_dir: data_dir.into(),
             object_store,
-            master_addr: master_addr.into(),
+            master_addrs,
             listen_addr: loopback,
             raft_listen_addr: loopback,
             http_addr: String::new(),

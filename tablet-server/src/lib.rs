@@ -12,11 +12,11 @@ mod config;
 mod error;
 mod group;
 mod hosting;
+mod master_link;
 mod metrics;
 mod server;
 mod service;
 mod stores;
-mod tso;
 
 pub use config::TabletServerConfig;
 pub use error::{Result, TabletServerError};

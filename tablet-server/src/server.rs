@@ -8,23 +8,21 @@ use std::time::Duration;
 
 use luna_journal::raft::grpc::GrpcNode;
 use luna_proto::master as mpb;
-use luna_proto::master::master_client::MasterClient;
 use luna_proto::tablet::tablet_server::TabletServer as TabletGrpcServer;
 use luna_storage::MemoryBudget;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Channel;
 
 use crate::config::TabletServerConfig;
 use crate::error::{Result, TabletServerError};
 use crate::group::GroupContext;
 use crate::hosting::Hosting;
+use crate::master_link::MasterLink;
 use crate::metrics::ServerMetrics;
 use crate::service::TabletService;
 use crate::stores::CollectionStores;
-use crate::tso::{TsoClient, master_endpoint};
 
 /// The file in the data directory that keeps the id the master gave this server.
 const SERVER_ID_FILE: &str = "server-id";
@@ -55,10 +53,10 @@ impl TabletServer {
         let raft_listener = bind(config.raft_listen_addr).await?;
         let addr = local_addr(&listener)?;
         let raft_addr = local_addr(&raft_listener)?;
-        let mut master = MasterClient::new(master_endpoint(&config.master_addr)?.connect_lazy());
+        let master = Arc::new(MasterLink::new(&config.master_addrs)?);
 
         let known_id = read_server_id(&config.data_dir)?;
-        let first = register(&mut master, &config, known_id, addr, raft_addr).await?;
+        let first = register(&master, &config, known_id, addr, raft_addr).await?;
         let server_id = first.server_id;
         if known_id != Some(server_id) {
             write_server_id(&config.data_dir, server_id)?;
@@ -77,7 +75,7 @@ impl TabletServer {
             ),
             budget: Arc::new(MemoryBudget::new(config.memory_limit)),
             memstore: config.memstore,
-            tso: TsoClient::new(&config.master_addr)?,
+            master: Arc::clone(&master),
             tablet_groups: RwLock::new(HashMap::new()),
             peer_addrs: RwLock::new(HashMap::new()),
             max_batch_writes: config.max_batch_writes.max(1),
@@ -191,7 +189,7 @@ fn heartbeat_request(
 /// The first heartbeat: registers (or re-announces) this server, waiting for the master
 /// with backoff, since servers may start before it.
 async fn register(
-    master: &mut MasterClient<Channel>,
+    master: &MasterLink,
     config: &TabletServerConfig,
     known_id: Option<u64>,
     addr: SocketAddr,
@@ -207,16 +205,16 @@ async fn register(
             Vec::new(),
             0,
         );
-        match master.heartbeat(request).await {
-            Ok(response) => return Ok(response.into_inner()),
+        match master.heartbeat(&request).await {
+            Ok(response) => return Ok(response),
             Err(status) if status.code() == tonic::Code::FailedPrecondition => {
                 return Err(TabletServerError::Master {
-                    addr: config.master_addr.clone(),
+                    addr: master.addrs(),
                     detail: status.message().to_owned(),
                 });
             }
             Err(status) => {
-                tracing::info!(master = %config.master_addr, error = %status.message(), "waiting for the master");
+                tracing::info!(master = %master.addrs(), error = %status.message(), "waiting for the master");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -226,7 +224,7 @@ async fn register(
 
 async fn heartbeat_loop(
     hosting: Arc<Hosting>,
-    mut master: MasterClient<Channel>,
+    master: Arc<MasterLink>,
     config: TabletServerConfig,
     addr: SocketAddr,
     raft_addr: SocketAddr,
@@ -244,10 +242,10 @@ async fn heartbeat_loop(
             hosting.report(),
             memory,
         );
-        match master.heartbeat(request).await {
-            Ok(response) => hosting.apply_assignment(&response.into_inner()).await,
+        match master.heartbeat(&request).await {
+            Ok(response) => hosting.apply_assignment(&response).await,
             Err(status) => {
-                tracing::warn!(master = %config.master_addr, error = %status.message(), "heartbeat failed");
+                tracing::warn!(master = %master.addrs(), error = %status.message(), "heartbeat failed");
             }
         }
     }

@@ -83,7 +83,7 @@ async fn start_server(
 ) -> TabletServer {
     let mut config = TabletServerConfig::new(
         dir.join(format!("server-{i}")),
-        master.to_string(),
+        vec![master.to_string()],
         Arc::clone(store),
     );
     config.heartbeat_interval = Duration::from_millis(100);

@@ -1,8 +1,10 @@
 //! A universe of real `luna` processes on loopback for integration tests: one `luna master`
-//! and `luna tablet-server`s, each a child process killed by PID when the test ends (also
-//! on panic), with its log in the test's directory.
+//! (or three replicated ones) and `luna tablet-server`s, each a child process killed by PID
+//! when the test ends (also on panic), with its log in the test's directory.
 
 #![allow(dead_code)]
+
+pub mod load;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -83,10 +85,21 @@ fn word_after<'a>(banner: &'a str, marker: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no `{marker}` in `{banner}`"))
 }
 
-/// A master and tablet servers sharing one `file://` object store.
+/// A free loopback port, for processes that must know each other's addresses before they
+/// start (another process may take it meanwhile, which fails the test loudly, not wrongly).
+pub fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").to_string()
+}
+
+/// The master's processes, and tablet servers sharing one `file://` object store.
 pub struct Universe {
     pub dir: tempfile::TempDir,
-    pub master: Option<Proc>,
+    /// One master, or the replicas of a replicated one (by replica id - 1).
+    pub masters: Vec<Option<Proc>>,
+    /// The `--replica` entries of a replicated master (empty for one master).
+    pub replicas: Vec<String>,
+    /// The client address of every master, separated by commas.
     pub master_addr: String,
     pub servers: Vec<Option<Proc>>,
 }
@@ -94,11 +107,32 @@ pub struct Universe {
 impl Universe {
     /// Starts a master and `servers` tablet servers.
     pub fn start(servers: usize) -> Universe {
+        Universe::start_with_masters(1, servers)
+    }
+
+    /// Starts `masters` master replicas (one runs alone, on a local journal) and `servers`
+    /// tablet servers.
+    pub fn start_with_masters(masters: usize, servers: usize) -> Universe {
         let dir = tempfile::tempdir().expect("tempdir");
+        let replicas: Vec<String> = match masters {
+            1 => Vec::new(),
+            _ => (1..=masters)
+                .map(|id| format!("{id}={}/{}", free_addr(), free_addr()))
+                .collect(),
+        };
+        let master_addr = match masters {
+            1 => "127.0.0.1:0".to_owned(),
+            _ => replicas
+                .iter()
+                .map(|replica| replica_client_addr(replica).to_owned())
+                .collect::<Vec<_>>()
+                .join(","),
+        };
         let mut universe = Universe {
             dir,
-            master: None,
-            master_addr: "127.0.0.1:0".to_owned(),
+            masters: (0..masters).map(|_| None).collect(),
+            replicas,
+            master_addr,
             servers: Vec::new(),
         };
         universe.start_master();
@@ -113,14 +147,22 @@ impl Universe {
         self.dir.path().join(name)
     }
 
-    /// (Re)starts the master, on its first address after the first start.
+    /// (Re)starts every master process that is not running, on its first address after
+    /// the first start.
     pub fn start_master(&mut self) {
-        let args: Vec<String> = [
+        for i in 0..self.masters.len() {
+            if self.masters[i].is_none() {
+                self.restart_master(i);
+            }
+        }
+    }
+
+    /// (Re)starts master process `i` on its data directory.
+    pub fn restart_master(&mut self, i: usize) {
+        let mut args: Vec<String> = [
             "master",
             "--data-dir",
-            &self.path("master").display().to_string(),
-            "--listen",
-            &self.master_addr,
+            &self.path(&format!("master-{i}")).display().to_string(),
             "--http",
             "127.0.0.1:0",
             "--heartbeat-timeout-secs",
@@ -129,9 +171,32 @@ impl Universe {
         .iter()
         .map(|arg| (*arg).to_owned())
         .collect();
-        let master = spawn(&args, &self.path("master.log"));
-        self.master_addr = word_after(&master.banner, "serving on ").to_owned();
-        self.master = Some(master);
+        if self.replicas.is_empty() {
+            args.extend(["--listen".to_owned(), self.master_addr.clone()]);
+        } else {
+            args.extend(["--replica-id".to_owned(), (i + 1).to_string()]);
+            args.extend(["--replica".to_owned(), self.replicas.join(",")]);
+        }
+        let master = spawn(&args, &self.path(&format!("master-{i}.log")));
+        if self.replicas.is_empty() {
+            self.master_addr = word_after(&master.banner, "serving on ").to_owned();
+        }
+        self.masters[i] = Some(master);
+    }
+
+    /// SIGKILLs master process `i`.
+    pub fn kill_master(&mut self, i: usize) {
+        if let Some(master) = self.masters[i].take() {
+            master.kill();
+        }
+    }
+
+    /// The client address of master process `i`.
+    pub fn master_addr_of(&self, i: usize) -> &str {
+        match self.replicas.get(i) {
+            Some(replica) => replica_client_addr(replica),
+            None => &self.master_addr,
+        }
     }
 
     fn spawn_server(&self, i: usize) -> Proc {
@@ -185,14 +250,14 @@ impl Universe {
         for i in 0..self.servers.len() {
             self.kill_server(i);
         }
-        if let Some(master) = self.master.take() {
-            master.kill();
+        for i in 0..self.masters.len() {
+            self.kill_master(i);
         }
     }
 
     /// A client of this universe.
     pub async fn client(&self) -> Client {
-        Client::connect([self.master_addr.as_str()])
+        Client::connect(self.master_addr.split(','))
             .await
             .expect("connect to the master")
     }
@@ -239,6 +304,15 @@ impl Universe {
         }
         out
     }
+}
+
+/// The client address in a `--replica` entry (ID=CLIENT/RAFT).
+fn replica_client_addr(replica: &str) -> &str {
+    replica
+        .split_once('=')
+        .and_then(|(_, addrs)| addrs.split_once('/'))
+        .map(|(client, _)| client)
+        .unwrap_or_else(|| panic!("`{replica}` is not a replica entry"))
 }
 
 /// Runs `command` with its output captured, killing it (by its PID) if it outlives `limit`.

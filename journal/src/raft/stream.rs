@@ -246,6 +246,12 @@ impl Stream for RaftStream {
         self.request(|reply| Event::ReadIndex { stream_id, reply })
             .await
     }
+
+    async fn lease_read(&self) -> Result<u64, StreamError> {
+        // A follower's read barrier asks the leader, which proves nothing about this one.
+        self.leadership().check_leads()?;
+        RaftStream::lease_read(self).await
+    }
 }
 
 /// Reads a subscription's entries from the latest committed ones (see `recent.rs`), or on

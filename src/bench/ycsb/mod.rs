@@ -55,7 +55,7 @@ pub struct YcsbBenchArgs {
     /// Value size in bytes.
     #[arg(long, default_value_t = 100)]
     value_size: usize,
-    /// The master's address.
+    /// The master's address, or the master replicas' addresses separated by commas.
     #[arg(long, env = "LUNA_MASTER", default_value = "127.0.0.1:7420")]
     master: String,
     /// Database of the collection under test, created if missing.
@@ -141,7 +141,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs the benchmark and prints a report per workload.
 pub async fn run(args: YcsbBenchArgs) -> Result<(), CliError> {
     validate(&args)?;
-    let client = Client::connect([args.master.as_str()]).await?;
+    let client = Client::connect(crate::cli::master_addrs(&args.master)).await?;
     let collection = prepare(&client, &args).await?;
     let keys = Arc::new(KeySpace {
         key_size: args.key_size,

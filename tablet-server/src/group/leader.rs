@@ -63,7 +63,7 @@ pub(super) async fn run(group: Weak<Group>) {
 impl Group {
     async fn take_over(&self, term: u64) -> Result<()> {
         self.catch_up().await?;
-        let tso = self.ctx.tso.timestamp().await?;
+        let tso = self.ctx.master.timestamp().await?;
         let leadership = self.stream.leadership();
         if !leadership.is_leader || leadership.term != term {
             return Err(self.not_leader());

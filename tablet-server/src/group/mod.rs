@@ -28,9 +28,9 @@ use tokio::task::AbortHandle;
 use self::commit::{Clock, Serving};
 use self::dedup::Dedup;
 use crate::error::{Result, TabletServerError};
+use crate::master_link::MasterLink;
 use crate::metrics::ServerMetrics;
 use crate::stores::CollectionStores;
-use crate::tso::TsoClient;
 
 pub(crate) use self::commit::{MAX_ENTRY_BYTES, WriteRequest};
 pub(crate) use self::dedup::RequestKey;
@@ -41,7 +41,7 @@ pub(crate) struct GroupContext {
     pub(crate) stores: CollectionStores,
     pub(crate) budget: Arc<MemoryBudget>,
     pub(crate) memstore: MemStoreOptions,
-    pub(crate) tso: TsoClient,
+    pub(crate) master: Arc<MasterLink>,
     /// Tablet id to the group hosting it here, for request routing.
     pub(crate) tablet_groups: RwLock<HashMap<u64, u64>>,
     /// Server id to tablet-service address, for NotLeader hints.

@@ -1,0 +1,97 @@
+//! A replicated master of real processes on loopback: three `luna master` replicas and
+//! three tablet servers. kill -9 of the master leader (twice, with a restart between) under
+//! write load: writes go on, catalog changes and timestamps are served by the new leader,
+//! timestamps never go back, and every acknowledged write is still there.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use luna_client::{Client, CollectionSpec};
+use luna_proto::master::GetTimestampsRequest;
+use luna_proto::master::master_client::MasterClient;
+use support::Universe;
+use support::load::{Writers, wait_led};
+
+/// The index of the master process that leads: the one that hands out timestamps.
+async fn leading_master(universe: &Universe) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for i in 0..universe.masters.len() {
+            if universe.masters[i].is_none() {
+                continue;
+            }
+            let addr = format!("http://{}", universe.master_addr_of(i));
+            let Ok(mut master) = MasterClient::connect(addr).await else {
+                continue;
+            };
+            if master
+                .get_timestamps(GetTimestampsRequest { count: 1 })
+                .await
+                .is_ok()
+            {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no master replica leads");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Timestamps from the client, which must only move forward.
+async fn timestamp_above(client: &Client, floor: u64, what: &str) -> u64 {
+    let timestamp = client.timestamp().await.expect("a timestamp");
+    assert!(
+        timestamp > floor,
+        "timestamp {timestamp} {what} is not above {floor}"
+    );
+    timestamp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_master_leader_loses_nothing_and_timestamps_move_forward() {
+    let mut universe = Universe::start_with_masters(3, 3);
+    let client = universe.client().await;
+    universe.wait_servers_up(&client, 3).await;
+    client.admin().create_database("app").await.expect("db");
+    client
+        .admin()
+        .create_collection("app", "load", CollectionSpec::hash(4))
+        .await
+        .expect("collection");
+    wait_led(&client, "app", "load").await;
+    let collection = client.database("app").collection("load");
+    let writers = Writers::spawn(&collection, 4);
+    writers.wait_progress(100, "at the start").await;
+    let mut last = timestamp_above(&client, 0, "at the start").await;
+
+    for round in 0..2 {
+        let leader = leading_master(&universe).await;
+        universe.kill_master(leader);
+        writers
+            .wait_progress(200, &format!("after killing master {leader}"))
+            .await;
+        last = timestamp_above(&client, last, "after the failover").await;
+        // The catalog moves on at the new leader, and it hears from every server.
+        let name = format!("after{round}");
+        client
+            .admin()
+            .create_collection("app", &name, CollectionSpec::hash(2))
+            .await
+            .expect("a collection created after the failover");
+        wait_led(&client, "app", &name).await;
+        universe.wait_servers_up(&client, 3).await;
+        // Back to three replicas, so the next kill leaves a majority.
+        universe.restart_master(leader);
+    }
+    let names: Vec<String> = client
+        .admin()
+        .list_collections("app")
+        .await
+        .expect("collections")
+        .into_iter()
+        .map(|collection| collection.name)
+        .collect();
+    assert_eq!(names, ["load", "after0", "after1"], "listed by id");
+    writers.stop_and_check(|| universe.logs()).await;
+}
