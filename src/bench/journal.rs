@@ -25,6 +25,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use super::report::{Latencies, WorkloadReport};
+use super::workdir::WorkDir;
 use crate::error::CliError;
 
 /// Flags of `luna bench journal`.
@@ -96,17 +97,9 @@ pub async fn run(args: JournalBenchArgs) -> Result<(), CliError> {
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         return Err(CliError::Invalid("--duration must be positive".into()));
     }
-    let (dir, remove_dir) = match &args.dir {
-        Some(dir) => (dir.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("luna-bench-journal-{}", std::process::id())),
-            true,
-        ),
-    };
-    let result = bench(&args, &dir).await;
-    if remove_dir && let Err(error) = std::fs::remove_dir_all(&dir) {
-        tracing::warn!(%error, dir = %dir.display(), "could not remove the benchmark directory");
-    }
+    let dir = WorkDir::new("journal", args.dir.as_deref())?;
+    let result = bench(&args, &dir.path).await;
+    drop(dir);
     let report = result?;
     if args.json {
         let line = serde_json::to_string(&report).map_err(|e| CliError::Invalid(e.to_string()))?;

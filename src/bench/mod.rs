@@ -1,8 +1,10 @@
 //! `luna bench ...`: benchmarks whose numbers go in docs/benchmarks.md.
 
+mod failover;
 mod journal;
 mod report;
 mod storage;
+mod workdir;
 mod ycsb;
 
 use clap::Subcommand;
@@ -16,6 +18,8 @@ pub enum BenchCommand {
     Storage(storage::StorageBenchArgs),
     /// Replicated journal streams: N streams, R replicas over loopback gRPC, concurrent appenders.
     Journal(journal::JournalBenchArgs),
+    /// Write unavailability when the group leader, or the master leader, is killed -9.
+    Failover(failover::FailoverBenchArgs),
     /// YCSB core workloads (load, A-F) against a running universe, through the client SDK.
     Ycsb(ycsb::YcsbBenchArgs),
 }
@@ -26,5 +30,6 @@ pub async fn run(command: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Storage(args) => storage::run(args).await,
         BenchCommand::Journal(args) => journal::run(args).await,
         BenchCommand::Ycsb(args) => ycsb::run(args).await,
+        BenchCommand::Failover(args) => failover::run(args).await,
     }
 }

@@ -1,0 +1,103 @@
+//! The processes of the failover benchmark's universe: this same `luna` binary, started as
+//! master replicas and tablet servers on loopback, killed with SIGKILL by PID.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::error::CliError;
+
+/// How long a process may take to say it is serving.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A `luna` child process; killed when dropped, so the benchmark leaves nothing running.
+pub struct Process {
+    child: Child,
+    /// The first line it printed: what it serves, and for a tablet server its id.
+    pub banner: String,
+}
+
+impl Process {
+    /// Starts `luna ARGS` with its log in `log`, and waits until it prints its banner.
+    pub fn start(args: &[String], log: &Path) -> Result<Process, CliError> {
+        let io = |what: &'static str| move |source| CliError::Io { what, source };
+        // Appended to, so a restarted process's log follows its earlier life's.
+        let log_file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io("opening a process log"))?;
+        let exe = std::env::current_exe().map_err(io("finding the luna binary"))?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .env("LUNA_LOG", "info")
+            .env_remove("LUNA_MASTER")
+            .env_remove("LUNA_DATA_DIR")
+            .env_remove("LUNA_OBJECT_STORE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .map_err(io("starting a luna process"))?;
+        let Some(stdout) = child.stdout.take() else {
+            let _ = child.kill();
+            return Err(CliError::Invalid(
+                "a child process has no stdout".to_owned(),
+            ));
+        };
+        let (lines, banner) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Drains stdout to the end, so the child never blocks on a full pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let mut process = Process {
+            child,
+            banner: String::new(),
+        };
+        match banner.recv_timeout(START_TIMEOUT) {
+            Ok(line) => process.banner = line,
+            Err(_) => {
+                return Err(CliError::Invalid(format!(
+                    "`luna {}` did not start within {START_TIMEOUT:?}; see {}",
+                    args.join(" "),
+                    log.display()
+                )));
+            }
+        }
+        Ok(process)
+    }
+
+    /// SIGKILL, as a crash, and reaps the process.
+    pub fn kill(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A free loopback address: bound and released, for processes that must know each other's
+/// addresses before they start.
+pub fn free_addr() -> Result<String, CliError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| CliError::Io {
+        what: "finding a free port",
+        source,
+    })?;
+    let addr = listener.local_addr().map_err(|source| CliError::Io {
+        what: "finding a free port",
+        source,
+    })?;
+    Ok(addr.to_string())
+}
