@@ -126,8 +126,10 @@ impl Core {
         let limit = self.read_state().tso_limit;
         *tso = TsoAllocator::new(limit);
         // Leaders and liveness are rebuilt from this term's heartbeats: an earlier term's
-        // record on this replica may be arbitrarily old.
-        *self.registry() = Registry::default();
+        // record on this replica may be arbitrarily old. Until then every registered server
+        // gets the benefit of the doubt for one heartbeat timeout.
+        let servers: Vec<u64> = self.read_state().servers.keys().copied().collect();
+        *self.registry() = Registry::assume_alive(servers.into_iter(), std::time::Instant::now());
         // Routing versions of a term start above every version an earlier leader served
         // (its versions started at its own start time, and the TSO limit is past that).
         let start_ms = self

@@ -76,6 +76,17 @@ impl Registry {
         changed
     }
 
+    /// A registry for a new leader: every server in `servers` counts as heard from at
+    /// `now`, so none is taken for dead (and no placement fails for want of live servers)
+    /// before it has had a heartbeat timeout to reach this leader. Group leaders start
+    /// unknown; heartbeats report them within an interval.
+    pub fn assume_alive(servers: impl Iterator<Item = u64>, now: Instant) -> Registry {
+        Registry {
+            seen: servers.map(|id| (id, Seen { at: now })).collect(),
+            leaders: HashMap::new(),
+        }
+    }
+
     /// Whether the master heard from `server_id` within `timeout` before `now`.
     pub fn is_alive(&self, server_id: u64, now: Instant, timeout: Duration) -> bool {
         self.seen
@@ -152,6 +163,30 @@ mod tests {
         );
         assert_eq!(registry.last_heartbeat_ago_ms(1, later), 6000);
         assert_eq!(registry.last_heartbeat_ago_ms(3, later), u64::MAX);
+    }
+
+    #[test]
+    fn a_new_leader_counts_known_servers_alive_for_one_timeout() {
+        let start = Instant::now();
+        let timeout = Duration::from_secs(5);
+        let mut registry = Registry::assume_alive([1, 2].into_iter(), start);
+        assert_eq!(
+            registry.alive([1, 2, 3].into_iter(), start, timeout),
+            [1, 2]
+        );
+        assert_eq!(registry.leader(10).server_id, 0, "leaders start unknown");
+        registry.record(
+            2,
+            start + Duration::from_secs(4),
+            &HeartbeatRequest::default(),
+            |_| true,
+        );
+        let later = start + Duration::from_secs(6);
+        assert_eq!(
+            registry.alive([1, 2].into_iter(), later, timeout),
+            [2],
+            "a server that never reached the new leader is dead after the timeout"
+        );
     }
 
     #[test]
