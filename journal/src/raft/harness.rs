@@ -19,6 +19,7 @@ use tokio::sync::{oneshot, watch};
 use super::{RaftConfig, Server, sync};
 
 mod admin_tests;
+mod idle_tests;
 mod snapshot_tests;
 
 const STREAM: u64 = 7;
@@ -558,38 +559,4 @@ fn garbage_from_a_peer_is_ignored() {
         server.watch_leadership(STREAM).map(|w| w.borrow().term),
         Some(0)
     );
-}
-
-#[test]
-fn idle_streams_tick_slowly_and_still_replace_a_crashed_leader() {
-    let seed = seeds(300..301)[0];
-    println!("idle_streams: seed {seed}");
-    let mut sim = Sim::new(seed, 3);
-    let leader = sim.run_until_leader(300);
-    sim.propose(leader, Bytes::from_static(b"x"));
-    for _ in 0..20 {
-        sim.step();
-    }
-    assert_eq!(sim.acked.len(), 1, "seed {seed}");
-    let idle = |sim: &Sim, id: u64| sim.host(id).with(|s| s.streams[&STREAM].is_idle());
-    for id in 1..=3 {
-        assert!(idle(&sim, id), "seed {seed}: replica {id} is not idle");
-    }
-    // A waiting append makes the leader busy, so it ticks at full rate again.
-    sim.propose(leader, Bytes::from_static(b"y"));
-    assert!(!idle(&sim, leader), "seed {seed}");
-    for _ in 0..20 {
-        sim.step();
-    }
-    // The followers of an idle stream still elect a new leader when the old one dies,
-    // after an election timeout of slow ticks.
-    sim.crash(leader);
-    let ticks = 2 * 10 * super::server::IDLE_TICK_EVERY + 100;
-    let new_leader = sim.run_until_leader(ticks);
-    assert_ne!(new_leader, leader, "seed {seed}");
-    sim.propose(new_leader, Bytes::from_static(b"z"));
-    for _ in 0..20 {
-        sim.step();
-    }
-    assert_eq!(sim.acked.len(), 3, "seed {seed}");
 }

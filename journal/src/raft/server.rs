@@ -42,8 +42,6 @@ use crate::error::JournalError;
 const READ_BYTES: u64 = 4 * 1024 * 1024;
 /// Engine region reserved for the sync marker (stream ids start at 1).
 const SYNC_REGION: u64 = 0;
-/// An idle stream ticks once per this many server ticks (see `Server::tick`).
-pub(super) const IDLE_TICK_EVERY: u64 = 5;
 /// Bytes of written entries a stream keeps in memory for followers that lag.
 const MAX_CACHED_BYTES: usize = 4 * 1024 * 1024;
 /// Read barriers, membership changes and leader transfers still unanswered after this many
@@ -75,6 +73,11 @@ pub struct RaftConfig {
     /// Log size above which raft-engine purges files of compacted entries, in bytes; at
     /// least `engine_file_size`.
     pub engine_purge_threshold: u64,
+    /// An idle stream ticks once per this many server ticks (see [`Server::tick`]): fewer
+    /// heartbeats for many idle streams, but an idle stream's leader is replaced that many
+    /// times later. 1 ticks every stream every time, for a server of few streams whose
+    /// failover must be quick (the master's).
+    pub idle_tick_every: u64,
 }
 
 impl RaftConfig {
@@ -90,6 +93,7 @@ impl RaftConfig {
             tick_interval: Duration::from_millis(100),
             engine_file_size: 128 << 20,
             engine_purge_threshold: 1 << 30,
+            idle_tick_every: 5,
         }
     }
 }
@@ -135,9 +139,13 @@ impl Server {
     /// Opens (or creates) the server's raft-engine log. Streams are added with
     /// [`add_stream`](Self::add_stream).
     pub fn open(config: RaftConfig) -> Result<Self, JournalError> {
-        if config.node_id == 0 || config.heartbeat_tick == 0 || config.tick_interval.is_zero() {
+        if config.node_id == 0
+            || config.heartbeat_tick == 0
+            || config.tick_interval.is_zero()
+            || config.idle_tick_every == 0
+        {
             return Err(JournalError::InvalidConfig {
-                name: "node_id/heartbeat_tick/tick_interval",
+                name: "node_id/heartbeat_tick/tick_interval/idle_tick_every",
                 reason: "must be positive".to_owned(),
             });
         }
@@ -357,14 +365,15 @@ impl Server {
 
     /// Advances every stream's logical clock by one tick, and expires stale read barriers,
     /// membership changes and leader transfers. Idle streams (see `Replica::is_idle`) tick
-    /// only every `IDLE_TICK_EVERY` calls: their heartbeats, the main cost of a stream
+    /// only every `idle_tick_every` calls: their heartbeats, the main cost of a stream
     /// nobody writes to, become that much rarer. docs/journal.md explains why that is safe.
     pub fn tick(&mut self) {
         self.ticks += 1;
         let timeout = self.config.election_tick as u64 * READ_TIMEOUT_ELECTIONS;
-        let slow_tick = self.ticks.is_multiple_of(IDLE_TICK_EVERY);
+        let slow_tick = self.ticks.is_multiple_of(self.config.idle_tick_every);
+        let election_tick = self.config.election_tick as u64;
         for (&stream_id, replica) in &mut self.streams {
-            if !slow_tick && replica.is_idle() {
+            if !slow_tick && !replica.ticks_fast(self.ticks, election_tick) {
                 continue;
             }
             replica.node.tick();
@@ -467,6 +476,9 @@ impl Server {
                     context: format!("staging raft state of stream {stream_id}"),
                     source: Arc::new(std::io::Error::other(e.to_string())),
                 }));
+            }
+            if !ready.entries().is_empty() {
+                replica.entries_received(self.ticks, self.config.election_tick as u64);
             }
             replica.answer_reads(ready.take_read_states(), lease_ticks, lease_duration);
             self.unsynced.must_sync |= ready.must_sync();
