@@ -19,7 +19,9 @@ use crate::error::CliError;
 /// The master's stream id on its journal servers (they host nothing else).
 const MASTER_STREAM: u64 = 1;
 /// Journal timing of the master replicas: 50 ms ticks and an election after 10 to 20 of
-/// them, as on tablet servers, so a failover takes well under a second.
+/// them, as on tablet servers, so a failover takes about a second. The master's stream is
+/// idle most of the time (timestamps and heartbeats do not write it), and must not tick
+/// slowly when idle, which would stretch its election timeout fivefold.
 const TICK: Duration = Duration::from_millis(50);
 const ELECTION_TICKS: usize = 10;
 
@@ -127,6 +129,7 @@ impl MasterJournal {
         let mut config = RaftConfig::new(me, data_dir.join("raft"));
         config.tick_interval = TICK;
         config.election_tick = ELECTION_TICKS;
+        config.idle_tick_every = 1;
         let peers: HashMap<u64, SocketAddr> = replicas.iter().map(|r| (r.id, r.raft)).collect();
         let voters: Vec<u64> = replicas.iter().map(|r| r.id).collect();
         let node =

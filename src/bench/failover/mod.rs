@@ -141,6 +141,7 @@ async fn bench(args: &FailoverBenchArgs, dir: &WorkDir) -> Result<Vec<KillReport
     let mut master_kills = Vec::new();
     for round in 1..=args.rounds {
         let leader = group_leader(&client, &universe).await?;
+        tracing::info!(round, process = leader, "killing the group leader");
         let gaps = load
             .measure(|| universe.kill_server(leader), "the group leader")
             .await?;
@@ -150,6 +151,7 @@ async fn bench(args: &FailoverBenchArgs, dir: &WorkDir) -> Result<Vec<KillReport
         universe.settle(&client, DATABASE, COLLECTION).await?;
 
         let leader = universe.master_leader().await?;
+        tracing::info!(round, replica = leader + 1, "killing the master leader");
         let gaps = load
             .measure(|| universe.kill_master(leader), "the master leader")
             .await?;
