@@ -109,7 +109,19 @@ impl Core {
             let _ = leading.await;
         });
         core.settle().await;
+        // A log this replica cannot apply (a corrupt snapshot, a failing stream) fails the
+        // open, rather than every request later.
+        if let Err(error) = core.check_running() {
+            core.shutdown.send_replace(true);
+            let _ = task.await;
+            return Err(error);
+        }
         Ok((core, task))
+    }
+
+    /// The index the apply loop has applied; closed when the loop stops.
+    pub(crate) fn watch_applied(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
     }
 
     /// Takes over as the leader of `term`: catches the state up with everything committed

@@ -28,6 +28,7 @@ impl Core {
         let mut leadership = self.stream().watch_leadership();
         let mut serving = self.serving.subscribe();
         let mut shutdown = self.shutdown.subscribe();
+        let mut applied = self.watch_applied();
         loop {
             let current = *leadership.borrow_and_update();
             if current.is_leader && *serving.borrow_and_update() == current.term {
@@ -42,6 +43,10 @@ impl Core {
                     return Err(MasterError::Closed);
                 },
                 _ = serving.changed() => {}
+                // The apply loop stopped: its failure is the answer.
+                stopped = applied.changed() => if stopped.is_err() {
+                    return Err(self.check_running().err().unwrap_or(MasterError::Closed));
+                },
                 _ = shutdown.wait_for(|&stop| stop) => return Err(MasterError::Closed),
                 () = tokio::time::sleep_until(deadline) => {
                     return Err(MasterError::Unavailable {

@@ -466,3 +466,24 @@ async fn restart_after_truncation_loads_the_snapshot() {
     ok!(master.create_database("after-restart").await);
     close(master, stream).await;
 }
+
+#[tokio::test]
+async fn a_log_that_cannot_be_applied_fails_the_open() {
+    let dir = ok!(tempfile::tempdir());
+    let stream = open_stream(dir.path());
+    let index = ok!(stream.append(bytes::Bytes::from_static(b"\x78\xff")).await);
+    // A snapshot that is not a master state: nothing can be rebuilt from it.
+    ok!(stream
+        .truncate(index, bytes::Bytes::from_static(b"not a master state"))
+        .await);
+    match Master::open(
+        MasterConfig::default(),
+        Arc::clone(&stream) as Arc<dyn Stream>,
+    )
+    .await
+    {
+        Err(luna_master::MasterError::Corrupt { index: at, .. }) => assert_eq!(at, index),
+        Err(other) => panic!("the open failed, but not as corrupt: {other:?}"),
+        Ok(_) => panic!("a master opened on a corrupt snapshot"),
+    }
+}
