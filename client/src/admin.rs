@@ -7,7 +7,7 @@ use luna_proto::master::{
     CollectionInfo, CreateCollectionRequest, CreateDatabaseRequest, DatabaseInfo,
     DropCollectionRequest, DropDatabaseRequest, GroupInfo, ListCollectionsRequest,
     ListDatabasesRequest, ListGroupsRequest, ListServersRequest, ListTabletsRequest, Partitioning,
-    ServerInfo, TabletInfo,
+    ServerInfo, TabletInfo, TransferLeaderRequest,
 };
 
 use crate::Inner;
@@ -242,6 +242,28 @@ impl Admin {
             })
             .await?;
         Ok(response.groups)
+    }
+
+    /// Moves group `group_id`'s leadership to its replica on server `to` and keeps it there
+    /// (that replica becomes the group's preferred leader). Returns the group once the
+    /// master has heard from the new leader; [`ClientError::Unavailable`] if that took
+    /// longer than the master waits (the group keeps trying).
+    pub async fn transfer_leader(&self, group_id: u64, to: u64) -> Result<GroupInfo> {
+        let request = TransferLeaderRequest {
+            group_id,
+            to_server_id: to,
+        };
+        let response = self
+            .inner
+            .call_master(
+                "TransferLeader",
+                &self.deadline(),
+                |mut master| async move { master.transfer_leader(request).await },
+            )
+            .await?;
+        response
+            .group
+            .ok_or_else(|| ClientError::protocol("TransferLeader answered without the group"))
     }
 
     /// The tablets of one collection, of one database (`collection` empty), or of the whole

@@ -60,6 +60,9 @@ pub struct MasterConfig {
     /// How long a request waits for a leader while the master replicas elect one (or the
     /// new leader catches up) before it fails as unavailable.
     pub election_wait: Duration,
+    /// How long `TransferLeader` waits for the new group leader to report in (less than
+    /// the SDK's default request timeout, so callers get the master's answer).
+    pub transfer_wait: Duration,
 }
 
 impl Default for MasterConfig {
@@ -73,6 +76,7 @@ impl Default for MasterConfig {
             clock: Arc::new(SystemClock),
             replica_addrs: BTreeMap::new(),
             election_wait: Duration::from_secs(2),
+            transfer_wait: Duration::from_millis(2500),
         }
     }
 }

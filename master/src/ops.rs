@@ -7,7 +7,7 @@ use luna_proto::master::{
     HeartbeatRequest, HeartbeatResponse, RoutingTable, ServerInfo, TabletInfo,
 };
 use luna_proto::masterlog::command::Kind;
-use luna_proto::masterlog::{Command, RegisterServer, TsoWindow};
+use luna_proto::masterlog::{Command, RegisterServer, SetPreferredLeader, TsoWindow};
 
 use crate::catalog;
 use crate::core::Core;
@@ -16,6 +16,9 @@ use crate::heartbeat;
 use crate::placement::Ids;
 use crate::routing::View;
 use crate::tso::{MAX_TIMESTAMP_BATCH, Timestamps};
+
+/// How often a leader transfer checks whether the new leader has reported in.
+const TRANSFER_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Core {
     /// Runs `read` on a consistent view of the state, soft state and routing version.
@@ -161,6 +164,62 @@ impl Core {
     /// The whole routing table.
     pub fn routing_table(&self) -> RoutingTable {
         self.view(|view| view.routing_table())
+    }
+
+    /// Makes server `to` the preferred leader of group `group_id` (its first replica, which
+    /// the group's leaders hand leadership to) and waits until the master hears that it
+    /// leads, for at most `transfer_wait`.
+    pub async fn transfer_leader(&self, group_id: u64, to: u64) -> Result<GroupInfo, MasterError> {
+        {
+            let turn = self.turn().await?;
+            let replicas = self
+                .read_state()
+                .groups
+                .get(&group_id)
+                .map(|group| group.replicas.clone())
+                .ok_or_else(|| MasterError::not_found(format!("there is no group {group_id}")))?;
+            if !replicas.contains(&to) {
+                return Err(MasterError::invalid(format!(
+                    "server {to} holds no replica of group {group_id}; its replicas are on \
+                     servers {replicas:?}"
+                )));
+            }
+            let preferred = replicas.first() == Some(&to);
+            if !self.alive_servers().contains(&to) {
+                return Err(MasterError::precondition(format!(
+                    "server {to} is down; leadership can only move to a live replica"
+                )));
+            }
+            if !preferred {
+                let command = Command {
+                    proposed_ms: self.config.clock.now_ms(),
+                    kind: Some(Kind::SetPreferredLeader(SetPreferredLeader {
+                        group_id,
+                        server_id: to,
+                    })),
+                };
+                self.propose(&turn, &command).await?;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.config.transfer_wait;
+        loop {
+            let group = self.view(|view| view.groups().into_iter().find(|g| g.id == group_id));
+            let group = group
+                .ok_or_else(|| MasterError::not_found(format!("there is no group {group_id}")))?;
+            if group.leader_server_id == to {
+                return Ok(group);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(MasterError::Unavailable {
+                    message: format!(
+                        "server {to} is now group {group_id}'s preferred leader, but has not \
+                         taken over within {:?} (leader: server {}); the group keeps trying",
+                        self.config.transfer_wait, group.leader_server_id
+                    ),
+                });
+            }
+            tokio::time::sleep(TRANSFER_POLL).await;
+        }
     }
 
     /// Hands out `count` timestamps (0 means 1), persisting a new window first if needed.

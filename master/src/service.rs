@@ -12,7 +12,7 @@ use luna_proto::master::{
     HeartbeatRequest, HeartbeatResponse, ListCollectionsRequest, ListCollectionsResponse,
     ListDatabasesRequest, ListDatabasesResponse, ListGroupsRequest, ListGroupsResponse,
     ListServersRequest, ListServersResponse, ListTabletsRequest, ListTabletsResponse, RoutingTable,
-    WatchRoutingRequest,
+    TransferLeaderRequest, TransferLeaderResponse, WatchRoutingRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -117,6 +117,18 @@ impl MasterRpc for MasterService {
         Ok(Response::new(ListGroupsResponse {
             groups: self.leader().await?.list_groups(),
         }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let request = request.get_ref();
+        let group = self
+            .core
+            .transfer_leader(request.group_id, request.to_server_id)
+            .await?;
+        Ok(Response::new(TransferLeaderResponse { group: Some(group) }))
     }
 
     async fn list_tablets(

@@ -96,6 +96,10 @@ impl State {
                 self.tso_limit = self.tso_limit.max(window.limit);
                 false
             }
+            Kind::SetPreferredLeader(preferred) => {
+                self.set_preferred_leader(preferred.group_id, preferred.server_id)?;
+                true
+            }
         };
         Ok(Applied { routing_changed })
     }
@@ -251,6 +255,24 @@ impl State {
         self.next_id = self.check_fresh(&[register.id])?;
         self.servers.insert(register.id, server);
         Ok(false)
+    }
+
+    /// Moves `server_id` to the front of group `group_id`'s replicas, keeping the others'
+    /// order.
+    fn set_preferred_leader(&mut self, group_id: u64, server_id: u64) -> Result<(), MasterError> {
+        let group = self
+            .groups
+            .get_mut(&group_id)
+            .ok_or_else(|| MasterError::not_found(format!("there is no group {group_id}")))?;
+        let Some(at) = group.replicas.iter().position(|&id| id == server_id) else {
+            return Err(MasterError::invalid(format!(
+                "server {server_id} holds no replica of group {group_id} (replicas: {:?})",
+                group.replicas
+            )));
+        };
+        let preferred = group.replicas.remove(at);
+        group.replicas.insert(0, preferred);
+        Ok(())
     }
 
     /// Checks that `ids` are distinct and never handed out before; returns the next id

@@ -192,3 +192,38 @@ fn servers_update_addresses_and_the_tso_limit_never_drops() {
     };
     assert!(state.apply(13, &empty).is_err());
 }
+
+#[test]
+fn a_preferred_leader_moves_to_the_front_and_bad_ones_are_refused() {
+    use luna_proto::masterlog::SetPreferredLeader;
+    let prefer = |group_id, server_id| {
+        command(
+            11,
+            Kind::SetPreferredLeader(SetPreferredLeader {
+                group_id,
+                server_id,
+            }),
+        )
+    };
+    let (mut state, _) = replay(&log());
+    assert!(state.apply(20, &prefer(8, 1)).is_ok());
+    assert_eq!(state.groups[&8].replicas, [1, 2, 3]);
+    assert!(state.apply(21, &prefer(8, 3)).is_ok());
+    assert_eq!(
+        state.groups[&8].replicas,
+        [3, 1, 2],
+        "the others keep their order"
+    );
+    let before = state.snapshot();
+    assert!(matches!(
+        state.apply(22, &prefer(8, 9)),
+        Err(MasterError::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        state.apply(23, &prefer(99, 1)),
+        Err(MasterError::NotFound { .. })
+    ));
+    let mut after = state.snapshot();
+    after.applied_index = before.applied_index;
+    assert_eq!(after, before, "a refused command changes nothing");
+}

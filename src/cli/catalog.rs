@@ -1,11 +1,25 @@
-//! `luna db`, `luna collection`, `luna servers`, `luna groups` and `luna tablets`.
+//! `luna db`, `luna collection`, `luna servers`, `luna groups`, `luna group` and
+//! `luna tablets`.
 
 use clap::Subcommand;
-use luna_client::{Client, CollectionSpec, Partitioning};
+use luna_client::{Client, CollectionSpec, GroupInfo, Partitioning};
 
 use super::collection_path;
 use super::output::{Cell, print_table, show_bytes};
 use crate::error::CliError;
+
+/// `luna group ...`
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Move a group's leadership to its replica on another server, and keep it there.
+    TransferLeader {
+        /// The group's id (see `luna groups`).
+        group: u64,
+        /// The server to lead it (one that holds a replica).
+        #[arg(long)]
+        to: u64,
+    },
+}
 
 /// `luna db ...`
 #[derive(Debug, Subcommand)]
@@ -175,11 +189,24 @@ pub async fn servers(client: &Client, json: bool) -> Result<(), CliError> {
 }
 
 pub async fn groups(client: &Client, json: bool) -> Result<(), CliError> {
-    let rows: Vec<Vec<Cell>> = client
-        .admin()
-        .list_groups()
-        .await?
-        .into_iter()
+    let groups = client.admin().list_groups().await?;
+    print_groups(&groups, json);
+    Ok(())
+}
+
+pub async fn group(client: &Client, command: GroupCommand, json: bool) -> Result<(), CliError> {
+    match command {
+        GroupCommand::TransferLeader { group, to } => {
+            let group = client.admin().transfer_leader(group, to).await?;
+            print_groups(&[group], json);
+        }
+    }
+    Ok(())
+}
+
+fn print_groups(groups: &[GroupInfo], json: bool) {
+    let rows: Vec<Vec<Cell>> = groups
+        .iter()
         .map(|group| {
             let replicas: Vec<String> = group.replicas.iter().map(u64::to_string).collect();
             vec![
@@ -196,7 +223,6 @@ pub async fn groups(client: &Client, json: bool) -> Result<(), CliError> {
         &rows,
         json,
     );
-    Ok(())
 }
 
 pub async fn tablets(client: &Client, path: Option<&str>, json: bool) -> Result<(), CliError> {

@@ -9,7 +9,7 @@ mod output;
 use clap::{Args, Subcommand};
 use luna_client::Client;
 
-pub use self::catalog::{CollectionCommand, DbCommand};
+pub use self::catalog::{CollectionCommand, DbCommand, GroupCommand};
 pub use self::data::{DeleteArgs, GetArgs, PutArgs, ScanArgs};
 use crate::error::CliError;
 
@@ -56,6 +56,9 @@ pub enum ClientCommand {
     Servers,
     /// List the tablet groups.
     Groups,
+    /// Act on one tablet group: move its leader.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// List tablets, of one collection (DATABASE/COLLECTION) or of all.
     Tablets {
         /// DATABASE/COLLECTION; all tablets when absent.
@@ -76,6 +79,7 @@ pub async fn run(command: ClientCommand, connection: &Connection) -> Result<(), 
         ClientCommand::Scan(args) => data::scan(&client, args, json).await,
         ClientCommand::Servers => catalog::servers(&client, json).await,
         ClientCommand::Groups => catalog::groups(&client, json).await,
+        ClientCommand::Group(command) => catalog::group(&client, command, json).await,
         ClientCommand::Tablets { collection } => {
             catalog::tablets(&client, collection.as_deref(), json).await
         }

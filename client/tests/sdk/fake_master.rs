@@ -20,6 +20,9 @@ pub struct FakeMaster {
     next_ts: AtomicU64,
     /// Answer GetRouting and GetTimestamps with UNAVAILABLE (a master that lost leadership).
     pub unavailable: AtomicBool,
+    /// With `unavailable`: the leader's address to name in the answer, as a master replica
+    /// that does not lead does.
+    pub leader_hint: Mutex<Option<String>>,
 }
 
 impl FakeMaster {
@@ -110,6 +113,12 @@ impl Master for FakeMaster {
     ) -> Result<Response<ListGroupsResponse>, Status> {
         Ok(Response::new(ListGroupsResponse::default()))
     }
+    async fn transfer_leader(
+        &self,
+        _: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        Err(Status::unimplemented("the fake master moves no leaders"))
+    }
     async fn list_tablets(
         &self,
         _: Request<ListTabletsRequest>,
@@ -122,7 +131,11 @@ impl Master for FakeMaster {
     ) -> Result<Response<CollectionRoute>, Status> {
         self.routing_calls.fetch_add(1, Ordering::SeqCst);
         if self.unavailable.load(Ordering::SeqCst) {
-            return Err(Status::unavailable("not the leader"));
+            let mut status = Status::unavailable("not the leader");
+            if let Some(leader) = lock(&self.leader_hint).as_deref() {
+                luna_proto::leader_hint::attach(&mut status, leader);
+            }
+            return Err(status);
         }
         let request = request.into_inner();
         lock(&self.routes)

@@ -261,6 +261,42 @@ async fn a_write_to_a_server_that_refuses_connections_surely_did_not_apply() -> 
 }
 
 #[tokio::test]
+async fn a_replica_that_does_not_lead_sends_the_client_to_the_leader() -> TestResult {
+    let (follower, _) = single_tablet(1).await?;
+    let (leader, _) = single_tablet(1).await?;
+    follower
+        .master
+        .unavailable
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    *follower.master.leader_hint.lock().map_err(|_| "poisoned")? = Some(leader.master_addr.clone());
+    // Only the follower's address is given: the hint is the way to the leader.
+    let client = Client::connect_with([follower.master_addr.as_str()], fast_options()).await?;
+    let coll = client.database("db").collection("c");
+    coll.put("k", "v").await?;
+    assert_eq!(
+        follower.master.routing_calls(),
+        1,
+        "asked the given address"
+    );
+    assert_eq!(leader.master.routing_calls(), 1, "then the one it named");
+    assert_eq!(leader.servers[0].seen().len(), 1);
+    // The leader is remembered: the next lookup (of a collection it does not know) goes
+    // straight there.
+    let unknown = client.database("db").collection("c2").get("k").await;
+    assert!(
+        matches!(unknown, Err(ClientError::NotFound { .. })),
+        "{unknown:?}"
+    );
+    assert_eq!(leader.master.routing_calls(), 2);
+    assert_eq!(
+        follower.master.routing_calls(),
+        1,
+        "the follower was not asked again"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn master_calls_fail_over_and_end_in_a_typed_error() -> TestResult {
     let (first, _) = single_tablet(1).await?;
     let (second, _) = single_tablet(1).await?;

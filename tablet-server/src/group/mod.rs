@@ -90,8 +90,9 @@ pub(crate) struct Group {
     /// Wakes the leader's owner loop when the log opens or closes a tablet.
     tablets_changed: Notify,
     tasks: Mutex<Vec<AbortHandle>>,
-    /// The last term in which this replica tried to hand leadership to the preferred one.
-    transfer_tried: Mutex<u64>,
+    /// The last term in which this replica tried to hand leadership to the preferred one,
+    /// and which replica that was.
+    transfer_tried: Mutex<(u64, u64)>,
 }
 
 impl Group {
@@ -113,7 +114,7 @@ impl Group {
             batches_done: watch::Sender::new(0),
             tablets_changed: Notify::new(),
             tasks: Mutex::new(Vec::new()),
-            transfer_tried: Mutex::new(0),
+            transfer_tried: Mutex::new((0, 0)),
         });
         let apply = tokio::spawn(apply::run(Arc::downgrade(&group)));
         let lead = tokio::spawn(leader::run(Arc::downgrade(&group)));
@@ -239,8 +240,9 @@ impl Group {
     }
 
     /// Hands leadership to `preferred` (the master's preferred leader, the first voter)
-    /// once per term, so that leaders spread over the servers. Only a serving leader that
-    /// is not the preferred one tries; a failed transfer is retried next term.
+    /// once per term and preferred replica, so that leaders spread over the servers and an
+    /// operator's `transfer-leader` takes effect. Only a serving leader that is not the
+    /// preferred one tries; a failed transfer is retried next term.
     pub(crate) async fn prefer_leader(&self, preferred: u64) {
         let term = match self.serving.borrow().as_ref() {
             Some(serving) => serving.term,
@@ -252,7 +254,7 @@ impl Group {
         let first_try = self
             .transfer_tried
             .lock()
-            .map(|mut tried| std::mem::replace(&mut *tried, term) != term)
+            .map(|mut tried| std::mem::replace(&mut *tried, (term, preferred)) != (term, preferred))
             .unwrap_or(false);
         if !first_try {
             return;
