@@ -11,7 +11,7 @@ use luna_client::{Client, CollectionSpec};
 use luna_proto::master::GetTimestampsRequest;
 use luna_proto::master::master_client::MasterClient;
 use support::Universe;
-use support::load::{Writers, wait_led};
+use support::load::{Writers, wait_led, with_collection};
 
 /// The index of the master process that leads: the one that hands out timestamps.
 async fn leading_master(universe: &Universe) -> usize {
@@ -50,17 +50,8 @@ async fn timestamp_above(client: &Client, floor: u64, what: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_master_leader_loses_nothing_and_timestamps_move_forward() {
-    let mut universe = Universe::start_with_masters(3, 3);
-    let client = universe.client().await;
-    universe.wait_servers_up(&client, 3).await;
-    client.admin().create_database("app").await.expect("db");
-    client
-        .admin()
-        .create_collection("app", "load", CollectionSpec::hash(4))
-        .await
-        .expect("collection");
-    wait_led(&client, "app", "load").await;
-    let collection = client.database("app").collection("load");
+    let (mut universe, client, collection) =
+        with_collection(3, "load", CollectionSpec::hash(4)).await;
     let writers = Writers::spawn(&collection, 4);
     writers.wait_progress(100, "at the start").await;
     let mut last = timestamp_above(&client, 0, "at the start").await;

@@ -7,21 +7,11 @@ mod support;
 use std::time::Duration;
 
 use luna_client::CollectionSpec;
-use support::Universe;
-use support::load::wait_led;
+use support::load::with_collection;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transfer_leader_moves_the_leader_and_it_stays() {
-    let universe = Universe::start(3);
-    let client = universe.client().await;
-    universe.wait_servers_up(&client, 3).await;
-    client.admin().create_database("app").await.expect("db");
-    client
-        .admin()
-        .create_collection("app", "kv", CollectionSpec::hash(1))
-        .await
-        .expect("collection");
-    wait_led(&client, "app", "kv").await;
+    let (universe, client, kv) = with_collection(1, "kv", CollectionSpec::hash(1)).await;
     let tablets = client
         .admin()
         .list_tablets("app", "kv")
@@ -70,7 +60,6 @@ async fn transfer_leader_moves_the_leader_and_it_stays() {
         after.replicas[0], to,
         "the new leader is the preferred replica"
     );
-    let kv = client.database("app").collection("kv");
     kv.put("k", "v")
         .await
         .expect("a write through the new leader");

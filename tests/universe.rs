@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use luna_client::{Client, ClientError, Collection, CollectionSpec};
+use luna_client::{ClientError, CollectionSpec};
 use luna_proto::tablet::tablet_client::TabletClient;
 use luna_proto::tablet::{self as pb, tablet_error::Kind};
 use support::Universe;
-use support::load::{Writers, wait_led};
+use support::load::{Writers, wait_led, with_collection};
 
 fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -177,25 +177,10 @@ async fn range_and_hash_collections_route_across_many_tablets() {
     assert_eq!(hashed_all.len(), expected.len());
 }
 
-/// Three servers and database `app` with one led collection.
-async fn with_collection(name: &str, spec: CollectionSpec) -> (Universe, Client, Collection) {
-    let universe = Universe::start(3);
-    let client = universe.client().await;
-    universe.wait_servers_up(&client, 3).await;
-    client.admin().create_database("app").await.expect("db");
-    client
-        .admin()
-        .create_collection("app", name, spec)
-        .await
-        .expect("collection");
-    wait_led(&client, "app", name).await;
-    let collection = client.database("app").collection(name);
-    (universe, client, collection)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_follower_then_leader_under_load_loses_nothing() {
-    let (mut universe, client, collection) = with_collection("load", CollectionSpec::hash(6)).await;
+    let (mut universe, client, collection) =
+        with_collection(1, "load", CollectionSpec::hash(6)).await;
 
     let writers = Writers::spawn(&collection, 6);
     writers.wait_progress(100, "at the start").await;
@@ -231,7 +216,7 @@ async fn kill_follower_then_leader_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_restart_after_kill_keeps_every_write() {
-    let (mut universe, _client, kv) = with_collection("kv", CollectionSpec::hash(4)).await;
+    let (mut universe, _client, kv) = with_collection(1, "kv", CollectionSpec::hash(4)).await;
     for i in 0..200u32 {
         kv.put(format!("key{i}"), format!("value{i}"))
             .await

@@ -5,7 +5,30 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use luna_client::{Client, Collection};
+use luna_client::{Client, Collection, CollectionSpec};
+
+use super::Universe;
+
+/// `masters` master processes, three tablet servers, and database `app` with one led
+/// collection `name`.
+pub async fn with_collection(
+    masters: usize,
+    name: &str,
+    spec: CollectionSpec,
+) -> (Universe, Client, Collection) {
+    let universe = Universe::start_with_masters(masters, 3);
+    let client = universe.client().await;
+    universe.wait_servers_up(&client, 3).await;
+    client.admin().create_database("app").await.expect("db");
+    client
+        .admin()
+        .create_collection("app", name, spec)
+        .await
+        .expect("collection");
+    wait_led(&client, "app", name).await;
+    let collection = client.database("app").collection(name);
+    (universe, client, collection)
+}
 
 /// Waits until every tablet of the collection has a leader in the routing table.
 pub async fn wait_led(client: &Client, database: &str, collection: &str) {
