@@ -11,6 +11,7 @@ use luna_client::{Client, CollectionSpec};
 use luna_proto::master::GetTimestampsRequest;
 use luna_proto::master::master_client::MasterClient;
 use support::Universe;
+use support::history::{Registers, seed};
 use support::load::{Writers, wait_led, with_collection};
 
 /// The index of the master process that leads: the one that hands out timestamps.
@@ -53,6 +54,7 @@ async fn killing_the_master_leader_loses_nothing_and_timestamps_move_forward() {
     let (mut universe, client, collection) =
         with_collection(3, "load", CollectionSpec::hash(4)).await;
     let writers = Writers::spawn(&collection, 4);
+    let registers = Registers::spawn(&collection, 4, 3, seed());
     writers.wait_progress(100, "at the start").await;
     let mut last = timestamp_above(&client, 0, "at the start").await;
 
@@ -85,4 +87,6 @@ async fn killing_the_master_leader_loses_nothing_and_timestamps_move_forward() {
         .collect();
     assert_eq!(names, ["load", "after0", "after1"], "listed by id");
     writers.stop_and_check(|| universe.logs()).await;
+    assert!(registers.count() > 0, "the register tasks recorded nothing");
+    registers.stop_and_check(|| universe.logs()).await;
 }

@@ -12,6 +12,7 @@ use luna_client::{ClientError, CollectionSpec};
 use luna_proto::tablet::tablet_client::TabletClient;
 use luna_proto::tablet::{self as pb, tablet_error::Kind};
 use support::Universe;
+use support::history::{Registers, seed};
 use support::load::{Writers, wait_led, with_collection};
 
 fn stdout(output: &std::process::Output) -> String {
@@ -183,6 +184,7 @@ async fn kill_follower_then_leader_under_load_loses_nothing() {
         with_collection(1, "load", CollectionSpec::hash(6)).await;
 
     let writers = Writers::spawn(&collection, 6);
+    let registers = Registers::spawn(&collection, 4, 3, seed());
     writers.wait_progress(100, "at the start").await;
 
     // A follower of group G dies: G keeps its quorum and writes go on.
@@ -212,6 +214,8 @@ async fn kill_follower_then_leader_under_load_loses_nothing() {
     writers.wait_progress(100, "after the restart").await;
 
     writers.stop_and_check(|| universe.logs()).await;
+    assert!(registers.count() > 0, "the register tasks recorded nothing");
+    registers.stop_and_check(|| universe.logs()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
