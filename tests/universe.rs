@@ -1,6 +1,8 @@
 //! A universe of real processes on loopback: a master and three tablet servers, reached
 //! through the SDK and the CLI. Covers routing over many range and hash tablets, kill -9 of
-//! a follower and then of a leader under write load, a full restart, and bad input.
+//! a follower and then of a leader under write load, a paused (SIGSTOP) leader, a full
+//! restart, and bad input. Register histories recorded meanwhile are checked for
+//! linearizability.
 
 mod support;
 
@@ -212,6 +214,41 @@ async fn kill_follower_then_leader_under_load_loses_nothing() {
     universe.restart_server(leader_index);
     universe.wait_servers_up(&client, 3).await;
     writers.wait_progress(100, "after the restart").await;
+
+    writers.stop_and_check(|| universe.logs()).await;
+    assert!(registers.count() > 0, "the register tasks recorded nothing");
+    registers.stop_and_check(|| universe.logs()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_group_leader_is_replaced_and_wakes_without_stale_answers() {
+    let (universe, client, collection) =
+        with_collection(1, "paused", CollectionSpec::hash(1)).await;
+    let writers = Writers::spawn(&collection, 4);
+    let registers = Registers::spawn(&collection, 4, 3, seed());
+    writers.wait_progress(100, "at the start").await;
+
+    // SIGSTOP the group's leader: it keeps its sockets and believes it still leads. The
+    // others elect a new leader and writes go on.
+    let tablets = client
+        .admin()
+        .list_tablets("app", "paused")
+        .await
+        .expect("tablets");
+    let groups = client.admin().list_groups().await.expect("groups");
+    let leader = groups
+        .iter()
+        .find(|group| group.id == tablets[0].group_id)
+        .map(|group| group.leader_server_id)
+        .expect("the collection's group");
+    let paused = universe.index_of(leader);
+    universe.server(paused).pause();
+    writers.wait_progress(200, "with the leader paused").await;
+    // Woken, it must not answer from its old lease or accept writes of its old term.
+    universe.server(paused).resume();
+    writers
+        .wait_progress(200, "after the old leader woke")
+        .await;
 
     writers.stop_and_check(|| universe.logs()).await;
     assert!(registers.count() > 0, "the register tasks recorded nothing");

@@ -32,6 +32,24 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// SIGSTOP: the process stops dead, sockets open, as in a long GC pause or a VM stall.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
 }
 
 impl Drop for Proc {
@@ -238,6 +256,11 @@ impl Universe {
         if let Some(server) = self.servers[i].take() {
             server.kill();
         }
+    }
+
+    /// The running process of tablet server `i`.
+    pub fn server(&self, i: usize) -> &Proc {
+        self.servers[i].as_ref().expect("server running")
     }
 
     /// Restarts tablet server `i` on its data directory.
