@@ -16,6 +16,10 @@ use tokio::net::TcpListener;
 
 use crate::error::CliError;
 
+/// Where a single master keeps its log, and where a replica keeps its raft log, under the
+/// data dir.
+const LOCAL_DIR: &str = "journal";
+const RAFT_DIR: &str = "raft";
 /// The master's stream id on its journal servers (they host nothing else).
 const MASTER_STREAM: u64 = 1;
 /// Journal timing of the master replicas: 50 ms ticks and an election after 10 to 20 of
@@ -109,8 +113,15 @@ pub enum MasterJournal {
 impl MasterJournal {
     /// Opens the local log in `data_dir/journal`.
     pub fn local(data_dir: &Path) -> Result<MasterJournal, CliError> {
+        if data_dir.join(RAFT_DIR).exists() {
+            return Err(CliError::Invalid(format!(
+                "{} holds a master replica's log ({RAFT_DIR}/): start it as that replica, with \
+                 --replica-id and --replica",
+                data_dir.display()
+            )));
+        }
         let stream =
-            LocalStream::open(LocalConfig::new(data_dir.join("journal"))).map_err(|source| {
+            LocalStream::open(LocalConfig::new(data_dir.join(LOCAL_DIR))).map_err(|source| {
                 CliError::Journal {
                     what: "opening the master's journal",
                     source,
@@ -126,7 +137,15 @@ impl MasterJournal {
         replicas: &[ReplicaAddrs],
         raft_listener: TcpListener,
     ) -> Result<MasterJournal, CliError> {
-        let mut config = RaftConfig::new(me, data_dir.join("raft"));
+        if data_dir.join(LOCAL_DIR).exists() {
+            // Its catalog would be left behind silently: a replica set starts empty.
+            return Err(CliError::Invalid(format!(
+                "{} holds a single master's journal ({LOCAL_DIR}/); a single master cannot \
+                 become a replica yet: start it without --replica-id, or use an empty data dir",
+                data_dir.display()
+            )));
+        }
+        let mut config = RaftConfig::new(me, data_dir.join(RAFT_DIR));
         config.tick_interval = TICK;
         config.election_tick = ELECTION_TICKS;
         config.idle_tick_every = 1;
@@ -185,6 +204,30 @@ impl MasterJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_data_dir_is_opened_only_the_way_it_was_created() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(dir.path().join(RAFT_DIR)).unwrap_or_else(|e| panic!("{e}"));
+        let error = MasterJournal::local(dir.path())
+            .err()
+            .map(|e| e.to_string());
+        assert!(error.is_some_and(|e| e.contains("--replica-id")));
+
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(dir.path().join(LOCAL_DIR)).unwrap_or_else(|e| panic!("{e}"));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let me = ReplicaAddrs {
+            id: 1,
+            client: "127.0.0.1:1".parse().unwrap_or_else(|e| panic!("{e}")),
+            raft: listener.local_addr().unwrap_or_else(|e| panic!("{e}")),
+        };
+        let opened = MasterJournal::replicated(dir.path(), 1, &[me], listener).await;
+        let error = opened.err().map(|e| e.to_string());
+        assert!(error.is_some_and(|e| e.contains("single master's journal")));
+    }
 
     #[test]
     fn replicas_parse_and_bad_sets_are_refused() {

@@ -146,6 +146,19 @@ async fn start_masters(
 ) -> Result<Vec<MasterProcess>, CliError> {
     let data_dir = &args.store.data_dir;
     let config = master_config(args.replication_factor, Duration::from_secs(10));
+    // A universe's catalog lives where its first start put it; another layout would start
+    // an empty master beside it.
+    let (other, other_flag) = match args.masters {
+        1 => (data_dir.join("masters"), "--masters 3 (or 5, 7)"),
+        _ => (data_dir.join("master"), "--masters 1"),
+    };
+    if other.exists() {
+        return Err(CliError::Invalid(format!(
+            "{} holds a universe started with {other_flag}: start it the same way, or use \
+             another --data-dir",
+            data_dir.display()
+        )));
+    }
     if args.masters == 1 {
         let journal = MasterJournal::local(&data_dir.join("master"))?;
         let master = MasterProcess::start(bind(master_addr).await?, http_addr, journal, config);
