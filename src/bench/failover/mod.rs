@@ -338,7 +338,10 @@ impl Acks {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let times = std::mem::take(&mut *self.times.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut times =
+            std::mem::take(&mut *self.times.lock().unwrap_or_else(PoisonError::into_inner));
+        // More may have come since the last sort.
+        times.sort_unstable();
         let from = times
             .partition_point(|&at| at <= killed_at)
             .saturating_sub(1);
