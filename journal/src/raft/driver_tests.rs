@@ -300,7 +300,10 @@ async fn lease_reads_cover_acknowledged_appends_and_end_with_the_lease() {
                 Err(StreamError::NotLeader { .. }) => break,
                 Err(error) => panic!("append failed: {error}"),
             };
-            let read = leader.lease_read().await.expect("lease read on the leader");
+            let read = leader
+                .read_index_by_lease()
+                .await
+                .expect("lease read on the leader");
             assert!(
                 read >= index,
                 "lease read at {read} after append {index} was acknowledged"
@@ -313,8 +316,11 @@ async fn lease_reads_cover_acknowledged_appends_and_end_with_the_lease() {
             .append(Bytes::from_static(b"on the new leader"))
             .await
             .expect("append on the new leader");
-        let stale =
-            tokio::time::timeout(Duration::from_secs(1), cluster.stream(old).lease_read()).await;
+        let stale = tokio::time::timeout(
+            Duration::from_secs(1),
+            cluster.stream(old).read_index_by_lease(),
+        )
+        .await;
         assert!(
             !matches!(stale, Ok(Ok(index)) if index < acked),
             "the isolated old leader answered {stale:?} after the new leader acknowledged {acked}"

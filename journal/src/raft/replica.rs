@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use luna_kernel::stream::{Leadership, StreamError};
-use raft::eraftpb::{Entry, EntryType};
+use raft::eraftpb::{Entry, EntryType, Message, MessageType};
 use raft::{RawNode, ReadState, StateRole};
 use raft_engine::LogBatch;
 use tokio::sync::{oneshot, watch};
@@ -29,9 +29,6 @@ struct PendingRead {
     issued_at: Instant,
     term: u64,
     by_leader: bool,
-    /// Whether raft has the barrier: a new leader's wait here until its term's first entry
-    /// commits (see `send_deferred_reads`).
-    sent: bool,
     reply: Option<Reply>,
 }
 
@@ -55,6 +52,11 @@ pub(crate) struct Replica {
     /// Proposed entries by index, with the term they were proposed in.
     pub(crate) appends: BTreeMap<u64, (u64, Reply)>,
     reads: HashMap<u64, PendingRead>,
+    /// Barriers raft would drop now, held until it can take them (see
+    /// [`Replica::send_deferred_reads`]): ids of this replica's own, and followers' forwarded
+    /// `MsgReadIndex` messages.
+    deferred_reads: Vec<u64>,
+    deferred_forwarded: Vec<Message>,
     pub(super) change: Option<PendingChange>,
     transfer: Option<PendingTransfer>,
     /// While leader: lease reads are answered locally before this tick.
@@ -90,6 +92,8 @@ impl Replica {
             node,
             appends: BTreeMap::new(),
             reads: HashMap::new(),
+            deferred_reads: Vec::new(),
+            deferred_forwarded: Vec::new(),
             change: None,
             transfer: None,
             lease_until: 0,
@@ -222,41 +226,68 @@ impl Replica {
 
     /// Starts a read barrier at tick `now`; a leader's answer renews its lease.
     pub(crate) fn start_read(&mut self, id: u64, now: u64, reply: Option<Reply>) {
-        let by_leader = self.node.raft.state == StateRole::Leader;
-        let sent = !by_leader || self.node.raft.commit_to_current_term();
-        if sent {
-            self.node.read_index(id.to_le_bytes().to_vec());
+        if self.takes_reads() {
+            self.node.read_index(self.read_context(id));
+        } else {
+            self.deferred_reads.push(id);
         }
         let read = PendingRead {
             issued: now,
             issued_at: Instant::now(),
             term: self.node.raft.term,
-            by_leader,
-            sent,
+            by_leader: self.node.raft.state == StateRole::Leader,
             reply,
         };
         self.reads.insert(id, read);
     }
 
-    /// Hands raft the read barriers that waited for this leader's first commit. raft-rs
-    /// silently drops a leader's barrier until the leader has committed an entry of its
-    /// own term, so a barrier issued right after an election would otherwise only time
-    /// out. The lease still counts from when the barrier was issued, which is earlier, so
+    /// The context raft carries with barrier `id`: the id, then this replica's node id.
+    /// The leader keys the barriers it tracks by context and drops one whose context it
+    /// already tracks, and every server counts its ids from 1, so without the node id a
+    /// follower's forwarded barrier and the leader's own would collide.
+    fn read_context(&self, id: u64) -> Vec<u8> {
+        [id.to_le_bytes(), self.node.raft.id.to_le_bytes()].concat()
+    }
+
+    /// Whether raft would act on a read barrier now: raft-rs silently drops one on a
+    /// leader that has not yet committed an entry of its own term, so it would only time
+    /// out. (A replica that knows no leader refuses barriers before they get here.)
+    fn takes_reads(&self) -> bool {
+        let raft = &self.node.raft;
+        raft.state != StateRole::Leader || raft.commit_to_current_term()
+    }
+
+    /// Holds a follower's forwarded read barrier that raft would drop (see
+    /// [`takes_reads`](Self::takes_reads)) until this leader commits in its term; returns
+    /// the message if raft can take it now.
+    pub(crate) fn defer_forwarded_read(&mut self, message: Message) -> Option<Message> {
+        let leads = self.node.raft.state == StateRole::Leader;
+        if leads && message.get_msg_type() == MessageType::MsgReadIndex && !self.takes_reads() {
+            self.deferred_forwarded.push(message);
+            return None;
+        }
+        Some(message)
+    }
+
+    /// Hands raft the read barriers that waited for this leader's first commit in its
+    /// term, its own and its followers'. The lease still counts from when a barrier was issued, which is earlier, so
     /// it only gets shorter.
     pub(crate) fn send_deferred_reads(&mut self) {
-        let raft = &self.node.raft;
-        if raft.state != StateRole::Leader || !raft.commit_to_current_term() {
+        if self.deferred_reads.is_empty() && self.deferred_forwarded.is_empty()
+            || !self.takes_reads()
+        {
             return;
         }
-        let mut deferred = Vec::new();
-        for (&id, read) in &mut self.reads {
-            if !read.sent {
-                read.sent = true;
-                deferred.push(id);
+        for id in std::mem::take(&mut self.deferred_reads) {
+            // Expired or failed barriers are gone from `reads`.
+            if self.reads.contains_key(&id) {
+                self.node.read_index(self.read_context(id));
             }
         }
-        for id in deferred {
-            self.node.read_index(id.to_le_bytes().to_vec());
+        for message in std::mem::take(&mut self.deferred_forwarded) {
+            if let Err(error) = self.node.step(message) {
+                tracing::debug!(stream_id = self.stream_id, %error, "forwarded read barrier");
+            }
         }
     }
 
@@ -392,6 +423,8 @@ impl Replica {
         self.leadership.send_replace(now);
         if now.term != before.term || now.leader_id != before.leader_id {
             self.end_lease();
+            self.deferred_reads.clear();
+            self.deferred_forwarded.clear();
             let error = self.not_leader();
             for (_, read) in self.reads.drain() {
                 if let Some(reply) = read.reply {

@@ -416,6 +416,9 @@ impl Server {
             tracing::debug!(from, stream_id, "refusing a vote right after a restart");
             return;
         }
+        let Some(message) = replica.defer_forwarded_read(message) else {
+            return;
+        };
         if let Err(e) = replica.node.step(message) {
             tracing::debug!(from, stream_id, error = %e, "raft rejected a message");
         }

@@ -167,7 +167,7 @@ impl RaftStream {
     /// less than an election timeout; elsewhere (a follower, an expired lease, a leader
     /// transfer in progress) this is a `read_index`. While the lease is far from its end,
     /// the answer comes from what the ready loop published, without the driver thread.
-    pub async fn lease_read(&self) -> Result<u64, StreamError> {
+    pub async fn read_index_by_lease(&self) -> Result<u64, StreamError> {
         if let Some(committed) = self.published.lease.read() {
             return Ok(committed);
         }
@@ -250,7 +250,7 @@ impl Stream for RaftStream {
     async fn lease_read(&self) -> Result<u64, StreamError> {
         // A follower's read barrier asks the leader, which proves nothing about this one.
         self.leadership().check_leads()?;
-        RaftStream::lease_read(self).await
+        self.read_index_by_lease().await
     }
 }
 

@@ -144,12 +144,12 @@ async fn leader_transfer_completes_and_lease_reads_cover_acknowledged_appends() 
         for round in 0..20 {
             let acked = cluster.append_many(5, &format!("r{round}")).await;
             let last = *acked.keys().next_back().expect("acked");
-            let index = leader.lease_read().await.expect("lease read");
+            let index = leader.read_index_by_lease().await.expect("lease read");
             assert!(index >= last, "lease read {index} < acked {last}");
             // A follower's lease read is a read barrier through the leader.
             let index = cluster
                 .stream(old)
-                .lease_read()
+                .read_index_by_lease()
                 .await
                 .expect("follower read");
             assert!(index >= last, "follower read {index} < acked {last}");
