@@ -1,35 +1,45 @@
 //! Moving group leaders by hand, through the CLI against real processes: a transfer takes
-//! effect, the group keeps its new leader (it became the preferred one), and bad requests
+//! effect, the group keeps its new leader (it became the preferred one), a transfer to a
+//! replica that does not answer is reported and completes once it does, and bad requests
 //! get clear errors.
 
 mod support;
 
 use std::time::Duration;
 
-use luna_client::CollectionSpec;
+use luna_client::{Client, CollectionSpec, GroupInfo};
 use support::load::with_collection;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn transfer_leader_moves_the_leader_and_it_stays() {
-    let (universe, client, kv) = with_collection(1, "kv", CollectionSpec::hash(1)).await;
+/// The id of the one group of collection `app.kv`, and that group as the master sees it.
+async fn kv_group(client: &Client) -> (u64, GroupInfo) {
     let tablets = client
         .admin()
         .list_tablets("app", "kv")
         .await
         .expect("tablets");
     let group_id = tablets[0].group_id;
-    let group = |groups: Vec<luna_client::GroupInfo>| {
-        groups
-            .into_iter()
-            .find(|group| group.id == group_id)
-            .expect("the collection's group")
-    };
-    let before = group(client.admin().list_groups().await.expect("groups"));
-    let to = *before
+    let groups = client.admin().list_groups().await.expect("groups");
+    let group = groups
+        .into_iter()
+        .find(|group| group.id == group_id)
+        .expect("the collection's group");
+    (group_id, group)
+}
+
+/// A follower of `group`.
+fn follower_of(group: &GroupInfo) -> u64 {
+    *group
         .replicas
         .iter()
-        .find(|&&id| id != before.leader_server_id)
-        .expect("a follower");
+        .find(|&&id| id != group.leader_server_id)
+        .expect("a follower")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transfer_leader_moves_the_leader_and_it_stays() {
+    let (universe, client, kv) = with_collection(1, "kv", CollectionSpec::hash(1)).await;
+    let (group_id, before) = kv_group(&client).await;
+    let to = follower_of(&before);
 
     let output = universe.cli(&[
         "group",
@@ -54,7 +64,7 @@ async fn transfer_leader_moves_the_leader_and_it_stays() {
     // It stays: the new leader is the group's preferred one now, so nothing moves it back
     // (the old preferred leader would have, in the next term or heartbeat).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = group(client.admin().list_groups().await.expect("groups"));
+    let (_, after) = kv_group(&client).await;
     assert_eq!(after.leader_server_id, to, "the leader moved back");
     assert_eq!(
         after.replicas[0], to,
@@ -85,4 +95,54 @@ async fn transfer_leader_moves_the_leader_and_it_stays() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no group 424242"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transfer_to_a_paused_replica_is_reported_and_completes_once_it_answers() {
+    let (universe, client, kv) = with_collection(1, "kv", CollectionSpec::hash(1)).await;
+    let (group_id, before) = kv_group(&client).await;
+    let to = follower_of(&before);
+    let paused = universe.index_of(to);
+    // Long enough for the group's leader to stop counting it as active (an election
+    // timeout, 0.5 s), short of the master's heartbeat timeout (3 s): the master still lets
+    // leadership move there.
+    universe.server(paused).pause();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let output = universe.cli(&[
+        "group",
+        "transfer-leader",
+        &group_id.to_string(),
+        "--to",
+        &to.to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a paused server took over");
+    assert!(
+        stderr.contains("has not taken over") && stderr.contains("tries again"),
+        "the answer says the transfer is persisted and still coming: {stderr}"
+    );
+    // Writes still go through the old leader: it did not hand over to a replica that
+    // does not answer.
+    kv.put("during", "v")
+        .await
+        .expect("a write while the transferee is paused");
+
+    universe.server(paused).resume();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, group) = kv_group(&client).await;
+        if group.leader_server_id == to {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server {to} never took over after it resumed (leader: {})\n{}",
+            group.leader_server_id,
+            universe.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    kv.put("after", "v")
+        .await
+        .expect("a write through the new leader");
 }

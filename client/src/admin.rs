@@ -246,8 +246,9 @@ impl Admin {
 
     /// Moves group `group_id`'s leadership to its replica on server `to` and keeps it there
     /// (that replica becomes the group's preferred leader). Returns the group once the
-    /// master has heard from the new leader; [`ClientError::Unavailable`] if that took
-    /// longer than the master waits (the group keeps trying).
+    /// master has heard from the new leader. If that takes longer than the master waits,
+    /// [`ClientError::Server`] with `FAILED_PRECONDITION`: the change is persisted and the
+    /// group's leader keeps trying while the new one answers it.
     pub async fn transfer_leader(&self, group_id: u64, to: u64) -> Result<GroupInfo> {
         let request = TransferLeaderRequest {
             group_id,

@@ -48,7 +48,7 @@ pub(crate) struct Core {
     applied: watch::Receiver<u64>,
     results: Mutex<BTreeMap<u64, Result<(), MasterError>>>,
     /// The turn to propose: one proposal at a time.
-    proposals: tokio::sync::Mutex<()>,
+    pub(crate) proposals: tokio::sync::Mutex<()>,
     pub tso: tokio::sync::Mutex<TsoAllocator>,
     /// Why the apply loop stopped, if it did.
     failure: Mutex<Option<MasterError>>,
@@ -132,7 +132,7 @@ impl Core {
             .stream
             .read_index()
             .await
-            .map_err(|e| MasterError::stream("reading the committed index", e))?;
+            .map_err(|e| self.stream_error("reading the committed index", e))?;
         self.wait_applied(index).await?;
         let mut tso = self.tso.lock().await;
         let limit = self.read_state().tso_limit;
@@ -197,7 +197,7 @@ impl Core {
             .stream
             .append(data)
             .await
-            .map_err(|e| MasterError::stream("appending a command", e))?;
+            .map_err(|e| self.stream_error("appending a command", e))?;
         self.wait_applied(index).await?;
         lock(&self.results).remove(&index).unwrap_or_else(|| {
             Err(MasterError::internal(format!(
@@ -219,7 +219,7 @@ impl Core {
         }
     }
 
-    async fn wait_applied(&self, index: u64) -> Result<(), MasterError> {
+    pub(crate) async fn wait_applied(&self, index: u64) -> Result<(), MasterError> {
         let mut applied = self.applied.clone();
         if applied.wait_for(|&applied| applied >= index).await.is_err() {
             // The loop stopped before reaching `index`.

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use luna_kernel::stream::Leadership;
+use luna_kernel::stream::{Leadership, StreamError};
 
 use crate::core::Core;
 use crate::error::MasterError;
@@ -19,10 +19,10 @@ use crate::error::MasterError;
 const ACTIVATION_RETRY: Duration = Duration::from_millis(50);
 
 impl Core {
-    /// Waits until this replica serves as the leader; fails with the leader's address if
-    /// another replica leads, or as unavailable if no leader emerges within
-    /// `election_wait`.
-    pub async fn lead(&self) -> Result<(), MasterError> {
+    /// Waits until this replica serves as the leader, and returns the term it serves; fails
+    /// with the leader's address if another replica leads, or as unavailable if no leader
+    /// emerges within `election_wait`.
+    pub async fn lead(&self) -> Result<u64, MasterError> {
         self.check_running()?;
         let deadline = tokio::time::Instant::now() + self.config.election_wait;
         let mut leadership = self.stream().watch_leadership();
@@ -32,7 +32,7 @@ impl Core {
         loop {
             let current = *leadership.borrow_and_update();
             if current.is_leader && *serving.borrow_and_update() == current.term {
-                return Ok(());
+                return Ok(current.term);
             }
             if !current.is_leader && current.leader_id.is_some() {
                 return Err(self.not_leader(current));
@@ -67,7 +67,7 @@ impl Core {
         self.stream()
             .lease_read()
             .await
-            .map_err(|e| MasterError::stream("confirming the master lease", e))?;
+            .map_err(|e| self.stream_error("confirming the master lease", e))?;
         let current = self.stream().leadership();
         if current.term != term || *self.serving.borrow() != term {
             return Err(self.not_leader(current));
@@ -75,11 +75,40 @@ impl Core {
         Ok(())
     }
 
-    /// Waits until this replica serves as leader or knows another leader, for at most
-    /// `election_wait`: a master opened alone is ready when `open` returns.
+    /// Waits until this replica serves as leader and still holds its lease (see
+    /// [`check_lease`](Self::check_lease)), and returns the term: a deposed leader cut off
+    /// from the others must not answer reads from a catalog the new leader may have
+    /// changed.
+    pub async fn lead_with_lease(&self) -> Result<u64, MasterError> {
+        let term = self.lead().await?;
+        self.check_lease(term).await?;
+        Ok(term)
+    }
+
+    /// Waits until this replica serves as leader or knows another leader (`lead` gives up
+    /// after `election_wait`), and then until its state has caught up with what the leader
+    /// had committed, for at most another `election_wait`: a master opened alone is ready
+    /// when `open` returns, and a follower that cannot apply its log fails the open.
     pub async fn settle(&self) {
-        let settled = self.lead();
-        let _ = tokio::time::timeout(self.config.election_wait, settled).await;
+        let _ = self.lead().await;
+        let caught_up = async {
+            let index = self.stream().read_index().await.ok()?;
+            self.wait_applied(index).await.ok()
+        };
+        let _ = tokio::time::timeout(self.config.election_wait, caught_up).await;
+    }
+
+    /// A stream error of this replica's, as the error its callers act on: `NotLeader`
+    /// names the leader's client address, as the stream only knows its node id.
+    pub(crate) fn stream_error(&self, context: &'static str, error: StreamError) -> MasterError {
+        match error {
+            StreamError::NotLeader { leader_hint, term } => self.not_leader(Leadership {
+                term,
+                leader_id: leader_hint,
+                is_leader: false,
+            }),
+            error => MasterError::stream(context, error),
+        }
     }
 
     fn not_leader(&self, leadership: Leadership) -> MasterError {

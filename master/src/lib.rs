@@ -62,7 +62,9 @@ pub struct Master {
 
 impl Master {
     /// Opens the master on `stream`: replays every committed entry from index 1 and returns
-    /// once the state has caught up with everything committed before the call.
+    /// once the state has caught up with everything committed before the call. A replica of
+    /// a replicated master waits for that at most twice `election_wait` (it needs a leader
+    /// to learn what was committed); it keeps catching up after `open` returns.
     pub async fn open(config: MasterConfig, stream: Arc<dyn Stream>) -> Result<Self, MasterError> {
         let (core, apply_task) = Core::open(config, stream).await?;
         Ok(Self {

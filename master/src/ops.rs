@@ -210,13 +210,14 @@ impl Core {
                 return Ok(group);
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(MasterError::Unavailable {
-                    message: format!(
-                        "server {to} is now group {group_id}'s preferred leader, but has not \
-                         taken over within {:?} (leader: server {}); the group keeps trying",
-                        self.config.transfer_wait, group.leader_server_id
-                    ),
-                });
+                // Not UNAVAILABLE: the change is persisted, and sending it again would only
+                // wait again.
+                return Err(MasterError::precondition(format!(
+                    "server {to} is now group {group_id}'s preferred leader, but has not \
+                     taken over within {:?} (leader: server {}); the group's leader tries \
+                     again every few seconds while {to} answers it",
+                    self.config.transfer_wait, group.leader_server_id
+                )));
             }
             tokio::time::sleep(TRANSFER_POLL).await;
         }
@@ -230,15 +231,17 @@ impl Core {
                 "{count} timestamps asked for; ask for at most {MAX_TIMESTAMP_BATCH} at a time"
             )));
         }
-        self.lead().await?;
+        let term = self.lead().await?;
         let mut tso = self.tso.lock().await;
-        // The allocator was reset for this term (under this lock) when it began.
-        let term = *self.serving.borrow();
+        // The allocator was reset for the serving term (under this lock) when it began; if
+        // that is not `term` any more, the lease check below fails.
         let now = self.config.clock.now_ms();
         let limit = self.read_state().tso_limit;
         let plan = tso.plan(now, count, limit, self.config.tso_window_ms())?;
         if let Some(limit) = plan.new_limit {
-            let turn = self.turn().await?;
+            // Not `turn()`, which may wait for a takeover: that needs the TSO lock held
+            // here. A replica that lost the lead fails to append instead.
+            let turn = self.proposals.lock().await;
             let command = Command {
                 proposed_ms: now,
                 kind: Some(Kind::TsoWindow(TsoWindow { limit })),

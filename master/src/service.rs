@@ -29,10 +29,10 @@ impl MasterService {
         Self { core }
     }
 
-    /// The core, once this replica serves as leader: reads of a replica that does not lead
-    /// could be stale, so they are redirected like writes.
+    /// The core, once this replica serves as leader and holds its lease: reads of a replica
+    /// that does not lead could be stale, so they are redirected like writes.
     async fn leader(&self) -> Result<&Core, Status> {
-        self.core.lead().await?;
+        self.core.lead_with_lease().await?;
         Ok(&self.core)
     }
 }
@@ -162,11 +162,10 @@ impl MasterRpc for MasterService {
         request: Request<WatchRoutingRequest>,
     ) -> Result<Response<Self::WatchRoutingStream>, Status> {
         let after = request.get_ref().after_version;
-        self.core.lead().await?;
+        let term = self.core.lead_with_lease().await?;
         let core = Arc::clone(&self.core);
         // The stream ends with the term it started in: the watcher reconnects and finds
         // the new leader, whose table is the one that counts.
-        let term = *core.serving.borrow();
         let versions = core.routing_version.subscribe();
         let shutdown = core.shutdown.subscribe();
         let serving = core.serving.subscribe();

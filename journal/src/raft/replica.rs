@@ -468,6 +468,18 @@ impl Replica {
             let _ = reply.send(Err(error));
             return;
         }
+        // raft holds back proposals until a transfer completes or an election timeout
+        // passes: a transferee that has not answered for that long would only stall writes.
+        if !raft
+            .prs()
+            .get(to)
+            .is_some_and(|progress| progress.recent_active)
+        {
+            let error =
+                self.membership_error(format!("{to} has not answered within an election timeout"));
+            let _ = reply.send(Err(error));
+            return;
+        }
         if let Some(previous) = self.transfer.take() {
             let error = JournalError::LeaderTransfer {
                 stream_id: self.stream_id,

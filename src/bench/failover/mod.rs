@@ -283,8 +283,10 @@ struct Acks {
 
 impl Acks {
     fn record(&self) {
+        // Taken before the lock, so waiting for it does not count as time without writes.
+        let now = Instant::now();
         let mut times = self.times.lock().unwrap_or_else(PoisonError::into_inner);
-        times.push(Instant::now());
+        times.push(now);
     }
 
     /// Waits until something was acknowledged since the last measurement.

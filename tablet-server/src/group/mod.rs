@@ -14,6 +14,7 @@ mod reads;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use luna_journal::raft::RaftStream;
@@ -90,10 +91,23 @@ pub(crate) struct Group {
     /// Wakes the leader's owner loop when the log opens or closes a tablet.
     tablets_changed: Notify,
     tasks: Mutex<Vec<AbortHandle>>,
-    /// The last term in which this replica tried to hand leadership to the preferred one,
-    /// and which replica that was.
-    transfer_tried: Mutex<(u64, u64)>,
+    /// This replica's last attempt to hand leadership to the preferred one.
+    transfer_tried: Mutex<Option<TransferAttempt>>,
 }
+
+/// An attempt to hand a group's leadership to its preferred replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TransferAttempt {
+    term: u64,
+    to: u64,
+    at: Instant,
+    failed: bool,
+}
+
+/// How long a leader waits before it tries again a leader transfer that failed. A transfer
+/// holds back writes until it completes or an election timeout passes, so a transferee
+/// that keeps failing (down, or far behind) must not stall writes at every heartbeat.
+const TRANSFER_RETRY: Duration = Duration::from_secs(5);
 
 impl Group {
     /// Starts a replica on `stream`: its apply loop and its leadership task.
@@ -114,7 +128,7 @@ impl Group {
             batches_done: watch::Sender::new(0),
             tablets_changed: Notify::new(),
             tasks: Mutex::new(Vec::new()),
-            transfer_tried: Mutex::new((0, 0)),
+            transfer_tried: Mutex::new(None),
         });
         let apply = tokio::spawn(apply::run(Arc::downgrade(&group)));
         let lead = tokio::spawn(leader::run(Arc::downgrade(&group)));
@@ -242,7 +256,7 @@ impl Group {
     /// Hands leadership to `preferred` (the master's preferred leader, the first voter)
     /// once per term and preferred replica, so that leaders spread over the servers and an
     /// operator's `transfer-leader` takes effect. Only a serving leader that is not the
-    /// preferred one tries; a failed transfer is retried next term.
+    /// preferred one tries; a failed transfer is tried again after `TRANSFER_RETRY`.
     pub(crate) async fn prefer_leader(&self, preferred: u64) {
         let term = match self.serving.borrow().as_ref() {
             Some(serving) => serving.term,
@@ -251,12 +265,25 @@ impl Group {
         if preferred == 0 || preferred == self.ctx.server_id {
             return;
         }
-        let first_try = self
-            .transfer_tried
-            .lock()
-            .map(|mut tried| std::mem::replace(&mut *tried, (term, preferred)) != (term, preferred))
-            .unwrap_or(false);
-        if !first_try {
+        let now = Instant::now();
+        let due = self.transfer_tried.lock().is_ok_and(|mut tried| {
+            let due = match *tried {
+                Some(last) if (last.term, last.to) == (term, preferred) => {
+                    last.failed && now.duration_since(last.at) >= TRANSFER_RETRY
+                }
+                _ => true,
+            };
+            if due {
+                *tried = Some(TransferAttempt {
+                    term,
+                    to: preferred,
+                    at: now,
+                    failed: false,
+                });
+            }
+            due
+        });
+        if !due {
             return;
         }
         match self.stream.transfer_leader(preferred).await {
@@ -266,7 +293,13 @@ impl Group {
                 "leadership handed to the preferred leader"
             ),
             Err(error) => {
-                tracing::debug!(group = self.id, to = preferred, %error, "leader transfer failed")
+                tracing::debug!(group = self.id, to = preferred, %error, "leader transfer failed");
+                if let Ok(mut tried) = self.transfer_tried.lock()
+                    && let Some(last) = tried.as_mut()
+                    && (last.term, last.to, last.at) == (term, preferred, now)
+                {
+                    last.failed = true;
+                }
             }
         }
     }
