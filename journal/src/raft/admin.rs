@@ -16,6 +16,29 @@ impl Server {
         (self.config.election_tick as u64).saturating_sub(LEASE_MARGIN_TICKS)
     }
 
+    /// Stops hosting `stream_id` and deletes its log and state, for a replica that was
+    /// removed from the stream's membership (or never joined it). Waiting operations fail
+    /// with `Closed`. The deletion goes into the next sync round's batch, so it lands after
+    /// everything staged for the stream before, and the stream cannot be added again until
+    /// that round is durable. A crash before then leaves the old state, which a later
+    /// `add_stream` recovers as a replica that fell behind. Returns whether the stream was
+    /// hosted.
+    pub fn remove_stream(&mut self, stream_id: u64) -> bool {
+        let Some(replica) = self.streams.remove(&stream_id) else {
+            return false;
+        };
+        replica.fail(&StreamError::Closed);
+        self.touched.remove(&stream_id);
+        self.removing.insert(stream_id);
+        let round = &mut self.unsynced;
+        round
+            .batch
+            .add_command(stream_id, raft_engine::Command::Clean);
+        round.removed.push(stream_id);
+        round.must_sync = true;
+        true
+    }
+
     /// The membership of `stream_id` as this replica applied it, as it changes.
     pub fn watch_membership(&self, stream_id: u64) -> Option<watch::Receiver<Membership>> {
         self.streams

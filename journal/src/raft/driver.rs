@@ -88,6 +88,11 @@ pub(crate) enum Event {
         round: SyncRound,
         result: Result<(), StreamError>,
     },
+    /// Stop hosting a stream and delete its data.
+    RemoveStream {
+        stream_id: u64,
+        reply: oneshot::Sender<bool>,
+    },
     /// Stop the driver: waiting operations fail with `Closed`.
     Stop,
 }
@@ -228,6 +233,21 @@ impl Node {
         };
         self.events.send(event).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// Stops hosting `stream_id` and deletes its log and state (see
+    /// [`Server::remove_stream`]); returns whether it was hosted. Handles of the stream
+    /// fail with [`StreamError::Closed`] from then on.
+    pub async fn remove_stream(&self, stream_id: u64) -> Result<bool, JournalError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || JournalError::Raft {
+            stream_id,
+            reason: "the journal server has stopped".to_owned(),
+        };
+        self.events
+            .send(Event::RemoveStream { stream_id, reply })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
     }
 
     /// Stops the driver and waits until the engine is closed. Operations in flight fail
@@ -460,6 +480,10 @@ impl Driver {
                         self.failed = Some(e);
                     }
                 }
+                self.start_sync(syncer);
+            }
+            Event::RemoveStream { stream_id, reply } => {
+                let _ = reply.send(self.server.remove_stream(stream_id));
                 self.start_sync(syncer);
             }
             Event::Stop => return false,

@@ -28,6 +28,7 @@ use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::driver::Node;
+use super::partition::Partition;
 use super::server::RaftConfig;
 use super::transport::{Inbox, Transport};
 use crate::error::JournalError;
@@ -47,6 +48,8 @@ pub struct GrpcTransport {
     /// Peers join and move while the server runs (a tablet server learns its groups' peers
     /// from the master), so the map changes under a lock that `send` holds only briefly.
     peers: Mutex<HashMap<u64, PeerLink>>,
+    /// Peers cut off by a fault test.
+    partition: Partition,
 }
 
 /// The exchange queue and connection task of one peer.
@@ -67,6 +70,7 @@ impl GrpcTransport {
         let transport = Self {
             node_id,
             peers: Mutex::new(HashMap::new()),
+            partition: Partition::default(),
         };
         for (&peer_id, &addr) in peers {
             transport.set_peer(peer_id, addr);
@@ -112,6 +116,9 @@ impl GrpcTransport {
 
 impl Transport for GrpcTransport {
     fn send(&self, to: u64, messages: Vec<Bytes>) {
+        if self.partition.blocks(to) {
+            return;
+        }
         // Cloned out so the peer map's lock is not held while queueing.
         let outbound = self
             .peers
@@ -204,6 +211,7 @@ impl Link {
 struct Receiver {
     node_id: u64,
     inbox: Inbox,
+    partition: Partition,
 }
 
 type AckStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<RaftAck, Status>> + Send>>;
@@ -218,6 +226,7 @@ impl RaftTransport for Receiver {
     ) -> Result<Response<AckStream>, Status> {
         let mut inbound = request.into_inner();
         let (node_id, inbox) = (self.node_id, self.inbox.clone());
+        let partition = self.partition.clone();
         // The response half stays open while this task runs; its end tells the dialer.
         let (ack_tx, acks) = mpsc::channel::<Result<RaftAck, Status>>(1);
         tokio::spawn(async move {
@@ -230,6 +239,7 @@ impl RaftTransport for Receiver {
                             "ignoring a raft batch for another server"
                         );
                     }
+                    Ok(Some(batch)) if partition.blocks(batch.from) => {}
                     Ok(Some(batch)) => {
                         if !inbox.deliver(batch.from, batch.messages) {
                             break;
@@ -277,6 +287,7 @@ impl GrpcNode {
         let service = RaftTransportServer::new(Receiver {
             node_id,
             inbox: node.inbox(),
+            partition: transport.partition.clone(),
         })
         .max_decoding_message_size(MAX_DECODING_BYTES);
         let (stop_serving, stop) = oneshot::channel::<()>();
@@ -309,6 +320,12 @@ impl GrpcNode {
     /// Adds peer `peer_id` at `addr`, or moves it there.
     pub fn set_peer(&self, peer_id: u64, addr: SocketAddr) {
         self.transport.set_peer(peer_id, addr);
+    }
+
+    /// The partition this server keeps (none at first): cut peers' raft messages are
+    /// dropped both ways. For fault tests.
+    pub fn partition(&self) -> &Partition {
+        &self.transport.partition
     }
 
     /// The address the raft transport is served on.

@@ -29,6 +29,7 @@ mod harness;
 mod lease;
 mod logger;
 mod membership;
+mod partition;
 mod recent;
 mod replica;
 mod server;
@@ -39,6 +40,7 @@ mod transport;
 
 pub use driver::{Node, NodeStats};
 pub use membership::Membership;
+pub use partition::Partition;
 pub use server::{RaftConfig, Server, SyncRound, sync};
 pub use stream::RaftStream;
 pub use transport::{Inbox, MemNetwork, MemTransport, Transport};

@@ -69,6 +69,10 @@ pub(crate) struct Replica {
     /// Ticks at the full rate before this server tick even when idle (see
     /// [`Replica::ticks_fast`]).
     fast_until: u64,
+    /// The server tick at which this replica last became leader: raft's record of which
+    /// peers answered recently starts empty then, and means something one election
+    /// timeout later.
+    led_since: u64,
     /// The index of a snapshot from the leader that is staged but not yet durable.
     pub(super) installing: Option<u64>,
     pub(crate) committed: watch::Sender<u64>,
@@ -104,6 +108,7 @@ impl Replica {
             }),
             quiet_until: now + quiet,
             fast_until: 0,
+            led_since: 0,
             installing: None,
             // Entries up to the recovered applied index are not delivered again.
             committed: watch::Sender::new(applied),
@@ -414,11 +419,14 @@ impl Replica {
 
     /// Publishes a leadership change. Read barriers of an old term can no longer be answered
     /// safely, so they fail and the callers retry; the lease ends; a transfer settles.
-    pub(crate) fn update_leadership(&mut self) {
+    pub(crate) fn update_leadership(&mut self, tick: u64) {
         let now = self.current_leadership();
         let before = *self.leadership.borrow();
         if now == before {
             return;
+        }
+        if now.is_leader && !before.is_leader {
+            self.led_since = tick;
         }
         self.leadership.send_replace(now);
         if now.term != before.term || now.leader_id != before.leader_id {
@@ -470,11 +478,10 @@ impl Replica {
         }
         // raft holds back proposals until a transfer completes or an election timeout
         // passes: a transferee that has not answered for that long would only stall writes.
-        if !raft
-            .prs()
-            .get(to)
-            .is_some_and(|progress| progress.recent_active)
-        {
+        // (A leader younger than an election timeout cannot tell yet.)
+        let settled = now >= self.led_since + raft.election_timeout() as u64;
+        let active = raft.prs().get(to).is_some_and(|p| p.recent_active);
+        if settled && !active {
             let error =
                 self.membership_error(format!("{to} has not answered within an election timeout"));
             let _ = reply.send(Err(error));

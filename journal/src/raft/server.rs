@@ -102,14 +102,16 @@ impl RaftConfig {
 #[derive(Debug, Default)]
 pub struct SyncRound {
     /// Every round's writes, for every stream, in order.
-    batch: LogBatch,
+    pub(super) batch: LogBatch,
     /// `(stream, ready number)` in order, for `on_persist_ready`.
     readies: Vec<(u64, u64)>,
     /// The last entry (index, term) each stream appended.
     last_entries: HashMap<u64, (u64, u64)>,
     /// Messages that may leave once the round is durable, as `(to, envelope)`.
     messages: Vec<(u64, Bytes)>,
-    must_sync: bool,
+    /// Streams whose deletion `batch` carries (see [`Server::remove_stream`]).
+    pub(super) removed: Vec<u64>,
+    pub(super) must_sync: bool,
 }
 
 impl SyncRound {
@@ -128,8 +130,11 @@ pub struct Server {
     /// last [`ready`](Self::ready), or with a ready in it. `ready` visits only these, so a
     /// thousand idle streams cost nothing per round.
     pub(super) touched: BTreeSet<u64>,
+    /// Removed streams whose deletion is not durable yet: they cannot be added again until
+    /// it is, or the deletion could land after the new replica's first writes.
+    pub(super) removing: BTreeSet<u64>,
     logger: slog::Logger,
-    unsynced: SyncRound,
+    pub(super) unsynced: SyncRound,
     pub(super) next_read_id: u64,
     pub(super) ticks: u64,
     pub(super) purge: Purge,
@@ -171,6 +176,7 @@ impl Server {
             engine: Arc::new(engine),
             streams: BTreeMap::new(),
             touched: BTreeSet::new(),
+            removing: BTreeSet::new(),
             unsynced: SyncRound::default(),
             next_read_id: 0,
             ticks: 0,
@@ -230,6 +236,12 @@ impl Server {
             return Err(JournalError::InvalidConfig {
                 name: "stream_id",
                 reason: format!("stream {stream_id} is already hosted"),
+            });
+        }
+        if self.removing.contains(&stream_id) {
+            return Err(JournalError::InvalidConfig {
+                name: "stream_id",
+                reason: format!("stream {stream_id} is still being deleted here; try again"),
             });
         }
         let mut batch = LogBatch::default();
@@ -498,7 +510,7 @@ impl Server {
             if let Some(last) = committed.last() {
                 applied.push((stream_id, last.index));
             }
-            replica.update_leadership();
+            replica.update_leadership(self.ticks);
             replica.send_deferred_reads();
             replica.publish_lease();
         }
@@ -518,7 +530,7 @@ impl Server {
     /// Takes every ready round since the last call, for one engine write and fsync (step 3
     /// of a round). Rounds must be synced and finished in the order they are taken.
     pub fn take_sync(&mut self) -> Option<SyncRound> {
-        if self.unsynced.readies.is_empty() {
+        if self.unsynced.readies.is_empty() && self.unsynced.removed.is_empty() {
             return None;
         }
         Some(std::mem::take(&mut self.unsynced))
@@ -527,6 +539,9 @@ impl Server {
     /// Tells raft that `round`, which [`sync`] wrote, is durable, and lets the entry caches
     /// drop what the engine now serves.
     pub fn finish_sync(&mut self, round: SyncRound) {
+        for stream_id in round.removed {
+            self.removing.remove(&stream_id);
+        }
         for (stream_id, number) in round.readies {
             if let Some(replica) = self.streams.get_mut(&stream_id) {
                 replica.node.on_persist_ready(number);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use luna_kernel::stream::{Stream, StreamError};
 
-use super::{Cluster, LIMIT, read_all};
+use super::{Cluster, LIMIT, STREAM, read_all};
 use crate::error::JournalError;
 use crate::raft::{Membership, RaftStream};
 
@@ -83,6 +83,24 @@ async fn learner_catches_up_is_promoted_and_the_new_membership_survives_restart(
             leader.change_membership(&without_leader, &[]).await,
             Err(JournalError::Membership { .. })
         ));
+        // The removed replica deletes its copy: restarted, it starts again from the
+        // initial voters, with nothing of the log.
+        let (node, handle) = cluster.nodes[removed as usize - 1]
+            .as_ref()
+            .expect("removed node is up");
+        assert!(node.remove_stream(STREAM).await.expect("remove stream"));
+        assert!(!node.remove_stream(STREAM).await.expect("remove again"));
+        assert!(matches!(
+            handle.read_index().await,
+            Err(StreamError::Closed)
+        ));
+        cluster.stop(removed).await;
+        cluster.start(removed).await;
+        let fresh = Membership {
+            voters: vec![1, 2, 3],
+            ..Membership::default()
+        };
+        assert_eq!(cluster.stream(removed).membership(), fresh);
         cluster.stop(removed).await;
         for &id in &voters {
             cluster.stop(id).await;
