@@ -5,9 +5,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use luna_proto::master::{
     CollectionInfo, CreateCollectionRequest, CreateDatabaseRequest, DatabaseInfo,
-    DropCollectionRequest, DropDatabaseRequest, GroupInfo, ListCollectionsRequest,
-    ListDatabasesRequest, ListGroupsRequest, ListServersRequest, ListTabletsRequest, Partitioning,
-    ServerInfo, TabletInfo, TransferLeaderRequest,
+    DrainServerRequest, DropCollectionRequest, DropDatabaseRequest, GroupInfo,
+    ListCollectionsRequest, ListDatabasesRequest, ListGroupsRequest, ListServersRequest,
+    ListTabletsRequest, MoveReplicaRequest, Partitioning, ServerInfo, TabletInfo,
+    TransferLeaderRequest,
 };
 
 use crate::Inner;
@@ -265,6 +266,43 @@ impl Admin {
         response
             .group
             .ok_or_else(|| ClientError::protocol("TransferLeader answered without the group"))
+    }
+
+    /// Starts moving group `group_id`'s replica on server `from` to server `to`, and returns
+    /// the group once the move is persisted: its `moving` field shows the move until the
+    /// group's journal membership has switched (poll [`list_groups`](Self::list_groups)).
+    /// No base data is copied; the new replica replays the group's log.
+    pub async fn move_replica(&self, group_id: u64, from: u64, to: u64) -> Result<GroupInfo> {
+        let request = MoveReplicaRequest {
+            group_id,
+            from_server_id: from,
+            to_server_id: to,
+        };
+        let response = self
+            .inner
+            .call_master("MoveReplica", &self.deadline(), |mut master| async move {
+                master.move_replica(request).await
+            })
+            .await?;
+        response
+            .group
+            .ok_or_else(|| ClientError::protocol("MoveReplica answered without the group"))
+    }
+
+    /// Marks server `server_id` as draining (or, with `cancel`, no longer): the master moves
+    /// its replicas to other servers a few at a time and places nothing new on it. Returns
+    /// the server; its `group_replicas` falls to 0 when the drain is done.
+    pub async fn drain_server(&self, server_id: u64, cancel: bool) -> Result<ServerInfo> {
+        let request = DrainServerRequest { server_id, cancel };
+        let response = self
+            .inner
+            .call_master("DrainServer", &self.deadline(), |mut master| async move {
+                master.drain_server(request).await
+            })
+            .await?;
+        response
+            .server
+            .ok_or_else(|| ClientError::protocol("DrainServer answered without the server"))
     }
 
     /// The tablets of one collection, of one database (`collection` empty), or of the whole

@@ -68,7 +68,7 @@ pub use collection::{Collection, ReadOptions, WriteBatch};
 pub use error::{ClientError, Result};
 /// The catalog types the admin API returns, as the master sends them.
 pub use luna_proto::master::{
-    CollectionInfo, DatabaseInfo, GroupInfo, Partitioning, ServerInfo, TabletInfo,
+    CollectionInfo, DatabaseInfo, GroupInfo, Partitioning, ReplicaMove, ServerInfo, TabletInfo,
 };
 
 use mux::TabletConn;

@@ -63,6 +63,16 @@ pub struct MasterConfig {
     /// How long `TransferLeader` waits for the new group leader to report in (less than
     /// the SDK's default request timeout, so callers get the master's answer).
     pub transfer_wait: Duration,
+    /// How long a server must have been silent before the placement driver replaces its
+    /// replicas on other servers. Short enough to restore redundancy before a second
+    /// failure, long enough that a restart or a brief partition moves nothing.
+    pub repair_after: Duration,
+    /// Most replica moves under way at once, universe-wide (repair, drain and balancing
+    /// together; an operator's `move-replica` is not held back), so that catching up new
+    /// replicas does not swamp the servers.
+    pub max_moves: usize,
+    /// How often the placement driver looks for work.
+    pub placement_interval: Duration,
 }
 
 impl Default for MasterConfig {
@@ -77,6 +87,9 @@ impl Default for MasterConfig {
             replica_addrs: BTreeMap::new(),
             election_wait: Duration::from_secs(2),
             transfer_wait: Duration::from_millis(2500),
+            repair_after: Duration::from_secs(300),
+            max_moves: 2,
+            placement_interval: Duration::from_secs(1),
         }
     }
 }
@@ -109,6 +122,18 @@ impl MasterConfig {
         }
         if self.heartbeat_timeout.is_zero() {
             return Err(MasterError::invalid("heartbeat_timeout must be positive"));
+        }
+        if self.repair_after < self.heartbeat_timeout {
+            return Err(MasterError::invalid(format!(
+                "repair_after ({:?}) must be at least the heartbeat timeout ({:?}): a server \
+                 is only replaced once it is down",
+                self.repair_after, self.heartbeat_timeout
+            )));
+        }
+        if self.max_moves == 0 || self.placement_interval.is_zero() {
+            return Err(MasterError::invalid(
+                "max_moves and placement_interval must be positive",
+            ));
         }
         // Windows past an hour would let a restarted master jump far ahead of real time.
         let window = self.tso_window_ms();

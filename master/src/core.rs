@@ -103,10 +103,12 @@ impl Core {
         });
         let applying = tokio::spawn(apply_loop(Arc::clone(&core), subscription, applied_tx));
         let leading = tokio::spawn(crate::leadership::leadership_loop(Arc::clone(&core)));
+        let placing = tokio::spawn(crate::driver::placement_loop(Arc::clone(&core)));
         let task = tokio::spawn(async move {
-            // Both loops end on shutdown; the handle covers both.
+            // The loops end on shutdown; the handle covers them all.
             let _ = applying.await;
             let _ = leading.await;
+            let _ = placing.await;
         });
         core.settle().await;
         // A log this replica cannot apply (a corrupt snapshot, a failing stream) fails the

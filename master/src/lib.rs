@@ -20,9 +20,11 @@
 mod catalog;
 mod config;
 mod core;
+mod driver;
 mod error;
 mod heartbeat;
 mod leadership;
+mod moves;
 mod ops;
 mod placement;
 mod routing;

@@ -15,6 +15,7 @@ use crate::error::MasterError;
 use crate::heartbeat;
 use crate::placement::Ids;
 use crate::routing::View;
+use crate::state::State;
 use crate::tso::{MAX_TIMESTAMP_BATCH, Timestamps};
 
 /// How often a leader transfer checks whether the new leader has reported in.
@@ -35,7 +36,7 @@ impl Core {
         read(&view)
     }
 
-    fn alive_servers(&self) -> Vec<u64> {
+    pub(crate) fn alive_servers(&self) -> Vec<u64> {
         let state = self.read_state();
         let registry = self.registry();
         registry.alive(
@@ -68,7 +69,15 @@ impl Core {
         request: &CreateCollectionRequest,
     ) -> Result<CollectionInfo, MasterError> {
         let turn = self.turn().await?;
-        let alive = self.alive_servers();
+        // A draining server takes no new replicas.
+        let mut alive = self.alive_servers();
+        alive.retain(|id| {
+            !self
+                .read_state()
+                .servers
+                .get(id)
+                .is_some_and(|s| s.draining)
+        });
         let now = self.config.clock.now_ms();
         let command =
             catalog::create_collection(&self.read_state(), request, &alive, &self.config, now)?;
@@ -172,30 +181,28 @@ impl Core {
     pub async fn transfer_leader(&self, group_id: u64, to: u64) -> Result<GroupInfo, MasterError> {
         {
             let turn = self.turn().await?;
-            let replicas = self
+            let (holds, settled) = self
                 .read_state()
                 .groups
                 .get(&group_id)
-                .map(|group| group.replicas.clone())
+                .map(|group| {
+                    let settled = group.replicas.first() == Some(&to) && group.leader_pinned;
+                    (group.replicas.contains(&to), settled)
+                })
                 .ok_or_else(|| MasterError::not_found(format!("there is no group {group_id}")))?;
-            if !replicas.contains(&to) {
-                return Err(MasterError::invalid(format!(
-                    "server {to} holds no replica of group {group_id}; its replicas are on \
-                     servers {replicas:?}"
-                )));
-            }
-            let preferred = replicas.first() == Some(&to);
-            if !self.alive_servers().contains(&to) {
+            // Apply rejects a server without a replica; liveness is soft state, checked here.
+            if holds && !self.alive_servers().contains(&to) {
                 return Err(MasterError::precondition(format!(
                     "server {to} is down; leadership can only move to a live replica"
                 )));
             }
-            if !preferred {
+            if !settled {
                 let command = Command {
                     proposed_ms: self.config.clock.now_ms(),
                     kind: Some(Kind::SetPreferredLeader(SetPreferredLeader {
                         group_id,
                         server_id: to,
+                        pin: true,
                     })),
                 };
                 self.propose(&turn, &command).await?;
@@ -275,7 +282,7 @@ impl Core {
                 state
                     .groups
                     .get(&group)
-                    .is_some_and(|g| g.replicas.contains(&server_id))
+                    .is_some_and(|g| State::hosts(g, server_id))
             });
             // Bumped under the registry lock, so no view pairs the new leaders with the old
             // version.
@@ -283,6 +290,7 @@ impl Core {
                 self.bump_routing_version();
             }
         }
+        self.end_applied_moves(server_id, request).await;
         Ok(self.view(|view| view.heartbeat_response(server_id)))
     }
 

@@ -86,6 +86,7 @@ pub(crate) fn place(
         new_groups.push(Group {
             id: ids.take(),
             replicas,
+            ..Group::default()
         });
     }
     let counts = state.tablet_counts();

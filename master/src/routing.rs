@@ -31,7 +31,7 @@ impl View<'_> {
             .state
             .groups
             .values()
-            .filter(|g| g.replicas.contains(&server.id));
+            .filter(|g| State::hosts(g, server.id));
         let (mut replicas, mut leaders) = (0u32, 0u32);
         for group in groups {
             replicas += 1;
@@ -50,6 +50,7 @@ impl View<'_> {
                 .is_alive(server.id, self.now, self.heartbeat_timeout),
             group_replicas: replicas,
             group_leaders: leaders,
+            draining: server.draining,
         }
     }
 
@@ -76,6 +77,7 @@ impl View<'_> {
                     leader_server_id: leader.server_id,
                     term: leader.term,
                     tablet_count: counts.get(&group.id).copied().unwrap_or(0),
+                    moving: group.moving.clone(),
                 }
             })
             .collect()

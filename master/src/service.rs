@@ -7,11 +7,12 @@ use futures::Stream as FuturesStream;
 use luna_proto::master::master_server::Master as MasterRpc;
 use luna_proto::master::{
     CollectionRoute, CreateCollectionRequest, CreateCollectionResponse, CreateDatabaseRequest,
-    CreateDatabaseResponse, DropCollectionRequest, DropCollectionResponse, DropDatabaseRequest,
-    DropDatabaseResponse, GetRoutingRequest, GetTimestampsRequest, GetTimestampsResponse,
-    HeartbeatRequest, HeartbeatResponse, ListCollectionsRequest, ListCollectionsResponse,
-    ListDatabasesRequest, ListDatabasesResponse, ListGroupsRequest, ListGroupsResponse,
-    ListServersRequest, ListServersResponse, ListTabletsRequest, ListTabletsResponse, RoutingTable,
+    CreateDatabaseResponse, DrainServerRequest, DrainServerResponse, DropCollectionRequest,
+    DropCollectionResponse, DropDatabaseRequest, DropDatabaseResponse, GetRoutingRequest,
+    GetTimestampsRequest, GetTimestampsResponse, HeartbeatRequest, HeartbeatResponse,
+    ListCollectionsRequest, ListCollectionsResponse, ListDatabasesRequest, ListDatabasesResponse,
+    ListGroupsRequest, ListGroupsResponse, ListServersRequest, ListServersResponse,
+    ListTabletsRequest, ListTabletsResponse, MoveReplicaRequest, MoveReplicaResponse, RoutingTable,
     TransferLeaderRequest, TransferLeaderResponse, WatchRoutingRequest,
 };
 use tonic::{Request, Response, Status};
@@ -129,6 +130,36 @@ impl MasterRpc for MasterService {
             .transfer_leader(request.group_id, request.to_server_id)
             .await?;
         Ok(Response::new(TransferLeaderResponse { group: Some(group) }))
+    }
+
+    async fn move_replica(
+        &self,
+        request: Request<MoveReplicaRequest>,
+    ) -> Result<Response<MoveReplicaResponse>, Status> {
+        let request = request.get_ref();
+        let group = self
+            .core
+            .move_replica(
+                request.group_id,
+                request.from_server_id,
+                request.to_server_id,
+            )
+            .await?;
+        Ok(Response::new(MoveReplicaResponse { group: Some(group) }))
+    }
+
+    async fn drain_server(
+        &self,
+        request: Request<DrainServerRequest>,
+    ) -> Result<Response<DrainServerResponse>, Status> {
+        let request = request.get_ref();
+        let server = self
+            .core
+            .drain_server(request.server_id, request.cancel)
+            .await?;
+        Ok(Response::new(DrainServerResponse {
+            server: Some(server),
+        }))
     }
 
     async fn list_tablets(

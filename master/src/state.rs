@@ -9,10 +9,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use luna_proto::master::ReplicaMove;
 use luna_proto::master::{CollectionInfo, DatabaseInfo, TabletInfo};
 use luna_proto::masterlog::command::Kind;
 use luna_proto::masterlog::{
-    Command, CreateCollection, CreateDatabase, Group, MasterState, RegisterServer, Server,
+    Command, CreateCollection, CreateDatabase, EndMove, Group, MasterState, MoveReplica,
+    RegisterServer, Server, SetDraining, SetPreferredLeader,
 };
 
 use crate::error::MasterError;
@@ -97,8 +99,20 @@ impl State {
                 false
             }
             Kind::SetPreferredLeader(preferred) => {
-                self.set_preferred_leader(preferred.group_id, preferred.server_id)?;
+                self.set_preferred_leader(preferred)?;
                 true
+            }
+            Kind::MoveReplica(start) => {
+                self.move_replica(command.proposed_ms, start)?;
+                true
+            }
+            Kind::EndMove(end) => {
+                self.end_move(end)?;
+                true
+            }
+            Kind::SetDraining(drain) => {
+                self.set_draining(drain)?;
+                false
             }
         };
         Ok(Applied { routing_changed })
@@ -197,7 +211,10 @@ impl State {
         ids.extend(create.new_groups.iter().map(|g| g.id));
         self.next_id = self.check_fresh(&ids)?;
         for group in &create.new_groups {
-            self.groups.insert(group.id, group.clone());
+            let mut group = group.clone();
+            // Kept apart from `replicas`, which moves and reorders.
+            group.initial_voters.clone_from(&group.replicas);
+            self.groups.insert(group.id, group);
         }
         for tablet in &create.tablets {
             self.tablets.insert(tablet.id, tablet.clone());
@@ -246,10 +263,14 @@ impl State {
             addr: register.addr.clone(),
             raft_addr: register.raft_addr.clone(),
             http_addr: register.http_addr.clone(),
+            draining: false,
         };
         if let Some(known) = self.servers.get_mut(&register.id) {
             let changed = known.addr != server.addr;
-            *known = server;
+            *known = Server {
+                draining: known.draining,
+                ..server
+            };
             return Ok(changed);
         }
         self.next_id = self.check_fresh(&[register.id])?;
@@ -259,7 +280,8 @@ impl State {
 
     /// Moves `server_id` to the front of group `group_id`'s replicas, keeping the others'
     /// order.
-    fn set_preferred_leader(&mut self, group_id: u64, server_id: u64) -> Result<(), MasterError> {
+    fn set_preferred_leader(&mut self, preferred: &SetPreferredLeader) -> Result<(), MasterError> {
+        let (group_id, server_id) = (preferred.group_id, preferred.server_id);
         let group = self
             .groups
             .get_mut(&group_id)
@@ -270,8 +292,87 @@ impl State {
                 group.replicas
             )));
         };
-        let preferred = group.replicas.remove(at);
-        group.replicas.insert(0, preferred);
+        let first = group.replicas.remove(at);
+        group.replicas.insert(0, first);
+        group.leader_pinned = preferred.pin;
+        Ok(())
+    }
+
+    /// Starts moving a replica (see `MoveReplica` in master_log.proto).
+    fn move_replica(&mut self, proposed_ms: u64, start: &MoveReplica) -> Result<(), MasterError> {
+        let (group_id, from, to) = (start.group_id, start.from, start.to);
+        if !self.servers.contains_key(&to) {
+            return Err(MasterError::not_found(format!("there is no server {to}")));
+        }
+        let group = self
+            .groups
+            .get_mut(&group_id)
+            .ok_or_else(|| MasterError::not_found(format!("there is no group {group_id}")))?;
+        let Some(at) = group.replicas.iter().position(|&id| id == from) else {
+            return Err(MasterError::invalid(format!(
+                "server {from} holds no replica of group {group_id} (replicas: {:?})",
+                group.replicas
+            )));
+        };
+        if group.replicas.contains(&to)
+            || group
+                .moving
+                .as_ref()
+                .is_some_and(|m| m.from_server_id == to)
+        {
+            return Err(MasterError::exists(format!(
+                "server {to} already holds a replica of group {group_id}"
+            )));
+        }
+        // A move under way can only be retargeted (its target is `from` here); its source
+        // keeps hosting until the new target has replaced it.
+        let source = match &group.moving {
+            None => from,
+            Some(moving) if moving.to_server_id == from => moving.from_server_id,
+            Some(moving) => {
+                return Err(MasterError::precondition(format!(
+                    "group {group_id} is already moving a replica from server {} to server {}; \
+                     wait for it, or move server {}'s replica elsewhere",
+                    moving.from_server_id, moving.to_server_id, moving.to_server_id
+                )));
+            }
+        };
+        if group.initial_voters.is_empty() {
+            group.initial_voters.clone_from(&group.replicas);
+        }
+        group.replicas[at] = to;
+        group.moving = Some(ReplicaMove {
+            from_server_id: source,
+            to_server_id: to,
+            reason: start.reason.clone(),
+            started_ms: proposed_ms,
+        });
+        Ok(())
+    }
+
+    /// Ends the move to `end.to`, once the group's membership matches its replicas.
+    fn end_move(&mut self, end: &EndMove) -> Result<(), MasterError> {
+        let group = self
+            .groups
+            .get_mut(&end.group_id)
+            .ok_or_else(|| MasterError::not_found(format!("there is no group {}", end.group_id)))?;
+        match &group.moving {
+            Some(moving) if moving.to_server_id == end.to => {
+                group.moving = None;
+                Ok(())
+            }
+            _ => Err(MasterError::precondition(format!(
+                "group {} is not moving a replica to server {}",
+                end.group_id, end.to
+            ))),
+        }
+    }
+
+    fn set_draining(&mut self, drain: &SetDraining) -> Result<(), MasterError> {
+        let server = self.servers.get_mut(&drain.server_id).ok_or_else(|| {
+            MasterError::not_found(format!("there is no server {}", drain.server_id))
+        })?;
+        server.draining = drain.draining;
         Ok(())
     }
 
@@ -316,6 +417,16 @@ impl State {
             .collect();
         tablets.sort_by(|a, b| range_start(a).cmp(range_start(b)));
         tablets
+    }
+
+    /// Whether server `server_id` hosts a replica of `group`: one of its replicas, or the
+    /// source of a move under way.
+    pub fn hosts(group: &Group, server_id: u64) -> bool {
+        group.replicas.contains(&server_id)
+            || group
+                .moving
+                .as_ref()
+                .is_some_and(|m| m.from_server_id == server_id)
     }
 
     /// Live tablets per group (groups without tablets are listed with 0).

@@ -64,6 +64,7 @@ fn create_coll(id: u64, name: &str) -> Command {
             new_groups: vec![Group {
                 id: id + 3,
                 replicas: vec![2, 3, 1],
+                ..Group::default()
             }],
         }),
     )
@@ -202,6 +203,7 @@ fn a_preferred_leader_moves_to_the_front_and_bad_ones_are_refused() {
             Kind::SetPreferredLeader(SetPreferredLeader {
                 group_id,
                 server_id,
+                pin: true,
             }),
         )
     };
@@ -226,4 +228,62 @@ fn a_preferred_leader_moves_to_the_front_and_bad_ones_are_refused() {
     let mut after = state.snapshot();
     after.applied_index = before.applied_index;
     assert_eq!(after, before, "a refused command changes nothing");
+}
+
+#[test]
+fn a_move_replaces_the_replica_keeps_the_source_hosting_and_ends_once() {
+    use luna_proto::masterlog::{EndMove, MoveReplica};
+    let start = |from, to| {
+        command(
+            30,
+            Kind::MoveReplica(MoveReplica {
+                group_id: 8,
+                from,
+                to,
+                reason: "admin".into(),
+            }),
+        )
+    };
+    let end = |to| command(31, Kind::EndMove(EndMove { group_id: 8, to }));
+    let mut commands = log();
+    commands.push(register(20, "d:1"));
+    commands.push(register(21, "e:1"));
+    let (mut state, _) = replay(&commands);
+    assert!(state.apply(40, &start(3, 20)).is_ok());
+    let group = &state.groups[&8];
+    assert_eq!(
+        group.replicas,
+        [2, 20, 1],
+        "the target takes the source's place"
+    );
+    assert_eq!(
+        group.initial_voters,
+        [2, 3, 1],
+        "the stream's first voters stay known"
+    );
+    assert!(State::hosts(group, 3) && State::hosts(group, 20));
+    // One move per group; a second one is refused, and so is a move onto a replica.
+    assert!(matches!(
+        state.apply(41, &start(2, 21)),
+        Err(MasterError::FailedPrecondition { .. })
+    ));
+    assert!(matches!(
+        state.apply(42, &start(2, 1)),
+        Err(MasterError::AlreadyExists { .. })
+    ));
+    // The target failed: the move is retargeted, and its source still hosts.
+    assert!(state.apply(43, &start(20, 21)).is_ok());
+    let group = &state.groups[&8];
+    assert_eq!(group.replicas, [2, 21, 1]);
+    assert_eq!(group.moving.as_ref().map(|m| m.from_server_id), Some(3));
+    assert!(!State::hosts(group, 20));
+    // Ending the old target's move is stale; the new one ends it.
+    assert!(state.apply(44, &end(20)).is_err());
+    assert!(state.apply(45, &end(21)).is_ok());
+    assert!(state.groups[&8].moving.is_none());
+    assert!(!State::hosts(&state.groups[&8], 3));
+    assert!(state.apply(46, &end(21)).is_err(), "a move ends once");
+    // It survives a snapshot.
+    let restored = State::from_snapshot(state.snapshot());
+    assert_eq!(restored, state);
 }

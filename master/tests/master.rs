@@ -369,6 +369,7 @@ fn registered_groups(master: &Master, server_id: u64) -> Vec<luna_proto::master:
                 .filter(|t| t.group_id == g.id)
                 .cloned()
                 .collect(),
+            initial_voters: g.initial_voters.clone(),
         })
         .collect()
 }

@@ -1,25 +1,11 @@
-//! `luna db`, `luna collection`, `luna servers`, `luna groups`, `luna group` and
-//! `luna tablets`.
+//! `luna db`, `luna collection` and `luna tablets`.
 
 use clap::Subcommand;
-use luna_client::{Client, CollectionSpec, GroupInfo, Partitioning};
+use luna_client::{Client, CollectionSpec, Partitioning};
 
 use super::collection_path;
 use super::output::{Cell, print_table, show_bytes};
 use crate::error::CliError;
-
-/// `luna group ...`
-#[derive(Debug, Subcommand)]
-pub enum GroupCommand {
-    /// Move a group's leadership to its replica on another server, and keep it there.
-    TransferLeader {
-        /// The group's id (see `luna groups`).
-        group: u64,
-        /// The server to lead it (one that holds a replica).
-        #[arg(long)]
-        to: u64,
-    },
-}
 
 /// `luna db ...`
 #[derive(Debug, Subcommand)]
@@ -161,68 +147,6 @@ pub async fn collection(
         }
     }
     Ok(())
-}
-
-pub async fn servers(client: &Client, json: bool) -> Result<(), CliError> {
-    let rows: Vec<Vec<Cell>> = client
-        .admin()
-        .list_servers()
-        .await?
-        .into_iter()
-        .map(|server| {
-            vec![
-                Cell::from(server.id),
-                Cell::from(server.addr),
-                Cell::from(if server.alive { "up" } else { "down" }),
-                Cell::from(server.group_replicas),
-                Cell::from(server.group_leaders),
-                Cell::from(server.http_addr),
-            ]
-        })
-        .collect();
-    print_table(
-        &["server", "addr", "state", "replicas", "leaders", "http"],
-        &rows,
-        json,
-    );
-    Ok(())
-}
-
-pub async fn groups(client: &Client, json: bool) -> Result<(), CliError> {
-    let groups = client.admin().list_groups().await?;
-    print_groups(&groups, json);
-    Ok(())
-}
-
-pub async fn group(client: &Client, command: GroupCommand, json: bool) -> Result<(), CliError> {
-    match command {
-        GroupCommand::TransferLeader { group, to } => {
-            let group = client.admin().transfer_leader(group, to).await?;
-            print_groups(&[group], json);
-        }
-    }
-    Ok(())
-}
-
-fn print_groups(groups: &[GroupInfo], json: bool) {
-    let rows: Vec<Vec<Cell>> = groups
-        .iter()
-        .map(|group| {
-            let replicas: Vec<String> = group.replicas.iter().map(u64::to_string).collect();
-            vec![
-                Cell::from(group.id),
-                Cell::from(replicas.join(",")),
-                Cell::from(group.leader_server_id),
-                Cell::from(group.term),
-                Cell::from(group.tablet_count),
-            ]
-        })
-        .collect();
-    print_table(
-        &["group", "replicas", "leader", "term", "tablets"],
-        &rows,
-        json,
-    );
 }
 
 pub async fn tablets(client: &Client, path: Option<&str>, json: bool) -> Result<(), CliError> {

@@ -5,12 +5,14 @@
 mod catalog;
 mod data;
 mod output;
+mod placement;
 
 use clap::{Args, Subcommand};
 use luna_client::Client;
 
-pub use self::catalog::{CollectionCommand, DbCommand, GroupCommand};
+pub use self::catalog::{CollectionCommand, DbCommand};
 pub use self::data::{DeleteArgs, GetArgs, PutArgs, ScanArgs};
+pub use self::placement::{GroupCommand, ServerCommand};
 use crate::error::CliError;
 
 /// How to reach the universe, and how to print.
@@ -54,9 +56,12 @@ pub enum ClientCommand {
     Scan(ScanArgs),
     /// List the tablet servers.
     Servers,
+    /// Act on one tablet server: drain it.
+    #[command(subcommand)]
+    Server(ServerCommand),
     /// List the tablet groups.
     Groups,
-    /// Act on one tablet group: move its leader.
+    /// Act on one tablet group: move its leader or one of its replicas.
     #[command(subcommand)]
     Group(GroupCommand),
     /// List tablets, of one collection (DATABASE/COLLECTION) or of all.
@@ -77,9 +82,10 @@ pub async fn run(command: ClientCommand, connection: &Connection) -> Result<(), 
         ClientCommand::Get(args) => data::get(&client, args, json).await,
         ClientCommand::Delete(args) => data::delete(&client, args, json).await,
         ClientCommand::Scan(args) => data::scan(&client, args, json).await,
-        ClientCommand::Servers => catalog::servers(&client, json).await,
-        ClientCommand::Groups => catalog::groups(&client, json).await,
-        ClientCommand::Group(command) => catalog::group(&client, command, json).await,
+        ClientCommand::Servers => placement::servers(&client, json).await,
+        ClientCommand::Server(command) => placement::server(&client, command, json).await,
+        ClientCommand::Groups => placement::groups(&client, json).await,
+        ClientCommand::Group(command) => placement::group(&client, command, json).await,
         ClientCommand::Tablets { collection } => {
             catalog::tablets(&client, collection.as_deref(), json).await
         }

@@ -40,6 +40,10 @@ pub struct MasterArgs {
     /// Seconds without a heartbeat after which a tablet server counts as down.
     #[arg(long, default_value_t = 10)]
     pub heartbeat_timeout_secs: u64,
+    /// Seconds a tablet server must be silent before its replicas are rebuilt on other
+    /// servers (at least the heartbeat timeout).
+    #[arg(long, default_value_t = 300)]
+    pub repair_after_secs: u64,
     /// This replica's id, for a replicated master: one of the `--replica` ids.
     #[arg(long, requires = "replicas")]
     pub replica_id: Option<u64>,
@@ -164,10 +168,15 @@ pub fn replica_addrs(replicas: &[ReplicaAddrs]) -> std::collections::BTreeMap<u6
 }
 
 /// The master settings the flags ask for.
-pub fn master_config(replication_factor: u32, heartbeat_timeout: Duration) -> MasterConfig {
+pub fn master_config(
+    replication_factor: u32,
+    heartbeat_timeout: Duration,
+    repair_after: Duration,
+) -> MasterConfig {
     MasterConfig {
         default_replication_factor: replication_factor,
         heartbeat_timeout,
+        repair_after,
         ..MasterConfig::default()
     }
 }
@@ -178,6 +187,7 @@ pub async fn run(args: MasterArgs) -> Result<(), CliError> {
     let mut config = master_config(
         args.replication_factor,
         Duration::from_secs(args.heartbeat_timeout_secs),
+        Duration::from_secs(args.repair_after_secs),
     );
     let process = match args.replica_id {
         None => {

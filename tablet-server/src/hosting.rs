@@ -49,6 +49,10 @@ impl Hosting {
         self.ctx.server_id
     }
 
+    pub(crate) fn raft_partition(&self) -> luna_journal::raft::Partition {
+        self.node.partition().clone()
+    }
+
     pub(crate) fn context(&self) -> &Arc<GroupContext> {
         &self.ctx
     }
@@ -94,6 +98,7 @@ impl Hosting {
                 addrs.insert(peer.id, peer.addr.clone());
             }
         }
+        self.remove_unassigned(response).await;
         for assignment in &response.groups {
             let group = match self.group(assignment.group_id) {
                 Some(group) => group,
@@ -113,10 +118,13 @@ impl Hosting {
             if claimed {
                 let hosting = Arc::clone(self);
                 let tablets = assignment.tablets.clone();
-                let preferred = assignment.voters.first().copied().unwrap_or(0);
+                let voters = assignment.voters.clone();
                 tokio::spawn(async move {
                     group.reconcile(&tablets).await;
-                    group.prefer_leader(preferred).await;
+                    group.reconcile_membership(&voters).await;
+                    group
+                        .prefer_leader(voters.first().copied().unwrap_or(0))
+                        .await;
                     if let Ok(mut busy) = hosting.reconciling.lock() {
                         busy.remove(&group.id());
                     }
@@ -125,11 +133,45 @@ impl Hosting {
         }
     }
 
+    /// Stops hosting the groups the master no longer assigns here (their replica moved
+    /// away and the group's membership no longer has it), and deletes their logs.
+    async fn remove_unassigned(&self, response: &mpb::HeartbeatResponse) {
+        let assigned: std::collections::HashSet<u64> =
+            response.groups.iter().map(|g| g.group_id).collect();
+        let removed: Vec<Arc<Group>> = match self.groups.write() {
+            Ok(mut groups) => {
+                let gone: Vec<u64> = groups
+                    .keys()
+                    .copied()
+                    .filter(|id| !assigned.contains(id))
+                    .collect();
+                gone.iter().filter_map(|id| groups.remove(id)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for group in removed {
+            group.stop().await;
+            match self.node.node().remove_stream(group.id()).await {
+                Ok(_) => tracing::info!(group = group.id(), "group replica removed"),
+                Err(error) => {
+                    tracing::warn!(group = group.id(), %error, "deleting a removed group replica")
+                }
+            }
+        }
+    }
+
     async fn start_group(&self, assignment: &mpb::GroupAssignment) -> Result<Arc<Group>> {
+        // Every replica starts from the voters the stream started with, including one
+        // that joins later: it learns the rest from the log.
+        let initial = if assignment.initial_voters.is_empty() {
+            &assignment.voters
+        } else {
+            &assignment.initial_voters
+        };
         let stream = self
             .node
             .node()
-            .add_stream(assignment.group_id, &assignment.voters)
+            .add_stream(assignment.group_id, initial)
             .await?;
         let group = Group::start(assignment.group_id, stream, Arc::clone(&self.ctx));
         if let Ok(mut groups) = self.groups.write() {
@@ -168,6 +210,7 @@ impl Hosting {
                     writes_per_sec: rate(writes.saturating_sub(writes_before), seconds),
                 });
             }
+            let membership = group.stream().membership();
             reports.push(mpb::GroupReport {
                 group_id: group.id(),
                 is_leader: leadership.is_leader,
@@ -175,6 +218,9 @@ impl Hosting {
                 leader_server_id: leadership.leader_id.unwrap_or(0),
                 applied_index: group.applied_index(),
                 tablets,
+                voters: membership.voters,
+                learners: membership.learners,
+                outgoing_voters: membership.outgoing,
             });
         }
         *last = LastReport { at: now, counters };

@@ -138,6 +138,12 @@ impl TabletServer {
         self.raft_addr
     }
 
+    /// The network partition the server's journal keeps (none unless a fault test cuts
+    /// peers off; see `luna chaos`).
+    pub fn raft_partition(&self) -> luna_journal::raft::Partition {
+        self.hosting.raft_partition()
+    }
+
     /// Renders the server's metrics in the Prometheus text format, for as long as the
     /// server runs (afterwards it renders the last state).
     pub fn metrics_renderer(&self) -> impl Fn() -> String + Send + Sync + 'static {

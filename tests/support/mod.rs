@@ -121,6 +121,9 @@ pub struct Universe {
     /// The client address of every master, separated by commas.
     pub master_addr: String,
     pub servers: Vec<Option<Proc>>,
+    /// The masters' `--repair-after-secs`: long (the default), so that only tests of repair
+    /// see replicas move.
+    pub repair_after_secs: u64,
 }
 
 impl Universe {
@@ -132,6 +135,12 @@ impl Universe {
     /// Starts `masters` master replicas (one runs alone, on a local journal) and `servers`
     /// tablet servers.
     pub fn start_with_masters(masters: usize, servers: usize) -> Universe {
+        Universe::start_with_repair(masters, servers, 300)
+    }
+
+    /// Like [`start_with_masters`](Self::start_with_masters), with masters that replace the
+    /// replicas of a server silent for `repair_after_secs`.
+    pub fn start_with_repair(masters: usize, servers: usize, repair_after_secs: u64) -> Universe {
         let dir = tempfile::tempdir().expect("tempdir");
         let replicas: Vec<String> = match masters {
             1 => Vec::new(),
@@ -153,6 +162,7 @@ impl Universe {
             replicas,
             master_addr,
             servers: Vec::new(),
+            repair_after_secs,
         };
         universe.start_master();
         for i in 0..servers {
@@ -186,6 +196,8 @@ impl Universe {
             "127.0.0.1:0",
             "--heartbeat-timeout-secs",
             "3",
+            "--repair-after-secs",
+            &self.repair_after_secs.to_string(),
         ]
         .iter()
         .map(|arg| (*arg).to_owned())
@@ -249,6 +261,14 @@ impl Universe {
         (0..self.servers.len())
             .find(|&i| self.servers[i].is_some() && self.server_id(i) == id)
             .unwrap_or_else(|| panic!("no running process is server {id}"))
+    }
+
+    /// Starts one more tablet server; returns its index.
+    pub fn add_server(&mut self) -> usize {
+        let i = self.servers.len();
+        let server = self.spawn_server(i);
+        self.servers.push(Some(server));
+        i
     }
 
     /// SIGKILLs tablet server `i`.

@@ -119,6 +119,18 @@ impl Master for FakeMaster {
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         Err(Status::unimplemented("the fake master moves no leaders"))
     }
+    async fn move_replica(
+        &self,
+        _: Request<MoveReplicaRequest>,
+    ) -> Result<Response<MoveReplicaResponse>, Status> {
+        Err(Status::unimplemented("the fake master moves no replicas"))
+    }
+    async fn drain_server(
+        &self,
+        _: Request<DrainServerRequest>,
+    ) -> Result<Response<DrainServerResponse>, Status> {
+        Err(Status::unimplemented("the fake master drains no servers"))
+    }
     async fn list_tablets(
         &self,
         _: Request<ListTabletsRequest>,

@@ -8,6 +8,7 @@ use luna_proto::master::{GroupAssignment, HeartbeatRequest, HeartbeatResponse};
 
 use crate::error::MasterError;
 use crate::routing::View;
+use crate::state::State;
 
 /// Longest address a server may report.
 const MAX_ADDR_LEN: usize = 256;
@@ -42,9 +43,10 @@ impl View<'_> {
             .state
             .groups
             .values()
-            .filter(|g| g.replicas.contains(&server_id))
+            .filter(|g| State::hosts(g, server_id))
             .map(|group| {
                 peers.extend(group.replicas.iter().copied());
+                peers.extend(group.moving.as_ref().map(|m| m.from_server_id));
                 let tablets = self
                     .state
                     .tablets
@@ -56,6 +58,11 @@ impl View<'_> {
                     group_id: group.id,
                     voters: group.replicas.clone(),
                     tablets,
+                    initial_voters: if group.initial_voters.is_empty() {
+                        group.replicas.clone()
+                    } else {
+                        group.initial_voters.clone()
+                    },
                 }
             })
             .collect();

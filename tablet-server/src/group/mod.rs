@@ -9,6 +9,7 @@ mod apply;
 mod commit;
 mod dedup;
 mod leader;
+mod membership;
 mod reads;
 
 use std::collections::HashMap;
@@ -262,7 +263,11 @@ impl Group {
             Some(serving) => serving.term,
             None => return,
         };
-        if preferred == 0 || preferred == self.ctx.server_id {
+        // A learner that is about to replace a voter cannot lead yet.
+        if preferred == 0
+            || preferred == self.ctx.server_id
+            || !self.stream.membership().voters.contains(&preferred)
+        {
             return;
         }
         let now = Instant::now();
@@ -345,6 +350,11 @@ impl Group {
         }
         self.serving.send_replace(None);
         for hosted in self.hosted() {
+            if let Ok(mut index) = self.ctx.tablet_groups.write()
+                && index.get(&hosted.info.id) == Some(&self.id)
+            {
+                index.remove(&hosted.info.id);
+            }
             if let Err(error) = hosted.tablet.close().await {
                 tracing::debug!(group = self.id, tablet = hosted.info.id, %error, "closing tablet");
             }

@@ -1,0 +1,249 @@
+//! The placement driver: on the master leader, keeps every group at its replication factor
+//! and the servers evenly loaded, one persisted step at a time.
+//!
+//! Each pass (every `placement_interval`) takes at most one step, in this order:
+//!
+//! 1. **Repair.** A replica on a server silent for longer than `repair_after` moves to a
+//!    live server; so does the target of a move under way once it is that silent (the move
+//!    is retargeted).
+//! 2. **Drain.** A replica on a draining server moves to a live server.
+//! 3. **Balance replicas.** If the live servers' replica counts differ by more than one, a
+//!    replica of a healthy group moves from the fullest server to the emptiest.
+//! 4. **Balance leaders.** If the live servers' preferred-leader counts differ by more than
+//!    one, a group that an operator has not pinned gets a new preferred leader.
+//!
+//! Moves count against `max_moves` (the rate limit); a group moves one replica at a time.
+//! Targets are live, non-draining servers that do not host the group, fewest replicas
+//! first, ties to the lowest id. The choice is a pure function of the state and the
+//! liveness sets ([`next_step`]), tested without a cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use luna_proto::masterlog::command::Kind;
+use luna_proto::masterlog::{Command, Group, SetPreferredLeader};
+
+use crate::core::Core;
+use crate::error::MasterError;
+use crate::state::State;
+
+/// One thing the placement driver does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Move group `group_id`'s replica from `from` to `to`.
+    Move {
+        group_id: u64,
+        from: u64,
+        to: u64,
+        reason: &'static str,
+    },
+    /// Make `server_id` group `group_id`'s preferred leader.
+    Prefer { group_id: u64, server_id: u64 },
+}
+
+/// Which servers are up, as the driver sees them at one instant.
+#[derive(Debug, Default)]
+pub(crate) struct Liveness {
+    /// Heard from within the heartbeat timeout.
+    pub alive: BTreeSet<u64>,
+    /// Silent for longer than `repair_after`: their replicas are replaced.
+    pub lost: BTreeSet<u64>,
+}
+
+/// The driver's next step, if any (see the module docs for the order).
+pub(crate) fn next_step(state: &State, live: &Liveness, max_moves: usize) -> Option<Step> {
+    let moving = state.groups.values().filter(|g| g.moving.is_some()).count();
+    let draining: BTreeSet<u64> = state
+        .servers
+        .values()
+        .filter(|s| s.draining)
+        .map(|s| s.id)
+        .collect();
+    let targets: BTreeSet<u64> = live.alive.difference(&draining).copied().collect();
+    let replica_counts = counts(state, &targets, State::hosts);
+    let target_for = |group: &Group| {
+        replica_counts
+            .iter()
+            .filter(|&(&server, _)| !State::hosts(group, server))
+            .min_by_key(|&(&server, &count)| (count, server))
+            .map(|(&server, _)| server)
+    };
+    // A move whose target was lost is retargeted; it is under way already, so it does not
+    // wait for the rate limit.
+    for group in state.groups.values() {
+        if let Some(lost) = group
+            .moving
+            .as_ref()
+            .map(|m| m.to_server_id)
+            .filter(|to| live.lost.contains(to))
+            && let Some(to) = target_for(group)
+        {
+            return Some(Step::Move {
+                group_id: group.id,
+                from: lost,
+                to,
+                reason: "repair",
+            });
+        }
+    }
+    if moving < max_moves {
+        for (reason, servers) in [("repair", &live.lost), ("drain", &draining)] {
+            for group in state.groups.values().filter(|g| g.moving.is_none()) {
+                let from = group.replicas.iter().find(|s| servers.contains(s));
+                if let (Some(&from), Some(to)) = (from, target_for(group)) {
+                    return Some(Step::Move {
+                        group_id: group.id,
+                        from,
+                        to,
+                        reason,
+                    });
+                }
+            }
+        }
+        if let Some(step) = balance_replicas(state, live, &replica_counts) {
+            return Some(step);
+        }
+    }
+    balance_leaders(state, live, &targets)
+}
+
+/// How many groups each of `servers` counts for, by `counts_for(group, server)`.
+fn counts(
+    state: &State,
+    servers: &BTreeSet<u64>,
+    counts_for: impl Fn(&Group, u64) -> bool,
+) -> BTreeMap<u64, usize> {
+    servers
+        .iter()
+        .map(|&server| {
+            let count = state
+                .groups
+                .values()
+                .filter(|group| counts_for(group, server))
+                .count();
+            (server, count)
+        })
+        .collect()
+}
+
+/// The fullest and the emptiest of `counts`, if they differ by more than one.
+fn imbalance(counts: &BTreeMap<u64, usize>) -> Option<(u64, u64)> {
+    let (&full, &most) = counts
+        .iter()
+        .max_by_key(|&(&id, &count)| (count, u64::MAX - id))?;
+    let (&empty, &least) = counts.iter().min_by_key(|&(&id, &count)| (count, id))?;
+    (most > least + 1).then_some((full, empty))
+}
+
+/// Whether every replica of `group` is alive and nothing moves in it.
+fn healthy(group: &Group, live: &Liveness) -> bool {
+    group.moving.is_none() && group.replicas.iter().all(|s| live.alive.contains(s))
+}
+
+fn balance_replicas(
+    state: &State,
+    live: &Liveness,
+    replica_counts: &BTreeMap<u64, usize>,
+) -> Option<Step> {
+    let (full, empty) = imbalance(replica_counts)?;
+    let group = state
+        .groups
+        .values()
+        .find(|g| healthy(g, live) && g.replicas.contains(&full) && !State::hosts(g, empty))?;
+    Some(Step::Move {
+        group_id: group.id,
+        from: full,
+        to: empty,
+        reason: "balance",
+    })
+}
+
+fn balance_leaders(state: &State, live: &Liveness, targets: &BTreeSet<u64>) -> Option<Step> {
+    let leader_counts = counts(state, targets, |group, server| {
+        group.replicas.first() == Some(&server)
+    });
+    let (full, empty) = imbalance(&leader_counts)?;
+    let group = state.groups.values().find(|g| {
+        healthy(g, live)
+            && !g.leader_pinned
+            && g.replicas.first() == Some(&full)
+            && g.replicas.contains(&empty)
+    })?;
+    Some(Step::Prefer {
+        group_id: group.id,
+        server_id: empty,
+    })
+}
+
+/// Takes the driver's steps while this replica leads, until shutdown.
+pub(crate) async fn placement_loop(core: Arc<Core>) {
+    let mut ticker = tokio::time::interval(core.config.placement_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = core.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.wait_for(|&stop| stop) => return,
+        }
+        if let Err(error) = core.place_once().await {
+            tracing::debug!(%error, "placement driver step");
+        }
+    }
+}
+
+impl Core {
+    /// Takes the driver's next step, if this replica serves as leader.
+    async fn place_once(&self) -> Result<(), MasterError> {
+        let current = self.stream().leadership();
+        if !current.is_leader || *self.serving.borrow() != current.term {
+            return Ok(());
+        }
+        let step = {
+            let state = self.read_state();
+            let registry = self.registry();
+            let now = Instant::now();
+            let servers = state.servers.keys().copied();
+            let live = Liveness {
+                alive: servers
+                    .clone()
+                    .filter(|&s| registry.is_alive(s, now, self.config.heartbeat_timeout))
+                    .collect(),
+                lost: servers
+                    .filter(|&s| !registry.is_alive(s, now, self.config.repair_after))
+                    .collect(),
+            };
+            next_step(&state, &live, self.config.max_moves)
+        };
+        match step {
+            None => Ok(()),
+            Some(Step::Move {
+                group_id,
+                from,
+                to,
+                reason,
+            }) => self.start_move(group_id, from, to, reason).await,
+            Some(Step::Prefer {
+                group_id,
+                server_id,
+            }) => {
+                let turn = self.turn().await?;
+                let command = Command {
+                    proposed_ms: self.config.clock.now_ms(),
+                    kind: Some(Kind::SetPreferredLeader(SetPreferredLeader {
+                        group_id,
+                        server_id,
+                        pin: false,
+                    })),
+                };
+                self.propose(&turn, &command).await?;
+                tracing::info!(group_id, server_id, "preferred leader rebalanced");
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "driver_tests.rs"]
+mod tests;
