@@ -3,8 +3,10 @@
 //! to a running universe or measure Luna on this machine.
 
 mod bench;
+mod chaos;
 mod cli;
 mod error;
+mod harness;
 mod serve;
 mod stdout;
 mod store_args;
@@ -41,6 +43,9 @@ enum Command {
     /// Measure Luna's components on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Inject faults into a universe of local processes under load, and check that what
+    /// clients saw is linearizable and that no acknowledged write was lost.
+    Chaos(chaos::ChaosArgs),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -76,6 +81,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Master(args) => runtime.block_on(serve::master::run(args)),
         Command::TabletServer(args) => runtime.block_on(serve::tablet::run(args)),
         Command::Bench(command) => runtime.block_on(bench::run(command)),
+        Command::Chaos(args) => runtime.block_on(chaos::run(args)),
         Command::Client(command) => runtime.block_on(cli::run(command, &cli.connection)),
     }
 }

@@ -25,8 +25,8 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use super::report::{Latencies, WorkloadReport};
-use super::workdir::WorkDir;
 use crate::error::CliError;
+use crate::harness::workdir::WorkDir;
 
 /// Flags of `luna bench journal`.
 #[derive(Debug, Args)]

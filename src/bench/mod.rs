@@ -4,7 +4,6 @@ mod failover;
 mod journal;
 mod report;
 mod storage;
-mod workdir;
 mod ycsb;
 
 use clap::Subcommand;

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::faults::FaultHooks;
 use crate::error::CliError;
 
 /// Renders the process's metrics in the Prometheus text format.
@@ -25,8 +26,12 @@ pub struct HttpEndpoint {
 }
 
 impl HttpEndpoint {
-    /// Serves `/health` and `/metrics` on `addr`.
-    pub async fn start(addr: SocketAddr, metrics: MetricsFn) -> Result<HttpEndpoint, CliError> {
+    /// Serves `/health` and `/metrics` on `addr`, and the fault hooks if given.
+    pub async fn start(
+        addr: SocketAddr,
+        metrics: MetricsFn,
+        hooks: Option<&Arc<FaultHooks>>,
+    ) -> Result<HttpEndpoint, CliError> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| CliError::Listen {
@@ -37,7 +42,7 @@ impl HttpEndpoint {
             what: "reading the HTTP listener's address",
             source,
         })?;
-        let router = Router::new()
+        let mut router = Router::new()
             .route("/health", get(|| async { "ok\n" }))
             .route(
                 "/metrics",
@@ -48,6 +53,9 @@ impl HttpEndpoint {
                     }
                 }),
             );
+        if let Some(hooks) = hooks {
+            router = router.merge(hooks.routes());
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, router)

@@ -15,6 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use prometheus::{Encoder, Registry, TextEncoder};
 
+use super::faults::FaultHooks;
 use super::grpc_metrics::GrpcMetrics;
 use super::http::{HttpEndpoint, MetricsFn};
 use super::master_journal::{MasterJournal, ReplicaAddrs, check_replicas};
@@ -114,7 +115,11 @@ impl MasterProcess {
             text.push_str(&state());
             text
         });
-        let http = HttpEndpoint::start(http, metrics).await?;
+        let hooks = FaultHooks::from_env(None);
+        if let (Some(hooks), Some(partition)) = (&hooks, journal.raft_partition()) {
+            hooks.set_raft(partition);
+        }
+        let http = HttpEndpoint::start(http, metrics, hooks.as_ref()).await?;
         Ok(MasterProcess {
             master,
             journal,

@@ -177,6 +177,14 @@ impl MasterJournal {
         }
     }
 
+    /// The partition a replica's journal keeps, for fault tests (a single master has none).
+    pub fn raft_partition(&self) -> Option<luna_journal::raft::Partition> {
+        match self {
+            MasterJournal::Local(_) => None,
+            MasterJournal::Replicated { node, .. } => Some(node.partition().clone()),
+        }
+    }
+
     /// Closes the journal once the master has let go of the stream.
     pub async fn close(self) {
         match self {

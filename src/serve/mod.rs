@@ -1,6 +1,7 @@
 //! The server roles of the `luna` binary: `luna master`, `luna tablet-server`, and
 //! `luna start`, which runs a whole local universe in one process.
 
+pub mod faults;
 pub mod grpc_metrics;
 pub mod http;
 pub mod master;

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::master::{MasterProcess, bind, master_config, replica_addrs};
 use super::master_journal::{MasterJournal, ReplicaAddrs};
-use super::tablet::TabletProcess;
+use super::tablet::{MemorySizes, TabletProcess};
 use super::{parse_addr, shutdown_signal};
 use crate::error::CliError;
 use crate::stdout::say;
@@ -89,7 +89,10 @@ pub async fn run(args: StartArgs) -> Result<(), CliError> {
             &master_target,
             std::sync::Arc::clone(&object_store),
             addrs,
-            args.memory_mib.saturating_mul(1 << 20),
+            MemorySizes {
+                limit: args.memory_mib.saturating_mul(1 << 20),
+                memtable: luna_storage::MemStoreOptions::default().memtable_size,
+            },
         )
         .await;
         match server {

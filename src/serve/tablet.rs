@@ -8,6 +8,7 @@ use clap::Args;
 use luna_kernel::objstore::LunaObjectStore;
 use luna_tablet_server::{TabletServer, TabletServerConfig};
 
+use super::faults::FaultHooks;
 use super::http::{HttpEndpoint, MetricsFn};
 use super::metrics::object_store_text;
 use super::{parse_addr, shutdown_signal};
@@ -33,10 +34,23 @@ pub struct TabletServerArgs {
     /// MemStore memory of all tablets together, in MiB, before writes stall.
     #[arg(long, default_value_t = 1024)]
     pub memory_mib: usize,
+    /// Size at which a tablet's active memtable turns immutable and is flushed to the
+    /// object store, in KiB. Small values mean more, smaller tables (and more compaction).
+    #[arg(long, default_value_t = 32 * 1024)]
+    pub memtable_kib: usize,
     /// The server's journal and identity live in DATA_DIR; every tablet server of a
     /// universe must use the same --object-store.
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+/// How much memory a tablet server may use.
+#[derive(Debug, Clone, Copy)]
+pub struct MemorySizes {
+    /// MemStore bytes of all tablets together, before writes stall.
+    pub limit: usize,
+    /// Bytes at which an active memtable turns immutable.
+    pub memtable: usize,
 }
 
 /// A tablet server with its HTTP endpoint.
@@ -53,7 +67,7 @@ impl TabletProcess {
         master: &str,
         object_store: Arc<LunaObjectStore>,
         addrs: [SocketAddr; 3],
-        memory_limit: usize,
+        memory: MemorySizes,
     ) -> Result<TabletProcess, CliError> {
         let [listen, raft_listen, http] = addrs;
         // The endpoint starts first (the server reports its address to the master), and
@@ -71,7 +85,8 @@ impl TabletProcess {
                 text
             })
         };
-        let http = HttpEndpoint::start(http, metrics).await?;
+        let hooks = FaultHooks::from_env(Some(Arc::clone(&object_store)));
+        let http = HttpEndpoint::start(http, metrics, hooks.as_ref()).await?;
         let mut config = TabletServerConfig::new(
             data_dir,
             crate::cli::master_addrs(master)
@@ -83,7 +98,8 @@ impl TabletProcess {
         config.listen_addr = listen;
         config.raft_listen_addr = raft_listen;
         config.http_addr = http.addr().to_string();
-        config.memory_limit = memory_limit;
+        config.memory_limit = memory.limit;
+        config.memstore.memtable_size = memory.memtable;
         let server = match TabletServer::start(config).await {
             Ok(server) => server,
             Err(error) => {
@@ -92,6 +108,9 @@ impl TabletProcess {
             }
         };
         let _ = server_metrics.set(Box::new(server.metrics_renderer()));
+        if let Some(hooks) = &hooks {
+            hooks.set_raft(server.raft_partition());
+        }
         Ok(TabletProcess { server, http })
     }
 
@@ -125,7 +144,10 @@ pub async fn run(args: TabletServerArgs) -> Result<(), CliError> {
         &args.master,
         object_store,
         addrs,
-        args.memory_mib.saturating_mul(1 << 20),
+        MemorySizes {
+            limit: args.memory_mib.saturating_mul(1 << 20),
+            memtable: args.memtable_kib.saturating_mul(1 << 10),
+        },
     )
     .await?;
     let server = process.server();

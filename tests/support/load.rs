@@ -1,8 +1,6 @@
 //! Write load for tests that kill processes: writers that record every acknowledged write,
 //! and the check that each one is still there at the end.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use luna_client::{Client, Collection, CollectionSpec};
@@ -57,89 +55,40 @@ pub async fn wait_led(client: &Client, database: &str, collection: &str) {
     }
 }
 
-/// Tasks writing distinct keys until stopped, keeping every acknowledged (key, value).
-pub struct Writers {
-    collection: Collection,
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<(String, String)>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
+#[path = "../../src/chaos/writes.rs"]
+mod checked;
+
+/// Writers of distinct keys (`luna chaos`'s, in src/chaos/writes.rs) that fail the test when
+/// writes stop or an acknowledged one is lost.
+pub struct Writers(checked::Writers);
 
 impl Writers {
     /// Starts `writers` tasks putting to `collection`.
     pub fn spawn(collection: &Collection, writers: usize) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-        let tasks = (0..writers)
-            .map(|w| {
-                let collection = collection.clone();
-                let stop = Arc::clone(&stop);
-                let acked = Arc::clone(&acked);
-                tokio::spawn(async move {
-                    let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        let key = format!("w{w}-{n:06}");
-                        let value = format!("value-{w}-{n}");
-                        n += 1;
-                        // Failures during a failover are expected; only acknowledged writes
-                        // must survive.
-                        if collection.put(key.clone(), value.clone()).await.is_ok()
-                            && let Ok(mut acked) = acked.lock()
-                        {
-                            acked.push((key, value));
-                        }
-                    }
-                })
-            })
-            .collect();
-        Writers {
-            collection: collection.clone(),
-            stop,
-            acked,
-            tasks,
-        }
+        Writers(checked::Writers::spawn(collection, writers))
     }
 
     /// Writes acknowledged so far.
     pub fn count(&self) -> usize {
-        self.acked.lock().map_or(0, |acked| acked.len())
+        self.0.count()
     }
 
     /// Waits until `more` writes beyond the current count are acknowledged.
     pub async fn wait_progress(&self, more: usize, what: &str) {
-        let target = self.count() + more;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.count() < target {
-            assert!(Instant::now() < deadline, "writes did not continue {what}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let progressed = self.0.wait_progress(more, Duration::from_secs(30)).await;
+        assert!(progressed, "writes did not continue {what}");
     }
 
     /// Stops the writers and checks that every acknowledged write reads back; `logs` are
     /// printed with a failure.
     pub async fn stop_and_check(self, logs: impl FnOnce() -> String) {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            task.await.expect("writer task");
-        }
-        let acked = self
-            .acked
-            .lock()
-            .map(|acked| acked.clone())
-            .unwrap_or_default();
-        let mut missing = Vec::new();
-        for (key, value) in &acked {
-            match self.collection.get(key).await {
-                Ok(Some(found)) if found == value.as_bytes() => {}
-                other => missing.push(format!("{key}: {other:?}")),
-            }
-        }
+        let check = self.0.stop_and_check().await;
         assert!(
-            missing.is_empty(),
+            check.missing.is_empty(),
             "{} of {} acknowledged writes are missing or wrong: {:?}\n{}",
-            missing.len(),
-            acked.len(),
-            &missing[..missing.len().min(10)],
+            check.missing.len(),
+            check.acked,
+            &check.missing[..check.missing.len().min(10)],
             logs()
         );
     }

@@ -12,9 +12,6 @@
 //! for a second: how long no write succeeded. The *timestamp gap* is the same for
 //! timestamps.
 
-mod procs;
-mod universe;
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,9 +21,9 @@ use clap::Args;
 use luna_client::{Client, Collection, CollectionSpec};
 use serde::Serialize;
 
-use self::universe::BenchUniverse;
-use super::workdir::WorkDir;
 use crate::error::CliError;
+use crate::harness::universe::{Universe, UniverseSpec};
+use crate::harness::workdir::WorkDir;
 
 const DATABASE: &str = "bench";
 const COLLECTION: &str = "failover";
@@ -126,7 +123,13 @@ pub async fn run(args: FailoverBenchArgs) -> Result<(), CliError> {
 }
 
 async fn bench(args: &FailoverBenchArgs, dir: &WorkDir) -> Result<Vec<KillReport>, CliError> {
-    let mut universe = BenchUniverse::start(&dir.path)?;
+    let spec = UniverseSpec {
+        servers: 3,
+        repair_after_secs: 300,
+        fault_hooks: false,
+        memtable_kib: 32 * 1024,
+    };
+    let mut universe = Universe::start(&dir.path, spec)?;
     let client = Client::connect(universe.master_addrs()).await?;
     let admin = client.admin();
     admin.create_database(DATABASE).await?;
@@ -171,7 +174,7 @@ async fn bench(args: &FailoverBenchArgs, dir: &WorkDir) -> Result<Vec<KillReport
 /// The process index of the tablet server leading the collection's group, once the master
 /// has reported the same leader for [`LEADER_STABLE`]: a new leader may hand leadership to
 /// the group's preferred replica, and heartbeats report it only every half second.
-async fn group_leader(client: &Client, universe: &BenchUniverse) -> Result<usize, CliError> {
+async fn group_leader(client: &Client, universe: &Universe) -> Result<usize, CliError> {
     let deadline = Instant::now() + RECOVERY_TIMEOUT;
     let mut seen = (reported_group_leader(client).await?, Instant::now());
     while seen.1.elapsed() < LEADER_STABLE {

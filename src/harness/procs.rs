@@ -1,5 +1,5 @@
-//! The processes of the failover benchmark's universe: this same `luna` binary, started as
-//! master replicas and tablet servers on loopback, killed with SIGKILL by PID.
+//! The processes of a benchmark's or chaos run's universe: this same `luna` binary, started
+//! as master replicas and tablet servers on loopback, signalled by PID.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -12,7 +12,7 @@ use crate::error::CliError;
 /// How long a process may take to say it is serving.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A `luna` child process; killed when dropped, so the benchmark leaves nothing running.
+/// A `luna` child process; killed when dropped, so a run leaves nothing running.
 pub struct Process {
     child: Child,
     /// The first line it printed: what it serves, and for a tablet server its id.
@@ -20,8 +20,9 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `luna ARGS` with its log in `log`, and waits until it prints its banner.
-    pub fn start(args: &[String], log: &Path) -> Result<Process, CliError> {
+    /// Starts `luna ARGS` with its log in `log` and environment `env` added, and waits until
+    /// it prints its banner.
+    pub fn start(args: &[String], env: &[(&str, &str)], log: &Path) -> Result<Process, CliError> {
         let io = |what: &'static str| move |source| CliError::Io { what, source };
         // Appended to, so a restarted process's log follows its earlier life's.
         let log_file = std::fs::File::options()
@@ -36,6 +37,7 @@ impl Process {
             .env_remove("LUNA_MASTER")
             .env_remove("LUNA_DATA_DIR")
             .env_remove("LUNA_OBJECT_STORE")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
@@ -74,6 +76,33 @@ impl Process {
     /// SIGKILL, as a crash, and reaps the process.
     pub fn kill(mut self) {
         self.stop();
+    }
+
+    /// SIGSTOP: the process stops answering, as if it hung.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// The `http://` address its banner names.
+    pub fn http_addr(&self) -> Option<&str> {
+        let (_, rest) = self.banner.split_once("http://")?;
+        rest.split(|c: char| c == ')' || c.is_whitespace()).next()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
+            return;
+        };
+        // SAFETY: `kill` has no memory effects; the pid is our own child, not yet reaped
+        // (it is reaped only in `stop`, which takes the process).
+        unsafe {
+            libc::kill(pid, signal);
+        }
     }
 
     fn stop(&mut self) {

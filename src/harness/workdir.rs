@@ -8,7 +8,7 @@ use crate::error::CliError;
 /// that is deleted at the end.
 pub struct WorkDir {
     pub path: PathBuf,
-    remove: bool,
+    remove: std::sync::atomic::AtomicBool,
 }
 
 impl WorkDir {
@@ -25,16 +25,27 @@ impl WorkDir {
             what: "creating the benchmark directory",
             source,
         })?;
-        Ok(WorkDir { path, remove })
+        Ok(WorkDir {
+            path,
+            remove: remove.into(),
+        })
+    }
+}
+
+impl WorkDir {
+    /// Keeps the directory at the end even if it was made here (its logs explain a failure).
+    pub fn keep(&self) {
+        self.remove
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        if self.remove
+        if *self.remove.get_mut()
             && let Err(error) = std::fs::remove_dir_all(&self.path)
         {
-            tracing::warn!(%error, dir = %self.path.display(), "could not remove the benchmark directory");
+            tracing::warn!(%error, dir = %self.path.display(), "could not remove the work directory");
         }
     }
 }

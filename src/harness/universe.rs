@@ -1,5 +1,5 @@
-//! The failover benchmark's universe: three master replicas and three tablet servers, each a
-//! child process, with objects in `file://` under the work directory.
+//! A universe of child processes for `luna bench failover` and `luna chaos`: three master
+//! replicas and a few tablet servers, with objects in `file://` under the work directory.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -11,15 +11,29 @@ use luna_proto::master::master_client::MasterClient;
 
 use super::procs::{Process, free_addr};
 use crate::error::CliError;
+use crate::serve::faults::FAULT_HOOKS_ENV;
 
-/// Master replicas and tablet servers.
+/// Master replicas.
 const MASTERS: usize = 3;
-const SERVERS: usize = 3;
 /// How long the universe may take to settle after a start or restart.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What to start.
+#[derive(Debug, Clone, Copy)]
+pub struct UniverseSpec {
+    /// Tablet servers.
+    pub servers: usize,
+    /// The masters' `--repair-after-secs`.
+    pub repair_after_secs: u64,
+    /// Whether the processes serve the fault hooks (see `serve::faults`).
+    pub fault_hooks: bool,
+    /// The tablet servers' `--memtable-kib`.
+    pub memtable_kib: usize,
+}
+
 /// The running processes, and how to start each again.
-pub struct BenchUniverse {
+pub struct Universe {
+    spec: UniverseSpec,
     dir: PathBuf,
     /// `ID=CLIENT/RAFT` for every master replica.
     replicas: Vec<String>,
@@ -29,9 +43,9 @@ pub struct BenchUniverse {
     servers: Vec<Option<Process>>,
 }
 
-impl BenchUniverse {
-    /// Starts every process in `dir`.
-    pub fn start(dir: &Path) -> Result<BenchUniverse, CliError> {
+impl Universe {
+    /// Starts every process of `spec` in `dir`.
+    pub fn start(dir: &Path, spec: UniverseSpec) -> Result<Universe, CliError> {
         let mut replicas = Vec::new();
         let mut master_addrs = Vec::new();
         for id in 1..=MASTERS {
@@ -39,17 +53,18 @@ impl BenchUniverse {
             replicas.push(format!("{id}={client}/{}", free_addr()?));
             master_addrs.push(client);
         }
-        let mut universe = BenchUniverse {
+        let mut universe = Universe {
+            spec,
             dir: dir.to_path_buf(),
             replicas,
             master_addrs,
             masters: (0..MASTERS).map(|_| None).collect(),
-            servers: (0..SERVERS).map(|_| None).collect(),
+            servers: (0..spec.servers).map(|_| None).collect(),
         };
         for i in 0..MASTERS {
             universe.start_master(i)?;
         }
-        for i in 0..SERVERS {
+        for i in 0..spec.servers {
             universe.start_server(i)?;
         }
         Ok(universe)
@@ -70,13 +85,15 @@ impl BenchUniverse {
             "127.0.0.1:0".to_owned(),
             "--heartbeat-timeout-secs".to_owned(),
             "3".to_owned(),
+            "--repair-after-secs".to_owned(),
+            self.spec.repair_after_secs.to_string(),
             "--replica-id".to_owned(),
             (i + 1).to_string(),
             "--replica".to_owned(),
             self.replicas.join(","),
         ];
         let log = self.dir.join(format!("master-{i}.log"));
-        self.masters[i] = Some(Process::start(&args, &log)?);
+        self.masters[i] = Some(Process::start(&args, &self.env(), &log)?);
         Ok(())
     }
 
@@ -90,14 +107,54 @@ impl BenchUniverse {
             self.path(&format!("server-{i}")),
             "--object-store".to_owned(),
             format!("file://{}", self.path("objects")),
+            "--memtable-kib".to_owned(),
+            self.spec.memtable_kib.to_string(),
         ];
         std::fs::create_dir_all(self.dir.join("objects")).map_err(|source| CliError::Io {
             what: "creating the objects directory",
             source,
         })?;
         let log = self.dir.join(format!("server-{i}.log"));
-        self.servers[i] = Some(Process::start(&args, &log)?);
+        self.servers[i] = Some(Process::start(&args, &self.env(), &log)?);
         Ok(())
+    }
+
+    fn env(&self) -> Vec<(&'static str, &'static str)> {
+        match self.spec.fault_hooks {
+            true => vec![(FAULT_HOOKS_ENV, "1")],
+            false => Vec::new(),
+        }
+    }
+
+    /// Master replica `i`, if running.
+    pub fn master(&self, i: usize) -> Option<&Process> {
+        self.masters[i].as_ref()
+    }
+
+    /// Tablet server `i`, if running.
+    pub fn server(&self, i: usize) -> Option<&Process> {
+        self.servers[i].as_ref()
+    }
+
+    /// How many tablet servers the universe has (running or not).
+    pub fn server_count(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// How many master replicas it has (running or not).
+    pub fn master_count(&self) -> usize {
+        self.masters.len()
+    }
+
+    /// The server id of tablet server `i` (from its banner), if it runs.
+    pub fn server_id(&self, i: usize) -> Option<u64> {
+        self.servers[i].as_ref().and_then(|server| {
+            server
+                .banner
+                .strip_prefix("tablet server ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|id| id.parse::<u64>().ok())
+        })
     }
 
     fn path(&self, name: &str) -> String {
@@ -120,16 +177,7 @@ impl BenchUniverse {
 
     /// The process index of tablet server `server_id` (from its banner).
     pub fn server_index(&self, server_id: u64) -> Option<usize> {
-        self.servers.iter().position(|server| {
-            server.as_ref().is_some_and(|server| {
-                server
-                    .banner
-                    .strip_prefix("tablet server ")
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .and_then(|id| id.parse::<u64>().ok())
-                    == Some(server_id)
-            })
-        })
+        (0..self.servers.len()).find(|&i| self.server_id(i) == Some(server_id))
     }
 
     /// The master replica that leads: the one that hands out timestamps.
@@ -203,7 +251,7 @@ impl BenchUniverse {
         ) else {
             return false;
         };
-        servers.iter().filter(|server| server.alive).count() >= SERVERS
+        servers.iter().filter(|server| server.alive).count() >= self.spec.servers
             && tablets.iter().all(|tablet| {
                 groups
                     .iter()
