@@ -96,9 +96,10 @@ async fn chaos(
         servers: args.servers,
         repair_after_secs: args.repair_after_secs,
         fault_hooks: true,
-        // Small memtables: tables are flushed and compacted all the time, so the object
-        // store's faults meet real traffic.
-        memtable_kib: 64,
+        // Small memtables (a flush every few seconds somewhere), so the object store's
+        // faults meet real traffic. Much smaller ones fill the disk: objects that
+        // compaction replaced stay for the 10 min GC grace (64 KiB wrote 20 GB in 10 min).
+        memtable_kib: 1024,
     };
     let mut universe = Universe::start(&dir.path, spec)?;
     let client = Client::connect(universe.master_addrs()).await?;

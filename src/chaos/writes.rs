@@ -6,7 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use luna_client::Collection;
+
+/// Reads in flight while acknowledged writes are read back.
+const READ_BACK_CONCURRENCY: usize = 64;
 
 /// Tasks writing distinct keys until stopped, keeping every acknowledged (key, value).
 pub struct Writers {
@@ -90,13 +94,19 @@ impl Writers {
             .lock()
             .map(|acked| acked.clone())
             .unwrap_or_default();
-        let mut missing = Vec::new();
-        for (key, value) in &acked {
-            match self.collection.get(key).await {
-                Ok(Some(found)) if found == value.as_bytes() => {}
-                other => missing.push(format!("{key}: {other:?}")),
-            }
-        }
+        // Read back many at a time: a long run acknowledges millions.
+        let collection = &self.collection;
+        let missing: Vec<String> = futures::stream::iter(&acked)
+            .map(|(key, value)| async move {
+                match collection.get(key).await {
+                    Ok(Some(found)) if found == value.as_bytes() => None,
+                    other => Some(format!("{key}: {other:?}")),
+                }
+            })
+            .buffer_unordered(READ_BACK_CONCURRENCY)
+            .filter_map(|missing| async move { missing })
+            .collect()
+            .await;
         WriteCheck {
             acked: acked.len(),
             missing,

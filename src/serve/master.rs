@@ -45,6 +45,10 @@ pub struct MasterArgs {
     /// servers (at least the heartbeat timeout).
     #[arg(long, default_value_t = 300)]
     pub repair_after_secs: u64,
+    /// Most replica moves under way at once for repair, drain and balancing (each new
+    /// replica replays its group's log from the others).
+    #[arg(long, default_value_t = 2)]
+    pub max_moves: usize,
     /// This replica's id, for a replicated master: one of the `--replica` ids.
     #[arg(long, requires = "replicas")]
     pub replica_id: Option<u64>,
@@ -173,15 +177,10 @@ pub fn replica_addrs(replicas: &[ReplicaAddrs]) -> std::collections::BTreeMap<u6
 }
 
 /// The master settings the flags ask for.
-pub fn master_config(
-    replication_factor: u32,
-    heartbeat_timeout: Duration,
-    repair_after: Duration,
-) -> MasterConfig {
+pub fn master_config(replication_factor: u32, heartbeat_timeout: Duration) -> MasterConfig {
     MasterConfig {
         default_replication_factor: replication_factor,
         heartbeat_timeout,
-        repair_after,
         ..MasterConfig::default()
     }
 }
@@ -192,8 +191,9 @@ pub async fn run(args: MasterArgs) -> Result<(), CliError> {
     let mut config = master_config(
         args.replication_factor,
         Duration::from_secs(args.heartbeat_timeout_secs),
-        Duration::from_secs(args.repair_after_secs),
     );
+    config.repair_after = Duration::from_secs(args.repair_after_secs);
+    config.max_moves = args.max_moves;
     let process = match args.replica_id {
         None => {
             let listener = bind(parse_addr("listen", &args.listen)?).await?;

@@ -148,11 +148,7 @@ async fn start_masters(
     http_addr: SocketAddr,
 ) -> Result<Vec<MasterProcess>, CliError> {
     let data_dir = &args.store.data_dir;
-    let config = master_config(
-        args.replication_factor,
-        Duration::from_secs(10),
-        luna_master::MasterConfig::default().repair_after,
-    );
+    let config = master_config(args.replication_factor, Duration::from_secs(10));
     // A universe's catalog lives where its first start put it; another layout would start
     // an empty master beside it.
     let (other, other_flag) = match args.masters {
