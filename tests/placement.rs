@@ -5,9 +5,11 @@
 
 mod support;
 
+use std::process::Output;
 use std::time::Duration;
 
 use luna_client::{Client, CollectionSpec, GroupInfo};
+use support::Universe;
 use support::load::with_collection;
 
 /// The id of the one group of collection `app.kv`, and that group as the master sees it.
@@ -26,6 +28,18 @@ async fn kv_group(client: &Client) -> (u64, GroupInfo) {
     (group_id, group)
 }
 
+/// `luna group transfer-leader GROUP --to SERVER --json` against `universe`.
+fn transfer_leader(universe: &Universe, group: impl ToString, to: impl ToString) -> Output {
+    universe.cli(&[
+        "group",
+        "transfer-leader",
+        &group.to_string(),
+        "--to",
+        &to.to_string(),
+        "--json",
+    ])
+}
+
 /// A follower of `group`.
 fn follower_of(group: &GroupInfo) -> u64 {
     *group
@@ -41,14 +55,7 @@ async fn transfer_leader_moves_the_leader_and_it_stays() {
     let (group_id, before) = kv_group(&client).await;
     let to = follower_of(&before);
 
-    let output = universe.cli(&[
-        "group",
-        "transfer-leader",
-        &group_id.to_string(),
-        "--to",
-        &to.to_string(),
-        "--json",
-    ]);
+    let output = transfer_leader(&universe, group_id, to);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
@@ -75,23 +82,11 @@ async fn transfer_leader_moves_the_leader_and_it_stays() {
         .expect("a write through the new leader");
 
     // Bad requests: a server without a replica, and a group that does not exist.
-    let output = universe.cli(&[
-        "group",
-        "transfer-leader",
-        &group_id.to_string(),
-        "--to",
-        "999",
-    ]);
+    let output = transfer_leader(&universe, group_id, 999);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("holds no replica"), "{stderr}");
-    let output = universe.cli(&[
-        "group",
-        "transfer-leader",
-        "424242",
-        "--to",
-        &to.to_string(),
-    ]);
+    let output = transfer_leader(&universe, 424242, to);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no group 424242"), "{stderr}");
@@ -108,13 +103,7 @@ async fn a_transfer_to_a_paused_replica_is_reported_and_completes_once_it_answer
     // leadership move there.
     universe.server(paused).pause();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let output = universe.cli(&[
-        "group",
-        "transfer-leader",
-        &group_id.to_string(),
-        "--to",
-        &to.to_string(),
-    ]);
+    let output = transfer_leader(&universe, group_id, to);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "a paused server took over");
     assert!(
