@@ -33,7 +33,11 @@ impl Process {
         let exe = std::env::current_exe().map_err(io("finding the luna binary"))?;
         let mut child = Command::new(exe)
             .args(args)
-            .env("LUNA_LOG", "info")
+            // The run's own LUNA_LOG when set (to dig into a failure), else info.
+            .env(
+                "LUNA_LOG",
+                std::env::var("LUNA_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .env_remove("LUNA_MASTER")
             .env_remove("LUNA_DATA_DIR")
             .env_remove("LUNA_OBJECT_STORE")
