@@ -369,6 +369,57 @@ async fn ownership_moves_by_claim_and_release_at_newer_epochs() {
     base_b.shutdown().await;
 }
 
+/// The group's apply loop runs apart from the task that learns of a lost
+/// leadership: an owner can be fenced (its flush refused) and still apply the
+/// new leader's committed writes before it releases. It must apply them, or
+/// once it leads again its flush marker covers a write it never had, every
+/// replica drops that write from memory, and an acknowledged write is gone.
+#[tokio::test]
+async fn a_fenced_owner_applies_committed_writes_so_its_next_flush_skips_none() {
+    let store = memory_store();
+    let base_a = open_base(store.clone(), base_options()).await;
+    let base_b = open_base(store.clone(), base_options()).await;
+    let a = replica(&base_a).await;
+    let b = replica(&base_b).await;
+    a.claim(1).await.expect("a claims at 1");
+    let batch = put("k1", "one");
+    a.write_committed(1, 1, &batch).await.expect("write a");
+    b.write_committed(1, 1, &batch).await.expect("write b");
+
+    // b leads at 2; a learns it only from its refused flush.
+    b.claim(2).await.expect("b claims at 2");
+    assert!(is_fenced(&a.flush().await));
+    let batch = put("k2", "two");
+    assert!(
+        is_fenced(&a.write(2, 2, &batch).await),
+        "the embedded API refuses"
+    );
+    a.write_committed(2, 2, &batch)
+        .await
+        .expect("a fenced owner applies a committed write");
+    b.write_committed(2, 2, &batch).await.expect("write b");
+
+    // b loses the lead before it flushed; a leads again at 3 and flushes past 2.
+    a.release();
+    b.release();
+    a.claim(3).await.expect("a claims at 3");
+    let batch = put("k3", "three");
+    a.write_committed(3, 3, &batch).await.expect("write a");
+    b.write_committed(3, 3, &batch).await.expect("write b");
+    a.flush().await.expect("a flushes at 3");
+    assert_eq!(a.flushed_up_to(), 3);
+    b.apply_flushed(3).await.expect("b follows a");
+    assert_eq!(b.memstore().immutable_count(), 0);
+    for tablet in [&a, &b] {
+        for (key, value) in [("k1", "one"), ("k2", "two"), ("k3", "three")] {
+            let got = tablet.get(key.as_bytes(), 3).await.expect("get");
+            assert_eq!(got.as_deref(), Some(value.as_bytes()), "{key}");
+        }
+    }
+    base_a.shutdown().await;
+    base_b.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_claim_drops_memtables_an_earlier_owner_flushed() {
     let store = memory_store();

@@ -174,15 +174,32 @@ impl Tablet {
         Ok(())
     }
 
-    /// Applies `batch` at `ts` as journal entry `seq` (non-decreasing).
-    /// The owner stalls while the memory budget is exhausted; a replica does not (see
-    /// [`MemStore::write_unthrottled`]).
+    /// Applies `batch` at `ts` as journal entry `seq` (non-decreasing), unless
+    /// this handle was fenced as owner (see [`Tablet::write_committed`] for a
+    /// journal that replicas share).
     pub async fn write(&self, seq: u64, ts: Timestamp, batch: &WriteBatch) -> Result<()> {
         self.check_open()?;
+        self.write_committed(seq, ts, batch).await
+    }
+
+    /// Applies `batch` at `ts` as entry `seq` (non-decreasing) of a replicated
+    /// journal that committed it, fenced or not: every replica must apply every
+    /// committed entry, whoever proposed it. A fenced owner that skipped one
+    /// would, once it owns the tablet again, flush a memtable whose marker
+    /// covers the skipped entry, and every replica would drop it from memory.
+    ///
+    /// An owner that can flush stalls while the memory budget is exhausted; a
+    /// replica or a fenced owner (whose memory only a release and the new
+    /// owner's markers free) does not (see [`MemStore::write_unthrottled`]).
+    pub async fn write_committed(&self, seq: u64, ts: Timestamp, batch: &WriteBatch) -> Result<()> {
         for mutation in batch.mutations() {
             self.check_key(mutation.key())?;
         }
-        if self.epoch().is_some() {
+        let flushes = self
+            .role
+            .lock()
+            .is_ok_and(|role| role.epoch.is_some() && role.fenced_by == 0);
+        if flushes {
             self.memstore.write(seq, ts, batch).await
         } else {
             self.memstore.write_unthrottled(seq, ts, batch)

@@ -126,7 +126,11 @@ impl Group {
         // At or below the recovered index the write is already in the BaseStore.
         if index > hosted.tablet.recovered_up_to() {
             let batch = to_batch(&write.mutations);
-            if let Err(error) = hosted.tablet.write(index, write.commit_ts, &batch).await {
+            if let Err(error) = hosted
+                .tablet
+                .write_committed(index, write.commit_ts, &batch)
+                .await
+            {
                 tracing::warn!(group = self.id, tablet = write.tablet_id, index, %error, "write not applied");
                 return;
             }
@@ -251,11 +255,11 @@ impl Group {
                 detail: format!("group snapshot: {error}"),
             }
         })?;
-        let listed: Vec<u64> = state.tablets.iter().map(|info| info.id).collect();
+        // Even a tablet the snapshot lists at the epoch it has here is reopened: its
+        // MemStore lacks the entries the snapshot stands for, and its BaseStore version
+        // may predate the flushes that hold them, so it would read as if they never were.
         for hosted in self.hosted() {
-            if !listed.contains(&hosted.info.id) {
-                self.close_tablet(hosted.info.id).await;
-            }
+            self.close_tablet(hosted.info.id).await;
         }
         for info in state.tablets {
             self.open_tablet(info).await?;
