@@ -285,6 +285,16 @@ fn put(key: &str, value: &str) -> WriteBatch {
     batch
 }
 
+/// Replicas `a` and `b` of tablet 1, on their own BaseStores over one object store.
+async fn two_replicas() -> (Arc<BaseStore>, Arc<BaseStore>, Arc<Tablet>, Arc<Tablet>) {
+    let store = memory_store();
+    let base_a = open_base(store.clone(), base_options()).await;
+    let base_b = open_base(store, base_options()).await;
+    let a = replica(&base_a).await;
+    let b = replica(&base_b).await;
+    (base_a, base_b, a, b)
+}
+
 fn seq_after(seq: u64) -> u64 {
     seq + 1
 }
@@ -295,11 +305,7 @@ fn is_fenced<T>(result: &luna_storage::Result<T>) -> bool {
 
 #[tokio::test]
 async fn ownership_moves_by_claim_and_release_at_newer_epochs() {
-    let store = memory_store();
-    let base_a = open_base(store.clone(), base_options()).await;
-    let base_b = open_base(store.clone(), base_options()).await;
-    let a = replica(&base_a).await;
-    let b = replica(&base_b).await;
+    let (base_a, base_b, a, b) = two_replicas().await;
     assert_eq!((a.epoch(), b.epoch()), (None, None));
     assert!(matches!(
         a.flush().await,
@@ -362,6 +368,14 @@ async fn ownership_moves_by_claim_and_release_at_newer_epochs() {
             assert_eq!(got.as_deref(), Some(value.as_bytes()), "{key}");
         }
     }
+    // A late release for an older claim leaves a newer claim on the same handle alone.
+    a.claim(5).await.expect("a claims at 5");
+    a.claim(6).await.expect("a claims again at 6");
+    a.release_at(5);
+    assert_eq!(a.epoch(), Some(6));
+    a.release_at(6);
+    assert_eq!(a.epoch(), None);
+
     // A fresh replica starts after everything flushed so far.
     let c = replica(&base_a).await;
     assert_eq!(c.recovered_up_to(), third);
@@ -376,11 +390,7 @@ async fn ownership_moves_by_claim_and_release_at_newer_epochs() {
 /// replica drops that write from memory, and an acknowledged write is gone.
 #[tokio::test]
 async fn a_fenced_owner_applies_committed_writes_so_its_next_flush_skips_none() {
-    let store = memory_store();
-    let base_a = open_base(store.clone(), base_options()).await;
-    let base_b = open_base(store.clone(), base_options()).await;
-    let a = replica(&base_a).await;
-    let b = replica(&base_b).await;
+    let (base_a, base_b, a, b) = two_replicas().await;
     a.claim(1).await.expect("a claims at 1");
     let batch = put("k1", "one");
     a.write_committed(1, 1, &batch).await.expect("write a");

@@ -66,11 +66,26 @@ impl TabletService {
         self.hosting.locate(tablet.tablet_id, tablet.epoch)
     }
 
-    async fn get_inner(&self, request: pb::GetRequest) -> Result<pb::GetResponse> {
-        let (group, hosted) = self.locate(request.tablet.as_ref())?;
-        let options = request.options.unwrap_or_default();
+    /// Passes the read barrier the request asks for, then looks its tablet up. In that
+    /// order: a snapshot the replica installs while it waits replaces the tablet's handle,
+    /// and a handle taken before would read without the writes applied since.
+    async fn locate_for_read(
+        &self,
+        tablet: Option<&pb::TabletRef>,
+        options: Option<pb::ReadOptions>,
+    ) -> Result<(Hosted, u64)> {
+        let (group, hosted) = self.locate(tablet)?;
+        let options = options.unwrap_or_default();
         let read_ts = group
             .read_barrier(options.mode().into(), options.read_ts)
+            .await?;
+        let hosted = group.tablet(hosted.info.id, hosted.info.epoch)?;
+        Ok((hosted, read_ts))
+    }
+
+    async fn get_inner(&self, request: pb::GetRequest) -> Result<pb::GetResponse> {
+        let (hosted, read_ts) = self
+            .locate_for_read(request.tablet.as_ref(), request.options)
             .await?;
         let key = storage_key(&hosted, &request.key)?;
         hosted.load.reads.fetch_add(1, Ordering::Relaxed);
@@ -89,10 +104,8 @@ impl TabletService {
                 request.keys.len()
             )));
         }
-        let (group, hosted) = self.locate(request.tablet.as_ref())?;
-        let options = request.options.unwrap_or_default();
-        let read_ts = group
-            .read_barrier(options.mode().into(), options.read_ts)
+        let (hosted, read_ts) = self
+            .locate_for_read(request.tablet.as_ref(), request.options)
             .await?;
         let mut lookups = Vec::with_capacity(request.keys.len());
         for key in &request.keys {
@@ -114,10 +127,8 @@ impl TabletService {
     }
 
     async fn scan_inner(&self, request: pb::ScanRequest) -> Result<pb::ScanResponse> {
-        let (group, hosted) = self.locate(request.tablet.as_ref())?;
-        let options = request.options.unwrap_or_default();
-        let read_ts = group
-            .read_barrier(options.mode().into(), options.read_ts)
+        let (hosted, read_ts) = self
+            .locate_for_read(request.tablet.as_ref(), request.options)
             .await?;
         let limit = match usize::try_from(request.limit).unwrap_or(MAX_SCAN_LIMIT) {
             0 => DEFAULT_SCAN_LIMIT,

@@ -57,8 +57,22 @@ impl Tablet {
     /// durable and the marker is right) or refuses it once a newer owner
     /// claimed the tablet; an uncommitted upload is an orphan for GC.
     pub fn release(&self) {
+        self.release_if(|_| true);
+    }
+
+    /// [`Tablet::release`], if this handle still owns the tablet at `epoch`: a
+    /// task that learns late that its leadership ended must not undo the claim
+    /// a newer leadership made on the same handle meanwhile.
+    pub fn release_at(&self, epoch: u64) {
+        self.release_if(|owned| owned == Some(epoch));
+    }
+
+    fn release_if(&self, owned_at: impl Fn(Option<u64>) -> bool) {
         let flusher = match self.role.lock() {
             Ok(mut role) => {
+                if !owned_at(role.epoch) {
+                    return;
+                }
                 role.epoch = None;
                 role.fenced_by = 0;
                 role.flusher.take()

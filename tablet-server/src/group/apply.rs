@@ -302,7 +302,9 @@ impl Group {
                 if empty {
                     applied
                 } else {
-                    hosted.tablet.flushed_up_to()
+                    // A claim inherits the manifest's marker, which an old leader may
+                    // have moved past what this replica applied so far.
+                    hosted.tablet.flushed_up_to().min(applied)
                 }
             })
             .min()

@@ -113,8 +113,8 @@ async fn own_tablets(group: Weak<Group>, term: u64) {
                 _ => match hosted.tablet.claim(epoch).await {
                     Ok(()) if !group.serves_term(term) => {
                         // Stepped down while claiming: step_down's release may have run
-                        // before the claim finished.
-                        hosted.tablet.release();
+                        // before the claim finished (and a newer term may own it by now).
+                        hosted.tablet.release_at(epoch);
                         return;
                     }
                     Ok(()) => {
