@@ -123,6 +123,12 @@ async fn a_leaders_replica_moves_and_a_drained_server_empties_under_writes() {
 
     // Drain a server: every replica leaves it, and nothing lands on it.
     let drained = universe.server_id(0);
+    let hosted_before = groups(&client)
+        .await
+        .iter()
+        .filter(|g| g.replicas.contains(&drained))
+        .count();
+    assert!(hosted_before > 0, "server {drained} hosts replicas");
     let output = universe.cli(&["server", "drain", &drained.to_string(), "--wait-secs", "90"]);
     assert!(
         output.status.success(),
@@ -142,6 +148,22 @@ async fn a_leaders_replica_moves_and_a_drained_server_empties_under_writes() {
         },
     )
     .await;
+    // Once each group's leader reports a membership without it, the master names the
+    // group as removed and the drained server deletes its replica.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while universe
+        .server_log(0)
+        .matches("group replica removed")
+        .count()
+        < hosted_before
+    {
+        assert!(
+            Instant::now() < deadline,
+            "server {drained} did not delete its {hosted_before} replicas:\n{}",
+            universe.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     writers.wait_progress(50, "after the drain").await;
     writers.stop_and_check(|| universe.logs()).await;
 }

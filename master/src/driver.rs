@@ -8,7 +8,8 @@
 //!    is retargeted).
 //! 2. **Drain.** A replica on a draining server moves to a live server.
 //! 3. **Balance replicas.** If the live servers' replica counts differ by more than one, a
-//!    replica of a healthy group moves from the fullest server to the emptiest.
+//!    replica of a healthy group moves from the fullest server to the emptiest, unless an
+//!    operator moved one of the group's replicas (balancing would undo it).
 //! 4. **Balance leaders.** If the live servers' preferred-leader counts differ by more than
 //!    one, a group that an operator has not pinned gets a new preferred leader.
 //!
@@ -147,10 +148,12 @@ fn balance_replicas(
     replica_counts: &BTreeMap<u64, usize>,
 ) -> Option<Step> {
     let (full, empty) = imbalance(replica_counts)?;
-    let group = state
-        .groups
-        .values()
-        .find(|g| healthy(g, live) && g.replicas.contains(&full) && !State::hosts(g, empty))?;
+    let group = state.groups.values().find(|g| {
+        healthy(g, live)
+            && !g.replicas_pinned
+            && g.replicas.contains(&full)
+            && !State::hosts(g, empty)
+    })?;
     Some(Step::Move {
         group_id: group.id,
         from: full,

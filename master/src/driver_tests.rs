@@ -120,7 +120,7 @@ fn a_draining_server_is_emptied_and_gets_nothing() {
 #[test]
 fn replicas_and_leaders_are_balanced_across_live_servers() {
     // Servers 1..3 host two groups each and server 4 none: one replica moves to 4.
-    let state = state(4, &[&[1, 2, 3], &[2, 3, 1]]);
+    let mut state = state(4, &[&[1, 2, 3], &[2, 3, 1]]);
     let step = next_step(&state, &live(&[1, 2, 3, 4], &[]), 2);
     assert_eq!(
         step,
@@ -131,6 +131,11 @@ fn replicas_and_leaders_are_balanced_across_live_servers() {
             reason: "balance"
         })
     );
+    // Groups an operator placed are left where they are.
+    for group in state.groups.values_mut() {
+        group.replicas_pinned = true;
+    }
+    assert_eq!(next_step(&state, &live(&[1, 2, 3, 4], &[]), 2), None);
     // Leaders: server 1 is the preferred leader of three groups, 2 and 3 of none.
     let mut state = self::state(3, &[&[1, 2, 3], &[1, 3, 2], &[1, 2, 3]]);
     let step = next_step(&state, &live(&[1, 2, 3], &[]), 2);

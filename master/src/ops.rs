@@ -272,8 +272,9 @@ impl Core {
         request: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, MasterError> {
         heartbeat::validate(request)?;
-        // Only the leader knows every registered server and keeps liveness.
-        self.lead().await?;
+        // Only the leader knows every registered server and keeps liveness, and only one
+        // with its lease may tell a server to delete a replica.
+        self.lead_with_lease().await?;
         let server_id = self.register_if_needed(request).await?;
         {
             let state = self.read_state();
@@ -291,7 +292,7 @@ impl Core {
             }
         }
         self.end_applied_moves(server_id, request).await;
-        Ok(self.view(|view| view.heartbeat_response(server_id)))
+        Ok(self.view(|view| view.heartbeat_response(server_id, request)))
     }
 
     /// Persists a new server, or a known server's changed addresses; returns its id.

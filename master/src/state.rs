@@ -341,6 +341,7 @@ impl State {
             group.initial_voters.clone_from(&group.replicas);
         }
         group.replicas[at] = to;
+        group.replicas_pinned |= start.reason == crate::moves::REASON_ADMIN;
         group.moving = Some(ReplicaMove {
             from_server_id: source,
             to_server_id: to,

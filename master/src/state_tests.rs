@@ -233,17 +233,18 @@ fn a_preferred_leader_moves_to_the_front_and_bad_ones_are_refused() {
 #[test]
 fn a_move_replaces_the_replica_keeps_the_source_hosting_and_ends_once() {
     use luna_proto::masterlog::{EndMove, MoveReplica};
-    let start = |from, to| {
+    let start_for = |from, to, reason: &str| {
         command(
             30,
             Kind::MoveReplica(MoveReplica {
                 group_id: 8,
                 from,
                 to,
-                reason: "admin".into(),
+                reason: reason.into(),
             }),
         )
     };
+    let start = |from, to| start_for(from, to, "repair");
     let end = |to| command(31, Kind::EndMove(EndMove { group_id: 8, to }));
     let mut commands = log();
     commands.push(register(20, "d:1"));
@@ -283,6 +284,13 @@ fn a_move_replaces_the_replica_keeps_the_source_hosting_and_ends_once() {
     assert!(state.groups[&8].moving.is_none());
     assert!(!State::hosts(&state.groups[&8], 3));
     assert!(state.apply(46, &end(21)).is_err(), "a move ends once");
+    assert!(
+        !state.groups[&8].replicas_pinned,
+        "the driver's moves leave it to the driver"
+    );
+    // An operator's move pins the group's replicas against balancing.
+    assert!(state.apply(47, &start_for(21, 3, "admin")).is_ok());
+    assert!(state.groups[&8].replicas_pinned);
     // It survives a snapshot.
     let restored = State::from_snapshot(state.snapshot());
     assert_eq!(restored, state);

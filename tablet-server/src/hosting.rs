@@ -98,7 +98,7 @@ impl Hosting {
                 addrs.insert(peer.id, peer.addr.clone());
             }
         }
-        self.remove_unassigned(response).await;
+        self.drop_removed_groups(response).await;
         for assignment in &response.groups {
             let group = match self.group(assignment.group_id) {
                 Some(group) => group,
@@ -133,20 +133,19 @@ impl Hosting {
         }
     }
 
-    /// Stops hosting the groups the master no longer assigns here (their replica moved
-    /// away and the group's membership no longer has it), and deletes their logs.
-    async fn remove_unassigned(&self, response: &mpb::HeartbeatResponse) {
-        let assigned: std::collections::HashSet<u64> =
-            response.groups.iter().map(|g| g.group_id).collect();
+    /// Stops hosting the groups the master lists as removed (not assigned here, and the
+    /// group's leader reported a membership without this server), and deletes their logs.
+    /// A group that is only missing from the assignment keeps running: its replica may
+    /// still be a voter, and a voter that lost its log could help elect a leader without
+    /// writes it had acknowledged.
+    async fn drop_removed_groups(&self, response: &mpb::HeartbeatResponse) {
         let removed: Vec<Arc<Group>> = match self.groups.write() {
-            Ok(mut groups) => {
-                let gone: Vec<u64> = groups
-                    .keys()
-                    .copied()
-                    .filter(|id| !assigned.contains(id))
-                    .collect();
-                gone.iter().filter_map(|id| groups.remove(id)).collect()
-            }
+            Ok(mut groups) => response
+                .removed_groups
+                .iter()
+                .filter(|id| !response.groups.iter().any(|g| g.group_id == **id))
+                .filter_map(|id| groups.remove(id))
+                .collect(),
             Err(_) => Vec::new(),
         };
         for group in removed {

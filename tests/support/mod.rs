@@ -329,6 +329,11 @@ impl Universe {
             .expect("run the luna CLI")
     }
 
+    /// Everything tablet server `i` has logged so far.
+    pub fn server_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.path(&format!("server-{i}.log"))).unwrap_or_default()
+    }
+
     /// The process logs, for a failure message.
     pub fn logs(&self) -> String {
         let mut out = String::new();

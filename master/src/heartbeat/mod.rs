@@ -37,7 +37,12 @@ pub(crate) fn validate(request: &HeartbeatRequest) -> Result<(), MasterError> {
 
 impl View<'_> {
     /// The complete set of group replicas `server_id` should host, with their peers.
-    pub fn heartbeat_response(&self, server_id: u64) -> HeartbeatResponse {
+    /// Groups the server reports hosting whose replicas there may go are listed as removed.
+    pub fn heartbeat_response(
+        &self,
+        server_id: u64,
+        request: &HeartbeatRequest,
+    ) -> HeartbeatResponse {
         let mut peers = BTreeSet::new();
         let groups = self
             .state
@@ -71,6 +76,21 @@ impl View<'_> {
             .filter_map(|id| self.state.servers.get(&id))
             .map(|server| self.server_info(server))
             .collect();
+        // Unassigned is not enough: a replica whose move was retargeted may already be a
+        // voter, and deleting a voter's log would let it vote again without it.
+        let removed_groups = request
+            .groups
+            .iter()
+            .map(|report| report.group_id)
+            .filter(|&group_id| {
+                let assigned = self
+                    .state
+                    .groups
+                    .get(&group_id)
+                    .is_some_and(|group| State::hosts(group, server_id));
+                !assigned && self.registry.left_out(group_id, server_id)
+            })
+            .collect();
         HeartbeatResponse {
             server_id,
             groups,
@@ -78,6 +98,7 @@ impl View<'_> {
             routing_version: self.routing_version,
             // No GC safe point is computed yet: 0 keeps every version.
             gc_safe_point: 0,
+            removed_groups,
         }
     }
 }

@@ -24,11 +24,20 @@ struct Seen {
     at: Instant,
 }
 
-/// Liveness of servers and leaders of groups.
+/// A group's journal membership, as its leader last reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Membership {
+    term: u64,
+    /// Voters, learners and outgoing voters.
+    members: Vec<u64>,
+}
+
+/// Liveness of servers, leaders of groups and their memberships.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     seen: HashMap<u64, Seen>,
     leaders: HashMap<u64, GroupLeader>,
+    memberships: HashMap<u64, Membership>,
 }
 
 impl Registry {
@@ -72,8 +81,34 @@ impl Registry {
                 changed |= known.map_or(0, |k| k.server_id) != reported.server_id;
                 self.leaders.insert(report.group_id, reported);
             }
+            let known_term = self
+                .memberships
+                .get(&report.group_id)
+                .map_or(0, |membership| membership.term);
+            if report.is_leader && report.term >= known_term {
+                let members = [&report.voters, &report.learners, &report.outgoing_voters]
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .collect();
+                self.memberships.insert(
+                    report.group_id,
+                    Membership {
+                        term: report.term,
+                        members,
+                    },
+                );
+            }
         }
         changed
+    }
+
+    /// Whether the last membership the leader of `group_id` reported leaves `server_id`
+    /// out (false while no leader has reported since this master started).
+    pub fn left_out(&self, group_id: u64, server_id: u64) -> bool {
+        self.memberships
+            .get(&group_id)
+            .is_some_and(|membership| !membership.members.contains(&server_id))
     }
 
     /// A registry for a new leader: every server in `servers` counts as heard from at
@@ -83,7 +118,7 @@ impl Registry {
     pub fn assume_alive(servers: impl Iterator<Item = u64>, now: Instant) -> Registry {
         Registry {
             seen: servers.map(|id| (id, Seen { at: now })).collect(),
-            leaders: HashMap::new(),
+            ..Registry::default()
         }
     }
 
@@ -139,6 +174,36 @@ mod tests {
             }],
             ..HeartbeatRequest::default()
         }
+    }
+
+    #[test]
+    fn only_the_newest_leader_report_says_who_was_left_out() {
+        let mut registry = Registry::default();
+        let now = Instant::now();
+        assert!(!registry.left_out(7, 4), "unknown until a leader reports");
+        let membership = |is_leader: bool, term: u64, voters: Vec<u64>, learners: Vec<u64>| {
+            let mut request = report(7, is_leader, term, 1);
+            request.groups[0].voters = voters;
+            request.groups[0].learners = learners;
+            request
+        };
+        registry.record(1, now, &membership(true, 3, vec![1, 2, 3], vec![4]), |_| {
+            true
+        });
+        assert!(!registry.left_out(7, 4), "a learner is a member");
+        assert!(registry.left_out(7, 5));
+        registry.record(2, now, &membership(false, 3, vec![1, 2], vec![]), |_| true);
+        assert!(!registry.left_out(7, 3), "a follower's view does not count");
+        registry.record(3, now, &membership(true, 2, vec![1, 2], vec![]), |_| true);
+        assert!(
+            !registry.left_out(7, 3),
+            "an older term's leader does not count"
+        );
+        registry.record(1, now, &membership(true, 3, vec![1, 2, 4], vec![]), |_| {
+            true
+        });
+        assert!(registry.left_out(7, 3), "the same term's later report does");
+        assert!(!registry.left_out(7, 4));
     }
 
     #[test]
