@@ -383,6 +383,65 @@ async fn ownership_moves_by_claim_and_release_at_newer_epochs() {
     base_b.shutdown().await;
 }
 
+/// A group commits many writes per journal entry, so one entry can carry several batches
+/// for one tablet. A memtable that fills up in the middle of an entry must not turn
+/// immutable there: its flush marks the entry's index flushed, and a replica recovering
+/// from that marker would skip the entry's batches left in the next memtable.
+#[tokio::test]
+async fn a_journal_entry_is_never_split_between_memtables() {
+    let store = memory_store();
+    let owner_base = open_base(store.clone(), base_options()).await;
+    let owner = Tablet::open(
+        Arc::clone(&owner_base),
+        1,
+        1,
+        KeyRange::all(),
+        small_memtables(),
+        budget(),
+    )
+    .await
+    .expect("open owner");
+    let fills_a_memtable = put("big", &"v".repeat(4 * 1024));
+    owner
+        .write_committed(1, 1, &fills_a_memtable)
+        .await
+        .expect("first batch of entry 1");
+    owner
+        .write_committed(1, 1, &put("second", "same entry"))
+        .await
+        .expect("second batch of entry 1");
+    let next_entry = put("next", "entry 2");
+    owner
+        .write_committed(2, 2, &next_entry)
+        .await
+        .expect("entry 2");
+    let mut flushed = owner.watch_flushed();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        flushed.wait_for(|&up_to| up_to >= 1),
+    )
+    .await
+    .expect("the background flusher flushes the full memtable")
+    .expect("flush watch");
+
+    // The owner crashes with entry 2 in memory; a new replica replays after the marker.
+    let recovered_base = open_base(store, base_options()).await;
+    let recovered = replica(&recovered_base).await;
+    assert!(recovered.recovered_up_to() >= 1);
+    if recovered.recovered_up_to() < 2 {
+        recovered
+            .write_committed(2, 2, &next_entry)
+            .await
+            .expect("replay entry 2");
+    }
+    for (key, value) in [("second", "same entry"), ("next", "entry 2")] {
+        let got = recovered.get(key.as_bytes(), 2).await.expect("get");
+        assert_eq!(got.as_deref(), Some(value.as_bytes()), "{key}");
+    }
+    owner_base.shutdown().await;
+    recovered_base.shutdown().await;
+}
+
 /// The group's apply loop runs apart from the task that learns of a lost
 /// leadership: an owner can be fenced (its flush refused) and still apply the
 /// new leader's committed writes before it releases. It must apply them, or

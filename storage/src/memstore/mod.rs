@@ -47,7 +47,7 @@ struct Memtables {
 pub struct MemStore {
     tables: RwLock<Memtables>,
     /// Serialises writers: journal entries arrive in order from one apply
-    /// loop, and rotation must not split a batch across memtables.
+    /// loop, and rotation must not split a journal entry across memtables.
     writer: Mutex<u64>,
     budget: Arc<MemoryBudget>,
     options: MemStoreOptions,
@@ -104,7 +104,16 @@ impl MemStore {
             )));
         }
         *last_seq = seq;
-        let active = self.tables.read().map_err(|_| poisoned())?.active.clone();
+        let mut active = self.tables.read().map_err(|_| poisoned())?.active.clone();
+        // A full memtable turns immutable only when a new journal index begins. One
+        // entry may carry several batches for this tablet (a group commits many writes
+        // per entry), and a flush marks its memtable's highest index flushed: had the
+        // entry's later batches gone to the next memtable, a replica recovering from
+        // that marker would skip them.
+        if active.approximate_bytes() >= self.options.memtable_size && seq > active.max_seq() {
+            self.rotate_locked()?;
+            active = self.tables.read().map_err(|_| poisoned())?.active.clone();
+        }
         for mutation in batch.mutations() {
             match mutation {
                 Mutation::Put { key, value } => active.insert(key, ts, Kind::Put, value, seq),
@@ -112,9 +121,6 @@ impl MemStore {
             }
         }
         active.note_seq(seq);
-        if active.approximate_bytes() >= self.options.memtable_size {
-            self.rotate_locked()?;
-        }
         Ok(())
     }
 
@@ -250,9 +256,16 @@ mod tests {
             memstore.write(seq, seq, &batch).await.unwrap();
             assert!(seq < 100, "memtable never rotated");
         }
+        // It turned immutable when the entry after the one that filled it arrived.
         let oldest = memstore.oldest_immutable().unwrap().unwrap();
         assert!(oldest.approximate_bytes() >= 1024);
-        assert_eq!(oldest.max_seq(), seq);
+        assert_eq!(oldest.max_seq(), seq - 1);
+        // A full memtable still takes more of its last entry's batches.
+        let mut batch = WriteBatch::new();
+        batch.put("more", vec![7u8; 2048]);
+        memstore.write(seq, seq, &batch).await.unwrap();
+        memstore.write(seq, seq, &batch).await.unwrap();
+        assert_eq!(memstore.immutable_count(), 1);
         // Reads still see rotated data until it is removed after a flush.
         let hit = memstore
             .snapshot()
