@@ -41,6 +41,13 @@ async fn replica(base: &Arc<BaseStore>) -> Arc<Tablet> {
     .expect("open replica")
 }
 
+/// Tablet 1 opened and claimed at epoch 1.
+async fn owner_at_epoch_1(base: &Arc<BaseStore>) -> Arc<Tablet> {
+    let tablet = replica(base).await;
+    tablet.claim(1).await.expect("claim at epoch 1");
+    tablet
+}
+
 /// One journal entry of the group's log.
 #[derive(Clone)]
 enum Entry {
@@ -295,6 +302,14 @@ async fn two_replicas() -> (Arc<BaseStore>, Arc<BaseStore>, Arc<Tablet>, Arc<Tab
     (base_a, base_b, a, b)
 }
 
+/// Asserts that `tablet` reads each key's value at `read_ts`.
+async fn assert_reads(tablet: &Tablet, read_ts: Timestamp, pairs: &[(&str, &str)]) {
+    for (key, value) in pairs {
+        let got = tablet.get(key.as_bytes(), read_ts).await.expect("get");
+        assert_eq!(got.as_deref(), Some(value.as_bytes()), "{key}");
+    }
+}
+
 fn seq_after(seq: u64) -> u64 {
     seq + 1
 }
@@ -363,10 +378,12 @@ async fn ownership_moves_by_claim_and_release_at_newer_epochs() {
     a.release();
 
     for tablet in [&a, &b] {
-        for (key, value) in [("k1", "one"), ("k2", "two"), ("k3", "three")] {
-            let got = tablet.get(key.as_bytes(), 100).await.expect("get");
-            assert_eq!(got.as_deref(), Some(value.as_bytes()), "{key}");
-        }
+        assert_reads(
+            tablet,
+            100,
+            &[("k1", "one"), ("k2", "two"), ("k3", "three")],
+        )
+        .await;
     }
     // A late release for an older claim leaves a newer claim on the same handle alone.
     a.claim(5).await.expect("a claims at 5");
@@ -391,16 +408,7 @@ async fn ownership_moves_by_claim_and_release_at_newer_epochs() {
 async fn a_journal_entry_is_never_split_between_memtables() {
     let store = memory_store();
     let owner_base = open_base(store.clone(), base_options()).await;
-    let owner = Tablet::open(
-        Arc::clone(&owner_base),
-        1,
-        1,
-        KeyRange::all(),
-        small_memtables(),
-        budget(),
-    )
-    .await
-    .expect("open owner");
+    let owner = owner_at_epoch_1(&owner_base).await;
     let fills_a_memtable = put("big", &"v".repeat(4 * 1024));
     owner
         .write_committed(1, 1, &fills_a_memtable)
@@ -434,10 +442,12 @@ async fn a_journal_entry_is_never_split_between_memtables() {
             .await
             .expect("replay entry 2");
     }
-    for (key, value) in [("second", "same entry"), ("next", "entry 2")] {
-        let got = recovered.get(key.as_bytes(), 2).await.expect("get");
-        assert_eq!(got.as_deref(), Some(value.as_bytes()), "{key}");
-    }
+    assert_reads(
+        &recovered,
+        2,
+        &[("second", "same entry"), ("next", "entry 2")],
+    )
+    .await;
     owner_base.shutdown().await;
     recovered_base.shutdown().await;
 }
@@ -480,10 +490,7 @@ async fn a_fenced_owner_applies_committed_writes_so_its_next_flush_skips_none() 
     b.apply_flushed(3).await.expect("b follows a");
     assert_eq!(b.memstore().immutable_count(), 0);
     for tablet in [&a, &b] {
-        for (key, value) in [("k1", "one"), ("k2", "two"), ("k3", "three")] {
-            let got = tablet.get(key.as_bytes(), 3).await.expect("get");
-            assert_eq!(got.as_deref(), Some(value.as_bytes()), "{key}");
-        }
+        assert_reads(tablet, 3, &[("k1", "one"), ("k2", "two"), ("k3", "three")]).await;
     }
     base_a.shutdown().await;
     base_b.shutdown().await;
@@ -533,16 +540,7 @@ async fn apply_flushed_waits_for_the_manifest_and_reports_when_it_never_shows() 
     let store = memory_store();
     let base_a = open_base(store.clone(), base_options()).await;
     let base_b = open_base(store.clone(), base_options()).await;
-    let owner = Tablet::open(
-        Arc::clone(&base_a),
-        1,
-        1,
-        KeyRange::all(),
-        small_memtables(),
-        budget(),
-    )
-    .await
-    .expect("open owner");
+    let owner = owner_at_epoch_1(&base_a).await;
     let follower = replica(&base_b).await;
     for seq in 1..=5 {
         let batch = put(&format!("k{seq}"), "v");
