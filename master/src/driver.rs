@@ -9,9 +9,13 @@
 //! 2. **Drain.** A replica on a draining server moves to a live server.
 //! 3. **Balance replicas.** If the live servers' replica counts differ by more than one, a
 //!    replica of a healthy group moves from the fullest server to the emptiest, unless an
-//!    operator moved one of the group's replicas (balancing would undo it).
+//!    operator moved one of the group's replicas (balancing would undo it). Otherwise, if
+//!    the reads and writes of the groups a server hosts are over twice another's (and over
+//!    them by `LOAD_GAP_OPS`), one of its replicas moves there.
 //! 4. **Balance leaders.** If the live servers' preferred-leader counts differ by more than
-//!    one, a group that an operator has not pinned gets a new preferred leader.
+//!    one, a group that an operator has not pinned gets a new preferred leader. Otherwise,
+//!    if the reads and writes of the groups a server leads are over twice another's (and
+//!    over them by `LOAD_GAP_OPS`), one of its groups hands leadership to that server.
 //!
 //! Moves count against `max_moves` (the rate limit); a group moves one replica at a time.
 //! Targets are live, non-draining servers that do not host the group, fewest replicas
@@ -43,14 +47,21 @@ pub(crate) enum Step {
     Prefer { group_id: u64, server_id: u64 },
 }
 
-/// Which servers are up, as the driver sees them at one instant.
+/// Which servers are up and how busy groups are, as the driver sees them at one instant.
 #[derive(Debug, Default)]
 pub(crate) struct Liveness {
     /// Heard from within the heartbeat timeout.
     pub alive: BTreeSet<u64>,
     /// Silent for longer than `repair_after`: their replicas are replaced.
     pub lost: BTreeSet<u64>,
+    /// Reads and writes per second by group, from its leader's last report.
+    pub group_load: BTreeMap<u64, u64>,
 }
+
+/// Leadership moves for load only when the busiest server's leader load is over twice the
+/// idlest one's and over it by this many reads and writes per second: small or brief
+/// differences are not worth a leader transfer.
+const LOAD_GAP_OPS: u64 = 500;
 
 /// The driver's next step, if any (see the module docs for the order).
 pub(crate) fn next_step(state: &State, live: &Liveness, max_moves: usize) -> Option<Step> {
@@ -102,11 +113,13 @@ pub(crate) fn next_step(state: &State, live: &Liveness, max_moves: usize) -> Opt
                 }
             }
         }
-        if let Some(step) = balance_replicas(state, live, &replica_counts) {
+        if let Some(step) = balance_replicas(state, live, &replica_counts)
+            .or_else(|| balance_replica_load(state, live, &targets))
+        {
             return Some(step);
         }
     }
-    balance_leaders(state, live, &targets)
+    balance_leaders(state, live, &targets).or_else(|| balance_leader_load(state, live, &targets))
 }
 
 /// How many groups each of `servers` counts for, by `counts_for(group, server)`.
@@ -162,10 +175,13 @@ fn balance_replicas(
     })
 }
 
+/// Whether `server` is `group`'s preferred leader.
+fn leads(group: &Group, server: u64) -> bool {
+    group.replicas.first() == Some(&server)
+}
+
 fn balance_leaders(state: &State, live: &Liveness, targets: &BTreeSet<u64>) -> Option<Step> {
-    let leader_counts = counts(state, targets, |group, server| {
-        group.replicas.first() == Some(&server)
-    });
+    let leader_counts = counts(state, targets, leads);
     let (full, empty) = imbalance(&leader_counts)?;
     let group = state.groups.values().find(|g| {
         healthy(g, live)
@@ -177,6 +193,80 @@ fn balance_leaders(state: &State, live: &Liveness, targets: &BTreeSet<u64>) -> O
         group_id: group.id,
         server_id: empty,
     })
+}
+
+/// Hands the preferred leadership of a group from the server whose led groups serve the
+/// most reads and writes to the one serving the fewest, when they differ enough.
+fn balance_leader_load(state: &State, live: &Liveness, targets: &BTreeSet<u64>) -> Option<Step> {
+    let (group_id, _, cool) = shift_load(state, live, targets, leads, |group, _, cool| {
+        !group.leader_pinned && group.replicas.contains(&cool)
+    })?;
+    Some(Step::Prefer {
+        group_id,
+        server_id: cool,
+    })
+}
+
+/// Moves a replica from the server whose groups serve the most reads and writes to the one
+/// whose groups serve the fewest, when they differ enough.
+fn balance_replica_load(state: &State, live: &Liveness, targets: &BTreeSet<u64>) -> Option<Step> {
+    let (group_id, hot, cool) =
+        shift_load(state, live, targets, State::hosts, |group, _, cool| {
+            !group.replicas_pinned && !State::hosts(group, cool)
+        })?;
+    Some(Step::Move {
+        group_id,
+        from: hot,
+        to: cool,
+        reason: "balance",
+    })
+}
+
+/// A group to shift from the busiest of `targets` to the idlest, as `(group, from, to)`:
+/// a server's load is the reads and writes per second of the groups it `carries`. Only
+/// when the busiest carries over twice the idlest's load, and `LOAD_GAP_OPS` more. The
+/// group is a healthy one that `movable` allows whose load comes closest to halving the
+/// difference (one carrying more than the difference would only move the hot spot), and
+/// the counts of carried groups stay within one of each other, or count balancing would
+/// shift it back.
+fn shift_load(
+    state: &State,
+    live: &Liveness,
+    targets: &BTreeSet<u64>,
+    carries: impl Fn(&Group, u64) -> bool + Copy,
+    movable: impl Fn(&Group, u64, u64) -> bool,
+) -> Option<(u64, u64, u64)> {
+    let load = |group: &Group| live.group_load.get(&group.id).copied().unwrap_or(0);
+    let server_load = |server: u64| -> u64 {
+        state
+            .groups
+            .values()
+            .filter(|group| carries(group, server))
+            .map(load)
+            .sum()
+    };
+    let loads: BTreeMap<u64, u64> = targets.iter().map(|&s| (s, server_load(s))).collect();
+    let (&hot, &hot_load) = loads
+        .iter()
+        .max_by_key(|&(&id, &load)| (load, u64::MAX - id))?;
+    let (&cool, &cool_load) = loads.iter().min_by_key(|&(&id, &load)| (load, id))?;
+    let gap = hot_load.saturating_sub(cool_load);
+    if hot_load <= cool_load.saturating_mul(2) || gap <= LOAD_GAP_OPS {
+        return None;
+    }
+    let mut after = counts(state, targets, carries);
+    *after.entry(hot).or_insert(0) -= 1;
+    *after.entry(cool).or_insert(0) += 1;
+    if imbalance(&after).is_some() {
+        return None;
+    }
+    let group = state
+        .groups
+        .values()
+        .filter(|g| healthy(g, live) && carries(g, hot) && movable(g, hot, cool))
+        .filter(|g| (1..gap).contains(&load(g)))
+        .min_by_key(|g| ((gap / 2).abs_diff(load(g)), g.id))?;
+    Some((group.id, hot, cool))
 }
 
 /// Takes the driver's steps while this replica leads, until shutdown.
@@ -215,6 +305,7 @@ impl Core {
                 lost: servers
                     .filter(|&s| !registry.is_alive(s, now, self.config.repair_after))
                     .collect(),
+                group_load: registry.group_loads(),
             };
             next_step(&state, &live, self.config.max_moves)
         };

@@ -33,6 +33,7 @@ fn live(alive: &[u64], lost: &[u64]) -> Liveness {
     Liveness {
         alive: alive.iter().copied().collect(),
         lost: lost.iter().copied().collect(),
+        group_load: BTreeMap::new(),
     }
 }
 
@@ -157,4 +158,94 @@ fn replicas_and_leaders_are_balanced_across_live_servers() {
 fn a_balanced_universe_has_nothing_to_do() {
     let state = state(3, &[&[1, 2, 3], &[2, 3, 1], &[3, 1, 2]]);
     assert_eq!(next_step(&state, &live(&[1, 2, 3], &[]), 2), None);
+}
+
+#[test]
+fn leadership_moves_from_the_busiest_server_when_loads_differ_enough() {
+    // Each server is the preferred leader of two groups; server 1's are busy.
+    let groups: [&[u64]; 6] = [
+        &[1, 2, 3],
+        &[1, 3, 2],
+        &[2, 1, 3],
+        &[2, 3, 1],
+        &[3, 1, 2],
+        &[3, 2, 1],
+    ];
+    let state = state(3, &groups);
+    let with_load = |loads: [u64; 6]| {
+        let mut live = live(&[1, 2, 3], &[]);
+        live.group_load = (100..).zip(loads).collect();
+        live
+    };
+    // Counts would differ by two after any single handover, so nothing moves.
+    assert_eq!(
+        next_step(&state, &with_load([3000, 3000, 10, 10, 10, 10]), 2),
+        None
+    );
+    // Once server 1 leads a third group, it hands one of its busy groups over.
+    let mut state = state;
+    state.groups.insert(
+        106,
+        Group {
+            id: 106,
+            replicas: vec![1, 2, 3],
+            ..Group::default()
+        },
+    );
+    let mut live = with_load([3000, 1000, 10, 10, 10, 10]);
+    live.group_load.insert(106, 10);
+    assert_eq!(
+        next_step(&state, &live, 2),
+        Some(Step::Prefer {
+            group_id: 101,
+            server_id: 2
+        }),
+        "the group closest to half the gap goes to the idlest server"
+    );
+    // A small difference, or a pinned group, stays.
+    live.group_load.insert(100, 300);
+    live.group_load.insert(101, 200);
+    assert_eq!(next_step(&state, &live, 2), None);
+    live.group_load.insert(100, 3000);
+    live.group_load.insert(101, 1000);
+    for group in state.groups.values_mut() {
+        group.leader_pinned = true;
+    }
+    assert_eq!(next_step(&state, &live, 2), None);
+}
+
+#[test]
+fn a_replica_moves_off_the_server_whose_groups_are_busiest() {
+    let groups: [&[u64]; 5] = [&[1, 2, 3], &[1, 2, 3], &[1, 4, 2], &[1, 4, 3], &[4, 2, 3]];
+    let mut state = state(4, &groups);
+    let mut live = live(&[1, 2, 3, 4], &[]);
+    live.group_load = (100..).zip([1000, 1000, 10, 10, 10]).collect();
+    assert_eq!(
+        next_step(&state, &live, 2),
+        Some(Step::Move {
+            group_id: 100,
+            from: 1,
+            to: 4,
+            reason: "balance"
+        })
+    );
+    // Not a group an operator placed, and not past the rate limit.
+    state
+        .groups
+        .values_mut()
+        .for_each(|g| g.replicas_pinned = true);
+    assert!(!matches!(
+        next_step(&state, &live, 2),
+        Some(Step::Move { .. })
+    ));
+    state
+        .groups
+        .values_mut()
+        .for_each(|g| g.replicas_pinned = false);
+    moving(&mut state, 104, 4, 1);
+    moving(&mut state, 103, 3, 2);
+    assert!(!matches!(
+        next_step(&state, &live, 2),
+        Some(Step::Move { .. })
+    ));
 }

@@ -5,7 +5,7 @@
 //! restart or failover, and persisting it would write the log on every heartbeat. Times are
 //! passed in (monotonic [`Instant`]s) so liveness is testable without sleeping.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use luna_proto::master::HeartbeatRequest;
@@ -24,12 +24,14 @@ struct Seen {
     at: Instant,
 }
 
-/// A group's journal membership, as its leader last reported it.
+/// A group's journal membership and load, as its leader last reported them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Membership {
     term: u64,
     /// Voters, learners and outgoing voters.
     members: Vec<u64>,
+    /// Reads and writes per second over the group's tablets.
+    ops_per_sec: u64,
 }
 
 /// Liveness of servers, leaders of groups and their memberships.
@@ -91,11 +93,17 @@ impl Registry {
                     .flatten()
                     .copied()
                     .collect();
+                let ops_per_sec = report
+                    .tablets
+                    .iter()
+                    .map(|t| t.reads_per_sec.saturating_add(t.writes_per_sec))
+                    .fold(0u64, u64::saturating_add);
                 self.memberships.insert(
                     report.group_id,
                     Membership {
                         term: report.term,
                         members,
+                        ops_per_sec,
                     },
                 );
             }
@@ -151,6 +159,14 @@ impl Registry {
         })
     }
 
+    /// Each group's reads and writes per second, as its leader last reported them.
+    pub fn group_loads(&self) -> BTreeMap<u64, u64> {
+        self.memberships
+            .iter()
+            .map(|(&group_id, membership)| (group_id, membership.ops_per_sec))
+            .collect()
+    }
+
     /// The last reported leader of `group_id` (server 0 when unknown).
     pub fn leader(&self, group_id: u64) -> GroupLeader {
         self.leaders.get(&group_id).copied().unwrap_or_default()
@@ -159,7 +175,7 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
-    use luna_proto::master::GroupReport;
+    use luna_proto::master::{GroupReport, TabletReport};
 
     use super::*;
 
@@ -199,11 +215,22 @@ mod tests {
             !registry.left_out(7, 3),
             "an older term's leader does not count"
         );
-        registry.record(1, now, &membership(true, 3, vec![1, 2, 4], vec![]), |_| {
-            true
-        });
+        let mut busy = membership(true, 3, vec![1, 2, 4], vec![]);
+        busy.groups[0].tablets = vec![
+            TabletReport {
+                reads_per_sec: 100,
+                writes_per_sec: 20,
+                ..TabletReport::default()
+            },
+            TabletReport {
+                writes_per_sec: 3,
+                ..TabletReport::default()
+            },
+        ];
+        registry.record(1, now, &busy, |_| true);
         assert!(registry.left_out(7, 3), "the same term's later report does");
         assert!(!registry.left_out(7, 4));
+        assert_eq!(registry.group_loads().get(&7), Some(&123));
     }
 
     #[test]
