@@ -66,11 +66,24 @@ async fn a_leaders_replica_moves_and_a_drained_server_empties_under_writes() {
         .list_tablets("app", "kv")
         .await
         .expect("tablets");
-    let group = groups(&client)
-        .await
-        .into_iter()
-        .find(|g| g.id == tablets[0].group_id)
-        .expect("the first tablet's group");
+    // Its leader as the master last heard of it: unknown (0) for a moment after an election.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let group = loop {
+        let group = groups(&client)
+            .await
+            .into_iter()
+            .find(|g| g.id == tablets[0].group_id)
+            .expect("the first tablet's group");
+        if group.leader_server_id != 0 {
+            break group;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group {} has no leader",
+            group.id
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let from = group.leader_server_id;
     let to = (1..=4)
         .map(|i| universe.server_id(i - 1))
