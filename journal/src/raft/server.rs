@@ -51,6 +51,16 @@ const READ_TIMEOUT_ELECTIONS: u64 = 2;
 /// followers that renewed it refuse to vote: slack for ticks that fire late.
 pub(super) const LEASE_MARGIN_TICKS: u64 = 2;
 
+/// How many ticks of random spread follower election timeouts get above `election_tick`:
+/// half a timeout, not raft's default of a whole one. Randomness is there so that two
+/// followers rarely campaign at once and split the vote; a vote takes about a millisecond
+/// on a LAN, so half a timeout separates them as well, and the replacement of a dead
+/// leader is not drawn from up to twice the timeout (failover time is the sum of the
+/// time since its last heartbeat and the follower's timeout).
+pub(crate) fn election_jitter(election_tick: usize) -> usize {
+    election_tick.div_ceil(2).max(1)
+}
+
 /// Settings of one journal server (one process's share of every stream it hosts).
 #[derive(Debug, Clone)]
 pub struct RaftConfig {
@@ -58,7 +68,8 @@ pub struct RaftConfig {
     pub node_id: u64,
     /// Directory of the server's raft-engine log.
     pub dir: PathBuf,
-    /// Ticks without a leader before a follower campaigns.
+    /// Ticks without a leader before a follower campaigns, at least: each follower draws
+    /// its timeout from `[election_tick, 1.5 × election_tick)`.
     pub election_tick: usize,
     /// Ticks between a leader's heartbeats; less than `election_tick`.
     pub heartbeat_tick: usize,
@@ -267,6 +278,8 @@ impl Server {
             id: self.config.node_id,
             applied: storage.applied(),
             election_tick: self.config.election_tick,
+            max_election_tick: self.config.election_tick
+                + election_jitter(self.config.election_tick),
             heartbeat_tick: self.config.heartbeat_tick,
             pre_vote: true,
             check_quorum: true,

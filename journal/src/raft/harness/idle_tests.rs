@@ -58,7 +58,7 @@ fn a_busy_streams_followers_replace_a_crashed_leader_at_full_speed() {
         }
         sim.crash(leader);
         let crashed_at = sim.now;
-        // An election timeout is 10 to 20 ticks (a split vote takes another); slow ticks
+        // An election timeout is 10 to 15 ticks (a split vote takes another); slow ticks
         // would make even the first take 50 or more.
         let new_leader = sim.run_until_leader(4 * election_tick + 5);
         println!(
