@@ -2,6 +2,7 @@
 //! across the listed addresses.
 
 use std::future::Future;
+use std::time::Duration;
 
 use luna_proto::leader_hint::{self, LeaderSearch};
 use luna_proto::master::master_client::MasterClient;
@@ -10,13 +11,21 @@ use tonic::{Response, Status};
 use tracing::debug;
 
 use crate::Inner;
-use crate::error::{ClientError, Result, describe_status, is_transport_failure};
+use crate::error::{
+    ClientError, Result, describe_status, is_connect_failure, is_transport_failure,
+};
 use crate::mux::TabletConn;
 use crate::retry::{Backoff, Deadline};
 
 /// Largest gRPC message the SDK sends or accepts: a batch of maximal values plus framing.
 /// Servers must accept at least 8 MiB values too (tonic's default limit is 4 MiB).
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// How long a tablet server that failed at the transport level is passed over when a
+/// request looks for its group's leader. A dead leader stays in the master's routing until
+/// the new leader reports in; without this, every retry would go back to it instead of
+/// asking a follower, which names the new leader as soon as it is elected.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(2);
 
 /// `addr` as a URI tonic can dial: `host:port` gets `http://`.
 pub(crate) fn normalize_addr(addr: &str) -> Result<String> {
@@ -98,6 +107,42 @@ impl Inner {
         Ok(conn)
     }
 
+    /// Remembers that the tablet server at `addr` did not answer (refused the connection,
+    /// or let a request time out).
+    pub(crate) fn mark_unreachable(&self, addr: &str) {
+        self.unreachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(addr.to_string(), tokio::time::Instant::now());
+    }
+
+    /// Forgets that `addr` failed: it answered, or a server that answered named it leader.
+    pub(crate) fn mark_reachable(&self, addr: &str) {
+        let mut unreachable = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !unreachable.is_empty() {
+            unreachable.remove(addr);
+        }
+    }
+
+    /// Whether `addr` failed within [`UNREACHABLE_FOR`] and has not answered since.
+    pub(crate) fn is_unreachable(&self, addr: &str) -> bool {
+        let mut unreachable = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match unreachable.get(addr) {
+            Some(since) if since.elapsed() < UNREACHABLE_FOR => true,
+            Some(_) => {
+                unreachable.remove(addr);
+                false
+            }
+            None => false,
+        }
+    }
+
     fn master_client(&self, uri: &str) -> Result<MasterClient<Channel>> {
         Ok(MasterClient::new(self.channel(uri)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -145,6 +190,8 @@ impl Inner {
         let mut last = String::from("no attempt was made before the deadline");
         loop {
             let mut search = LeaderSearch::new(&self.master_uris, self.preferred_master());
+            // Set when a replica answered but did not lead: an election is under way.
+            let mut electing = false;
             // Every listed address once, plus one hop to a named leader.
             for _ in 0..=count {
                 let timeout = deadline.attempt_timeout(self.options.request_timeout);
@@ -160,19 +207,30 @@ impl Inner {
                     }
                     Ok(Err(status)) if is_transport_failure(&status) => {
                         last = format!("{uri}: {}", describe_status(&status));
+                        if is_connect_failure(&status) {
+                            search.mark_down();
+                        } else {
+                            electing = true;
+                        }
                         // A replica that does not lead names the one that does.
                         leader_hint::read(&status).and_then(|hint| normalize_addr(&hint).ok())
                     }
                     Ok(Err(status)) => return Err(ClientError::from_status(&status)),
                     Err(_) => {
                         last = format!("{uri}: no answer within {timeout:?}");
+                        search.mark_down();
                         None
                     }
                 };
                 debug!(operation, %last, "master call failed");
                 search.next(hint);
             }
-            if !deadline.sleep(backoff.next_wait()).await {
+            let wait = if electing {
+                backoff.next_election_wait()
+            } else {
+                backoff.next_wait()
+            };
+            if !deadline.sleep(wait).await {
                 return Err(ClientError::MasterUnreachable {
                     addrs: self.masters.clone(),
                     detail: format!("{operation}: {last}"),

@@ -4,8 +4,9 @@
 //! | answer | action |
 //! | --- | --- |
 //! | NotLeader with a leader address | remember the leader of the group, retry at once (a few times in a row, then with backoff) |
-//! | NotLeader without a hint, EpochMismatch, TabletNotFound, no tablet for the key | refetch the routing, retry with backoff |
-//! | transport failure (UNAVAILABLE, connect failure, per-request timeout) | refetch the routing, retry with backoff |
+//! | NotLeader without a hint (an election is on) | refetch the routing, retry with a backoff capped for elections |
+//! | EpochMismatch, TabletNotFound, no tablet for the key | refetch the routing, retry with backoff |
+//! | transport failure (UNAVAILABLE, connect failure, per-request timeout) | pass the server over when looking for leaders for a while, refetch the routing, retry with backoff |
 //! | Busy | wait `retry_after_ms`, retry |
 //! | SnapshotTooOld, INVALID_ARGUMENT, other statuses | return the typed error at once |
 //!
@@ -139,7 +140,7 @@ where
             return Ok(Outcome::Resplit);
         }
         let addr = match spec.access {
-            Access::Leader => cache.leader_addr(tablet),
+            Access::Leader => cache.leader_addr(tablet, |addr| inner.is_unreachable(addr)),
             Access::AnyReplica => backoff.pick(&tablet.replicas).cloned(),
         };
         let Some(addr) = addr else {
@@ -169,6 +170,9 @@ where
                 // An attempt cut short by the deadline says little about the server: keep
                 // the failure before it, if any, as the one to report.
                 let clipped = timeout < inner.options.request_timeout;
+                if !clipped {
+                    inner.mark_unreachable(&addr);
+                }
                 if !clipped || matches!(last, Failure::Nothing) {
                     last = Failure::Unreachable {
                         addr,
@@ -179,6 +183,7 @@ where
             }
             Ok(Err(status)) if is_transport_failure(&status) => {
                 maybe_applied |= spec.is_write && !is_connect_failure(&status);
+                inner.mark_unreachable(&addr);
                 last = Failure::Unreachable {
                     addr,
                     detail: describe_status(&status),
@@ -186,17 +191,23 @@ where
                 cache.invalidate(table.generation);
             }
             Ok(Err(status)) => return Err(ClientError::from_status(&status)),
-            Ok(Ok((None, value))) => return Ok(Outcome::Done(value)),
+            Ok(Ok((None, value))) => {
+                inner.mark_reachable(&addr);
+                return Ok(Outcome::Done(value));
+            }
             Ok(Ok((Some(error), _))) => {
+                inner.mark_reachable(&addr);
                 let detail = format!("{addr}: {}", refusal(&error));
                 debug!(operation = spec.operation, %detail, "tablet refused");
                 match error.kind {
                     Some(Kind::NotLeader(hint)) => {
                         let hinted = !hint.leader_addr.is_empty() && hint.leader_addr != addr;
                         if hinted {
+                            inner.mark_reachable(&hint.leader_addr);
                             cache.set_leader(group_id, hint.leader_addr);
                         } else {
                             cache.invalidate(table.generation);
+                            wait = Some(backoff.next_election_wait());
                         }
                         last = Failure::Refused { detail };
                         if hinted && hinted_in_a_row < MAX_HINTED_IN_A_ROW {

@@ -158,6 +158,9 @@ pub(crate) struct Inner {
     pub(crate) channels: Mutex<HashMap<String, Channel>>,
     /// One multiplexed stream per tablet server address.
     pub(crate) tablet_conns: Mutex<HashMap<String, TabletConn>>,
+    /// Tablet servers that just failed at the transport level, and when (see
+    /// [`Inner::mark_unreachable`]).
+    pub(crate) unreachable: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Random, identifies this client's writes for deduplication.
     client_id: Bytes,
     next_seq: AtomicU64,
@@ -194,6 +197,7 @@ impl Inner {
             master_uris,
             channels: Mutex::new(HashMap::new()),
             tablet_conns: Mutex::new(HashMap::new()),
+            unreachable: Mutex::new(HashMap::new()),
             client_id: Bytes::copy_from_slice(uuid::Uuid::new_v4().as_bytes()),
             next_seq: AtomicU64::new(0),
             next_op: AtomicU64::new(0),

@@ -55,6 +55,12 @@ impl Deadline {
     }
 }
 
+/// Longest wait between retries while replicas answer that their group (or the master)
+/// has no leader, or name one that is gone: an election is under way, it takes a few
+/// hundred milliseconds, and the first attempt after it should not wait out a backoff that
+/// grew during it.
+const ELECTION_POLL: Duration = Duration::from_millis(50);
+
 /// Exponential backoff with jitter: the wait before retry `n` (from 1) is uniform in
 /// `[d/2, d]` with `d = min(max_backoff, min_backoff * 2^(n-1))`, so clients that failed
 /// together do not retry together.
@@ -86,6 +92,12 @@ impl Backoff {
         // Any backoff worth configuring fits in u64 nanoseconds (584 years).
         let spread = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
         half + Duration::from_nanos(self.rng.random_range(0..=spread))
+    }
+
+    /// The next wait while an election is under way: [`Backoff::next_wait`], at most
+    /// [`ELECTION_POLL`].
+    pub(crate) fn next_election_wait(&mut self) -> Duration {
+        self.next_wait().min(ELECTION_POLL)
     }
 
     /// A random element of `items` (spreads replica reads), `None` if it is empty.

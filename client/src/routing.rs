@@ -224,17 +224,25 @@ impl RouteCache {
     }
 
     /// Where to send a request that needs the leader of `tablet`'s group: a learned hint,
-    /// else the master's leader, else the first replica (which will hint the leader).
-    pub(crate) fn leader_addr(&self, tablet: &TabletEntry) -> Option<String> {
+    /// else the master's leader, else the replicas in order (a follower names the leader),
+    /// passing over addresses for which `unreachable` holds; if it holds for all of them,
+    /// the first one anyway.
+    pub(crate) fn leader_addr(
+        &self,
+        tablet: &TabletEntry,
+        unreachable: impl Fn(&str) -> bool,
+    ) -> Option<String> {
         let hinted = self
             .leaders
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&tablet.group_id)
             .cloned();
-        hinted
-            .or_else(|| tablet.leader.clone())
-            .or_else(|| tablet.replicas.first().cloned())
+        let candidates = || hinted.iter().chain(&tablet.leader).chain(&tablet.replicas);
+        candidates()
+            .find(|addr| !unreachable(addr))
+            .or_else(|| candidates().next())
+            .cloned()
     }
 
     /// Remembers that `addr` leads `group_id` (from a NotLeader hint).
@@ -338,6 +346,34 @@ mod tests {
         assert_eq!(before(Some("g")), Some(1), "g itself is excluded");
         assert_eq!(before(Some("g\0")), Some(2));
         assert_eq!(before(Some("b")), Some(1));
+        Ok(())
+    }
+
+    #[test]
+    fn leader_lookup_passes_over_unreachable_servers() -> Result<()> {
+        let table = RouteTable::from_proto(route(&[("", None)]), 1)?;
+        let tablet = &table.tablets[0];
+        let cache = RouteCache::new("d", "c");
+        let down = |down: &'static [&'static str]| move |addr: &str| down.contains(&addr);
+        assert_eq!(cache.leader_addr(tablet, down(&[])).as_deref(), Some("b:1"));
+        assert_eq!(
+            cache.leader_addr(tablet, down(&["b:1"])).as_deref(),
+            Some("a:1"),
+            "the master's leader is down: ask a replica, which names the new leader"
+        );
+        cache.set_leader(tablet.group_id, "c:1".into());
+        assert_eq!(cache.leader_addr(tablet, down(&[])).as_deref(), Some("c:1"));
+        assert_eq!(
+            cache.leader_addr(tablet, down(&["c:1"])).as_deref(),
+            Some("b:1")
+        );
+        assert_eq!(
+            cache
+                .leader_addr(tablet, down(&["a:1", "b:1", "c:1"]))
+                .as_deref(),
+            Some("c:1"),
+            "with every candidate down, the best one is tried anyway"
+        );
         Ok(())
     }
 }

@@ -32,6 +32,9 @@ pub struct LeaderSearch<'a> {
     listed: &'a [String],
     current: String,
     rotation: usize,
+    /// Addresses that did not answer at all: until their election timeout runs out, the
+    /// followers of a dead leader still name it, and following them back there is wasted.
+    down: Vec<String>,
 }
 
 impl<'a> LeaderSearch<'a> {
@@ -46,6 +49,7 @@ impl<'a> LeaderSearch<'a> {
             listed,
             current: start,
             rotation,
+            down: Vec::new(),
         }
     }
 
@@ -54,10 +58,20 @@ impl<'a> LeaderSearch<'a> {
         &self.current
     }
 
+    /// Notes that the current address did not answer at all (its connection was refused,
+    /// or it let the request time out), so later hints naming it are not followed.
+    pub fn mark_down(&mut self) {
+        if !self.down.contains(&self.current) {
+            self.down.push(self.current.clone());
+        }
+    }
+
     /// Moves on after the current address failed: to `hint`, the leader it named (in the
-    /// caller's spelling), else to the next listed address.
+    /// caller's spelling) unless that is the current or a [down](Self::mark_down) address,
+    /// else to the next listed address.
     pub fn next(&mut self, hint: Option<String>) {
-        self.current = match hint.filter(|hint| *hint != self.current) {
+        let followed = hint.filter(|hint| *hint != self.current && !self.down.contains(hint));
+        self.current = match followed {
             Some(hint) => hint,
             None if self.listed.is_empty() => return,
             None => {
@@ -86,6 +100,15 @@ mod tests {
             search.current(),
             "a",
             "a hint naming the failed one is ignored"
+        );
+        search.mark_down();
+        search.next(None);
+        assert_eq!(search.current(), "b");
+        search.next(Some("a".to_owned()));
+        assert_eq!(
+            search.current(),
+            "c",
+            "a hint naming an address that did not answer is ignored"
         );
         let mut search = LeaderSearch::new(&listed, "x".to_owned());
         search.next(None);
