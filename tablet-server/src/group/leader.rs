@@ -62,7 +62,10 @@ pub(super) async fn run(group: Weak<Group>) {
 
 impl Group {
     async fn take_over(&self, term: u64) -> Result<()> {
+        // Logged so an operator can tell a slow election from a slow takeover.
+        let started = std::time::Instant::now();
         self.catch_up().await?;
+        let caught_up = started.elapsed();
         let tso = self.ctx.master.timestamp().await?;
         let leadership = self.stream.leadership();
         if !leadership.is_leader || leadership.term != term {
@@ -70,7 +73,14 @@ impl Group {
         }
         let floor = tso.max(self.max_applied_ts() + 1);
         self.start_serving(term, floor);
-        tracing::info!(group = self.id, term, floor, "serving as leader");
+        tracing::info!(
+            group = self.id,
+            term,
+            floor,
+            catch_up_ms = caught_up.as_millis() as u64,
+            takeover_ms = started.elapsed().as_millis() as u64,
+            "serving as leader"
+        );
         Ok(())
     }
 
