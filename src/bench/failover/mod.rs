@@ -172,39 +172,48 @@ async fn bench(args: &FailoverBenchArgs, dir: &WorkDir) -> Result<Vec<KillReport
 }
 
 /// The process index of the tablet server leading the collection's group, once the master
-/// has reported the same leader for [`LEADER_STABLE`]: a new leader may hand leadership to
-/// the group's preferred replica, and heartbeats report it only every half second.
+/// has reported the group's preferred replica as leader for [`LEADER_STABLE`]: a new
+/// leader hands leadership to the preferred replica once it is back and caught up, and
+/// heartbeats report it only every half second. Killing a leader about to hand over would
+/// kill a follower, and measure nothing.
 async fn group_leader(client: &Client, universe: &Universe) -> Result<usize, CliError> {
     let deadline = Instant::now() + RECOVERY_TIMEOUT;
-    let mut seen = (reported_group_leader(client).await?, Instant::now());
-    while seen.1.elapsed() < LEADER_STABLE {
+    let mut seen = (preferred_leader(client).await?, Instant::now());
+    loop {
+        if let (Some(server), true) = (seen.0, seen.1.elapsed() >= LEADER_STABLE) {
+            return universe.server_index(server).ok_or_else(|| {
+                CliError::Invalid(format!("no running process is server {server}"))
+            });
+        }
         if Instant::now() > deadline {
             return Err(CliError::Invalid(format!(
-                "the group's leader did not stay put for {LEADER_STABLE:?}"
+                "the group's preferred replica did not lead for {LEADER_STABLE:?} in a row"
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let leader = reported_group_leader(client).await?;
+        let leader = preferred_leader(client).await?;
         if leader != seen.0 {
             seen = (leader, Instant::now());
         }
     }
-    universe
-        .server_index(seen.0)
-        .ok_or_else(|| CliError::Invalid(format!("no running process is server {}", seen.0)))
 }
 
-/// The server the master names as leader of the collection's group (0: none).
-async fn reported_group_leader(client: &Client) -> Result<u64, CliError> {
+/// The collection group's preferred replica (the master keeps it first), if the master
+/// reports it as the leader.
+async fn preferred_leader(client: &Client) -> Result<Option<u64>, CliError> {
     let admin = client.admin();
     let tablets = admin.list_tablets(DATABASE, COLLECTION).await?;
     let groups = admin.list_groups().await?;
-    let leader = tablets
+    let group = tablets
         .first()
-        .and_then(|tablet| groups.iter().find(|group| group.id == tablet.group_id))
-        .map(|group| group.leader_server_id)
-        .unwrap_or(0);
-    Ok(leader)
+        .and_then(|tablet| groups.iter().find(|group| group.id == tablet.group_id));
+    Ok(group.and_then(|group| {
+        group
+            .replicas
+            .first()
+            .copied()
+            .filter(|first| *first == group.leader_server_id)
+    }))
 }
 
 /// The steady writes and timestamp requests, with when each was acknowledged.
