@@ -9,7 +9,7 @@ use luna_proto::master::Partitioning;
 use luna_proto::tablet as pb;
 
 use crate::error::{ClientError, Result};
-use crate::exec::{Access, CallSpec, Locate, Outcome, on_tablet};
+use crate::exec::{Access, CallSpec, LiveLock, Locate, Outcome, on_tablet};
 use crate::retry::Deadline;
 use crate::routing::{RouteCache, RouteTable, TabletEntry};
 use crate::{Inner, MAX_KEY_LEN, MAX_VALUE_LEN};
@@ -257,6 +257,7 @@ impl Collection {
             read_ts: options.read_ts,
             locate: Locate::Key(&routed),
             fits: None,
+            live_lock: LiveLock::Wait,
         };
         let outcome = on_tablet(&self.inner, &self.cache, &spec, &deadline, |target| {
             let request = pb::GetRequest {
@@ -380,6 +381,7 @@ impl Collection {
             read_ts: 0,
             locate: Locate::Key(&first_key),
             fits: Some(&fits),
+            live_lock: LiveLock::Wait,
         };
         let result = on_tablet(&self.inner, &self.cache, &spec, deadline, |target| {
             let request = pb::WriteRequest {
@@ -473,6 +475,7 @@ impl Collection {
             read_ts: options.read_ts,
             locate: Locate::Key(&first_key),
             fits: Some(&fits),
+            live_lock: LiveLock::Wait,
         };
         let result = on_tablet(&self.inner, &self.cache, &spec, deadline, |target| {
             let request = pb::BatchGetRequest {

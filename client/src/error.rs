@@ -102,6 +102,42 @@ pub enum ClientError {
         /// The first failure among the other parts.
         first_error: Box<ClientError>,
     },
+    /// A transaction lost a write-write conflict: another transaction committed one of its
+    /// keys after it started, or holds a lock on one. Run the transaction again from the
+    /// start (with a new snapshot); [`Database::transaction`](crate::Database::transaction)
+    /// does.
+    #[error("transaction conflict: {message}; run the transaction again")]
+    Conflict {
+        /// Which key, and with what.
+        message: String,
+    },
+    /// The transaction was rolled back before it could commit: its locks expired and
+    /// another client rolled it back, or it was rolled back explicitly. Run it again.
+    #[error(
+        "transaction {start_ts} was rolled back (its locks expired, or it was rolled back explicitly); run it again"
+    )]
+    TxnAborted {
+        /// The transaction's start timestamp.
+        start_ts: u64,
+    },
+    /// A transaction of one database was given a collection of another.
+    #[error(
+        "a transaction of database `{transaction}` cannot touch collection `{collection}` of database `{database}`: transactions span the collections of one database"
+    )]
+    CrossDatabase {
+        /// The transaction's database.
+        transaction: String,
+        /// The other database.
+        database: String,
+        /// The collection that was given.
+        collection: String,
+    },
+    /// The transaction was already committed or rolled back: start a new one.
+    #[error("the transaction is already {state}: begin a new one")]
+    TxnFinished {
+        /// `committed` or `rolled back`.
+        state: &'static str,
+    },
     /// A server answered with an error the SDK does not expect (a gRPC status other than
     /// the documented ones).
     #[error("server error {code:?}: {message}")]
@@ -125,13 +161,25 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 impl ClientError {
     /// Whether repeating the whole call later may succeed: the servers were unreachable, busy
-    /// or too slow. [`ClientError::OutcomeUnknown`] is not included: decide after reading back.
+    /// or too slow, or (for a transaction, repeated from its start) it lost a conflict.
+    /// [`ClientError::OutcomeUnknown`] is not included: decide after reading back.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
             ClientError::MasterUnreachable { .. }
                 | ClientError::Unavailable { .. }
                 | ClientError::Timeout { .. }
+                | ClientError::Conflict { .. }
+                | ClientError::TxnAborted { .. }
+        )
+    }
+
+    /// Whether a transaction failed because of another one, so that running it again from
+    /// the start may succeed ([`ClientError::Conflict`], [`ClientError::TxnAborted`]).
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Conflict { .. } | ClientError::TxnAborted { .. }
         )
     }
 

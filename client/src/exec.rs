@@ -8,6 +8,8 @@
 //! | EpochMismatch, TabletNotFound, no tablet for the key | refetch the routing, retry with backoff |
 //! | transport failure (UNAVAILABLE, connect failure, per-request timeout) | pass the server over when looking for leaders for a while, refetch the routing, retry with backoff |
 //! | Busy | wait `retry_after_ms`, retry |
+//! | Locked | ask the lock's primary what became of its transaction, commit or roll the lock back, retry; while the transaction is alive wait (or, for a prewrite, fail with Conflict) |
+//! | WriteConflict, TxnAborted | return [`ClientError::Conflict`] or [`ClientError::TxnAborted`] |
 //! | SnapshotTooOld, INVALID_ARGUMENT, other statuses | return the typed error at once |
 //!
 //! Writes are retried like reads: each carries a [`RequestId`](luna_proto::tablet::RequestId)
@@ -29,6 +31,7 @@ use crate::error::{
 use crate::mux::TabletConn;
 use crate::retry::{Backoff, Deadline};
 use crate::routing::{RouteCache, TabletEntry};
+use crate::txn::resolve::{LockState, resolve_lock};
 
 /// NotLeader hints followed at once before retries back off (two replicas that hint at
 /// each other must not spin).
@@ -68,6 +71,19 @@ pub(crate) struct CallSpec<'a> {
     /// For multi-key requests: whether all keys still fall in the located tablet. If not, the
     /// routing changed under the request and the caller must split it again.
     pub(crate) fits: Option<&'a (dyn Fn(&TabletEntry) -> bool + Sync)>,
+    /// What to do about a lock of a transaction that is still alive.
+    pub(crate) live_lock: LiveLock,
+}
+
+/// What a request does when it meets the lock of a live transaction (a lock of one that
+/// committed, rolled back or expired is resolved, and the request retried, either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LiveLock {
+    /// Wait until it commits, rolls back or expires (reads, plain writes).
+    Wait,
+    /// Fail with [`ClientError::Conflict`] (a prewrite: of two transactions locking each
+    /// other's keys, neither would finish before the other's locks expire).
+    Conflict,
 }
 
 /// The tablet an attempt goes to.
@@ -227,6 +243,45 @@ where
                             safe_point: too_old.safe_point,
                         });
                     }
+                    Some(Kind::Locked(locked)) => {
+                        last = Failure::Refused { detail };
+                        let lock = locked.lock.unwrap_or_default();
+                        match resolve_lock(
+                            inner,
+                            &cache.database,
+                            &cache.collection,
+                            lock,
+                            deadline,
+                        )
+                        .await?
+                        {
+                            LockState::Resolved => continue,
+                            LockState::Alive { .. } if spec.live_lock == LiveLock::Conflict => {
+                                return Err(ClientError::Conflict {
+                                    message: format!(
+                                        "a key is locked by a live transaction ({})",
+                                        error.message
+                                    ),
+                                });
+                            }
+                            LockState::Alive { expires_in } => {
+                                wait = Some(backoff.next_wait().min(expires_in));
+                            }
+                        }
+                    }
+                    Some(Kind::WriteConflict(conflict)) => {
+                        return Err(ClientError::Conflict {
+                            message: format!(
+                                "a key has a version committed at {}, after the transaction started",
+                                conflict.commit_ts
+                            ),
+                        });
+                    }
+                    Some(Kind::TxnAborted(aborted)) => {
+                        return Err(ClientError::TxnAborted {
+                            start_ts: aborted.start_ts,
+                        });
+                    }
                     Some(Kind::EpochMismatch(_)) | Some(Kind::TabletNotFound(_)) | None => {
                         last = Failure::Refused { detail };
                         cache.invalidate(table.generation);
@@ -249,6 +304,14 @@ fn refusal(error: &TabletError) -> String {
             "not leader, leader unknown".to_string()
         }
         Some(Kind::NotLeader(hint)) => format!("not leader, leader is {}", hint.leader_addr),
+        Some(Kind::Locked(locked)) => format!(
+            "locked by transaction {}",
+            locked.lock.as_ref().map_or(0, |lock| lock.start_ts)
+        ),
+        Some(Kind::WriteConflict(conflict)) => {
+            format!("write conflict at {}", conflict.commit_ts)
+        }
+        Some(Kind::TxnAborted(aborted)) => format!("transaction {} aborted", aborted.start_ts),
         Some(Kind::EpochMismatch(mismatch)) => {
             format!("epoch mismatch, current epoch {}", mismatch.current_epoch)
         }

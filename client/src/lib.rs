@@ -52,6 +52,7 @@ mod mux;
 mod retry;
 mod routing;
 mod scan;
+mod txn;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +71,7 @@ pub use error::{ClientError, Result};
 pub use luna_proto::master::{
     CollectionInfo, DatabaseInfo, GroupInfo, Partitioning, ReplicaMove, ServerInfo, TabletInfo,
 };
+pub use txn::{DEFAULT_LOCK_TTL, Transaction, TxnFuture};
 
 use mux::TabletConn;
 use routing::RouteCache;

@@ -21,8 +21,9 @@ use luna_proto::tablet::command::Request as CommandRequest;
 use luna_proto::tablet::command_reply::Response as ReplyResponse;
 use luna_proto::tablet::tablet_client::TabletClient;
 use luna_proto::tablet::{
-    BatchGetRequest, BatchGetResponse, Command, CommandBatch, CommandReply, GetRequest,
-    GetResponse, ScanRequest, ScanResponse, WriteRequest, WriteResponse,
+    BatchGetRequest, BatchGetResponse, CheckTxnRequest, CheckTxnResponse, Command, CommandBatch,
+    CommandReply, GetRequest, GetResponse, PrewriteRequest, PrewriteResponse, ResolveRequest,
+    ResolveResponse, ScanRequest, ScanResponse, WriteRequest, WriteResponse,
 };
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -62,6 +63,19 @@ struct Waiting {
 type Answer = oneshot::Receiver<Result<ReplyResponse, Status>>;
 type Calls = HashMap<u64, oneshot::Sender<Result<ReplyResponse, Status>>>;
 
+/// One method per command kind: sends the request on the stream, expects its own kind of
+/// reply.
+macro_rules! command {
+    ($name:ident, $kind:ident, $request:ty, $response:ty) => {
+        pub(crate) async fn $name(&self, request: $request) -> Result<$response, Status> {
+            match self.call(CommandRequest::$kind(request)).await? {
+                ReplyResponse::$kind(response) => Ok(response),
+                other => Err(mismatch(stringify!($kind), &other)),
+            }
+        }
+    };
+}
+
 impl TabletConn {
     /// Calls over `channel` (connected lazily, as tonic does).
     pub(crate) fn new(channel: Channel) -> Self {
@@ -73,36 +87,13 @@ impl TabletConn {
         }
     }
 
-    pub(crate) async fn get(&self, request: GetRequest) -> Result<GetResponse, Status> {
-        match self.call(CommandRequest::Get(request)).await? {
-            ReplyResponse::Get(response) => Ok(response),
-            other => Err(mismatch("Get", &other)),
-        }
-    }
-
-    pub(crate) async fn batch_get(
-        &self,
-        request: BatchGetRequest,
-    ) -> Result<BatchGetResponse, Status> {
-        match self.call(CommandRequest::BatchGet(request)).await? {
-            ReplyResponse::BatchGet(response) => Ok(response),
-            other => Err(mismatch("BatchGet", &other)),
-        }
-    }
-
-    pub(crate) async fn scan(&self, request: ScanRequest) -> Result<ScanResponse, Status> {
-        match self.call(CommandRequest::Scan(request)).await? {
-            ReplyResponse::Scan(response) => Ok(response),
-            other => Err(mismatch("Scan", &other)),
-        }
-    }
-
-    pub(crate) async fn write(&self, request: WriteRequest) -> Result<WriteResponse, Status> {
-        match self.call(CommandRequest::Write(request)).await? {
-            ReplyResponse::Write(response) => Ok(response),
-            other => Err(mismatch("Write", &other)),
-        }
-    }
+    command!(get, Get, GetRequest, GetResponse);
+    command!(batch_get, BatchGet, BatchGetRequest, BatchGetResponse);
+    command!(scan, Scan, ScanRequest, ScanResponse);
+    command!(write, Write, WriteRequest, WriteResponse);
+    command!(prewrite, Prewrite, PrewriteRequest, PrewriteResponse);
+    command!(resolve, Resolve, ResolveRequest, ResolveResponse);
+    command!(check_txn, CheckTxn, CheckTxnRequest, CheckTxnResponse);
 
     async fn call(&self, request: CommandRequest) -> Result<ReplyResponse, Status> {
         let (waiting, id, answer) = self.submit(request)?;
@@ -259,6 +250,9 @@ fn mismatch(expected: &str, got: &ReplyResponse) -> Status {
         ReplyResponse::BatchGet(_) => "BatchGet",
         ReplyResponse::Scan(_) => "Scan",
         ReplyResponse::Write(_) => "Write",
+        ReplyResponse::Prewrite(_) => "Prewrite",
+        ReplyResponse::Resolve(_) => "Resolve",
+        ReplyResponse::CheckTxn(_) => "CheckTxn",
         ReplyResponse::Status(_) => "a status",
     };
     Status::internal(format!(

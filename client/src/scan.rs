@@ -9,7 +9,7 @@ use luna_proto::tablet as pb;
 
 use crate::collection::{Collection, ReadOptions};
 use crate::error::{ClientError, Result};
-use crate::exec::{CallSpec, Locate, Outcome, on_tablet};
+use crate::exec::{CallSpec, LiveLock, Locate, Outcome, on_tablet};
 use crate::retry::Deadline;
 
 /// A page from one tablet.
@@ -197,6 +197,7 @@ impl Collection {
             read_ts: options.read_ts(),
             locate,
             fits: None,
+            live_lock: LiveLock::Wait,
         };
         let limit = u32::try_from(remaining).unwrap_or(u32::MAX);
         let outcome = on_tablet(&self.inner, &self.cache, &spec, deadline, |target| {

@@ -119,6 +119,18 @@ pub async fn dispatch<S: Tablet>(service: Arc<S>, command: Command) -> CommandRe
             .write(Request::new(request))
             .await
             .map(|response| ReplyResponse::Write(response.into_inner())),
+        Some(CommandRequest::Prewrite(request)) => service
+            .prewrite(Request::new(request))
+            .await
+            .map(|response| ReplyResponse::Prewrite(response.into_inner())),
+        Some(CommandRequest::Resolve(request)) => service
+            .resolve(Request::new(request))
+            .await
+            .map(|response| ReplyResponse::Resolve(response.into_inner())),
+        Some(CommandRequest::CheckTxn(request)) => service
+            .check_txn(Request::new(request))
+            .await
+            .map(|response| ReplyResponse::CheckTxn(response.into_inner())),
         None => Err(Status::invalid_argument(format!(
             "command {} carries no request",
             command.id

@@ -48,6 +48,23 @@ pub enum TabletServerError {
         /// The safe point.
         safe_point: u64,
     },
+    /// A transaction's lock holds the key: resolve it through its primary, then retry.
+    #[error("key locked by the transaction that started at {}", .0.start_ts)]
+    Locked(Box<pb::LockInfo>),
+    /// A version of the key committed at or after the transaction's start.
+    #[error("write conflict: the key has a version committed at {commit_ts}")]
+    WriteConflict {
+        /// The key, in routing form.
+        key: bytes::Bytes,
+        /// The conflicting version's commit timestamp.
+        commit_ts: u64,
+    },
+    /// The transaction was rolled back and can no longer commit.
+    #[error("transaction {start_ts} was rolled back")]
+    TxnAborted {
+        /// The transaction's start timestamp.
+        start_ts: u64,
+    },
     /// The group's journal stream failed.
     #[error("journal of group {group_id}: {source}")]
     Stream {
@@ -117,6 +134,14 @@ impl TabletServerError {
                 leader: leader.clone(),
             },
             Self::TabletNotFound(tablet_id) => Self::TabletNotFound(*tablet_id),
+            Self::Locked(lock) => Self::Locked(lock.clone()),
+            Self::Busy {
+                reason,
+                retry_after_ms,
+            } => Self::Busy {
+                reason: reason.clone(),
+                retry_after_ms: *retry_after_ms,
+            },
             Self::Stream { group_id, source } => Self::Stream {
                 group_id: *group_id,
                 source: source.clone(),
@@ -136,6 +161,9 @@ impl TabletServerError {
             Self::EpochMismatch { .. } => "epoch_mismatch",
             Self::TabletNotFound(_) => "tablet_not_found",
             Self::Busy { .. } => "busy",
+            Self::Locked(_) => "locked",
+            Self::WriteConflict { .. } => "write_conflict",
+            Self::TxnAborted { .. } => "txn_aborted",
             Self::SnapshotTooOld { .. } | Self::Storage(StorageError::SnapshotTooOld { .. }) => {
                 "snapshot_too_old"
             }
@@ -167,6 +195,13 @@ impl TabletServerError {
             Self::SnapshotTooOld { safe_point, .. }
             | Self::Storage(StorageError::SnapshotTooOld { safe_point, .. }) => {
                 pb::tablet_error::Kind::SnapshotTooOld(pb::SnapshotTooOld { safe_point })
+            }
+            Self::Locked(lock) => pb::tablet_error::Kind::Locked(pb::Locked { lock: Some(*lock) }),
+            Self::WriteConflict { key, commit_ts } => {
+                pb::tablet_error::Kind::WriteConflict(pb::WriteConflict { key, commit_ts })
+            }
+            Self::TxnAborted { start_ts } => {
+                pb::tablet_error::Kind::TxnAborted(pb::TxnAborted { start_ts })
             }
             Self::InvalidArgument(_) | Self::Storage(StorageError::InvalidArgument { .. }) => {
                 return Err(tonic::Status::invalid_argument(message));

@@ -241,6 +241,33 @@ impl Tablet for FakeTablet {
         )))
     }
 
+    async fn prewrite(
+        &self,
+        _: Request<PrewriteRequest>,
+    ) -> Result<Response<PrewriteResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake tablet server has no transactions",
+        ))
+    }
+
+    async fn resolve(
+        &self,
+        _: Request<ResolveRequest>,
+    ) -> Result<Response<ResolveResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake tablet server has no transactions",
+        ))
+    }
+
+    async fn check_txn(
+        &self,
+        _: Request<CheckTxnRequest>,
+    ) -> Result<Response<CheckTxnResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake tablet server has no transactions",
+        ))
+    }
+
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let request = request.into_inner();
         let keys = [request.key.as_ref()];

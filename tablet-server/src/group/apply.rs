@@ -19,6 +19,7 @@ use luna_storage::{Tablet, WriteBatch};
 use prost::Message;
 
 use super::dedup::{Applied, Dedup, RequestKey};
+use super::locks::{Lock, TxnState};
 use super::{Group, Hosted, storage_range};
 use crate::error::{Result, TabletServerError};
 
@@ -76,8 +77,16 @@ impl Group {
             })?;
             match decoded.kind {
                 Some(gpb::group_entry::Kind::Writes(writes)) => {
-                    for write in writes.writes {
-                        self.apply_write(index, write).await;
+                    let mut writes = writes.writes.into_iter().peekable();
+                    while let Some(first) = writes.next() {
+                        // A request's parts for several tablets are consecutive.
+                        let mut unit = vec![first];
+                        while let Some(next) =
+                            writes.next_if(|next| next.request_id == unit[0].request_id)
+                        {
+                            unit.push(next);
+                        }
+                        self.apply_request(index, unit).await;
                     }
                 }
                 Some(gpb::group_entry::Kind::OpenTablet(info)) => {
@@ -104,49 +113,127 @@ impl Group {
         Ok(())
     }
 
-    /// Applies one tablet write, unless it was applied before. A write that cannot apply
-    /// (its tablet closed or changed epoch after it was proposed) is left out of the
-    /// dedup table, which is how its proposer learns it failed.
-    async fn apply_write(&self, index: u64, write: gpb::TabletWrite) {
-        let key = write.request_id.as_ref().and_then(RequestKey::new);
+    /// Applies one request's writes (one per tablet), all or none: none if the request was
+    /// applied in an earlier entry, or if one of its tablets closed or changed epoch after
+    /// it was proposed. Such a request is left out of the dedup table, which is how its
+    /// proposer learns it failed.
+    async fn apply_request(&self, index: u64, unit: Vec<gpb::TabletWrite>) {
+        let key = unit
+            .first()
+            .and_then(|write| write.request_id.as_ref())
+            .and_then(RequestKey::new);
         if let Some(key) = &key
             && self.dedup_get(key).is_some()
         {
             return;
         }
-        let Some(hosted) = self.hosted_at(write.tablet_id, write.epoch) else {
-            tracing::debug!(
-                group = self.id,
-                tablet = write.tablet_id,
-                index,
-                "write for a tablet not hosted at its epoch"
-            );
-            return;
-        };
-        // At or below the recovered index the write is already in the BaseStore.
-        if index > hosted.tablet.recovered_up_to() {
-            let batch = to_batch(&write.mutations);
-            if let Err(error) = hosted
-                .tablet
-                .write_committed(index, write.commit_ts, &batch)
-                .await
+        let mut targets = Vec::with_capacity(unit.len());
+        for write in &unit {
+            let Some(hosted) = self.hosted_at(write.tablet_id, write.epoch) else {
+                tracing::debug!(
+                    group = self.id,
+                    tablet = write.tablet_id,
+                    index,
+                    "write for a tablet not hosted at its epoch"
+                );
+                return;
+            };
+            targets.push(hosted);
+        }
+        let mut commit_ts = 0;
+        for (write, hosted) in unit.into_iter().zip(targets) {
+            commit_ts = write.commit_ts;
+            let batch = match write.txn {
+                None => to_batch(&write.mutations),
+                Some(txn) => match txn.kind {
+                    Some(gpb::txn_write::Kind::OnePhase(_)) => to_batch(&write.mutations),
+                    Some(gpb::txn_write::Kind::Prewrite(lock)) => {
+                        self.lock_keys(index, hosted.info.id, txn.start_ts, lock, write.mutations);
+                        continue;
+                    }
+                    Some(gpb::txn_write::Kind::Resolve(resolve)) => self.release_keys(
+                        index,
+                        hosted.info.id,
+                        txn.start_ts,
+                        write.commit_ts,
+                        resolve,
+                    ),
+                    None => continue,
+                },
+            };
+            // At or below the recovered index the write is already in the BaseStore.
+            if !batch.is_empty()
+                && index > hosted.tablet.recovered_up_to()
+                && let Err(error) = hosted
+                    .tablet
+                    .write_committed(index, write.commit_ts, &batch)
+                    .await
             {
                 tracing::warn!(group = self.id, tablet = write.tablet_id, index, %error, "write not applied");
                 return;
             }
         }
-        self.max_applied_ts
-            .fetch_max(write.commit_ts, Ordering::AcqRel);
+        self.max_applied_ts.fetch_max(commit_ts, Ordering::AcqRel);
         if let Some(key) = key
             && let Ok(mut dedup) = self.dedup.lock()
         {
-            dedup.insert(
-                key,
-                Applied {
-                    index,
-                    commit_ts: write.commit_ts,
+            dedup.insert(key, Applied { index, commit_ts });
+        }
+    }
+
+    /// A prewrite: locks the mutations' keys, keeping each mutation in its lock.
+    fn lock_keys(
+        &self,
+        index: u64,
+        tablet_id: u64,
+        start_ts: u64,
+        lock: gpb::TxnLock,
+        mutations: Vec<luna_proto::tablet::Mutation>,
+    ) {
+        let Ok(mut txns) = self.txns.lock() else {
+            return;
+        };
+        for mutation in mutations {
+            txns.install(
+                tablet_id,
+                Lock {
+                    start_ts,
+                    collection: lock.collection.clone(),
+                    primary_collection: lock.primary_collection.clone(),
+                    primary_key: lock.primary_key.clone(),
+                    ttl_ms: lock.ttl_ms,
+                    mutation,
+                    prewrite_index: index,
                 },
             );
+        }
+    }
+
+    /// A commit or rollback: releases the transaction's locks on the keys, records the
+    /// outcome for its primary, and returns what a commit writes.
+    fn release_keys(
+        &self,
+        index: u64,
+        tablet_id: u64,
+        start_ts: u64,
+        commit_ts: u64,
+        resolve: gpb::TxnResolve,
+    ) -> WriteBatch {
+        let mut released = Vec::new();
+        if let Ok(mut txns) = self.txns.lock() {
+            for key in &resolve.keys {
+                if let Some(lock) = txns.release(tablet_id, key, start_ts, index) {
+                    released.push(lock.mutation);
+                }
+            }
+            if !resolve.primary_key.is_empty() {
+                txns.decide(tablet_id, resolve.primary_key, start_ts, commit_ts, index);
+            }
+        }
+        if commit_ts == 0 {
+            WriteBatch::new()
+        } else {
+            to_batch(&released)
         }
     }
 
@@ -267,6 +354,9 @@ impl Group {
         if let Ok(mut dedup) = self.dedup.lock() {
             *dedup = Dedup::from_records(&state.recent_requests);
         }
+        if let Ok(mut txns) = self.txns.lock() {
+            *txns = TxnState::from_records(&state.txn_records);
+        }
         self.max_applied_ts
             .fetch_max(state.max_commit_ts, Ordering::AcqRel);
         self.last_control_index
@@ -311,6 +401,13 @@ impl Group {
         else {
             return;
         };
+        let (up_to, txn_records) = match self.txns.lock() {
+            Ok(txns) => {
+                let up_to = txns.truncation_bound(up_to);
+                (up_to, txns.records_up_to(up_to))
+            }
+            Err(_) => return,
+        };
         if up_to <= self.truncated.load(Ordering::Acquire)
             || self.last_control_index.load(Ordering::Acquire) > up_to
         {
@@ -327,6 +424,7 @@ impl Group {
                 .collect(),
             recent_requests,
             max_commit_ts: self.max_applied_ts(),
+            txn_records,
         };
         match self
             .stream
@@ -335,6 +433,9 @@ impl Group {
         {
             Ok(()) => {
                 self.truncated.fetch_max(up_to, Ordering::AcqRel);
+                if let Ok(mut txns) = self.txns.lock() {
+                    txns.truncated(up_to);
+                }
             }
             Err(error) => {
                 tracing::debug!(group = self.id, up_to, %error, "truncating the group journal");

@@ -15,7 +15,7 @@
 //! at a TSO timestamp `t` is repeatable: every write that commits after it gets a
 //! timestamp above `t`, and a read waits for a write in flight that got one at or below.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
@@ -47,7 +47,7 @@ const WINDOW: usize = 4;
 /// How long a committed entry may take to be applied here before the writer gives up.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Logical bits of a timestamp: (physical ms << 18) | logical.
-const LOGICAL_BITS: u32 = 18;
+pub(super) const LOGICAL_BITS: u32 = 18;
 
 /// A validated write for one tablet, its keys already in routing form.
 pub(crate) struct WriteRequest {
@@ -55,6 +55,8 @@ pub(crate) struct WriteRequest {
     pub(crate) epoch: u64,
     pub(crate) request_id: RequestKey,
     pub(crate) mutations: Vec<Mutation>,
+    /// How a transactional write applies; `None` for a plain write.
+    pub(crate) txn: Option<gpb::TxnWrite>,
 }
 
 impl WriteRequest {
@@ -66,9 +68,33 @@ impl WriteRequest {
     }
 }
 
+/// Which commit timestamp a proposal's writes get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stamp {
+    /// A plain write: the next one from the leader's clock, once no lock or latch holds
+    /// any of its keys (checked as the batch is formed, so after every earlier proposal).
+    Plain,
+    /// A one-phase commit of a transaction that started at `start_ts`: the next one from
+    /// the clock, above the start. The leader checked its keys under latches.
+    Above(u64),
+    /// A transaction's commit timestamp from the TSO.
+    Given(u64),
+    /// None: a prewrite or a rollback writes no version.
+    Unstamped,
+}
+
+/// Writes that commit together, in one journal entry: one request's parts for one or more
+/// tablets of the group.
 struct Pending {
-    request: WriteRequest,
+    requests: Vec<WriteRequest>,
+    stamp: Stamp,
     reply: oneshot::Sender<Result<u64>>,
+}
+
+impl Pending {
+    fn bytes(&self) -> usize {
+        self.requests.iter().map(WriteRequest::bytes).sum()
+    }
 }
 
 /// The leader's write queue for one term.
@@ -87,15 +113,24 @@ pub(super) struct Clock {
     last: u64,
     /// The batches being committed, oldest first: number and smallest timestamp.
     inflight: VecDeque<(u64, u64)>,
-    batches: u64,
+    /// Number of the last batch proposed.
+    pub(super) batches: u64,
+    /// Keys a transactional request is checking and proposing, by tablet: plain writes to
+    /// them are turned away until it is applied (see `txn.rs`).
+    pub(super) latched: HashSet<(u64, Bytes)>,
+}
+
+/// The current wall clock in milliseconds since the epoch: a timestamp's physical part.
+pub(super) fn physical_now_ms() -> u64 {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis());
+    u64::try_from(ms).unwrap_or(u64::MAX >> LOGICAL_BITS)
 }
 
 /// The current wall clock as a timestamp with no logical part.
 fn physical_now() -> u64 {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis());
-    u64::try_from(ms).unwrap_or(u64::MAX >> LOGICAL_BITS) << LOGICAL_BITS
+    physical_now_ms() << LOGICAL_BITS
 }
 
 impl Group {
@@ -105,7 +140,12 @@ impl Group {
             clock.floor = floor;
             clock.last = clock.last.max(floor.saturating_sub(1));
             clock.inflight.clear();
+            clock.latched.clear();
         }
+        // Every batch of earlier terms is settled: the new leader applied the whole log.
+        let proposed = self.clock.lock().map_or(0, |clock| clock.batches);
+        self.batches_done
+            .send_modify(|done| *done = (*done).max(proposed));
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let batcher = tokio::spawn(run_batcher(self.weak(), receiver));
         self.track(batcher.abort_handle());
@@ -115,11 +155,26 @@ impl Group {
     /// Commits `request` through the leader's batcher and returns its commit timestamp
     /// (the original one if the group applied this request id before).
     pub(crate) async fn write(&self, request: WriteRequest) -> Result<u64> {
+        self.commit_writes(vec![request], Stamp::Plain).await
+    }
+
+    /// Commits `requests` (parts of one request, for tablets of this group) in one journal
+    /// entry, stamped as `stamp` says, and returns their commit timestamp (0 if unstamped).
+    pub(super) async fn commit_writes(
+        &self,
+        requests: Vec<WriteRequest>,
+        stamp: Stamp,
+    ) -> Result<u64> {
         let serving = self.serving.borrow().clone();
         let Some(serving) = serving else {
             return Err(self.not_leader());
         };
-        if let Some(applied) = self.dedup_get(&request.request_id) {
+        let Some(request_id) = requests.first().map(|request| request.request_id.clone()) else {
+            return Err(TabletServerError::InvalidArgument(
+                "a request needs at least one tablet".to_owned(),
+            ));
+        };
+        if let Some(applied) = self.dedup_get(&request_id) {
             return Ok(applied.commit_ts);
         }
         if self.ctx.budget.is_exhausted() {
@@ -129,12 +184,12 @@ impl Group {
             });
         }
         let (reply, answer) = oneshot::channel();
-        if serving
-            .queue
-            .send(Pending { request, reply })
-            .await
-            .is_err()
-        {
+        let pending = Pending {
+            requests,
+            stamp,
+            reply,
+        };
+        if serving.queue.send(pending).await.is_err() {
             return Err(self.not_leader());
         }
         // A dropped reply means the term ended: the write may or may not have committed,
@@ -169,35 +224,56 @@ impl Group {
     }
 
     /// Assigns timestamps and proposes the batch as one entry; the returned future
-    /// resolves once the entry is applied here (or failed).
+    /// resolves once the entry is applied here (or failed). Plain writes to locked or
+    /// latched keys are answered at once instead.
     fn start_batch(self: Arc<Self>, batch: Vec<Pending>) -> InFlight {
         let mut writes = Vec::with_capacity(batch.len());
+        let mut accepted = Vec::with_capacity(batch.len());
         let number = match self.clock.lock() {
             Ok(mut clock) => {
                 let now = physical_now();
-                let mut first = None;
-                for pending in &batch {
-                    let ts = clock.floor.max(clock.last + 1).max(now);
-                    clock.last = ts;
-                    first.get_or_insert(ts);
-                    let request = &pending.request;
-                    writes.push(gpb::TabletWrite {
-                        tablet_id: request.tablet_id,
-                        epoch: request.epoch,
-                        request_id: Some(request.request_id.to_proto()),
-                        commit_ts: ts,
-                        mutations: request.mutations.clone(),
-                    });
+                let mut min_ts: Option<u64> = None;
+                for pending in batch {
+                    if pending.stamp == Stamp::Plain
+                        && let Err(refusal) = self.check_unlocked(&clock, &pending.requests)
+                    {
+                        let _ = pending.reply.send(Err(refusal));
+                        continue;
+                    }
+                    let ts = match pending.stamp {
+                        Stamp::Plain => clock.floor.max(clock.last + 1).max(now),
+                        Stamp::Above(start_ts) => {
+                            clock.floor.max(clock.last + 1).max(now).max(start_ts + 1)
+                        }
+                        Stamp::Given(commit_ts) => commit_ts,
+                        Stamp::Unstamped => 0,
+                    };
+                    if ts != 0 {
+                        clock.last = clock.last.max(ts);
+                        min_ts = Some(min_ts.map_or(ts, |min| min.min(ts)));
+                    }
+                    for request in &pending.requests {
+                        writes.push(gpb::TabletWrite {
+                            tablet_id: request.tablet_id,
+                            epoch: request.epoch,
+                            request_id: Some(request.request_id.to_proto()),
+                            commit_ts: ts,
+                            mutations: request.mutations.clone(),
+                            txn: request.txn.clone(),
+                        });
+                    }
+                    accepted.push(pending);
                 }
                 clock.batches += 1;
                 let number = clock.batches;
-                if let Some(ts) = first {
+                if let Some(ts) = min_ts {
                     clock.inflight.push_back((number, ts));
                 }
                 Ok(number)
             }
             Err(_) => Err(TabletServerError::ShuttingDown),
         };
+        let batch = accepted;
         let entry = gpb::GroupEntry {
             kind: Some(gpb::group_entry::Kind::Writes(gpb::Writes { writes })),
         };
@@ -237,10 +313,13 @@ impl Group {
             let answer = match &outcome {
                 // Applied, now or before: the dedup table has its timestamp. Absent means
                 // its tablet closed or changed epoch while it was in flight.
-                Ok(()) => self
-                    .dedup_get(&pending.request.request_id)
-                    .map(|applied| applied.commit_ts)
-                    .ok_or(TabletServerError::TabletNotFound(pending.request.tablet_id)),
+                Ok(()) => match pending.requests.first() {
+                    Some(request) => self
+                        .dedup_get(&request.request_id)
+                        .map(|applied| applied.commit_ts)
+                        .ok_or(TabletServerError::TabletNotFound(request.tablet_id)),
+                    None => Err(TabletServerError::ShuttingDown),
+                },
                 Err(error) => Err(error.duplicate()),
             };
             let _ = pending.reply.send(answer);
@@ -248,7 +327,8 @@ impl Group {
         if let Ok(mut clock) = self.clock.lock() {
             clock.inflight.retain(|&(batch, _)| batch != number);
         }
-        self.batches_done.send_replace(number);
+        self.batches_done
+            .send_modify(|done| *done = (*done).max(number));
     }
 
     pub(super) fn append_error(&self, source: StreamError) -> TabletServerError {
@@ -292,17 +372,17 @@ async fn run_batcher(group: Weak<Group>, mut queue: mpsc::Receiver<Pending>) {
                 let Some(group) = group.upgrade() else {
                     return;
                 };
-                let mut bytes = first.request.bytes();
+                let mut bytes = first.bytes();
                 let mut batch = vec![first];
                 while batch.len() < group.ctx.max_batch_writes {
                     let Ok(pending) = queue.try_recv() else {
                         break;
                     };
-                    if bytes + pending.request.bytes() > MAX_BATCH_BYTES {
+                    if bytes + pending.bytes() > MAX_BATCH_BYTES {
                         carried = Some(pending);
                         break;
                     }
-                    bytes += pending.request.bytes();
+                    bytes += pending.bytes();
                     batch.push(pending);
                 }
                 inflight.push_back(group.start_batch(batch));

@@ -9,8 +9,10 @@ mod apply;
 mod commit;
 mod dedup;
 mod leader;
+mod locks;
 mod membership;
 mod reads;
+mod txn;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +31,7 @@ use tokio::task::AbortHandle;
 
 use self::commit::{Clock, Serving};
 use self::dedup::Dedup;
+use self::locks::TxnState;
 use crate::error::{Result, TabletServerError};
 use crate::master_link::MasterLink;
 use crate::metrics::ServerMetrics;
@@ -36,6 +39,7 @@ use crate::stores::CollectionStores;
 
 pub(crate) use self::commit::{MAX_ENTRY_BYTES, WriteRequest};
 pub(crate) use self::dedup::RequestKey;
+pub(crate) use self::txn::{Prewrite, Resolve, TabletPart};
 
 /// What every group on a server shares.
 pub(crate) struct GroupContext {
@@ -84,7 +88,11 @@ pub(crate) struct Group {
     /// The log is truncated up to here.
     truncated: AtomicU64,
     dedup: Mutex<Dedup>,
+    /// Transactions' locks and outcomes, from the log.
+    txns: Mutex<TxnState>,
     clock: Mutex<Clock>,
+    /// Wakes transactional requests waiting for a latch.
+    latches_released: Notify,
     /// The write queue while this replica serves as leader.
     serving: watch::Sender<Option<Serving>>,
     /// Number of the last write batch whose outcome is known.
@@ -124,7 +132,9 @@ impl Group {
             last_control_index: AtomicU64::new(0),
             truncated: AtomicU64::new(0),
             dedup: Mutex::new(Dedup::default()),
+            txns: Mutex::new(TxnState::default()),
             clock: Mutex::new(Clock::default()),
+            latches_released: Notify::new(),
             serving: watch::Sender::new(None),
             batches_done: watch::Sender::new(0),
             tablets_changed: Notify::new(),

@@ -1,4 +1,7 @@
-//! The tablet gRPC service: Get, BatchGet, Scan and Write on the tablets hosted here.
+//! The tablet gRPC service: Get, BatchGet, Scan and Write on the tablets hosted here, and
+//! the transaction requests ([`txn`]).
+
+mod txn;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,21 +76,22 @@ impl TabletService {
         &self,
         tablet: Option<&pb::TabletRef>,
         options: Option<pb::ReadOptions>,
-    ) -> Result<(Hosted, u64)> {
+    ) -> Result<(Arc<Group>, Hosted, u64)> {
         let (group, hosted) = self.locate(tablet)?;
         let options = options.unwrap_or_default();
         let read_ts = group
             .read_barrier(options.mode().into(), options.read_ts)
             .await?;
         let hosted = group.tablet(hosted.info.id, hosted.info.epoch)?;
-        Ok((hosted, read_ts))
+        Ok((group, hosted, read_ts))
     }
 
     async fn get_inner(&self, request: pb::GetRequest) -> Result<pb::GetResponse> {
-        let (hosted, read_ts) = self
+        let (group, hosted, read_ts) = self
             .locate_for_read(request.tablet.as_ref(), request.options)
             .await?;
         let key = storage_key(&hosted, &request.key)?;
+        group.check_read(hosted.info.id, &key, read_ts)?;
         hosted.load.reads.fetch_add(1, Ordering::Relaxed);
         let value = hosted.tablet.get(&key, read_ts).await?;
         Ok(pb::GetResponse {
@@ -104,12 +108,19 @@ impl TabletService {
                 request.keys.len()
             )));
         }
-        let (hosted, read_ts) = self
+        let (group, hosted, read_ts) = self
             .locate_for_read(request.tablet.as_ref(), request.options)
             .await?;
-        let mut lookups = Vec::with_capacity(request.keys.len());
-        for key in &request.keys {
-            let key = storage_key(&hosted, key)?;
+        let keys = request
+            .keys
+            .iter()
+            .map(|key| storage_key(&hosted, key))
+            .collect::<Result<Vec<_>>>()?;
+        for key in &keys {
+            group.check_read(hosted.info.id, key, read_ts)?;
+        }
+        let mut lookups = Vec::with_capacity(keys.len());
+        for key in keys {
             let value = hosted.tablet.get(&key, read_ts).await?;
             lookups.push(pb::Lookup {
                 found: value.is_some(),
@@ -127,7 +138,7 @@ impl TabletService {
     }
 
     async fn scan_inner(&self, request: pb::ScanRequest) -> Result<pb::ScanResponse> {
-        let (hosted, read_ts) = self
+        let (group, hosted, read_ts) = self
             .locate_for_read(request.tablet.as_ref(), request.options)
             .await?;
         let limit = match usize::try_from(request.limit).unwrap_or(MAX_SCAN_LIMIT) {
@@ -135,6 +146,7 @@ impl TabletService {
             limit => limit.min(MAX_SCAN_LIMIT),
         };
         let range = KeyRange::new(request.start.clone(), request.end.clone());
+        group.check_scan(hosted.info.id, &range, read_ts)?;
         let direction = if request.reverse {
             Direction::Reverse
         } else {
@@ -170,22 +182,52 @@ impl TabletService {
             ));
         }
         let (group, hosted) = self.locate(request.tablet.as_ref())?;
-        let request_id = match &request.request_id {
+        let request_id = self.request_key(request.request_id.as_ref())?;
+        let mutations = checked_mutations(&hosted, request.mutations)?;
+        hosted.load.writes.fetch_add(1, Ordering::Relaxed);
+        let commit_ts = group
+            .write(WriteRequest {
+                tablet_id: hosted.info.id,
+                epoch: hosted.info.epoch,
+                request_id,
+                mutations,
+                txn: None,
+            })
+            .await?;
+        Ok(pb::WriteResponse {
+            error: None,
+            commit_ts,
+        })
+    }
+}
+
+impl TabletService {
+    /// The request's id as the group's dedup key; one of this server's own when the
+    /// request has none.
+    fn request_key(&self, id: Option<&pb::RequestId>) -> Result<RequestKey> {
+        match id {
             Some(id) => RequestKey::new(id).ok_or_else(|| {
                 TabletServerError::InvalidArgument(
                     "request_id.client_id must be 16 bytes".to_owned(),
                 )
-            })?,
+            }),
             None => RequestKey::new(&pb::RequestId {
                 client_id: Bytes::copy_from_slice(&self.own_client_id),
                 seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
             })
-            .ok_or_else(|| TabletServerError::Internal("server request id".to_owned()))?,
-        };
-        let limits = hosted.tablet.memstore().options().limits;
-        let mut mutations = Vec::with_capacity(request.mutations.len());
-        for mutation in request.mutations {
-            let key = storage_key(&hosted, &mutation.key)?;
+            .ok_or_else(|| TabletServerError::Internal("server request id".to_owned())),
+        }
+    }
+}
+
+/// The mutations with their keys checked ([`storage_key`]) and their values within the
+/// size limit.
+fn checked_mutations(hosted: &Hosted, mutations: Vec<pb::Mutation>) -> Result<Vec<pb::Mutation>> {
+    let limits = hosted.tablet.memstore().options().limits;
+    mutations
+        .into_iter()
+        .map(|mutation| {
+            let key = storage_key(hosted, &mutation.key)?;
             if mutation.op() == pb::mutation::Op::Put
                 && mutation.value.len() > limits.max_value_size
             {
@@ -195,22 +237,9 @@ impl TabletService {
                     limits.max_value_size
                 )));
             }
-            mutations.push(pb::Mutation { key, ..mutation });
-        }
-        hosted.load.writes.fetch_add(1, Ordering::Relaxed);
-        let commit_ts = group
-            .write(WriteRequest {
-                tablet_id: hosted.info.id,
-                epoch: hosted.info.epoch,
-                request_id,
-                mutations,
-            })
-            .await?;
-        Ok(pb::WriteResponse {
-            error: None,
-            commit_ts,
+            Ok(pb::Mutation { key, ..mutation })
         })
-    }
+        .collect()
 }
 
 /// Checks a routing key (as clients send them: see `luna_proto::keys`) against the
@@ -313,6 +342,36 @@ impl tablet_server::Tablet for TabletService {
         let started = Instant::now();
         let result = self.write_inner(request.into_inner()).await;
         self.observe("write", &result, started);
+        respond(result, |response, error| response.error = Some(error))
+    }
+
+    async fn prewrite(
+        &self,
+        request: Request<pb::PrewriteRequest>,
+    ) -> Result<Response<pb::PrewriteResponse>, Status> {
+        let started = Instant::now();
+        let result = self.prewrite_inner(request.into_inner()).await;
+        self.observe("prewrite", &result, started);
+        respond(result, |response, error| response.error = Some(error))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, Status> {
+        let started = Instant::now();
+        let result = self.resolve_inner(request.into_inner()).await;
+        self.observe("resolve", &result, started);
+        respond(result, |response, error| response.error = Some(error))
+    }
+
+    async fn check_txn(
+        &self,
+        request: Request<pb::CheckTxnRequest>,
+    ) -> Result<Response<pb::CheckTxnResponse>, Status> {
+        let started = Instant::now();
+        let result = self.check_txn_inner(request.into_inner()).await;
+        self.observe("check_txn", &result, started);
         respond(result, |response, error| response.error = Some(error))
     }
 }
