@@ -11,7 +11,7 @@ use luna_master::{Master, MasterConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use prometheus::{Encoder, Registry, TextEncoder};
 
@@ -100,12 +100,16 @@ impl MasterProcess {
         let (stop_serving, stop) = oneshot::channel::<()>();
         let serving = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .layer(grpc_metrics)
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stop.await;
-                })
+                .serve_with_incoming_shutdown(
+                    // The builder's tcp_nodelay covers only sockets it binds itself: without
+                    // this, small replies wait out Nagle and delayed ACKs (40 ms).
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    async {
+                        let _ = stop.await;
+                    },
+                )
                 .await;
             if let Err(error) = result {
                 tracing::error!(%error, "master service failed");

@@ -13,7 +13,7 @@ use luna_storage::MemoryBudget;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::TabletServerConfig;
 use crate::error::{Result, TabletServerError};
@@ -92,11 +92,15 @@ impl TabletServer {
             .max_encoding_message_size(MAX_REQUEST_BYTES);
         let serving = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                    let _ = stop.wait_for(|stop| *stop).await;
-                })
+                .serve_with_incoming_shutdown(
+                    // The builder's tcp_nodelay covers only sockets it binds itself: without
+                    // this, small replies wait out Nagle and delayed ACKs (40 ms).
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    async move {
+                        let _ = stop.wait_for(|stop| *stop).await;
+                    },
+                )
                 .await;
             if let Err(error) = result {
                 tracing::error!(%error, "tablet service failed");

@@ -23,8 +23,9 @@ use luna_proto::journal::{RaftAck, RaftBatch};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::driver::Node;
@@ -180,7 +181,6 @@ impl Link {
         let endpoint = match Endpoint::from_shared(format!("http://{}", self.addr)) {
             Ok(endpoint) => endpoint
                 .connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(1))
                 .keep_alive_timeout(Duration::from_secs(3)),
             Err(e) => return (false, e.to_string()),
@@ -295,9 +295,14 @@ impl GrpcNode {
             let result = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stop.await;
-                })
+                .serve_with_incoming_shutdown(
+                    // The builder's tcp_nodelay covers only sockets it binds itself: without
+                    // this, small replies wait out Nagle and delayed ACKs (40 ms).
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    async {
+                        let _ = stop.await;
+                    },
+                )
                 .await;
             if let Err(error) = result {
                 tracing::error!(%error, node_id, "raft transport server failed");
