@@ -1,5 +1,5 @@
 //! Runs the real `luna` binary: `luna start` on free loopback ports, then
-//! `luna bench ycsb` against it, end to end.
+//! `luna bench ycsb` and `luna bench txn` against it, end to end.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -176,6 +176,44 @@ fn bench_ycsb_runs_load_a_and_c_against_a_real_universe() {
     // Every key was loaded, so every read finds its value.
     assert_eq!(c["kinds"]["read"]["not_found"], 0);
     assert_eq!(a["kinds"]["read"]["not_found"], 0);
+    drop(universe);
+}
+
+#[test]
+fn bench_txn_reports_every_mode_with_commits_and_no_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let universe = start_universe(dir.path());
+    let output = luna(
+        &[
+            "bench",
+            "txn",
+            "--accounts",
+            "50",
+            "--clients",
+            "4",
+            "--duration-secs",
+            "2",
+            "--json",
+            "--master",
+            &universe.master,
+        ],
+        Duration::from_secs(120),
+    );
+    let reports = support::json_reports(&output);
+    let modes: Vec<&str> = reports
+        .iter()
+        .map(|r| r["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["put", "one-group", "two-group", "transfer"]);
+    for report in &reports {
+        assert_eq!(report["errors"], 0, "errors in {report}");
+        assert!(report["committed"].as_u64().unwrap() > 0, "{report}");
+        assert!(
+            report["p50_us"].as_f64() <= report["p99_us"].as_f64(),
+            "{report}"
+        );
+    }
+    assert_eq!(reports[0]["aborted"], 0, "plain puts never conflict");
     drop(universe);
 }
 

@@ -4,6 +4,7 @@ mod failover;
 mod journal;
 mod report;
 mod storage;
+mod txn;
 mod ycsb;
 
 use clap::Subcommand;
@@ -21,6 +22,9 @@ pub enum BenchCommand {
     Failover(failover::FailoverBenchArgs),
     /// YCSB core workloads (load, A-F) against a running universe, through the client SDK.
     Ycsb(ycsb::YcsbBenchArgs),
+    /// Transactions against a running universe: one- and two-group commits and bank
+    /// transfers, against single puts.
+    Txn(txn::TxnBenchArgs),
 }
 
 /// Runs a benchmark.
@@ -30,5 +34,6 @@ pub async fn run(command: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Journal(args) => journal::run(args).await,
         BenchCommand::Ycsb(args) => ycsb::run(args).await,
         BenchCommand::Failover(args) => failover::run(args).await,
+        BenchCommand::Txn(args) => txn::run(args).await,
     }
 }
