@@ -27,7 +27,7 @@ async fn leading_master(universe: &Universe) -> usize {
                 continue;
             };
             if master
-                .get_timestamps(GetTimestampsRequest { count: 1 })
+                .get_timestamps(GetTimestampsRequest { count: 1, after: 0 })
                 .await
                 .is_ok()
             {

@@ -115,6 +115,12 @@ async fn transactions_read_a_snapshot_and_the_first_committer_wins() {
     one.put(&checking, "carol", "5").expect("put");
     let one_ts = one.commit().await.expect("1pc");
     assert!(one_ts > one.start_ts());
+    let after = db.begin().await.expect("begin");
+    assert!(
+        after.start_ts() > one_ts,
+        "a transaction begun after a commit reads it: {} <= {one_ts}",
+        after.start_ts()
+    );
     let mut undone = db.begin().await.expect("begin");
     undone.put(&checking, "dave", "9").expect("put");
     undone.rollback().expect("rollback");

@@ -345,6 +345,9 @@ impl Collection {
         }
         let parts = applied.len() + failed.len();
         let mut failed = failed.into_iter();
+        if let Some(&newest) = applied.iter().max() {
+            self.inner.saw_commit(newest);
+        }
         match failed.next() {
             None => Ok(applied.into_iter().max().unwrap_or(0)),
             Some(first_error) if !applied.is_empty() => Err(ClientError::BatchPartiallyApplied {

@@ -168,6 +168,9 @@ pub(crate) struct Inner {
     next_seq: AtomicU64,
     /// Counts operations, to vary their backoff jitter.
     next_op: AtomicU64,
+    /// The largest commit timestamp this client was answered with: timestamps it asks for
+    /// later are above it, so its next snapshot includes its own commits.
+    max_commit_ts: AtomicU64,
     /// Per (database, collection).
     routes: Mutex<HashMap<(String, String), Arc<RouteCache>>>,
 }
@@ -203,8 +206,14 @@ impl Inner {
             client_id: Bytes::copy_from_slice(uuid::Uuid::new_v4().as_bytes()),
             next_seq: AtomicU64::new(0),
             next_op: AtomicU64::new(0),
+            max_commit_ts: AtomicU64::new(0),
             routes: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Notes a commit timestamp a server answered with (see `max_commit_ts`).
+    pub(crate) fn saw_commit(&self, commit_ts: u64) {
+        self.max_commit_ts.fetch_max(commit_ts, Ordering::Relaxed);
     }
 
     /// A new request id for one write (its retries reuse it).
@@ -297,15 +306,18 @@ impl Client {
         Admin::new(self.inner.clone())
     }
 
-    /// A fresh timestamp from the master's timestamp oracle: unique, and larger than any
-    /// handed out before. A timestamp is `(physical milliseconds << 18) | logical`.
+    /// A fresh timestamp from the master's timestamp oracle: unique, larger than any
+    /// handed out before, and larger than every commit timestamp this client was answered
+    /// with (so a snapshot at it sees the client's own writes). A timestamp is
+    /// `(physical milliseconds << 18) | logical`.
     pub async fn timestamp(&self) -> Result<u64> {
         let deadline = retry::Deadline::after(self.inner.options.operation_timeout);
+        let after = self.inner.max_commit_ts.load(Ordering::Relaxed);
         let response = self
             .inner
             .call_master("GetTimestamps", &deadline, |mut master| async move {
                 master
-                    .get_timestamps(GetTimestampsRequest { count: 1 })
+                    .get_timestamps(GetTimestampsRequest { count: 1, after })
                     .await
             })
             .await?;

@@ -82,7 +82,17 @@ impl Master {
 
     /// Hands out `count` timestamps (0 means 1), as `GetTimestamps` does.
     pub async fn timestamps(&self, count: u32) -> Result<Timestamps, MasterError> {
-        self.core.timestamps(count).await
+        self.core.timestamps(count, 0).await
+    }
+
+    /// Hands out `count` timestamps (0 means 1), all above `after`, as `GetTimestamps`
+    /// does.
+    pub async fn timestamps_after(
+        &self,
+        count: u32,
+        after: u64,
+    ) -> Result<Timestamps, MasterError> {
+        self.core.timestamps(count, after).await
     }
 
     /// Creates a database, as `CreateDatabase` does.

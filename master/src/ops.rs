@@ -231,7 +231,7 @@ impl Core {
     }
 
     /// Hands out `count` timestamps (0 means 1), persisting a new window first if needed.
-    pub async fn timestamps(&self, count: u32) -> Result<Timestamps, MasterError> {
+    pub async fn timestamps(&self, count: u32, after: u64) -> Result<Timestamps, MasterError> {
         let count = count.max(1);
         if count > MAX_TIMESTAMP_BATCH {
             return Err(MasterError::invalid(format!(
@@ -244,7 +244,7 @@ impl Core {
         // that is not `term` any more, the lease check below fails.
         let now = self.config.clock.now_ms();
         let limit = self.read_state().tso_limit;
-        let plan = tso.plan(now, count, limit, self.config.tso_window_ms())?;
+        let plan = tso.plan(now, count, after, limit, self.config.tso_window_ms())?;
         if let Some(limit) = plan.new_limit {
             // Not `turn()`, which may wait for a takeover: that needs the TSO lock held
             // here. A replica that lost the lead fails to append instead.

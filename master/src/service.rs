@@ -223,7 +223,8 @@ impl MasterRpc for MasterService {
         &self,
         request: Request<GetTimestampsRequest>,
     ) -> Result<Response<GetTimestampsResponse>, Status> {
-        let batch = self.core.timestamps(request.get_ref().count).await?;
+        let request = request.get_ref();
+        let batch = self.core.timestamps(request.count, request.after).await?;
         Ok(Response::new(GetTimestampsResponse {
             first: batch.first,
             count: batch.count,

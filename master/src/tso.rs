@@ -31,6 +31,11 @@ impl Timestamps {
     }
 }
 
+/// How far ahead of the master's clock a request's `after` may be: commit timestamps run
+/// ahead of wall time only by their logical counters, and a client cannot push the oracle
+/// into the future.
+pub const MAX_AFTER_AHEAD_MS: u64 = 60_000;
+
 /// The physical milliseconds of a timestamp.
 pub fn physical_ms(timestamp: u64) -> u64 {
     timestamp >> LOGICAL_BITS
@@ -59,17 +64,28 @@ impl TsoAllocator {
     }
 
     /// Plans the next `count` timestamps (1..=[`MAX_TIMESTAMP_BATCH`]) at wall time
-    /// `now_ms`, given the persisted window `limit`.
+    /// `now_ms`, all above `after`, given the persisted window `limit`.
     pub fn plan(
         &self,
         now_ms: u64,
         count: u32,
+        after: u64,
         limit: u64,
         window_ms: u64,
     ) -> Result<Plan, MasterError> {
         let overflow = || MasterError::internal("the timestamp space is exhausted");
         let now = now_ms.checked_mul(1 << LOGICAL_BITS).ok_or_else(overflow)?;
-        let first = self.last.checked_add(1).ok_or_else(overflow)?.max(now);
+        if physical_ms(after) > now_ms.saturating_add(MAX_AFTER_AHEAD_MS) {
+            return Err(MasterError::invalid(format!(
+                "`after` ({after}) is more than {MAX_AFTER_AHEAD_MS} ms ahead of the master's clock"
+            )));
+        }
+        let first = self
+            .last
+            .max(after)
+            .checked_add(1)
+            .ok_or_else(overflow)?
+            .max(now);
         let last = first
             .checked_add(u64::from(count.max(1)) - 1)
             .ok_or_else(overflow)?;
@@ -112,7 +128,7 @@ mod tests {
         for (i, now) in clock.iter().cycle().take(300).enumerate() {
             let count = 1 + (i as u32 * 7919) % 5000;
             let plan = tso
-                .plan(*now, count, limit, 3000)
+                .plan(*now, count, 0, limit, 3000)
                 .unwrap_or_else(|e| panic!("{e}"));
             if let Some(new_limit) = plan.new_limit {
                 assert!(new_limit > plan.batch.last());
@@ -134,13 +150,13 @@ mod tests {
     fn a_restart_starts_above_the_persisted_limit_even_if_the_clock_went_back() {
         let mut tso = TsoAllocator::new(0);
         let plan = tso
-            .plan(10_000, 5, 0, 3000)
+            .plan(10_000, 5, 0, 0, 3000)
             .unwrap_or_else(|e| panic!("{e}"));
         let limit = plan.new_limit.unwrap_or_default();
         tso.commit(plan.batch);
         let restarted = TsoAllocator::new(limit);
         let after = restarted
-            .plan(1, 1, limit, 3000)
+            .plan(1, 1, 0, limit, 3000)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(after.batch.first > limit);
         assert!(after.new_limit.is_some_and(|l| l > after.batch.first));
@@ -149,9 +165,28 @@ mod tests {
     #[test]
     fn timestamps_follow_the_clock() {
         let tso = TsoAllocator::new(0);
-        let plan = tso.plan(1234, 1, 0, 3000).unwrap_or_else(|e| panic!("{e}"));
+        let plan = tso
+            .plan(1234, 1, 0, 0, 3000)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(physical_ms(plan.batch.first), 1234);
         assert_eq!(plan.batch.first & ((1 << LOGICAL_BITS) - 1), 0);
-        assert!(tso.plan(u64::MAX, 1, 0, 3000).is_err());
+        assert!(tso.plan(u64::MAX, 1, 0, 0, 3000).is_err());
+    }
+
+    #[test]
+    fn batches_start_above_after_and_after_far_ahead_is_refused() {
+        let mut tso = TsoAllocator::new(0);
+        let after = (1_000 << LOGICAL_BITS) + 77;
+        let plan = tso
+            .plan(1_000, 3, after, 0, 3000)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(plan.batch.first, after + 1);
+        tso.commit(plan.batch);
+        let next = tso
+            .plan(1_000, 1, 0, u64::MAX, 3000)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(next.batch.first > plan.batch.last());
+        let far = (1_000 + MAX_AFTER_AHEAD_MS + 1) << LOGICAL_BITS;
+        assert!(tso.plan(1_000, 1, far, u64::MAX, 3000).is_err());
     }
 }

@@ -237,7 +237,10 @@ async fn grpc_catalog_routing_and_heartbeats() {
     assert_eq!(tablets.len(), 8);
 
     let stamps = ok!(client
-        .get_timestamps(GetTimestampsRequest { count: 10 })
+        .get_timestamps(GetTimestampsRequest {
+            count: 10,
+            after: 0
+        })
         .await);
     assert_eq!(stamps.get_ref().count, 10);
 

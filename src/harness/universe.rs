@@ -281,7 +281,7 @@ async fn ask_master(addr: &str) -> MasterAnswer {
         return MasterAnswer::Down;
     };
     match MasterClient::new(channel)
-        .get_timestamps(GetTimestampsRequest { count: 1 })
+        .get_timestamps(GetTimestampsRequest { count: 1, after: 0 })
         .await
     {
         Ok(_) => MasterAnswer::Leads,

@@ -79,7 +79,7 @@ impl MasterLink {
         let response = self
             .call(|mut client| async move {
                 client
-                    .get_timestamps(GetTimestampsRequest { count: 1 })
+                    .get_timestamps(GetTimestampsRequest { count: 1, after: 0 })
                     .await
             })
             .await

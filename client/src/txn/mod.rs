@@ -312,6 +312,9 @@ impl Transaction {
             routed.push((collection, routing_key, value));
         }
         let result = commit::commit(self, routed, &deadline).await;
+        if let Ok(commit_ts) = result {
+            self.client.inner.saw_commit(commit_ts);
+        }
         self.state = match result {
             Ok(_) => State::Committed,
             Err(_) => State::RolledBack,
