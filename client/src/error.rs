@@ -9,7 +9,7 @@ use tonic::{Code, Status};
 /// Callers branch on the variant (give up, fix the input, retry later); people read the
 /// message, which says what to do. [`ClientError::is_retryable`] groups the variants that
 /// may succeed if the whole call is repeated later.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
     /// The request is malformed: an empty or oversized key or value, a bad address, a bad

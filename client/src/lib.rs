@@ -52,6 +52,7 @@ mod mux;
 mod retry;
 mod routing;
 mod scan;
+mod tso;
 mod txn;
 
 use std::collections::HashMap;
@@ -60,7 +61,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use luna_proto::master::GetTimestampsRequest;
 use luna_proto::tablet::RequestId;
 use tonic::transport::Channel;
 
@@ -171,6 +171,8 @@ pub(crate) struct Inner {
     /// The largest commit timestamp this client was answered with: timestamps it asks for
     /// later are above it, so its next snapshot includes its own commits.
     max_commit_ts: AtomicU64,
+    /// Callers waiting for timestamps.
+    timestamps: tso::TimestampQueue,
     /// Per (database, collection).
     routes: Mutex<HashMap<(String, String), Arc<RouteCache>>>,
 }
@@ -207,6 +209,7 @@ impl Inner {
             next_seq: AtomicU64::new(0),
             next_op: AtomicU64::new(0),
             max_commit_ts: AtomicU64::new(0),
+            timestamps: tso::TimestampQueue::default(),
             routes: Mutex::new(HashMap::new()),
         })
     }
@@ -214,6 +217,11 @@ impl Inner {
     /// Notes a commit timestamp a server answered with (see `max_commit_ts`).
     pub(crate) fn saw_commit(&self, commit_ts: u64) {
         self.max_commit_ts.fetch_max(commit_ts, Ordering::Relaxed);
+    }
+
+    /// The largest commit timestamp this client was answered with.
+    pub(crate) fn max_commit_ts(&self) -> u64 {
+        self.max_commit_ts.load(Ordering::Relaxed)
     }
 
     /// A new request id for one write (its retries reuse it).
@@ -304,29 +312,6 @@ impl Client {
     /// The administration API: databases, collections, servers, groups, tablets.
     pub fn admin(&self) -> Admin {
         Admin::new(self.inner.clone())
-    }
-
-    /// A fresh timestamp from the master's timestamp oracle: unique, larger than any
-    /// handed out before, and larger than every commit timestamp this client was answered
-    /// with (so a snapshot at it sees the client's own writes). A timestamp is
-    /// `(physical milliseconds << 18) | logical`.
-    pub async fn timestamp(&self) -> Result<u64> {
-        let deadline = retry::Deadline::after(self.inner.options.operation_timeout);
-        let after = self.inner.max_commit_ts.load(Ordering::Relaxed);
-        let response = self
-            .inner
-            .call_master("GetTimestamps", &deadline, |mut master| async move {
-                master
-                    .get_timestamps(GetTimestampsRequest { count: 1, after })
-                    .await
-            })
-            .await?;
-        if response.count < 1 {
-            return Err(ClientError::protocol(
-                "GetTimestamps answered with no timestamps",
-            ));
-        }
-        Ok(response.first)
     }
 
     /// The options this client was made with.

@@ -17,6 +17,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -114,10 +115,36 @@ pub(super) struct Clock {
     /// The batches being committed, oldest first: number and smallest timestamp.
     inflight: VecDeque<(u64, u64)>,
     /// Number of the last batch proposed.
-    pub(super) batches: u64,
+    batches: u64,
+    /// Hashes of the keys that plain writes of each batch in flight write, oldest first:
+    /// a latch waits only for the batches that write one of its keys.
+    written: VecDeque<(u64, HashSet<u64>)>,
+    key_hasher: RandomState,
     /// Keys a transactional request is checking and proposing, by tablet: plain writes to
     /// them are turned away until it is applied (see `txn.rs`).
     pub(super) latched: HashSet<(u64, Bytes)>,
+}
+
+impl Clock {
+    fn key_hash(&self, tablet_id: u64, key: &[u8]) -> u64 {
+        self.key_hasher.hash_one((tablet_id, key))
+    }
+
+    /// The newest batch in flight that writes one of `keys` (by tablet), if any.
+    pub(super) fn newest_writing(&self, keys: &[(u64, Bytes)]) -> Option<u64> {
+        if self.written.is_empty() {
+            return None;
+        }
+        let hashes: Vec<u64> = keys
+            .iter()
+            .map(|(tablet_id, key)| self.key_hash(*tablet_id, key))
+            .collect();
+        self.written
+            .iter()
+            .rev()
+            .find(|(_, written)| hashes.iter().any(|hash| written.contains(hash)))
+            .map(|&(batch, _)| batch)
+    }
 }
 
 /// The current wall clock in milliseconds since the epoch: a timestamp's physical part.
@@ -141,6 +168,7 @@ impl Group {
             clock.last = clock.last.max(floor.saturating_sub(1));
             clock.inflight.clear();
             clock.latched.clear();
+            clock.written.clear();
         }
         // Every batch of earlier terms is settled: the new leader applied the whole log.
         let proposed = self.clock.lock().map_or(0, |clock| clock.batches);
@@ -233,6 +261,7 @@ impl Group {
             Ok(mut clock) => {
                 let now = physical_now();
                 let mut min_ts: Option<u64> = None;
+                let mut written = HashSet::new();
                 for pending in batch {
                     if pending.stamp == Stamp::Plain
                         && let Err(refusal) = self.check_unlocked(&clock, &pending.requests)
@@ -252,6 +281,13 @@ impl Group {
                         clock.last = clock.last.max(ts);
                         min_ts = Some(min_ts.map_or(ts, |min| min.min(ts)));
                     }
+                    if pending.stamp == Stamp::Plain {
+                        for request in &pending.requests {
+                            for mutation in &request.mutations {
+                                written.insert(clock.key_hash(request.tablet_id, &mutation.key));
+                            }
+                        }
+                    }
                     for request in &pending.requests {
                         writes.push(gpb::TabletWrite {
                             tablet_id: request.tablet_id,
@@ -268,6 +304,9 @@ impl Group {
                 let number = clock.batches;
                 if let Some(ts) = min_ts {
                     clock.inflight.push_back((number, ts));
+                }
+                if !written.is_empty() {
+                    clock.written.push_back((number, written));
                 }
                 Ok(number)
             }
@@ -326,6 +365,7 @@ impl Group {
         }
         if let Ok(mut clock) = self.clock.lock() {
             clock.inflight.retain(|&(batch, _)| batch != number);
+            clock.written.retain(|&(batch, _)| batch != number);
         }
         self.batches_done
             .send_modify(|done| *done = (*done).max(number));

@@ -3,9 +3,10 @@
 //! applies as is.
 //!
 //! A latch turns plain writes to its keys away while it is held, and is taken only once
-//! every batch proposed before it has been applied. So the checks (the lock table, the
-//! newest committed version) see every write ordered before the proposal, and nothing can
-//! be ordered between the checks and the proposal.
+//! every batch in flight that writes one of its keys has been applied (transactional
+//! requests on the same keys wait for each other's latches). So the checks (the lock
+//! table, the newest committed version) see every write ordered before the proposal, and
+//! nothing can be ordered between the checks and the proposal.
 
 use std::time::Duration;
 
@@ -127,7 +128,7 @@ impl Group {
     }
 
     /// Latches `keys` (waiting for other requests' latches on them), then waits until
-    /// every batch proposed before is applied.
+    /// every batch in flight that writes one of them is applied.
     async fn latch(&self, mut keys: Vec<(u64, Bytes)>) -> Result<Latch<'_>> {
         keys.sort();
         keys.dedup();
@@ -143,7 +144,7 @@ impl Group {
                     None
                 } else {
                     clock.latched.extend(keys.iter().cloned());
-                    Some(clock.batches)
+                    Some(clock.newest_writing(&keys))
                 }
             };
             if let Some(proposed) = taken {
@@ -157,6 +158,9 @@ impl Group {
             }
         };
         let latch = Latch { group: self, keys };
+        let Some(proposed) = proposed else {
+            return Ok(latch);
+        };
         let mut done = self.batches_done.subscribe();
         tokio::time::timeout_at(deadline, done.wait_for(|done| *done >= proposed))
             .await
