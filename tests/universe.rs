@@ -15,7 +15,7 @@ use luna_proto::tablet::tablet_client::TabletClient;
 use luna_proto::tablet::{self as pb, tablet_error::Kind};
 use support::Universe;
 use support::history::{self, Registers, seed};
-use support::load::{Writers, wait_led, with_collection};
+use support::load::{Writers, first_group_leader, wait_led, with_collection};
 
 fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -229,17 +229,7 @@ async fn a_paused_group_leader_is_replaced_and_wakes_without_stale_answers() {
 
     // SIGSTOP the group's leader: it keeps its sockets and believes it still leads. The
     // others elect a new leader and writes go on.
-    let tablets = client
-        .admin()
-        .list_tablets("app", "paused")
-        .await
-        .expect("tablets");
-    let groups = client.admin().list_groups().await.expect("groups");
-    let leader = groups
-        .iter()
-        .find(|group| group.id == tablets[0].group_id)
-        .map(|group| group.leader_server_id)
-        .expect("the collection's group");
+    let (_, leader) = first_group_leader(&client, "app", "paused").await;
     let paused = universe.index_of(leader);
     universe.server(paused).pause();
     writers.wait_progress(200, "with the leader paused").await;

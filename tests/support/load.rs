@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use luna_client::{Client, Collection, CollectionSpec};
+use luna_client::{Client, Collection, CollectionSpec, Database};
 
 use super::Universe;
 
@@ -26,6 +26,24 @@ pub async fn with_collection(
     wait_led(&client, "app", name).await;
     let collection = client.database("app").collection(name);
     (universe, client, collection)
+}
+
+/// The group of the collection's first tablet, and the server the master names as its
+/// leader (0 if none).
+pub async fn first_group_leader(client: &Client, database: &str, collection: &str) -> (u64, u64) {
+    let tablets = client
+        .admin()
+        .list_tablets(database, collection)
+        .await
+        .expect("tablets");
+    let groups = client.admin().list_groups().await.expect("groups");
+    let group_id = tablets.first().expect("a tablet").group_id;
+    let leader = groups
+        .iter()
+        .find(|group| group.id == group_id)
+        .map(|group| group.leader_server_id)
+        .expect("the group of the collection's first tablet");
+    (group_id, leader)
 }
 
 /// Waits until every tablet of the collection has a leader in the routing table.
@@ -92,4 +110,28 @@ impl Writers {
             logs()
         );
     }
+}
+
+/// Three tablet servers and database `bank` with collections `checking` (hash, 3 tablets)
+/// and `savings` (range, split at `m`), both led.
+pub async fn bank_universe() -> (Universe, Client, Database, Collection, Collection) {
+    let universe = Universe::start(3);
+    let client = universe.client().await;
+    universe.wait_servers_up(&client, 3).await;
+    let admin = client.admin();
+    admin.create_database("bank").await.expect("db");
+    admin
+        .create_collection("bank", "checking", CollectionSpec::hash(3))
+        .await
+        .expect("checking");
+    admin
+        .create_collection("bank", "savings", CollectionSpec::range().split_keys(["m"]))
+        .await
+        .expect("savings");
+    wait_led(&client, "bank", "checking").await;
+    wait_led(&client, "bank", "savings").await;
+    let db = client.database("bank");
+    let checking = db.collection("checking");
+    let savings = db.collection("savings");
+    (universe, client, db, checking, savings)
 }

@@ -48,7 +48,7 @@ const WINDOW: usize = 4;
 /// How long a committed entry may take to be applied here before the writer gives up.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Logical bits of a timestamp: (physical ms << 18) | logical.
-pub(super) const LOGICAL_BITS: u32 = 18;
+pub(crate) const LOGICAL_BITS: u32 = 18;
 
 /// A validated write for one tablet, its keys already in routing form.
 pub(crate) struct WriteRequest {
@@ -148,7 +148,7 @@ impl Clock {
 }
 
 /// The current wall clock in milliseconds since the epoch: a timestamp's physical part.
-pub(super) fn physical_now_ms() -> u64 {
+pub(crate) fn physical_now_ms() -> u64 {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis());
@@ -271,9 +271,11 @@ impl Group {
                     }
                     let ts = match pending.stamp {
                         Stamp::Plain => clock.floor.max(clock.last + 1).max(now),
-                        Stamp::Above(start_ts) => {
-                            clock.floor.max(clock.last + 1).max(now).max(start_ts + 1)
-                        }
+                        Stamp::Above(start_ts) => clock
+                            .floor
+                            .max(clock.last + 1)
+                            .max(now)
+                            .max(start_ts.saturating_add(1)),
                         Stamp::Given(commit_ts) => commit_ts,
                         Stamp::Unstamped => 0,
                     };

@@ -37,7 +37,7 @@ use crate::master_link::MasterLink;
 use crate::metrics::ServerMetrics;
 use crate::stores::CollectionStores;
 
-pub(crate) use self::commit::{MAX_ENTRY_BYTES, WriteRequest};
+pub(crate) use self::commit::{LOGICAL_BITS, MAX_ENTRY_BYTES, WriteRequest, physical_now_ms};
 pub(crate) use self::dedup::RequestKey;
 pub(crate) use self::txn::{Prewrite, Resolve, TabletPart};
 

@@ -9,11 +9,13 @@ use luna_proto::tablet as pb;
 
 use super::{TabletService, checked_mutations, storage_key};
 use crate::error::{Result, TabletServerError};
-use crate::group::{Group, Hosted, Prewrite, Resolve, TabletPart};
+use crate::group::{Group, Hosted, LOGICAL_BITS, Prewrite, Resolve, TabletPart, physical_now_ms};
 
 /// Longest lock TTL a transaction may ask for: past it, a dead client's locks would block
 /// readers for too long.
 const MAX_TTL_MS: u64 = 10 * 60 * 1000;
+/// How far ahead of this server's clock a transaction's timestamps may be.
+const MAX_AHEAD_MS: u64 = 60_000;
 /// Most keys one transactional request may carry.
 const MAX_TXN_KEYS: usize = 100_000;
 
@@ -126,6 +128,7 @@ impl TabletService {
                 request.commit_ts, request.start_ts
             )));
         }
+        check_not_ahead("commit_ts", request.commit_ts)?;
         let request_id = self.request_key(request.request_id.as_ref())?;
         let (group, parts) = self.locate_group(
             request
@@ -186,6 +189,19 @@ fn check_start_ts(start_ts: u64) -> Result<()> {
         return Err(TabletServerError::InvalidArgument(
             "start_ts must be a timestamp from the TSO, not 0".to_owned(),
         ));
+    }
+    check_not_ahead("start_ts", start_ts)
+}
+
+/// Refuses a timestamp far ahead of this server's clock: commit timestamps follow the
+/// largest one a leader has seen, so one from a bad client would push every later write
+/// of the group into the future.
+fn check_not_ahead(name: &str, ts: u64) -> Result<()> {
+    let ahead_ms = (ts >> LOGICAL_BITS).saturating_sub(physical_now_ms());
+    if ahead_ms > MAX_AHEAD_MS {
+        return Err(TabletServerError::InvalidArgument(format!(
+            "{name} {ts} is {ahead_ms} ms ahead of this server's clock; the limit is {MAX_AHEAD_MS} ms"
+        )));
     }
     Ok(())
 }
