@@ -499,6 +499,11 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
                 ..prewrite(5, 43, "a3", "z3", 500).0
             },
         ),
+        ("a tablet named twice", {
+            let mut request = prewrite(5, 44, "a3", "z3", 500).0;
+            request.tablets.push(request.tablets[0].clone());
+            request
+        }),
     ];
     for (what, request) in bad_prewrites {
         let answer = servers[0].prewrite(request).await;
@@ -510,7 +515,7 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
     }
     let answer = servers[0]
         .resolve(pb::ResolveRequest {
-            request_id: request_id(44),
+            request_id: request_id(45),
             start_ts: 10,
             commit_ts: 5,
             tablets: vec![pb::TabletKeys {

@@ -79,11 +79,14 @@ impl Group {
                 Some(gpb::group_entry::Kind::Writes(writes)) => {
                     let mut writes = writes.writes.into_iter().peekable();
                     while let Some(first) = writes.next() {
-                        // A request's parts for several tablets are consecutive.
+                        // A request's parts are consecutive, one per tablet. A retry
+                        // batched right behind its original repeats a tablet: a unit of
+                        // its own, which dedup then skips.
                         let mut unit = vec![first];
-                        while let Some(next) =
-                            writes.next_if(|next| next.request_id == unit[0].request_id)
-                        {
+                        while let Some(next) = writes.next_if(|next| {
+                            next.request_id == unit[0].request_id
+                                && unit.iter().all(|part| part.tablet_id != next.tablet_id)
+                        }) {
                             unit.push(next);
                         }
                         self.apply_request(index, unit).await;

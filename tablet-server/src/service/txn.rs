@@ -35,6 +35,13 @@ impl TabletService {
         let mut keys = 0;
         for (tablet, share) in tablets {
             let (located, hosted) = self.locate(tablet.as_ref())?;
+            if parts.iter().any(|(part, _)| part.info.id == hosted.info.id) {
+                // The group applies a request's parts as one unit with one part per tablet.
+                return Err(TabletServerError::InvalidArgument(format!(
+                    "tablet {} is named twice: send each tablet's keys together",
+                    hosted.info.id
+                )));
+            }
             match &group {
                 Some(first) if first.id() != located.id() => {
                     return Err(TabletServerError::InvalidArgument(format!(
