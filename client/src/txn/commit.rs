@@ -188,9 +188,9 @@ async fn prewrite(
 }
 
 /// Commits (`commit_ts > 0`) or rolls back every part's locks: the primary's tablet first
-/// and waited for (committing it commits the transaction), the rest in the background,
-/// where failures are only logged: a lock left behind is resolved through the primary by
-/// whoever meets it.
+/// and waited for (that decides the transaction), the rest in the background, as the
+/// primary's outcome says. Failures there are only logged: a lock left behind is resolved
+/// through the primary by whoever meets it.
 async fn resolve_all(
     txn: &Transaction,
     primary: &Primary,
@@ -220,8 +220,14 @@ async fn resolve_all(
         .collect();
     let inner = txn.client.inner.clone();
     let start_ts = txn.start_ts;
-    // A failed commit of the primary rolls the rest back.
-    let commit_ts = if decided.is_ok() { commit_ts } else { 0 };
+    // The rest follow the primary's outcome once it is known. When it is not (the answer
+    // was lost), they stay locked: rolling them back could undo a committed transaction,
+    // and whoever meets them asks the primary.
+    let commit_ts = match &decided {
+        Ok(()) => commit_ts,
+        Err(ClientError::TxnAborted { .. }) => 0,
+        Err(_) => return decided,
+    };
     // The secondaries get a deadline of their own: the commit's may be nearly spent.
     let budget = Deadline::after(inner.options.operation_timeout);
     tokio::spawn(async move {
