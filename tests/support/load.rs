@@ -29,21 +29,31 @@ pub async fn with_collection(
 }
 
 /// The group of the collection's first tablet, and the server the master names as its
-/// leader (0 if none).
+/// leader, once it names one: right after an election or a handover it reports none until
+/// the new leader's next heartbeat.
 pub async fn first_group_leader(client: &Client, database: &str, collection: &str) -> (u64, u64) {
-    let tablets = client
-        .admin()
-        .list_tablets(database, collection)
-        .await
-        .expect("tablets");
-    let groups = client.admin().list_groups().await.expect("groups");
-    let group_id = tablets.first().expect("a tablet").group_id;
-    let leader = groups
-        .iter()
-        .find(|group| group.id == group_id)
-        .map(|group| group.leader_server_id)
-        .expect("the group of the collection's first tablet");
-    (group_id, leader)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tablets = client
+            .admin()
+            .list_tablets(database, collection)
+            .await
+            .expect("tablets");
+        let groups = client.admin().list_groups().await.expect("groups");
+        let group_id = tablets.first().expect("a tablet").group_id;
+        let leader = groups
+            .iter()
+            .find(|group| group.id == group_id)
+            .map_or(0, |group| group.leader_server_id);
+        if leader != 0 {
+            return (group_id, leader);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the master never named a leader of group {group_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until every tablet of the collection has a leader in the routing table.
