@@ -38,6 +38,17 @@ impl Sim {
                         }
                         break;
                     }
+                    // A transferee that restarted lately may not have answered the new
+                    // leader yet: transient, unlike the other membership refusals.
+                    Ok(Err(e @ JournalError::Membership { .. }))
+                        if e.to_string().contains("has not answered") =>
+                    {
+                        println!("seed {}: {what} retried after {e}", self.seed);
+                        for _ in 0..10 {
+                            self.step();
+                        }
+                        break;
+                    }
                     Ok(Err(e)) => panic!("seed {}: {what} failed: {e}", self.seed),
                     Err(oneshot::error::TryRecvError::Closed) => break,
                     Err(oneshot::error::TryRecvError::Empty) => {}
