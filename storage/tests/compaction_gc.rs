@@ -134,6 +134,37 @@ async fn versions_above_the_safe_point_are_kept() {
     base.close();
 }
 
+/// A compaction records the safe point it dropped versions below, so another
+/// process sharing the BaseStore refuses reads below it once it sees the
+/// compacted tables, even though nobody told that process the safe point; and
+/// a process that reopens the store starts from it.
+#[tokio::test]
+async fn another_process_learns_the_safe_point_from_the_compaction() {
+    let store = memory_store();
+    let (base, tablet, mut journal) = single_tablet(&store).await;
+    for g in 0..3 {
+        journal.write(&tablet, generation(0..10, g)).await;
+        tablet.flush().await.expect("flush");
+    }
+    let other = open_base(store.clone(), base_options()).await;
+    assert_eq!(other.gc_safe_point(), 0);
+    base.set_gc_safe_point(3);
+    assert!(base.compact_until_settled().await.expect("compaction") >= 1);
+    assert_eq!(base.version().gc_safe_point(), 3);
+    assert_eq!(other.gc_safe_point(), 0, "not refreshed yet");
+    other.refresh().await.expect("refresh");
+    assert_eq!(other.version().gc_safe_point(), 3);
+    assert_eq!(other.gc_safe_point(), 3);
+    // A lower safe point from a lagging master never lowers it.
+    other.set_gc_safe_point(1);
+    assert_eq!(other.gc_safe_point(), 3);
+    let reopened = open_base(store.clone(), base_options()).await;
+    assert_eq!(reopened.gc_safe_point(), 3, "replayed from the manifest");
+    base.close();
+    other.close();
+    reopened.close();
+}
+
 /// Two tablets share a BaseStore; compaction merges their flushes but cuts
 /// its output where the second tablet begins.
 #[tokio::test]

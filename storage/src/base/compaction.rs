@@ -150,7 +150,8 @@ impl BaseStore {
         let boundaries = tablet_boundaries(version);
         let mut merge = MergeIterator::new(sources, Direction::Forward).await?;
         let mut uploads = self.uploads();
-        let mut filter = GcFilter::new(self.gc_safe_point(), task.drop_tombstones);
+        let safe_point = self.gc_safe_point();
+        let mut filter = GcFilter::new(safe_point, task.drop_tombstones);
         let mut outputs = Vec::new();
         let mut builder = TableBuilder::new();
         while let Some(entry) = merge.next_entry().await? {
@@ -217,6 +218,7 @@ impl BaseStore {
             Ok(pb::manifest_edit::Change::Compaction(pb::Compaction {
                 removed: removed.clone(),
                 added: outputs.iter().map(table_to_pb).collect(),
+                gc_safe_point: safe_point,
             }))
         })
         .await?;

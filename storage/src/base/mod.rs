@@ -160,6 +160,7 @@ impl BaseStore {
             options.checkpoint_every,
         );
         let version = log.load().await?;
+        let safe_point = version.gc_safe_point();
         let base = Arc::new(BaseStore {
             store,
             log,
@@ -168,7 +169,7 @@ impl BaseStore {
             uploading: Mutex::new(HashSet::new()),
             unreferenced_since: Mutex::new(HashMap::new()),
             commit_lock: tokio::sync::Mutex::new(()),
-            gc_safe_point: AtomicU64::new(0),
+            gc_safe_point: AtomicU64::new(safe_point),
             compaction_wanted: Arc::new(Notify::new()),
             closed: AtomicBool::new(false),
             shutdown: watch::Sender::new(false),
@@ -211,14 +212,16 @@ impl BaseStore {
     }
 
     /// Versions below this timestamp may be dropped by compaction. The caller
-    /// (the master, in a universe) guarantees no read will go below it.
+    /// (the master, in a universe) guarantees no read will go below it. It never
+    /// goes back.
     pub fn set_gc_safe_point(&self, ts: Timestamp) {
-        self.gc_safe_point.fetch_max(ts, Ordering::Relaxed);
+        self.gc_safe_point.fetch_max(ts, Ordering::AcqRel);
     }
 
-    /// The current GC safe point.
+    /// The current GC safe point: the highest set here or used by a compaction in
+    /// the current version (possibly another process's).
     pub fn gc_safe_point(&self) -> Timestamp {
-        self.gc_safe_point.load(Ordering::Relaxed)
+        self.gc_safe_point.load(Ordering::Acquire)
     }
 
     /// Picks up edits other processes wrote.
@@ -232,6 +235,9 @@ impl BaseStore {
     }
 
     fn install(&self, version: Version) -> Arc<Version> {
+        // Raised before the version is published: a reader that loads the version and
+        // then checks the safe point never passes a read the version cannot serve.
+        self.set_gc_safe_point(version.gc_safe_point());
         let version = Arc::new(version);
         let previous = match self.current.write() {
             Ok(mut current) => std::mem::replace(&mut *current, Arc::clone(&version)),

@@ -60,6 +60,9 @@ pub struct Version {
     /// L0 newest first; deeper levels sorted by smallest key, not overlapping.
     levels: Vec<Vec<Arc<TableInfo>>>,
     tablets: BTreeMap<TabletId, TabletInfo>,
+    /// The highest GC safe point any compaction dropped versions below: reads below it
+    /// may miss versions.
+    gc_safe_point: Timestamp,
 }
 
 /// Why an edit was not applied.
@@ -86,6 +89,7 @@ impl Default for Version {
             seq: 0,
             levels: vec![Vec::new(); LEVELS],
             tablets: BTreeMap::new(),
+            gc_safe_point: 0,
         }
     }
 }
@@ -94,6 +98,12 @@ impl Version {
     /// The sequence number of the last edit reflected.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// The highest GC safe point a compaction in this version used: reads below it
+    /// may miss versions the compaction dropped.
+    pub fn gc_safe_point(&self) -> Timestamp {
+        self.gc_safe_point
     }
 
     /// The tables of `level`.
@@ -219,6 +229,7 @@ impl Version {
         for added in &compaction.added {
             self.insert_table(table_from_pb(added, seq));
         }
+        self.gc_safe_point = self.gc_safe_point.max(compaction.gc_safe_point);
         Ok(())
     }
 
@@ -243,6 +254,7 @@ impl Version {
             seq: self.seq,
             tables: self.tables().map(|t| table_to_pb(t)).collect(),
             tablets: self.tablets.values().map(tablet_to_pb).collect(),
+            gc_safe_point: self.gc_safe_point,
         }
     }
 
@@ -250,6 +262,7 @@ impl Version {
     pub fn from_checkpoint(checkpoint: &pb::Checkpoint) -> Version {
         let mut version = Version {
             seq: checkpoint.seq,
+            gc_safe_point: checkpoint.gc_safe_point,
             ..Version::default()
         };
         for table in &checkpoint.tables {

@@ -163,6 +163,8 @@ impl Tablet {
         Ok(())
     }
 
+    /// Refuses a read below the GC safe point. Called after the version the read
+    /// uses was loaded: installing a version raises the safe point first.
     fn check_snapshot(&self, read_ts: Timestamp) -> Result<()> {
         let safe_point = self.base.gc_safe_point();
         if read_ts < safe_point {
@@ -210,11 +212,11 @@ impl Tablet {
     pub async fn get_version(&self, key: &[u8], read_ts: Timestamp) -> Result<Lookup> {
         self.memstore.options().limits.check_key(key)?;
         self.check_key(key)?;
-        self.check_snapshot(read_ts)?;
         // Memtables before the version: a flush installs its table before it
         // drops the memtable, so this order never misses data.
         let memtables = self.memstore.snapshot()?;
         let version = self.base.version();
+        self.check_snapshot(read_ts)?;
         let mut best = Lookup::Absent;
         for memtable in &memtables {
             if best.ts().is_some_and(|found| found >= memtable.max_ts()) {
@@ -232,13 +234,13 @@ impl Tablet {
 
     /// Live keys and values in the request's range, in its direction.
     pub async fn scan(&self, request: &ScanRequest) -> Result<Vec<(Bytes, Bytes)>> {
-        self.check_snapshot(request.read_ts)?;
         let range = request.range.intersect(&self.range);
+        let memtables = self.memstore.snapshot()?;
+        let version = self.base.version();
+        self.check_snapshot(request.read_ts)?;
         if range.is_empty() {
             return Ok(Vec::new());
         }
-        let memtables = self.memstore.snapshot()?;
-        let version = self.base.version();
         let mut sources: Vec<Source> = memtables
             .iter()
             .map(|memtable| Source::Mem(memtable.cursor(&range, request.direction)))
