@@ -52,6 +52,7 @@ mod mux;
 mod retry;
 mod routing;
 mod scan;
+mod snapshots;
 mod tso;
 mod txn;
 
@@ -173,6 +174,8 @@ pub(crate) struct Inner {
     max_commit_ts: AtomicU64,
     /// Callers waiting for timestamps.
     timestamps: tso::TimestampQueue,
+    /// Open transactions' and snapshots' holds on the GC safe point.
+    snapshot_holds: snapshots::SnapshotHolds,
     /// Per (database, collection).
     routes: Mutex<HashMap<(String, String), Arc<RouteCache>>>,
 }
@@ -210,6 +213,7 @@ impl Inner {
             next_op: AtomicU64::new(0),
             max_commit_ts: AtomicU64::new(0),
             timestamps: tso::TimestampQueue::default(),
+            snapshot_holds: snapshots::SnapshotHolds::default(),
             routes: Mutex::new(HashMap::new()),
         })
     }
@@ -222,6 +226,11 @@ impl Inner {
     /// The largest commit timestamp this client was answered with.
     pub(crate) fn max_commit_ts(&self) -> u64 {
         self.max_commit_ts.load(Ordering::Relaxed)
+    }
+
+    /// This client's random id.
+    pub(crate) fn client_id(&self) -> &[u8] {
+        &self.client_id
     }
 
     /// A new request id for one write (its retries reuse it).

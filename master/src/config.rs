@@ -73,6 +73,14 @@ pub struct MasterConfig {
     pub max_moves: usize,
     /// How often the placement driver looks for work.
     pub placement_interval: Duration,
+    /// How long MVCC versions stay readable after they were overwritten: the GC safe
+    /// point trails the clock by this much, or more while an older snapshot is held
+    /// (at least 1 s).
+    pub gc_life_time: Duration,
+    /// How often the leader raises the GC safe point.
+    pub gc_interval: Duration,
+    /// How long a client's hold on the safe point lasts without a renewal.
+    pub snapshot_lease: Duration,
 }
 
 impl Default for MasterConfig {
@@ -90,6 +98,9 @@ impl Default for MasterConfig {
             repair_after: Duration::from_secs(300),
             max_moves: 2,
             placement_interval: Duration::from_secs(1),
+            gc_life_time: Duration::from_secs(600),
+            gc_interval: Duration::from_secs(10),
+            snapshot_lease: Duration::from_secs(10),
         }
     }
 }
@@ -133,6 +144,14 @@ impl MasterConfig {
         if self.max_moves == 0 || self.placement_interval.is_zero() {
             return Err(MasterError::invalid(
                 "max_moves and placement_interval must be positive",
+            ));
+        }
+        if self.gc_life_time < Duration::from_secs(1)
+            || self.gc_interval.is_zero()
+            || self.snapshot_lease.is_zero()
+        {
+            return Err(MasterError::invalid(
+                "gc_life_time must be at least 1 s, and gc_interval and snapshot_lease positive",
             ));
         }
         // Windows past an hour would let a restarted master jump far ahead of real time.

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::MasterConfig;
 use crate::error::MasterError;
+use crate::gc::Holds;
 use crate::heartbeat::registry::Registry;
 use crate::state::State;
 use crate::tso::{TsoAllocator, physical_ms};
@@ -50,6 +51,8 @@ pub(crate) struct Core {
     /// The turn to propose: one proposal at a time.
     pub(crate) proposals: tokio::sync::Mutex<()>,
     pub tso: tokio::sync::Mutex<TsoAllocator>,
+    /// Clients' holds on the GC safe point (soft state, reset when a term begins).
+    holds: Mutex<Holds>,
     /// Why the apply loop stopped, if it did.
     failure: Mutex<Option<MasterError>>,
     /// Set to stop the apply loop and open watch streams.
@@ -97,6 +100,7 @@ impl Core {
             results: Mutex::new(BTreeMap::new()),
             proposals: tokio::sync::Mutex::new(()),
             tso: tokio::sync::Mutex::new(TsoAllocator::new(0)),
+            holds: Mutex::new(Holds::new(std::time::Instant::now())),
             failure: Mutex::new(None),
             shutdown: watch::Sender::new(false),
             serving: watch::Sender::new(0),
@@ -104,11 +108,13 @@ impl Core {
         let applying = tokio::spawn(apply_loop(Arc::clone(&core), subscription, applied_tx));
         let leading = tokio::spawn(crate::leadership::leadership_loop(Arc::clone(&core)));
         let placing = tokio::spawn(crate::driver::placement_loop(Arc::clone(&core)));
+        let collecting = tokio::spawn(crate::gc::gc_loop(Arc::clone(&core)));
         let task = tokio::spawn(async move {
             // The loops end on shutdown; the handle covers them all.
             let _ = applying.await;
             let _ = leading.await;
             let _ = placing.await;
+            let _ = collecting.await;
         });
         core.settle().await;
         // A log this replica cannot apply (a corrupt snapshot, a failing stream) fails the
@@ -143,7 +149,9 @@ impl Core {
         // record on this replica may be arbitrarily old. Until then every registered server
         // gets the benefit of the doubt for one heartbeat timeout.
         let servers: Vec<u64> = self.read_state().servers.keys().copied().collect();
-        *self.registry() = Registry::assume_alive(servers.into_iter(), std::time::Instant::now());
+        let now = std::time::Instant::now();
+        *self.registry() = Registry::assume_alive(servers.into_iter(), now);
+        *self.holds() = Holds::new(now);
         // Routing versions of a term start above every version an earlier leader served
         // (its versions started at its own start time, and the TSO limit is past that).
         let start_ms = self
@@ -177,6 +185,11 @@ impl Core {
     /// The soft state, for reading or updating.
     pub fn registry(&self) -> MutexGuard<'_, Registry> {
         lock(&self.registry)
+    }
+
+    /// Clients' holds on the GC safe point.
+    pub(crate) fn holds(&self) -> MutexGuard<'_, Holds> {
+        lock(&self.holds)
     }
 
     /// Marks a change of routing.

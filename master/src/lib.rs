@@ -22,6 +22,7 @@ mod config;
 mod core;
 mod driver;
 mod error;
+mod gc;
 mod heartbeat;
 mod leadership;
 mod moves;
@@ -194,6 +195,11 @@ impl Master {
                     "luna_master_tso_limit",
                     "Persisted TSO window limit",
                     state.tso_limit,
+                ),
+                (
+                    "luna_master_gc_safe_point",
+                    "MVCC versions below this timestamp may be dropped",
+                    state.gc_safe_point,
                 ),
             ];
             let mut out = String::new();

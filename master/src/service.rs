@@ -10,10 +10,11 @@ use luna_proto::master::{
     CreateDatabaseResponse, DrainServerRequest, DrainServerResponse, DropCollectionRequest,
     DropCollectionResponse, DropDatabaseRequest, DropDatabaseResponse, GetRoutingRequest,
     GetTimestampsRequest, GetTimestampsResponse, HeartbeatRequest, HeartbeatResponse,
-    ListCollectionsRequest, ListCollectionsResponse, ListDatabasesRequest, ListDatabasesResponse,
-    ListGroupsRequest, ListGroupsResponse, ListServersRequest, ListServersResponse,
-    ListTabletsRequest, ListTabletsResponse, MoveReplicaRequest, MoveReplicaResponse, RoutingTable,
-    TransferLeaderRequest, TransferLeaderResponse, WatchRoutingRequest,
+    KeepSnapshotsRequest, KeepSnapshotsResponse, ListCollectionsRequest, ListCollectionsResponse,
+    ListDatabasesRequest, ListDatabasesResponse, ListGroupsRequest, ListGroupsResponse,
+    ListServersRequest, ListServersResponse, ListTabletsRequest, ListTabletsResponse,
+    MoveReplicaRequest, MoveReplicaResponse, RoutingTable, TransferLeaderRequest,
+    TransferLeaderResponse, WatchRoutingRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -228,6 +229,22 @@ impl MasterRpc for MasterService {
         Ok(Response::new(GetTimestampsResponse {
             first: batch.first,
             count: batch.count,
+        }))
+    }
+
+    async fn keep_snapshots(
+        &self,
+        request: Request<KeepSnapshotsRequest>,
+    ) -> Result<Response<KeepSnapshotsResponse>, Status> {
+        let request = request.get_ref();
+        let gc_safe_point = self
+            .core
+            .keep_snapshots(&request.client_id, request.oldest_start_ts)
+            .await?;
+        Ok(Response::new(KeepSnapshotsResponse {
+            gc_safe_point,
+            lease_ms: u64::try_from(self.core.config.snapshot_lease.as_millis())
+                .unwrap_or(u64::MAX),
         }))
     }
 

@@ -37,6 +37,8 @@ pub(crate) struct State {
     pub servers: BTreeMap<u64, Server>,
     /// Timestamps below this may be handed out without another write.
     pub tso_limit: u64,
+    /// MVCC versions below this may be dropped; it never goes down.
+    pub gc_safe_point: u64,
 }
 
 /// What an applied command changed, beyond the state itself.
@@ -57,6 +59,7 @@ impl Default for State {
             groups: BTreeMap::new(),
             servers: BTreeMap::new(),
             tso_limit: 0,
+            gc_safe_point: 0,
         }
     }
 }
@@ -112,6 +115,10 @@ impl State {
             }
             Kind::SetDraining(drain) => {
                 self.set_draining(drain)?;
+                false
+            }
+            Kind::GcSafePoint(raise) => {
+                self.gc_safe_point = self.gc_safe_point.max(raise.ts);
                 false
             }
         };
@@ -450,6 +457,7 @@ impl State {
             groups: self.groups.values().cloned().collect(),
             servers: self.servers.values().cloned().collect(),
             tso_limit: self.tso_limit,
+            gc_safe_point: self.gc_safe_point,
         }
     }
 
@@ -470,6 +478,7 @@ impl State {
             groups: snapshot.groups.into_iter().map(|g| (g.id, g)).collect(),
             servers: snapshot.servers.into_iter().map(|s| (s.id, s)).collect(),
             tso_limit: snapshot.tso_limit,
+            gc_safe_point: snapshot.gc_safe_point,
         }
     }
 }

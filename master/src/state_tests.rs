@@ -1,5 +1,5 @@
 use luna_proto::master::{KeyRange, Partitioning};
-use luna_proto::masterlog::{DropCollection, DropDatabase, TsoWindow};
+use luna_proto::masterlog::{DropCollection, DropDatabase, GcSafePoint, TsoWindow};
 
 use super::*;
 
@@ -294,4 +294,18 @@ fn a_move_replaces_the_replica_keeps_the_source_hosting_and_ends_once() {
     // It survives a snapshot.
     let restored = State::from_snapshot(state.snapshot());
     assert_eq!(restored, state);
+}
+
+#[test]
+fn the_gc_safe_point_never_goes_down_and_survives_a_snapshot() {
+    let raise = |ts| command(1, Kind::GcSafePoint(GcSafePoint { ts }));
+    let (state, results) = replay(&[raise(500), raise(300), raise(700)]);
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(state.gc_safe_point, 700);
+    let (state, _) = replay(&[raise(900), raise(800)]);
+    assert_eq!(
+        state.gc_safe_point, 900,
+        "a stale proposal does not lower it"
+    );
+    assert_eq!(State::from_snapshot(state.snapshot()).gc_safe_point, 900);
 }

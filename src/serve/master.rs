@@ -49,6 +49,11 @@ pub struct MasterArgs {
     /// replica replays its group's log from the others).
     #[arg(long, default_value_t = 2)]
     pub max_moves: usize,
+    /// Seconds an overwritten or deleted version stays readable (at least 1): the GC
+    /// safe point trails the clock by this much, and further while a transaction or
+    /// snapshot that started earlier is still open.
+    #[arg(long, default_value_t = 600)]
+    pub gc_life_time_secs: u64,
     /// This replica's id, for a replicated master: one of the `--replica` ids.
     #[arg(long, requires = "replicas")]
     pub replica_id: Option<u64>,
@@ -198,6 +203,9 @@ pub async fn run(args: MasterArgs) -> Result<(), CliError> {
     );
     config.repair_after = Duration::from_secs(args.repair_after_secs);
     config.max_moves = args.max_moves;
+    config.gc_life_time = Duration::from_secs(args.gc_life_time_secs);
+    // Raised at least twice per life time, so versions live about as long as asked.
+    config.gc_interval = config.gc_interval.min(config.gc_life_time / 2);
     let process = match args.replica_id {
         None => {
             let listener = bind(parse_addr("listen", &args.listen)?).await?;

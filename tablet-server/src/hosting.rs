@@ -99,6 +99,11 @@ impl Hosting {
             }
         }
         self.drop_removed_groups(response).await;
+        self.ctx
+            .stores
+            .set_gc_safe_point(response.gc_safe_point)
+            .await;
+        let (safe_point, record_floor) = (response.gc_safe_point, response.txn_record_floor);
         for assignment in &response.groups {
             let group = match self.group(assignment.group_id) {
                 Some(group) => group,
@@ -125,6 +130,7 @@ impl Hosting {
                     group
                         .prefer_leader(voters.first().copied().unwrap_or(0))
                         .await;
+                    group.collect_txn_garbage(safe_point, record_floor).await;
                     if let Ok(mut busy) = hosting.reconciling.lock() {
                         busy.remove(&group.id());
                     }
@@ -220,6 +226,7 @@ impl Hosting {
                 voters: membership.voters,
                 learners: membership.learners,
                 outgoing_voters: membership.outgoing,
+                lock_floor: group.lock_floor(),
             });
         }
         *last = LastReport { at: now, counters };
@@ -233,6 +240,7 @@ impl Hosting {
             .iter()
             .map(|group| {
                 let leadership = group.stream().leadership();
+                let (txn_locks, txn_records, txn_safe_point) = group.txn_stats();
                 GroupSample {
                     group_id: group.id(),
                     is_leader: leadership.is_leader,
@@ -240,6 +248,9 @@ impl Hosting {
                     applied_index: group.applied_index(),
                     tablets: group.hosted().len(),
                     truncated_index: group.truncated_index(),
+                    txn_locks,
+                    txn_records,
+                    txn_safe_point,
                 }
             })
             .collect();

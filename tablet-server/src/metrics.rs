@@ -21,11 +21,8 @@ pub(crate) struct ServerMetrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     pub(crate) flushes_recorded: prometheus::IntCounter,
-    group_leader: IntGaugeVec,
-    group_term: IntGaugeVec,
-    group_applied: IntGaugeVec,
-    group_tablets: IntGaugeVec,
-    group_truncated: IntGaugeVec,
+    /// Per-group gauges, each with how a scrape reads its value off a sample.
+    group_gauges: Vec<(IntGaugeVec, SampleValue)>,
     memory_bytes: IntGauge,
     journal_fsyncs: IntGauge,
 }
@@ -38,7 +35,51 @@ pub(crate) struct GroupSample {
     pub(crate) applied_index: u64,
     pub(crate) tablets: usize,
     pub(crate) truncated_index: u64,
+    pub(crate) txn_locks: usize,
+    pub(crate) txn_records: usize,
+    pub(crate) txn_safe_point: u64,
 }
+
+/// Reads one gauge's value off a group sample.
+type SampleValue = fn(&GroupSample) -> u64;
+
+/// Name, help and value of each per-group gauge.
+const GROUP_GAUGES: [(&str, &str, SampleValue); 8] = [
+    (
+        "group_is_leader",
+        "1 if this replica leads the group",
+        |g| u64::from(g.is_leader),
+    ),
+    ("group_term", "Raft term", |g| g.term),
+    (
+        "group_applied_index",
+        "Highest applied journal index",
+        |g| g.applied_index,
+    ),
+    ("group_tablets", "Tablets the group replica hosts", |g| {
+        g.tablets as u64
+    }),
+    (
+        "group_truncated_index",
+        "The group's log is truncated up to here behind a snapshot",
+        |g| g.truncated_index,
+    ),
+    (
+        "group_txn_locks",
+        "Keys locked by transactions that have not committed or rolled back",
+        |g| g.txn_locks as u64,
+    ),
+    (
+        "group_txn_records",
+        "Outcomes of transactions whose primary key is in the group, kept to resolve their locks",
+        |g| g.txn_records as u64,
+    ),
+    (
+        "group_txn_safe_point",
+        "The GC safe point the group's log applied: no older transaction locks anything",
+        |g| g.txn_safe_point,
+    ),
+];
 
 fn gauge(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -70,26 +111,12 @@ impl ServerMetrics {
             "tablet_flushes_total",
             "Tablet flushes this server recorded in a group log as leader",
         )?;
-        let group_leader = IntGaugeVec::new(
-            Opts::new("group_is_leader", "1 if this replica leads the group"),
-            &["group"],
-        )?;
-        let group_term = IntGaugeVec::new(Opts::new("group_term", "Raft term"), &["group"])?;
-        let group_applied = IntGaugeVec::new(
-            Opts::new("group_applied_index", "Highest applied journal index"),
-            &["group"],
-        )?;
-        let group_tablets = IntGaugeVec::new(
-            Opts::new("group_tablets", "Tablets the group replica hosts"),
-            &["group"],
-        )?;
-        let group_truncated = IntGaugeVec::new(
-            Opts::new(
-                "group_truncated_index",
-                "The group's log is truncated up to here behind a snapshot",
-            ),
-            &["group"],
-        )?;
+        let mut group_gauges = Vec::with_capacity(GROUP_GAUGES.len());
+        for (name, help, value) in GROUP_GAUGES {
+            let gauges = IntGaugeVec::new(Opts::new(name, help), &["group"])?;
+            registry.register(Box::new(gauges.clone()))?;
+            group_gauges.push((gauges, value));
+        }
         let memory_bytes = IntGauge::new("memstore_bytes", "MemStore memory of all tablets")?;
         let journal_fsyncs = IntGauge::new(
             "journal_fsyncs",
@@ -98,11 +125,6 @@ impl ServerMetrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(flushes_recorded.clone()))?;
-        registry.register(Box::new(group_leader.clone()))?;
-        registry.register(Box::new(group_term.clone()))?;
-        registry.register(Box::new(group_applied.clone()))?;
-        registry.register(Box::new(group_tablets.clone()))?;
-        registry.register(Box::new(group_truncated.clone()))?;
         registry.register(Box::new(memory_bytes.clone()))?;
         registry.register(Box::new(journal_fsyncs.clone()))?;
         Ok(ServerMetrics {
@@ -110,11 +132,7 @@ impl ServerMetrics {
             requests,
             latency,
             flushes_recorded,
-            group_leader,
-            group_term,
-            group_applied,
-            group_tablets,
-            group_truncated,
+            group_gauges,
             memory_bytes,
             journal_fsyncs,
         })
@@ -130,29 +148,13 @@ impl ServerMetrics {
 
     /// The text exposition, after setting the scrape-time values.
     pub(crate) fn render(&self, groups: &[GroupSample], memory_bytes: u64, fsyncs: u64) -> String {
-        self.group_leader.reset();
-        self.group_term.reset();
-        self.group_applied.reset();
-        self.group_tablets.reset();
-        self.group_truncated.reset();
-        for group in groups {
-            let label = group.group_id.to_string();
-            let label = [label.as_str()];
-            self.group_leader
-                .with_label_values(&label)
-                .set(i64::from(group.is_leader));
-            self.group_term
-                .with_label_values(&label)
-                .set(gauge(group.term));
-            self.group_applied
-                .with_label_values(&label)
-                .set(gauge(group.applied_index));
-            self.group_tablets
-                .with_label_values(&label)
-                .set(gauge(group.tablets as u64));
-            self.group_truncated
-                .with_label_values(&label)
-                .set(gauge(group.truncated_index));
+        for (gauges, value) in &self.group_gauges {
+            gauges.reset();
+            for group in groups {
+                gauges
+                    .with_label_values(&[group.group_id.to_string().as_str()])
+                    .set(gauge(value(group)));
+            }
         }
         self.memory_bytes.set(gauge(memory_bytes));
         self.journal_fsyncs.set(gauge(fsyncs));
@@ -183,6 +185,9 @@ mod tests {
                 applied_index: 10,
                 tablets: 4,
                 truncated_index: 8,
+                txn_locks: 2,
+                txn_records: 3,
+                txn_safe_point: 99,
             }],
             1024,
             5,
@@ -201,6 +206,10 @@ mod tests {
         );
         assert!(
             text.contains(r#"luna_memstore_bytes{server="7"} 1024"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"luna_group_txn_records{group="3",server="7"} 3"#),
             "{text}"
         );
     }

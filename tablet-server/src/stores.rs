@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use luna_kernel::objstore::LunaObjectStore;
 use luna_storage::{BaseStore, BaseStoreOptions};
@@ -16,6 +17,8 @@ pub(crate) struct CollectionStores {
     object_store: Arc<LunaObjectStore>,
     options: BaseStoreOptions,
     open: tokio::sync::Mutex<HashMap<u64, Arc<BaseStore>>>,
+    /// The master's GC safe point, for stores opened later too.
+    gc_safe_point: AtomicU64,
 }
 
 impl CollectionStores {
@@ -24,6 +27,7 @@ impl CollectionStores {
             object_store,
             options,
             open: tokio::sync::Mutex::new(HashMap::new()),
+            gc_safe_point: AtomicU64::new(0),
         }
     }
 
@@ -41,8 +45,18 @@ impl CollectionStores {
         }
         let store = Arc::clone(&self.object_store) as Arc<dyn ObjectStore>;
         let base = BaseStore::open(store, Self::root(collection_id), self.options.clone()).await?;
+        base.set_gc_safe_point(self.gc_safe_point.load(Ordering::Acquire));
         open.insert(collection_id, Arc::clone(&base));
         Ok(base)
+    }
+
+    /// Lets every BaseStore's compactions drop versions below `safe_point`, and refuses
+    /// reads below it (it never goes down).
+    pub(crate) async fn set_gc_safe_point(&self, safe_point: u64) {
+        self.gc_safe_point.fetch_max(safe_point, Ordering::AcqRel);
+        for base in self.open.lock().await.values() {
+            base.set_gc_safe_point(safe_point);
+        }
     }
 
     /// Stops every BaseStore's background jobs and waits for them.

@@ -125,7 +125,14 @@ impl Writers {
 /// Three tablet servers and database `bank` with collections `checking` (hash, 3 tablets)
 /// and `savings` (range, split at `m`), both led.
 pub async fn bank_universe() -> (Universe, Client, Database, Collection, Collection) {
-    let universe = Universe::start(3);
+    bank_universe_with(&[]).await
+}
+
+/// [`bank_universe`] with more flags for the master.
+pub async fn bank_universe_with(
+    master_flags: &[&str],
+) -> (Universe, Client, Database, Collection, Collection) {
+    let universe = Universe::start_with_master_flags(1, 3, 300, master_flags);
     let client = universe.client().await;
     universe.wait_servers_up(&client, 3).await;
     let admin = client.admin();

@@ -43,6 +43,25 @@ impl Proc {
         self.signal("-CONT");
     }
 
+    /// The `/metrics` text it serves (its banner names the `http://` address).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let addr = self
+            .banner
+            .split_once("http://")
+            .and_then(|(_, rest)| rest.split([')', ' ']).next())
+            .unwrap_or_else(|| panic!("no http address in `{}`", self.banner));
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).expect("send GET");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read /metrics");
+        response
+    }
+
     fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args([signal, &self.child.id().to_string()])
@@ -124,6 +143,8 @@ pub struct Universe {
     /// The masters' `--repair-after-secs`: long (the default), so that only tests of repair
     /// see replicas move.
     pub repair_after_secs: u64,
+    /// More flags for every master process.
+    pub master_flags: Vec<String>,
 }
 
 impl Universe {
@@ -141,6 +162,16 @@ impl Universe {
     /// Like [`start_with_masters`](Self::start_with_masters), with masters that replace the
     /// replicas of a server silent for `repair_after_secs`.
     pub fn start_with_repair(masters: usize, servers: usize, repair_after_secs: u64) -> Universe {
+        Universe::start_with_master_flags(masters, servers, repair_after_secs, &[])
+    }
+
+    /// Like [`start_with_repair`](Self::start_with_repair), with more flags for the masters.
+    pub fn start_with_master_flags(
+        masters: usize,
+        servers: usize,
+        repair_after_secs: u64,
+        master_flags: &[&str],
+    ) -> Universe {
         let dir = tempfile::tempdir().expect("tempdir");
         let replicas: Vec<String> = match masters {
             1 => Vec::new(),
@@ -163,6 +194,7 @@ impl Universe {
             master_addr,
             servers: Vec::new(),
             repair_after_secs,
+            master_flags: master_flags.iter().map(|flag| (*flag).to_owned()).collect(),
         };
         universe.start_master();
         for i in 0..servers {
@@ -202,6 +234,7 @@ impl Universe {
         .iter()
         .map(|arg| (*arg).to_owned())
         .collect();
+        args.extend(self.master_flags.iter().cloned());
         if self.replicas.is_empty() {
             args.extend(["--listen".to_owned(), self.master_addr.clone()]);
         } else {

@@ -22,6 +22,7 @@ use luna_proto::keys;
 use crate::collection::{Collection, ReadOptions, check_value, checked_routing_key};
 use crate::error::{ClientError, Result};
 use crate::retry::{Backoff, Deadline};
+use crate::snapshots::SnapshotHold;
 use crate::{Client, Database};
 
 /// How long a transaction's locks outlive its start if it does not commit: then any reader
@@ -61,6 +62,8 @@ pub struct Transaction {
     state: State,
     /// By (collection, user key).
     writes: BTreeMap<(String, Bytes), Buffered>,
+    /// Keeps the versions this transaction reads from being garbage-collected.
+    _hold: SnapshotHold,
 }
 
 impl Database {
@@ -85,6 +88,7 @@ impl Database {
             read_only,
             state: State::Active,
             writes: BTreeMap::new(),
+            _hold: self.client.inner.hold_snapshot(start_ts),
         }
     }
 

@@ -176,6 +176,15 @@ impl Master for FakeMaster {
         let first = self.next_ts.fetch_add(u64::from(count), Ordering::SeqCst) + 1;
         Ok(Response::new(GetTimestampsResponse { first, count }))
     }
+    async fn keep_snapshots(
+        &self,
+        _: Request<KeepSnapshotsRequest>,
+    ) -> Result<Response<KeepSnapshotsResponse>, Status> {
+        Ok(Response::new(KeepSnapshotsResponse {
+            gc_safe_point: 0,
+            lease_ms: 10_000,
+        }))
+    }
     async fn heartbeat(
         &self,
         _: Request<HeartbeatRequest>,

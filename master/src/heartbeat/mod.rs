@@ -96,9 +96,9 @@ impl View<'_> {
             groups,
             peers,
             routing_version: self.routing_version,
-            // No GC safe point is computed yet: 0 keeps every version.
-            gc_safe_point: 0,
+            gc_safe_point: self.state.gc_safe_point,
             removed_groups,
+            txn_record_floor: self.registry.lock_floor(self.state.groups.keys().copied()),
         }
     }
 }

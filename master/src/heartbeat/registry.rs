@@ -34,12 +34,20 @@ struct Membership {
     ops_per_sec: u64,
 }
 
+/// What a group's leaders reported of its transaction locks.
+#[derive(Debug, Clone, Copy, Default)]
+struct LockFloor {
+    /// No lock below this is held or can be taken (it only rises).
+    floor: u64,
+}
+
 /// Liveness of servers, leaders of groups and their memberships.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     seen: HashMap<u64, Seen>,
     leaders: HashMap<u64, GroupLeader>,
     memberships: HashMap<u64, Membership>,
+    lock_floors: HashMap<u64, LockFloor>,
 }
 
 impl Registry {
@@ -106,6 +114,9 @@ impl Registry {
                         ops_per_sec,
                     },
                 );
+                // A floor never goes down in the group, so an older report is only lower.
+                let floor = self.lock_floors.entry(report.group_id).or_default();
+                floor.floor = floor.floor.max(report.lock_floor);
             }
         }
         changed
@@ -165,6 +176,18 @@ impl Registry {
             .iter()
             .map(|(&group_id, membership)| (group_id, membership.ops_per_sec))
             .collect()
+    }
+
+    /// The lowest lock floor among `groups`: no group holds or can take a lock of a
+    /// transaction that started below it. 0 while one of them has not reported one.
+    pub fn lock_floor(&self, mut groups: impl Iterator<Item = u64>) -> u64 {
+        groups
+            .try_fold(u64::MAX, |lowest, group_id| {
+                let floor = self.lock_floors.get(&group_id)?.floor;
+                Some(lowest.min(floor))
+            })
+            .filter(|&floor| floor != u64::MAX)
+            .unwrap_or(0)
     }
 
     /// The last reported leader of `group_id` (server 0 when unknown).
@@ -311,5 +334,41 @@ mod tests {
         // Reports of groups the server is not a replica of are ignored.
         assert!(!registry.record(4, now, &report(10, true, 9, 0), |_| false));
         assert_eq!(registry.leader(10).server_id, 2);
+    }
+
+    #[test]
+    fn the_lock_floor_needs_every_group_and_never_goes_down() {
+        let mut registry = Registry::default();
+        let now = Instant::now();
+        let floor = |group_id: u64, is_leader: bool, term: u64, lock_floor: u64| {
+            let mut request = report(group_id, is_leader, term, 1);
+            request.groups[0].lock_floor = lock_floor;
+            request
+        };
+        assert_eq!(registry.lock_floor([1, 2].into_iter()), 0, "no reports");
+        registry.record(1, now, &floor(1, true, 1, 50), |_| true);
+        assert_eq!(
+            registry.lock_floor([1, 2].into_iter()),
+            0,
+            "group 2 unknown"
+        );
+        assert_eq!(registry.lock_floor([1].into_iter()), 50);
+        registry.record(1, now, &floor(2, true, 1, 30), |_| true);
+        assert_eq!(registry.lock_floor([1, 2].into_iter()), 30);
+        registry.record(2, now, &floor(2, false, 1, 90), |_| true);
+        assert_eq!(
+            registry.lock_floor([1, 2].into_iter()),
+            30,
+            "a follower's floor"
+        );
+        registry.record(1, now, &floor(2, true, 1, 20), |_| true);
+        assert_eq!(
+            registry.lock_floor([1, 2].into_iter()),
+            30,
+            "an older report of a higher floor stands"
+        );
+        registry.record(1, now, &floor(2, true, 2, 70), |_| true);
+        assert_eq!(registry.lock_floor([1, 2].into_iter()), 50);
+        assert_eq!(registry.lock_floor(std::iter::empty()), 0);
     }
 }

@@ -124,6 +124,7 @@ mod tests {
             change: Some(Change::Compaction(Compaction {
                 removed: vec!["tables/a.parquet".into()],
                 added: vec![],
+                gc_safe_point: 3,
             })),
         }
     }

@@ -440,11 +440,17 @@ mod tests {
                 Change::Compaction(pb::Compaction {
                     removed: removed.into_iter().map(String::from).collect(),
                     added: vec![table("z1", 1, "n", "z"), table("z0", 1, "a", "m")],
+                    gc_safe_point: seq * 10,
                 }),
             )
         };
         v.apply(&compact(4, vec!["x", "y"])).unwrap();
         assert!(v.level(0).is_empty());
+        assert_eq!(v.gc_safe_point(), 40, "the compaction's safe point");
+        assert_eq!(
+            Version::from_checkpoint(&v.to_checkpoint()).gc_safe_point(),
+            40
+        );
         let names: Vec<_> = v.level(1).iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["z0", "z1"], "sorted levels are ordered by key");
         assert_eq!(

@@ -103,6 +103,15 @@ impl Group {
                 Some(gpb::group_entry::Kind::Flushed(flushed)) => {
                     self.apply_flushed(flushed).await?;
                 }
+                Some(gpb::group_entry::Kind::TxnGc(gc)) => {
+                    if let Ok(mut txns) = self.txns.lock() {
+                        txns.collect(gc.safe_point, gc.record_floor);
+                    }
+                    // A snapshot must not stand for an index before this entry: replayed
+                    // from there, a prewrite between the two would be refused on one
+                    // replica and not on the others.
+                    self.last_control_index.store(index, Ordering::Release);
+                }
                 None => {
                     return Err(TabletServerError::CorruptEntry {
                         group_id: self.id,
@@ -128,6 +137,15 @@ impl Group {
         if let Some(key) = &key
             && self.dedup_get(key).is_some()
         {
+            return;
+        }
+        if self.prewrite_too_old(&unit) {
+            // The leader checked this before proposing, but a TxnGc entry came first.
+            tracing::debug!(
+                group = self.id,
+                index,
+                "prewrite below the GC safe point refused"
+            );
             return;
         }
         let mut targets = Vec::with_capacity(unit.len());
@@ -182,6 +200,20 @@ impl Group {
         {
             dedup.insert(key, Applied { index, commit_ts });
         }
+    }
+
+    /// Whether `unit` prewrites a transaction that started below the safe point this
+    /// group applied: its snapshot may be gone, and its outcome record with it.
+    fn prewrite_too_old(&self, unit: &[gpb::TabletWrite]) -> bool {
+        let Ok(txns) = self.txns.lock() else {
+            return false;
+        };
+        unit.iter()
+            .filter_map(|write| write.txn.as_ref())
+            .any(|txn| {
+                matches!(txn.kind, Some(gpb::txn_write::Kind::Prewrite(_)))
+                    && txn.start_ts < txns.safe_point()
+            })
     }
 
     /// A prewrite: locks the mutations' keys, keeping each mutation in its lock.
@@ -358,7 +390,7 @@ impl Group {
             *dedup = Dedup::from_records(&state.recent_requests);
         }
         if let Ok(mut txns) = self.txns.lock() {
-            *txns = TxnState::from_records(&state.txn_records);
+            *txns = TxnState::from_records(&state.txn_records, state.txn_safe_point);
         }
         self.max_applied_ts
             .fetch_max(state.max_commit_ts, Ordering::AcqRel);
@@ -404,10 +436,10 @@ impl Group {
         else {
             return;
         };
-        let (up_to, txn_records) = match self.txns.lock() {
+        let (up_to, txn_records, txn_safe_point) = match self.txns.lock() {
             Ok(txns) => {
                 let up_to = txns.truncation_bound(up_to);
-                (up_to, txns.records_up_to(up_to))
+                (up_to, txns.records_up_to(up_to), txns.safe_point())
             }
             Err(_) => return,
         };
@@ -428,6 +460,7 @@ impl Group {
             recent_requests,
             max_commit_ts: self.max_applied_ts(),
             txn_records,
+            txn_safe_point,
         };
         match self
             .stream

@@ -6,6 +6,11 @@
 //! group snapshot then never has to carry locks. Outcomes are kept in snapshots, because a
 //! transaction's other keys are resolved through its primary's outcome long after the
 //! primary's lock is gone.
+//!
+//! Outcomes are dropped once no lock of their transaction can be left anywhere: a `TxnGc`
+//! entry carries the master's GC safe point, below which no prewrite locks anything from
+//! then on, and the record floor, below which every group reported no lock (see
+//! [`TxnState::lock_floor`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
@@ -53,6 +58,9 @@ pub(crate) struct TxnState {
     /// `(prewrite index, resolve index)` of locks resolved above the truncation point: the
     /// log must not be truncated between the two either.
     resolved: Vec<(u64, u64)>,
+    /// The GC safe point of the last `TxnGc` entry: no transaction that started below it
+    /// takes a lock here any more.
+    safe_point: u64,
 }
 
 impl TxnState {
@@ -89,6 +97,42 @@ impl TxnState {
             .range((start, end))
             .map(|(_, lock)| lock)
             .find(|lock| lock.start_ts <= read_ts)
+    }
+
+    /// How many keys are locked, and how many outcomes are kept.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        (self.locks.len(), self.outcomes.len())
+    }
+
+    /// The GC safe point this group's log applied: a prewrite below it locks nothing.
+    pub(crate) fn safe_point(&self) -> u64 {
+        self.safe_point
+    }
+
+    /// No lock of a transaction that started below this is held here, or can be taken
+    /// from now on; it never goes down.
+    pub(crate) fn lock_floor(&self) -> u64 {
+        self.locks
+            .values()
+            .map(|lock| lock.start_ts)
+            .fold(self.safe_point, u64::min)
+    }
+
+    /// Whether a `TxnGc` entry with `safe_point` and `record_floor` would change anything.
+    pub(crate) fn collectable(&self, safe_point: u64, record_floor: u64) -> bool {
+        safe_point > self.safe_point
+            || self
+                .outcomes
+                .keys()
+                .any(|&(_, _, start_ts)| start_ts < record_floor)
+    }
+
+    /// Applies a `TxnGc` entry: raises the safe point, and drops the outcomes of
+    /// transactions that started below `record_floor`.
+    pub(crate) fn collect(&mut self, safe_point: u64, record_floor: u64) {
+        self.safe_point = self.safe_point.max(safe_point);
+        self.outcomes
+            .retain(|&(_, _, start_ts), _| start_ts >= record_floor);
     }
 
     /// Locks `key` of `tablet` for a prewrite (replacing nothing: the leader checked).
@@ -189,9 +233,12 @@ impl TxnState {
         records
     }
 
-    /// The state a snapshot stands for: its outcomes, and no locks.
-    pub(crate) fn from_records(records: &[TxnRecord]) -> TxnState {
-        let mut state = TxnState::default();
+    /// The state a snapshot stands for: its outcomes and safe point, and no locks.
+    pub(crate) fn from_records(records: &[TxnRecord], safe_point: u64) -> TxnState {
+        let mut state = TxnState {
+            safe_point,
+            ..TxnState::default()
+        };
         for record in records {
             state.decide(
                 record.tablet_id,
@@ -291,8 +338,34 @@ mod tests {
         state.decide(1, primary.clone(), 10, 0, 9);
         state.decide(1, primary.clone(), 20, 0, 12);
         assert_eq!(state.outcome(1, &primary, 10), Some(15));
-        let restored = TxnState::from_records(&state.records_up_to(10));
+        let restored = TxnState::from_records(&state.records_up_to(10), 7);
         assert_eq!(restored.outcome(1, &primary, 10), Some(15));
         assert_eq!(restored.outcome(1, &primary, 20), None, "decided after 10");
+        assert_eq!(restored.safe_point(), 7);
+    }
+
+    #[test]
+    fn gc_drops_outcomes_below_the_record_floor_and_the_floor_follows_locks() {
+        let mut state = TxnState::default();
+        let primary = Bytes::from_static(b"p");
+        state.decide(1, primary.clone(), 10, 15, 7);
+        state.decide(1, primary.clone(), 20, 0, 8);
+        state.decide(2, primary.clone(), 30, 35, 9);
+        assert_eq!(state.lock_floor(), 0, "no safe point applied yet");
+        state.install(1, lock("k", 25, 10));
+        assert!(!state.collectable(0, 10), "nothing started below 10");
+        assert!(state.collectable(0, 11));
+        assert!(state.collectable(5, 0), "a higher safe point");
+        state.collect(40, 21);
+        assert_eq!(state.outcome(1, &primary, 10), None);
+        assert_eq!(state.outcome(1, &primary, 20), None);
+        assert_eq!(state.outcome(2, &primary, 30), Some(35));
+        assert_eq!(state.safe_point(), 40);
+        assert_eq!(state.lock_floor(), 25, "the held lock is older");
+        state.release(1, &Bytes::from_static(b"k"), 25, 11);
+        assert_eq!(state.lock_floor(), 40);
+        state.collect(30, 0);
+        assert_eq!(state.safe_point(), 40, "never lowered");
+        assert!(!state.collectable(40, 30));
     }
 }

@@ -181,6 +181,7 @@ impl Group {
         if let Some(applied) = self.dedup_get(&prewrite.request_id) {
             return Ok(applied.commit_ts);
         }
+        self.check_above_safe_point(prewrite.start_ts)?;
         let keys = prewrite
             .parts
             .iter()
@@ -229,6 +230,59 @@ impl Group {
             })
             .collect();
         self.commit_writes(requests, stamp).await
+    }
+
+    /// Refuses a transaction that started below the GC safe point this group applied: what
+    /// it read may be gone, and so may the outcome records that would resolve its locks.
+    fn check_above_safe_point(&self, start_ts: u64) -> Result<()> {
+        let txns = self
+            .txns
+            .lock()
+            .map_err(|_| TabletServerError::ShuttingDown)?;
+        let safe_point = txns.safe_point();
+        if start_ts < safe_point {
+            return Err(TabletServerError::SnapshotTooOld {
+                read_ts: start_ts,
+                safe_point,
+            });
+        }
+        Ok(())
+    }
+
+    /// Locked keys, kept outcomes and the applied safe point, for metrics.
+    pub(crate) fn txn_stats(&self) -> (usize, usize, u64) {
+        self.txns.lock().map_or((0, 0, 0), |txns| {
+            let (locks, records) = txns.counts();
+            (locks, records, txns.safe_point())
+        })
+    }
+
+    /// No lock of a transaction that started below this is held in the group or can be
+    /// taken any more (for the master's transaction record floor).
+    pub(crate) fn lock_floor(&self) -> u64 {
+        self.txns.lock().map_or(0, |txns| txns.lock_floor())
+    }
+
+    /// On the leader: has the log carry the master's GC safe point and transaction record
+    /// floor, if that changes anything.
+    pub(crate) async fn collect_txn_garbage(&self, safe_point: u64, record_floor: u64) {
+        if self.serving.borrow().is_none() {
+            return;
+        }
+        let due = self
+            .txns
+            .lock()
+            .is_ok_and(|txns| txns.collectable(safe_point, record_floor));
+        if !due {
+            return;
+        }
+        let gc = gpb::TxnGc {
+            safe_point,
+            record_floor,
+        };
+        if let Err(error) = self.propose(gpb::group_entry::Kind::TxnGc(gc)).await {
+            tracing::debug!(group = self.id, %error, "proposing transaction GC");
+        }
     }
 
     /// A prewrite of a transaction already decided here (a late retry, or one its primary
