@@ -6,7 +6,7 @@ use futures::future::join_all;
 use luna_proto::tablet::{self as pb, mutation::Op};
 
 use super::resolve::resolve_keys;
-use super::{Buffered, DEFAULT_LOCK_TTL, Transaction};
+use super::{Buffered, Transaction};
 use crate::collection::Collection;
 use crate::error::{ClientError, Result};
 use crate::exec::{Access, CallSpec, LiveLock, Locate, Outcome, on_tablet};
@@ -133,6 +133,7 @@ async fn prewrite(
         return Ok(0);
     };
     let request_id = txn.client.inner.next_request_id();
+    let ttl_ms = txn.lock_ttl_ms();
     let tablets: Vec<pb::TabletMutations> = parts
         .iter()
         .map(|part| pb::TabletMutations {
@@ -168,7 +169,7 @@ async fn prewrite(
                 start_ts: txn.start_ts,
                 primary_collection: primary.collection.clone(),
                 primary_key: primary.key.clone(),
-                ttl_ms: DEFAULT_LOCK_TTL.as_millis() as u64,
+                ttl_ms,
                 tablets: tablets.clone(),
                 one_phase,
             };

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::ops::RangeBounds;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use luna_proto::keys;
@@ -25,10 +25,14 @@ use crate::retry::{Backoff, Deadline};
 use crate::snapshots::SnapshotHold;
 use crate::{Client, Database};
 
-/// How long a transaction's locks outlive its start if it does not commit: then any reader
-/// or writer that meets them may roll it back. Transactions that run longer fail to commit
-/// with [`ClientError::TxnAborted`] once someone did.
+/// How long a transaction's locks outlive its prewrite if it does not commit: then any
+/// reader or writer that meets them may roll it back, and the commit fails with
+/// [`ClientError::TxnAborted`]. The TTL sent is this plus the time the transaction ran
+/// before it committed, since servers measure it from the start timestamp.
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(3);
+
+/// The longest TTL servers accept.
+const MAX_LOCK_TTL: Duration = Duration::from_secs(600);
 
 /// What the body of [`Database::transaction`] returns: a boxed future that may borrow the
 /// transaction.
@@ -62,6 +66,8 @@ pub struct Transaction {
     state: State,
     /// By (collection, user key).
     writes: BTreeMap<(String, Bytes), Buffered>,
+    /// When it began here, to measure how long it has run.
+    began: Instant,
     /// Keeps the versions this transaction reads from being garbage-collected.
     _hold: SnapshotHold,
 }
@@ -88,6 +94,7 @@ impl Database {
             read_only,
             state: State::Active,
             writes: BTreeMap::new(),
+            began: Instant::now(),
             _hold: self.client.inner.hold_snapshot(start_ts),
         }
     }
@@ -144,6 +151,13 @@ impl Transaction {
     /// The snapshot the transaction reads at.
     pub fn start_ts(&self) -> u64 {
         self.start_ts
+    }
+
+    /// The TTL of the locks a prewrite takes now: [`DEFAULT_LOCK_TTL`] from now on, counted
+    /// from the start timestamp as servers do.
+    fn lock_ttl_ms(&self) -> u64 {
+        let ttl = (self.began.elapsed() + DEFAULT_LOCK_TTL).min(MAX_LOCK_TTL);
+        u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
     fn check_active(&self) -> Result<()> {
@@ -333,5 +347,32 @@ impl Transaction {
         self.writes.clear();
         self.state = State::RolledBack;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{ClientOptions, Inner};
+
+    #[tokio::test]
+    async fn locks_live_a_ttl_past_the_prewrite_however_long_the_transaction_ran() {
+        let inner = Inner::new(["127.0.0.1:1"], ClientOptions::default()).expect("client");
+        let client = Client {
+            inner: Arc::new(inner),
+        };
+        let mut txn = client.database("d").read_only_at(5);
+        let fresh = txn.lock_ttl_ms();
+        assert!((3000..3100).contains(&fresh), "{fresh}");
+        txn.began = Instant::now() - Duration::from_secs(5);
+        let ttl = txn.lock_ttl_ms();
+        assert!((8000..8100).contains(&ttl), "{ttl}");
+        // Instants count from boot: a machine up for less than this cannot go back so far.
+        if let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(700)) {
+            txn.began = long_ago;
+            assert_eq!(txn.lock_ttl_ms(), 600_000, "capped at what servers accept");
+        }
     }
 }
