@@ -117,6 +117,32 @@ async fn transactions_read_a_snapshot_and_the_first_committer_wins() {
         text(read_only.get(&checking, "carol").await.expect("read")),
         Some("5".into())
     );
+
+    // A two-phase commit lands above every read a prewritten group served of its keys,
+    // not only above the primary's group's clock: a snapshot read 5 s ahead of the clock
+    // on the secondary's group stays repeatable.
+    let tablets = client
+        .admin()
+        .list_tablets("bank", "savings")
+        .await
+        .expect("tablets");
+    assert_ne!(tablets[0].group_id, tablets[1].group_id, "{tablets:?}");
+    let mut writer = db.begin().await.expect("begin");
+    let ahead = client.timestamp().await.expect("ts") + (5_000 << 18);
+    let reader = db.read_only_at(ahead);
+    assert_eq!(reader.get(&savings, "zz").await.expect("read ahead"), None);
+    writer.put(&savings, "aa", "1").expect("put");
+    writer.put(&savings, "zz", "1").expect("put");
+    let commit_ts = writer.commit().await.expect("commit");
+    assert!(
+        commit_ts > ahead,
+        "committed at {commit_ts}, at or below a read served at {ahead}"
+    );
+    assert_eq!(
+        reader.get(&savings, "zz").await.expect("read again"),
+        None,
+        "the read ahead is repeatable"
+    );
 }
 
 /// Sum of every account, read in one snapshot.
@@ -456,6 +482,7 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
                 keys: vec![Bytes::from_static(b"a2")],
             }],
             primary_key: Bytes::from_static(b"a2"),
+            commit_above: 0,
         },
     )
     .await;
@@ -513,21 +540,29 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
             "{what}"
         );
     }
-    let answer = servers[0]
-        .resolve(pb::ResolveRequest {
-            request_id: request_id(45),
-            start_ts: 10,
-            commit_ts: 5,
-            tablets: vec![pb::TabletKeys {
-                tablet: tablet("a3"),
-                keys: vec![Bytes::from_static(b"a3")],
-            }],
-            primary_key: Bytes::new(),
-        })
-        .await;
-    assert_eq!(
-        answer.map(|_| ()).unwrap_err().code(),
-        tonic::Code::InvalidArgument,
-        "commit_ts below start_ts"
-    );
+    let resolve = |seq, commit_ts, commit_above, primary_key: &'static [u8]| pb::ResolveRequest {
+        request_id: request_id(seq),
+        start_ts: 10,
+        commit_ts,
+        tablets: vec![pb::TabletKeys {
+            tablet: tablet("a3"),
+            keys: vec![Bytes::from_static(b"a3")],
+        }],
+        primary_key: Bytes::from_static(primary_key),
+        commit_above,
+    };
+    let bad_resolves = [
+        ("commit_ts below start_ts", resolve(45, 5, 0, b"")),
+        ("commit_above without the primary", resolve(46, 0, 20, b"")),
+        ("commit_above and commit_ts", resolve(47, 20, 20, b"a3")),
+        ("commit_above below start_ts", resolve(48, 0, 5, b"a3")),
+    ];
+    for (what, request) in bad_resolves {
+        let answer = servers[0].resolve(request).await;
+        assert_eq!(
+            answer.map(|_| ()).unwrap_err().code(),
+            tonic::Code::InvalidArgument,
+            "{what}"
+        );
+    }
 }

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use luna_proto::tablet::{self as pb, mutation::Op};
 
-use super::resolve::resolve_keys;
+use super::resolve::{Decision, resolve_keys};
 use super::{Buffered, Transaction};
 use crate::collection::Collection;
 use crate::error::{ClientError, Result};
@@ -99,26 +99,42 @@ pub(super) async fn commit(
     let prewrites = groups
         .iter()
         .map(|(_, parts)| prewrite(txn, &primary, parts, false, deadline));
-    let failure = join_all(prewrites)
-        .await
-        .into_iter()
-        .filter_map(Result::err)
-        .min_by_key(|error| !error.is_conflict());
+    let mut commit_above = txn.start_ts;
+    let mut failure: Option<ClientError> = None;
+    for prewritten in join_all(prewrites).await {
+        match prewritten {
+            Ok(min_commit_ts) => commit_above = commit_above.max(min_commit_ts),
+            // A conflict is the one to report: the caller retries those.
+            Err(error) if failure.as_ref().is_none_or(|kept| !kept.is_conflict()) => {
+                failure = Some(error);
+            }
+            Err(_) => {}
+        }
+    }
     let parts: Vec<Part> = groups.into_iter().flat_map(|(_, parts)| parts).collect();
     if let Some(error) = failure {
         // Best effort: locks left behind expire and are rolled back by whoever meets them.
-        if let Err(rollback) = resolve_all(txn, &primary, parts, 0, deadline).await {
+        if let Err(rollback) = resolve_all(txn, &primary, parts, Decision::RollBack, deadline).await
+        {
             tracing::debug!(start_ts = txn.start_ts, %rollback, "rolling back after a failed prewrite");
         }
         return Err(error);
     }
-    let commit_ts = txn.client.timestamp().await?;
-    resolve_all(txn, &primary, parts, commit_ts, deadline).await?;
-    Ok(commit_ts)
+    // No TSO round: the primary's leader picks the commit timestamp, above every
+    // prewrite's minimum (what each group served reads of the keys at) and its own clock.
+    resolve_all(
+        txn,
+        &primary,
+        parts,
+        Decision::CommitAbove(commit_above),
+        deadline,
+    )
+    .await
 }
 
 /// Locks one group's share of the writes, or with `one_phase` commits them at once (then
-/// they are the whole transaction); returns the one-phase commit timestamp.
+/// they are the whole transaction); returns the one-phase commit timestamp, or the
+/// timestamp a two-phase commit must be above.
 async fn prewrite(
     txn: &Transaction,
     primary: &Primary,
@@ -175,7 +191,11 @@ async fn prewrite(
             };
             async move {
                 let response = target.client.prewrite(request).await?;
-                Ok((response.error, response.commit_ts))
+                let answer = match one_phase {
+                    true => response.commit_ts,
+                    false => response.min_commit_ts,
+                };
+                Ok((response.error, answer))
             }
         },
     )
@@ -188,26 +208,26 @@ async fn prewrite(
     }
 }
 
-/// Commits (`commit_ts > 0`) or rolls back every part's locks: the primary's tablet first
-/// and waited for (that decides the transaction), the rest in the background, as the
-/// primary's outcome says. Failures there are only logged: a lock left behind is resolved
-/// through the primary by whoever meets it.
+/// Commits or rolls back every part's locks: the primary's tablet first and waited for
+/// (that decides the transaction), the rest in the background, as the primary's outcome
+/// says. Returns the commit timestamp (0 for a rollback). Failures of the rest are only
+/// logged: a lock left behind is resolved through the primary by whoever meets it.
 async fn resolve_all(
     txn: &Transaction,
     primary: &Primary,
     parts: Vec<Part>,
-    commit_ts: u64,
+    decision: Decision,
     deadline: &Deadline,
-) -> Result<()> {
+) -> Result<u64> {
     let mut parts = parts.into_iter();
     let Some(first) = parts.next() else {
-        return Ok(());
+        return Ok(0);
     };
     let decided = resolve_keys(
         &txn.client.inner,
         &first.collection.cache,
         txn.start_ts,
-        commit_ts,
+        decision,
         first.keys(),
         Some(primary.key.clone()),
         deadline,
@@ -224,9 +244,9 @@ async fn resolve_all(
     // The rest follow the primary's outcome once it is known. When it is not (the answer
     // was lost), they stay locked: rolling them back could undo a committed transaction,
     // and whoever meets them asks the primary.
-    let commit_ts = match &decided {
-        Ok(()) => commit_ts,
-        Err(ClientError::TxnAborted { .. }) => 0,
+    let rest_decision = match &decided {
+        Ok(commit_ts) => Decision::from_commit_ts(*commit_ts),
+        Err(ClientError::TxnAborted { .. }) => Decision::RollBack,
         Err(_) => return decided,
     };
     // The secondaries get a deadline of their own: the commit's may be nearly spent.
@@ -237,7 +257,7 @@ async fn resolve_all(
                 &inner,
                 &collection.cache,
                 start_ts,
-                commit_ts,
+                rest_decision,
                 keys.clone(),
                 None,
                 &budget,

@@ -55,7 +55,7 @@ pub(crate) fn resolve_lock<'a>(
             inner,
             &cache,
             lock.start_ts,
-            commit_ts,
+            Decision::from_commit_ts(commit_ts),
             vec![lock.key.clone()],
             None,
             deadline,
@@ -104,27 +104,56 @@ async fn check_txn(
     }
 }
 
-/// Commits (`commit_ts > 0`) or rolls back the locks of transaction `start_ts` on `keys`
-/// (routing keys of one tablet of `cache`'s collection). `primary` names the transaction's
-/// primary key when the request decides the transaction.
+/// What a `Resolve` does with a transaction's locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Commit at this timestamp.
+    Commit(u64),
+    /// Commit the primary at a timestamp its group's leader picks above this.
+    CommitAbove(u64),
+    RollBack,
+}
+
+impl Decision {
+    /// A commit at `commit_ts`, or for 0 a rollback.
+    pub(crate) fn from_commit_ts(commit_ts: u64) -> Decision {
+        match commit_ts {
+            0 => Decision::RollBack,
+            commit_ts => Decision::Commit(commit_ts),
+        }
+    }
+
+    /// The request's `commit_ts` and `commit_above`.
+    fn fields(self) -> (u64, u64) {
+        match self {
+            Decision::Commit(commit_ts) => (commit_ts, 0),
+            Decision::CommitAbove(above) => (0, above),
+            Decision::RollBack => (0, 0),
+        }
+    }
+}
+
+/// Commits or rolls back the locks of transaction `start_ts` on `keys` (routing keys of one
+/// tablet of `cache`'s collection), and returns the commit timestamp (0 for a rollback).
+/// `primary` names the transaction's primary key when the request decides the transaction.
 pub(crate) async fn resolve_keys(
     inner: &Inner,
     cache: &crate::routing::RouteCache,
     start_ts: u64,
-    commit_ts: u64,
+    decision: Decision,
     keys: Vec<Bytes>,
     primary: Option<Bytes>,
     deadline: &Deadline,
-) -> Result<()> {
+) -> Result<u64> {
     let Some(first) = keys.first().cloned() else {
-        return Ok(());
+        return Ok(0);
     };
     let request_id = inner.next_request_id();
+    let (commit_ts, commit_above) = decision.fields();
     let spec = CallSpec {
-        operation: if commit_ts == 0 {
-            "roll back"
-        } else {
-            "commit"
+        operation: match decision {
+            Decision::RollBack => "roll back",
+            _ => "commit",
         },
         access: Access::Leader,
         is_write: true,
@@ -143,15 +172,16 @@ pub(crate) async fn resolve_keys(
                 keys: keys.clone(),
             }],
             primary_key: primary.clone().unwrap_or_default(),
+            commit_above,
         };
         async move {
             let response = target.client.resolve(request).await?;
-            Ok((response.error, ()))
+            Ok((response.error, response.commit_ts))
         }
     })
     .await?;
     match outcome {
-        Outcome::Done(()) => Ok(()),
+        Outcome::Done(commit_ts) => Ok(commit_ts),
         Outcome::Resplit => Err(ClientError::protocol("a single key cannot span tablets")),
     }
 }

@@ -75,10 +75,11 @@ pub(crate) enum Stamp {
     /// A plain write: the next one from the leader's clock, once no lock or latch holds
     /// any of its keys (checked as the batch is formed, so after every earlier proposal).
     Plain,
-    /// A one-phase commit of a transaction that started at `start_ts`: the next one from
-    /// the clock, above the start. The leader checked its keys under latches.
+    /// A one-phase commit of a transaction that started at `start_ts`, or the commit of a
+    /// two-phase transaction's primary above every prewrite's minimum: the next one from
+    /// the clock, above the given timestamp. The leader checked its keys under latches.
     Above(u64),
-    /// A transaction's commit timestamp from the TSO.
+    /// A transaction's commit timestamp, picked by the group of its primary.
     Given(u64),
     /// None: a prewrite or a rollback writes no version.
     Unstamped,
@@ -126,6 +127,11 @@ pub(super) struct Clock {
 }
 
 impl Clock {
+    /// The largest timestamp assigned to a write or read at by a snapshot read.
+    pub(super) fn last_assigned(&self) -> u64 {
+        self.last
+    }
+
     fn key_hash(&self, tablet_id: u64, key: &[u8]) -> u64 {
         self.key_hasher.hash_one((tablet_id, key))
     }

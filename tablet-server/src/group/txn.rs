@@ -41,11 +41,14 @@ pub(crate) struct Prewrite {
     pub(crate) parts: Vec<(String, TabletPart<Mutation>)>,
 }
 
-/// A commit (`commit_ts > 0`) or rollback of one transaction's locks in this group.
+/// A commit (`commit_ts > 0`, or `commit_above > 0`) or rollback of one transaction's locks
+/// in this group.
 pub(crate) struct Resolve {
     pub(crate) request_id: RequestKey,
     pub(crate) start_ts: u64,
     pub(crate) commit_ts: u64,
+    /// Commit at a timestamp of this leader's clock above this (with the primary only).
+    pub(crate) commit_above: u64,
     /// The transaction's primary key, when the request decides the transaction: it is in
     /// the first part's tablet.
     pub(crate) primary_key: Option<Bytes>,
@@ -66,6 +69,12 @@ impl Drop for Latch<'_> {
             }
         }
         self.group.latches_released.notify_waiters();
+    }
+}
+
+impl Resolve {
+    fn commits(&self) -> bool {
+        self.commit_ts > 0 || self.commit_above > 0
     }
 }
 
@@ -173,13 +182,18 @@ impl Group {
     }
 
     /// Locks a transaction's keys in this group, or with `one_phase` commits them at once;
-    /// returns the commit timestamp of a one-phase commit (else 0).
+    /// returns the commit timestamp of a one-phase commit, else the timestamp the
+    /// transaction must commit above.
     pub(crate) async fn prewrite(&self, prewrite: Prewrite) -> Result<u64> {
         if self.serving.borrow().is_none() {
             return Err(self.not_leader());
         }
+        let one_phase = prewrite.one_phase;
         if let Some(applied) = self.dedup_get(&prewrite.request_id) {
-            return Ok(applied.commit_ts);
+            return match one_phase {
+                true => Ok(applied.commit_ts),
+                false => self.min_commit_ts(),
+            };
         }
         self.check_above_safe_point(prewrite.start_ts)?;
         let keys = prewrite
@@ -229,7 +243,23 @@ impl Group {
                 }
             })
             .collect();
-        self.commit_writes(requests, stamp).await
+        let commit_ts = self.commit_writes(requests, stamp).await?;
+        match one_phase {
+            true => Ok(commit_ts),
+            false => self.min_commit_ts(),
+        }
+    }
+
+    /// Above every timestamp this leader assigned or served a read at. Taken once the
+    /// locks are applied: a read that registers its timestamp later meets them, and one
+    /// that registered before is below this, so committing above it keeps that read
+    /// repeatable.
+    fn min_commit_ts(&self) -> Result<u64> {
+        let clock = self
+            .clock
+            .lock()
+            .map_err(|_| TabletServerError::ShuttingDown)?;
+        Ok(clock.last_assigned().saturating_add(1))
     }
 
     /// Refuses a transaction that started below the GC safe point this group applied: what
@@ -324,15 +354,16 @@ impl Group {
         }
     }
 
-    /// Commits or rolls back a transaction's locks in this group. When the request names
-    /// the primary, this decides the transaction: a commit needs the primary's lock (or an
-    /// earlier commit), and a transaction rolled back cannot commit.
-    pub(crate) async fn resolve(&self, resolve: Resolve) -> Result<()> {
+    /// Commits or rolls back a transaction's locks in this group, and returns the commit
+    /// timestamp (0 for a rollback). When the request names the primary, this decides the
+    /// transaction: a commit needs the primary's lock (or an earlier commit), and a
+    /// transaction rolled back cannot commit.
+    pub(crate) async fn resolve(&self, resolve: Resolve) -> Result<u64> {
         if self.serving.borrow().is_none() {
             return Err(self.not_leader());
         }
-        if self.dedup_get(&resolve.request_id).is_some() {
-            return Ok(());
+        if let Some(applied) = self.dedup_get(&resolve.request_id) {
+            return Ok(applied.commit_ts);
         }
         let keys = resolve
             .parts
@@ -348,15 +379,16 @@ impl Group {
     }
 
     /// [`Group::resolve`] once the request's keys are latched.
-    async fn resolve_latched(&self, resolve: Resolve) -> Result<()> {
+    async fn resolve_latched(&self, resolve: Resolve) -> Result<u64> {
         if let (Some(primary), Some(first)) = (&resolve.primary_key, resolve.parts.first())
-            && self.primary_decided(first.hosted.info.id, primary, &resolve)?
+            && let Some(decided) = self.primary_decided(first.hosted.info.id, primary, &resolve)?
         {
-            return Ok(());
+            return Ok(decided);
         }
-        let stamp = match resolve.commit_ts {
-            0 => Stamp::Unstamped,
-            commit_ts => Stamp::Given(commit_ts),
+        let stamp = match (resolve.commit_ts, resolve.commit_above) {
+            (0, 0) => Stamp::Unstamped,
+            (0, above) => Stamp::Above(above),
+            (commit_ts, _) => Stamp::Given(commit_ts),
         };
         let primary_tablet = resolve.parts.first().map(|part| part.hosted.info.id);
         let requests = resolve
@@ -383,13 +415,19 @@ impl Group {
                 }
             })
             .collect();
-        self.commit_writes(requests, stamp).await.map(|_| ())
+        self.commit_writes(requests, stamp).await
     }
 
-    /// Whether the transaction whose primary is `primary` was decided already the way
-    /// `resolve` asks (nothing left to do); an error if it was decided the other way, or if
-    /// a commit finds neither the primary's lock nor an outcome.
-    fn primary_decided(&self, tablet_id: u64, primary: &Bytes, resolve: &Resolve) -> Result<bool> {
+    /// The outcome's commit timestamp (0: rolled back) if the transaction whose primary is
+    /// `primary` was decided already the way `resolve` asks (nothing left to do); an error
+    /// if it was decided the other way, or if a commit finds neither the primary's lock nor
+    /// an outcome.
+    fn primary_decided(
+        &self,
+        tablet_id: u64,
+        primary: &Bytes,
+        resolve: &Resolve,
+    ) -> Result<Option<u64>> {
         let txns = self
             .txns
             .lock()
@@ -399,20 +437,20 @@ impl Group {
             .is_some_and(|lock| lock.start_ts == resolve.start_ts);
         match (
             txns.outcome(tablet_id, primary, resolve.start_ts),
-            resolve.commit_ts,
+            resolve.commits(),
         ) {
-            (Some(0), 0) => Ok(true),
-            (Some(0), _) => Err(TabletServerError::TxnAborted {
+            (Some(0), false) => Ok(Some(0)),
+            (Some(0), true) => Err(TabletServerError::TxnAborted {
                 start_ts: resolve.start_ts,
             }),
-            (Some(_), 0) => Err(TabletServerError::InvalidArgument(format!(
+            (Some(_), false) => Err(TabletServerError::InvalidArgument(format!(
                 "transaction {} committed: it cannot be rolled back",
                 resolve.start_ts
             ))),
-            (Some(_), _) => Ok(true),
-            (None, 0) => Ok(false),
-            (None, _) if locked => Ok(false),
-            (None, _) => Err(TabletServerError::TxnAborted {
+            (Some(commit_ts), true) => Ok(Some(commit_ts)),
+            (None, false) => Ok(None),
+            (None, true) if locked => Ok(None),
+            (None, true) => Err(TabletServerError::TxnAborted {
                 start_ts: resolve.start_ts,
             }),
         }
@@ -457,6 +495,7 @@ impl Group {
             request_id,
             start_ts,
             commit_ts: 0,
+            commit_above: 0,
             primary_key: Some(primary.clone()),
             parts: vec![TabletPart {
                 hosted,

@@ -104,6 +104,7 @@ impl TabletService {
                 Ok((collection, TabletPart { hosted, items }))
             })
             .collect::<Result<Vec<_>>>()?;
+        let one_phase = request.one_phase;
         let commit_ts = group
             .prewrite(Prewrite {
                 request_id,
@@ -118,9 +119,18 @@ impl TabletService {
                 parts,
             })
             .await?;
-        Ok(pb::PrewriteResponse {
-            error: None,
-            commit_ts,
+        Ok(if one_phase {
+            pb::PrewriteResponse {
+                error: None,
+                commit_ts,
+                min_commit_ts: 0,
+            }
+        } else {
+            pb::PrewriteResponse {
+                error: None,
+                commit_ts: 0,
+                min_commit_ts: commit_ts,
+            }
         })
     }
 
@@ -136,6 +146,18 @@ impl TabletService {
             )));
         }
         check_not_ahead("commit_ts", request.commit_ts)?;
+        if request.commit_above != 0
+            && (request.commit_ts != 0
+                || request.primary_key.is_empty()
+                || request.commit_above < request.start_ts)
+        {
+            return Err(TabletServerError::InvalidArgument(
+                "commit_above decides a commit: it needs the primary key, no commit_ts, and \
+                 to be at least start_ts"
+                    .to_owned(),
+            ));
+        }
+        check_not_ahead("commit_above", request.commit_above)?;
         let request_id = self.request_key(request.request_id.as_ref())?;
         let (group, parts) = self.locate_group(
             request
@@ -165,16 +187,20 @@ impl TabletService {
                 "the primary key must be among the keys of the first tablet".to_owned(),
             ));
         }
-        group
+        let commit_ts = group
             .resolve(Resolve {
                 request_id,
                 start_ts: request.start_ts,
                 commit_ts: request.commit_ts,
+                commit_above: request.commit_above,
                 primary_key,
                 parts,
             })
             .await?;
-        Ok(pb::ResolveResponse { error: None })
+        Ok(pb::ResolveResponse {
+            error: None,
+            commit_ts,
+        })
     }
 
     pub(super) async fn check_txn_inner(
