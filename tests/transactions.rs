@@ -415,6 +415,7 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
                     collection: "kv".into(),
                 }],
                 one_phase: false,
+                commit_above: 0,
             },
             pb::PrewriteRequest {
                 request_id: request_id(seq + 1),
@@ -428,6 +429,7 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
                     collection: "kv".into(),
                 }],
                 one_phase: false,
+                commit_above: 0,
             },
         )
     };
@@ -463,6 +465,43 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
         "a rolled-back primary takes no new lock"
     );
 
+    // The SDK's way: the other group is locked, and the primary's group commits last, in
+    // one step that decides the transaction. A reader that meets the lock meanwhile finds
+    // neither a lock nor an outcome at the primary, and waits for the lock's TTL instead of
+    // rolling the transaction back; once the primary's group commits, it commits the lock.
+    let start_ts = client.timestamp().await.expect("ts");
+    let (primary, secondary) = prewrite(start_ts, 50, "a4", "z4", 60_000);
+    let locked = prewrite_on_leader(&mut servers, secondary).await;
+    assert!(locked.error.is_none(), "{:?}", locked.error);
+    let reader = {
+        let kv = kv.clone();
+        tokio::spawn(async move { kv.get("z4").await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !reader.is_finished(),
+        "the reader rolled back a transaction still committing"
+    );
+    let commit_above = locked.min_commit_ts.max(start_ts);
+    let decided = prewrite_on_leader(
+        &mut servers,
+        pb::PrewriteRequest {
+            one_phase: true,
+            commit_above,
+            ..primary
+        },
+    )
+    .await;
+    assert!(decided.error.is_none(), "{:?}", decided.error);
+    assert!(decided.commit_ts > commit_above);
+    let read = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the reader finished once the primary committed")
+        .expect("reader task")
+        .expect("read");
+    assert_eq!(text(read), Some("new".into()));
+    assert_eq!(text(kv.get("a4").await.expect("get")), Some("new".into()));
+
     // Died after committing its primary: a reader of the other key commits it too, at once.
     let start_ts = client.timestamp().await.expect("ts");
     let (primary, secondary) = prewrite(start_ts, 20, "a2", "z2", 60_000);
@@ -482,7 +521,6 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
                 keys: vec![Bytes::from_static(b"a2")],
             }],
             primary_key: Bytes::from_static(b"a2"),
-            commit_above: 0,
         },
     )
     .await;
@@ -531,6 +569,30 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
             request.tablets.push(request.tablets[0].clone());
             request
         }),
+        (
+            "commit_above without one_phase",
+            pb::PrewriteRequest {
+                commit_above: 20,
+                ..prewrite(5, 45, "a3", "z3", 500).0
+            },
+        ),
+        (
+            "commit_above below start_ts",
+            pb::PrewriteRequest {
+                commit_above: 4,
+                one_phase: true,
+                ..prewrite(5, 46, "a3", "z3", 500).0
+            },
+        ),
+        (
+            "a deciding commit without its primary",
+            pb::PrewriteRequest {
+                commit_above: 20,
+                one_phase: true,
+                // The secondary's request: its first tablet does not hold the primary.
+                ..prewrite(5, 46, "a3", "z3", 500).1
+            },
+        ),
     ];
     for (what, request) in bad_prewrites {
         let answer = servers[0].prewrite(request).await;
@@ -540,29 +602,34 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
             "{what}"
         );
     }
-    let resolve = |seq, commit_ts, commit_above, primary_key: &'static [u8]| pb::ResolveRequest {
-        request_id: request_id(seq),
-        start_ts: 10,
-        commit_ts,
-        tablets: vec![pb::TabletKeys {
+    let answer = servers[0]
+        .resolve(pb::ResolveRequest {
+            request_id: request_id(47),
+            start_ts: 10,
+            commit_ts: 5,
+            tablets: vec![pb::TabletKeys {
+                tablet: tablet("a3"),
+                keys: vec![Bytes::from_static(b"a3")],
+            }],
+            primary_key: Bytes::new(),
+        })
+        .await;
+    assert_eq!(
+        answer.map(|_| ()).unwrap_err().code(),
+        tonic::Code::InvalidArgument,
+        "commit_ts below start_ts"
+    );
+    let answer = servers[0]
+        .check_txn(pb::CheckTxnRequest {
             tablet: tablet("a3"),
-            keys: vec![Bytes::from_static(b"a3")],
-        }],
-        primary_key: Bytes::from_static(primary_key),
-        commit_above,
-    };
-    let bad_resolves = [
-        ("commit_ts below start_ts", resolve(45, 5, 0, b"")),
-        ("commit_above without the primary", resolve(46, 0, 20, b"")),
-        ("commit_above and commit_ts", resolve(47, 20, 20, b"a3")),
-        ("commit_above below start_ts", resolve(48, 0, 5, b"a3")),
-    ];
-    for (what, request) in bad_resolves {
-        let answer = servers[0].resolve(request).await;
-        assert_eq!(
-            answer.map(|_| ()).unwrap_err().code(),
-            tonic::Code::InvalidArgument,
-            "{what}"
-        );
-    }
+            primary_key: Bytes::from_static(b"a3"),
+            start_ts: 10,
+            caller_lock_ttl_ms: u64::MAX,
+        })
+        .await;
+    assert_eq!(
+        answer.map(|_| ()).unwrap_err().code(),
+        tonic::Code::InvalidArgument,
+        "a caller's lock TTL beyond the limit"
+    );
 }

@@ -1,5 +1,6 @@
 //! Committing a transaction's buffered writes: one-phase when they all live in one tablet
-//! group, else two-phase (prewrite everywhere, commit the primary, then the rest).
+//! group, else two-phase: lock the other groups' keys, then commit the primary's group in one
+//! step that decides the transaction, then commit the locked keys in the background.
 
 use bytes::Bytes;
 use futures::future::join_all;
@@ -93,12 +94,17 @@ pub(super) async fn commit(
             }),
         }
     }
-    if let [(_, parts)] = groups.as_slice() {
-        return prewrite(txn, &primary, parts, true, deadline).await;
+    let mut groups = groups.into_iter();
+    let Some((_, primary_parts)) = groups.next() else {
+        return Ok(txn.start_ts);
+    };
+    let secondary_parts: Vec<Part> = groups.flat_map(|(_, parts)| parts).collect();
+    if secondary_parts.is_empty() {
+        return prewrite(txn, &primary, &primary_parts, Step::CommitAll, deadline).await;
     }
-    let prewrites = groups
-        .iter()
-        .map(|(_, parts)| prewrite(txn, &primary, parts, false, deadline));
+    // Lock the other groups' keys; the primary's group is not locked, but commits last.
+    let by_group = secondary_parts.chunk_by(|a, b| a.tablet.group_id == b.tablet.group_id);
+    let prewrites = by_group.map(|parts| prewrite(txn, &primary, parts, Step::Lock, deadline));
     let mut commit_above = txn.start_ts;
     let mut failure: Option<ClientError> = None;
     for prewritten in join_all(prewrites).await {
@@ -111,37 +117,63 @@ pub(super) async fn commit(
             Err(_) => {}
         }
     }
-    let parts: Vec<Part> = groups.into_iter().flat_map(|(_, parts)| parts).collect();
-    if let Some(error) = failure {
-        // Best effort: locks left behind expire and are rolled back by whoever meets them.
-        if let Err(rollback) = resolve_all(txn, &primary, parts, Decision::RollBack, deadline).await
-        {
-            tracing::debug!(start_ts = txn.start_ts, %rollback, "rolling back after a failed prewrite");
+    // The primary's group checks and commits its keys in one entry, above every
+    // prewrite's minimum (what each group served reads of the keys at), and records the
+    // outcome: that decides the transaction, with no TSO round for the commit timestamp.
+    let decided = match failure {
+        Some(error) => Err(error),
+        None => {
+            let step = Step::Decide { commit_above };
+            prewrite(txn, &primary, &primary_parts, step, deadline).await
         }
-        return Err(error);
-    }
-    // No TSO round: the primary's leader picks the commit timestamp, above every
-    // prewrite's minimum (what each group served reads of the keys at) and its own clock.
-    resolve_all(
-        txn,
-        &primary,
-        parts,
-        Decision::CommitAbove(commit_above),
-        deadline,
-    )
-    .await
+    };
+    let (rest, result) = match decided {
+        Ok(commit_ts) => (Decision::Commit(commit_ts), Ok(commit_ts)),
+        // Nothing committed: roll the locks back (the primary's group records the
+        // rollback). Best effort: locks left behind expire and are rolled back by whoever
+        // meets them.
+        Err(error) if error.is_conflict() || matches!(error, ClientError::TxnAborted { .. }) => {
+            let mut all = primary_parts;
+            all.extend(secondary_parts);
+            if let Err(rollback) = roll_back_all(txn, &primary, all, deadline).await {
+                tracing::debug!(start_ts = txn.start_ts, %rollback, "rolling back a failed commit");
+            }
+            return Err(error);
+        }
+        // The primary's commit may or may not have happened (its answer was lost): the
+        // locks stay for readers, who ask the primary's group.
+        Err(error) => return Err(error),
+    };
+    resolve_in_background(txn, secondary_parts, rest);
+    result
 }
 
-/// Locks one group's share of the writes, or with `one_phase` commits them at once (then
-/// they are the whole transaction); returns the one-phase commit timestamp, or the
-/// timestamp a two-phase commit must be above.
+/// What a prewrite request does in its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Lock the keys (a two-phase transaction's other groups).
+    Lock,
+    /// Commit the whole transaction at once (one phase).
+    CommitAll,
+    /// Commit the primary's group's keys above `commit_above`, deciding a transaction whose
+    /// other groups are locked.
+    Decide { commit_above: u64 },
+}
+
+/// Locks or commits one group's share of the writes, as `step` says; returns the commit
+/// timestamp of a commit, or for a lock the timestamp the transaction must commit above.
 async fn prewrite(
     txn: &Transaction,
     primary: &Primary,
     parts: &[Part],
-    one_phase: bool,
+    step: Step,
     deadline: &Deadline,
 ) -> Result<u64> {
+    let (one_phase, commit_above) = match step {
+        Step::Lock => (false, 0),
+        Step::CommitAll => (true, 0),
+        Step::Decide { commit_above } => (true, commit_above),
+    };
     let Some(first) = parts.first() else {
         return Ok(0);
     };
@@ -188,6 +220,7 @@ async fn prewrite(
                 ttl_ms,
                 tablets: tablets.clone(),
                 one_phase,
+                commit_above,
             };
             async move {
                 let response = target.client.prewrite(request).await?;
@@ -208,57 +241,51 @@ async fn prewrite(
     }
 }
 
-/// Commits or rolls back every part's locks: the primary's tablet first and waited for
-/// (that decides the transaction), the rest in the background, as the primary's outcome
-/// says. Returns the commit timestamp (0 for a rollback). Failures of the rest are only
-/// logged: a lock left behind is resolved through the primary by whoever meets it.
-async fn resolve_all(
+/// Rolls back every part's locks: the primary's tablet first, recording the rollback so
+/// nothing of the transaction can commit any more, then the rest in the background.
+async fn roll_back_all(
     txn: &Transaction,
     primary: &Primary,
     parts: Vec<Part>,
-    decision: Decision,
     deadline: &Deadline,
-) -> Result<u64> {
+) -> Result<()> {
     let mut parts = parts.into_iter();
     let Some(first) = parts.next() else {
-        return Ok(0);
+        return Ok(());
     };
-    let decided = resolve_keys(
+    resolve_keys(
         &txn.client.inner,
         &first.collection.cache,
         txn.start_ts,
-        decision,
+        Decision::RollBack,
         first.keys(),
         Some(primary.key.clone()),
         deadline,
     )
-    .await;
-    let rest: Vec<(Collection, Vec<Bytes>)> = parts
-        .map(|part| {
-            let keys = part.keys();
-            (part.collection, keys)
-        })
-        .collect();
+    .await?;
+    resolve_in_background(txn, parts.collect(), Decision::RollBack);
+    Ok(())
+}
+
+/// Commits or rolls back the locks of `parts` as `decision` says, in the background.
+/// Failures are only logged: a lock left behind is resolved through the primary by
+/// whoever meets it.
+fn resolve_in_background(txn: &Transaction, parts: Vec<Part>, decision: Decision) {
+    if parts.is_empty() {
+        return;
+    }
     let inner = txn.client.inner.clone();
     let start_ts = txn.start_ts;
-    // The rest follow the primary's outcome once it is known. When it is not (the answer
-    // was lost), they stay locked: rolling them back could undo a committed transaction,
-    // and whoever meets them asks the primary.
-    let rest_decision = match &decided {
-        Ok(commit_ts) => Decision::from_commit_ts(*commit_ts),
-        Err(ClientError::TxnAborted { .. }) => Decision::RollBack,
-        Err(_) => return decided,
-    };
-    // The secondaries get a deadline of their own: the commit's may be nearly spent.
+    // A deadline of their own: the commit's may be nearly spent.
     let budget = Deadline::after(inner.options.operation_timeout);
     tokio::spawn(async move {
-        let by_tablet = rest.iter().map(|(collection, keys)| {
+        let by_tablet = parts.iter().map(|part| {
             resolve_keys(
                 &inner,
-                &collection.cache,
+                &part.collection.cache,
                 start_ts,
-                rest_decision,
-                keys.clone(),
+                decision,
+                part.keys(),
                 None,
                 &budget,
             )
@@ -269,5 +296,4 @@ async fn resolve_all(
             }
         }
     });
-    decided
 }

@@ -87,6 +87,7 @@ async fn check_txn(
             tablet: Some(target.tablet),
             primary_key: lock.primary_key.clone(),
             start_ts: lock.start_ts,
+            caller_lock_ttl_ms: lock.ttl_ms,
         };
         async move {
             let response = target.client.check_txn(request).await?;
@@ -109,8 +110,6 @@ async fn check_txn(
 pub(crate) enum Decision {
     /// Commit at this timestamp.
     Commit(u64),
-    /// Commit the primary at a timestamp its group's leader picks above this.
-    CommitAbove(u64),
     RollBack,
 }
 
@@ -123,19 +122,18 @@ impl Decision {
         }
     }
 
-    /// The request's `commit_ts` and `commit_above`.
-    fn fields(self) -> (u64, u64) {
+    /// The request's `commit_ts`.
+    fn commit_ts(self) -> u64 {
         match self {
-            Decision::Commit(commit_ts) => (commit_ts, 0),
-            Decision::CommitAbove(above) => (0, above),
-            Decision::RollBack => (0, 0),
+            Decision::Commit(commit_ts) => commit_ts,
+            Decision::RollBack => 0,
         }
     }
 }
 
 /// Commits or rolls back the locks of transaction `start_ts` on `keys` (routing keys of one
-/// tablet of `cache`'s collection), and returns the commit timestamp (0 for a rollback).
-/// `primary` names the transaction's primary key when the request decides the transaction.
+/// tablet of `cache`'s collection). `primary` names the transaction's primary key when the
+/// request decides the transaction.
 pub(crate) async fn resolve_keys(
     inner: &Inner,
     cache: &crate::routing::RouteCache,
@@ -144,12 +142,12 @@ pub(crate) async fn resolve_keys(
     keys: Vec<Bytes>,
     primary: Option<Bytes>,
     deadline: &Deadline,
-) -> Result<u64> {
+) -> Result<()> {
     let Some(first) = keys.first().cloned() else {
-        return Ok(0);
+        return Ok(());
     };
     let request_id = inner.next_request_id();
-    let (commit_ts, commit_above) = decision.fields();
+    let commit_ts = decision.commit_ts();
     let spec = CallSpec {
         operation: match decision {
             Decision::RollBack => "roll back",
@@ -172,16 +170,15 @@ pub(crate) async fn resolve_keys(
                 keys: keys.clone(),
             }],
             primary_key: primary.clone().unwrap_or_default(),
-            commit_above,
         };
         async move {
             let response = target.client.resolve(request).await?;
-            Ok((response.error, response.commit_ts))
+            Ok((response.error, ()))
         }
     })
     .await?;
     match outcome {
-        Outcome::Done(commit_ts) => Ok(commit_ts),
+        Outcome::Done(()) => Ok(()),
         Outcome::Resplit => Err(ClientError::protocol("a single key cannot span tablets")),
     }
 }

@@ -139,13 +139,10 @@ impl Group {
         {
             return;
         }
-        if self.prewrite_too_old(&unit) {
-            // The leader checked this before proposing, but a TxnGc entry came first.
-            tracing::debug!(
-                group = self.id,
-                index,
-                "prewrite below the GC safe point refused"
-            );
+        if self.refused(&unit) {
+            // The leader checked this before proposing, but an entry ordered first (a
+            // TxnGc, or a reader's rollback) changed the answer.
+            tracing::debug!(group = self.id, index, "transactional write refused");
             return;
         }
         let mut targets = Vec::with_capacity(unit.len());
@@ -167,7 +164,20 @@ impl Group {
             let batch = match write.txn {
                 None => to_batch(&write.mutations),
                 Some(txn) => match txn.kind {
-                    Some(gpb::txn_write::Kind::OnePhase(_)) => to_batch(&write.mutations),
+                    Some(gpb::txn_write::Kind::OnePhase(_)) => {
+                        if !txn.decides.is_empty()
+                            && let Ok(mut txns) = self.txns.lock()
+                        {
+                            txns.decide(
+                                hosted.info.id,
+                                txn.decides,
+                                txn.start_ts,
+                                write.commit_ts,
+                                index,
+                            );
+                        }
+                        to_batch(&write.mutations)
+                    }
                     Some(gpb::txn_write::Kind::Prewrite(lock)) => {
                         self.lock_keys(index, hosted.info.id, txn.start_ts, lock, write.mutations);
                         continue;
@@ -203,17 +213,24 @@ impl Group {
     }
 
     /// Whether `unit` prewrites a transaction that started below the safe point this
-    /// group applied: its snapshot may be gone, and its outcome record with it.
-    fn prewrite_too_old(&self, unit: &[gpb::TabletWrite]) -> bool {
+    /// group applied (its snapshot may be gone, and its outcome record with it), or
+    /// commits, deciding it, a transaction already rolled back here.
+    fn refused(&self, unit: &[gpb::TabletWrite]) -> bool {
         let Ok(txns) = self.txns.lock() else {
             return false;
         };
-        unit.iter()
-            .filter_map(|write| write.txn.as_ref())
-            .any(|txn| {
-                matches!(txn.kind, Some(gpb::txn_write::Kind::Prewrite(_)))
-                    && txn.start_ts < txns.safe_point()
-            })
+        unit.iter().any(|write| {
+            let Some(txn) = &write.txn else {
+                return false;
+            };
+            match txn.kind {
+                Some(gpb::txn_write::Kind::Prewrite(_)) => txn.start_ts < txns.safe_point(),
+                Some(gpb::txn_write::Kind::OnePhase(_)) if !txn.decides.is_empty() => {
+                    txns.outcome(write.tablet_id, &txn.decides, txn.start_ts) == Some(0)
+                }
+                _ => false,
+            }
+        })
     }
 
     /// A prewrite: locks the mutations' keys, keeping each mutation in its lock.

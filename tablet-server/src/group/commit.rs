@@ -75,11 +75,11 @@ pub(crate) enum Stamp {
     /// A plain write: the next one from the leader's clock, once no lock or latch holds
     /// any of its keys (checked as the batch is formed, so after every earlier proposal).
     Plain,
-    /// A one-phase commit of a transaction that started at `start_ts`, or the commit of a
-    /// two-phase transaction's primary above every prewrite's minimum: the next one from
-    /// the clock, above the given timestamp. The leader checked its keys under latches.
+    /// A one-phase commit: of a whole transaction above its `start_ts`, or of the primary's
+    /// group of a two-phase one above every other prewrite's minimum. The next timestamp
+    /// from the clock, above the given one. The leader checked its keys under latches.
     Above(u64),
-    /// A transaction's commit timestamp, picked by the group of its primary.
+    /// A two-phase transaction's commit timestamp, picked by the group of its primary.
     Given(u64),
     /// None: a prewrite or a rollback writes no version.
     Unstamped,

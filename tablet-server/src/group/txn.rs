@@ -37,18 +37,19 @@ pub(crate) struct Prewrite {
     /// The locks' primary and TTL (each part adds its collection).
     pub(crate) lock: gpb::TxnLock,
     pub(crate) one_phase: bool,
+    /// With `one_phase`: this group holds the primary key (in the first part's tablet) of
+    /// a transaction whose other groups are prewritten, and commits above this, deciding
+    /// the transaction (0: the whole transaction is here).
+    pub(crate) commit_above: u64,
     /// Each tablet's mutations, with the name of its collection.
     pub(crate) parts: Vec<(String, TabletPart<Mutation>)>,
 }
 
-/// A commit (`commit_ts > 0`, or `commit_above > 0`) or rollback of one transaction's locks
-/// in this group.
+/// A commit (`commit_ts > 0`) or rollback of one transaction's locks in this group.
 pub(crate) struct Resolve {
     pub(crate) request_id: RequestKey,
     pub(crate) start_ts: u64,
     pub(crate) commit_ts: u64,
-    /// Commit at a timestamp of this leader's clock above this (with the primary only).
-    pub(crate) commit_above: u64,
     /// The transaction's primary key, when the request decides the transaction: it is in
     /// the first part's tablet.
     pub(crate) primary_key: Option<Bytes>,
@@ -69,12 +70,6 @@ impl Drop for Latch<'_> {
             }
         }
         self.group.latches_released.notify_waiters();
-    }
-}
-
-impl Resolve {
-    fn commits(&self) -> bool {
-        self.commit_ts > 0 || self.commit_above > 0
     }
 }
 
@@ -215,14 +210,15 @@ impl Group {
             }
         }
         let stamp = if prewrite.one_phase {
-            Stamp::Above(prewrite.start_ts)
+            Stamp::Above(prewrite.start_ts.max(prewrite.commit_above))
         } else {
             Stamp::Unstamped
         };
         let requests = prewrite
             .parts
             .into_iter()
-            .map(|(collection, part)| {
+            .enumerate()
+            .map(|(i, (collection, part))| {
                 let kind = if prewrite.one_phase {
                     gpb::txn_write::Kind::OnePhase(true)
                 } else {
@@ -231,6 +227,11 @@ impl Group {
                         ..prewrite.lock.clone()
                     })
                 };
+                // The primary's tablet records the outcome of a deciding commit.
+                let decides = match i == 0 && prewrite.commit_above > 0 {
+                    true => prewrite.lock.primary_key.clone(),
+                    false => Bytes::new(),
+                };
                 WriteRequest {
                     tablet_id: part.hosted.info.id,
                     epoch: part.hosted.info.epoch,
@@ -238,6 +239,7 @@ impl Group {
                     mutations: part.items,
                     txn: Some(gpb::TxnWrite {
                         start_ts: prewrite.start_ts,
+                        decides,
                         kind: Some(kind),
                     }),
                 }
@@ -354,16 +356,15 @@ impl Group {
         }
     }
 
-    /// Commits or rolls back a transaction's locks in this group, and returns the commit
-    /// timestamp (0 for a rollback). When the request names the primary, this decides the
-    /// transaction: a commit needs the primary's lock (or an earlier commit), and a
-    /// transaction rolled back cannot commit.
-    pub(crate) async fn resolve(&self, resolve: Resolve) -> Result<u64> {
+    /// Commits or rolls back a transaction's locks in this group. When the request names
+    /// the primary, this decides the transaction: a commit needs the primary's lock (or an
+    /// earlier commit), and a transaction rolled back cannot commit.
+    pub(crate) async fn resolve(&self, resolve: Resolve) -> Result<()> {
         if self.serving.borrow().is_none() {
             return Err(self.not_leader());
         }
-        if let Some(applied) = self.dedup_get(&resolve.request_id) {
-            return Ok(applied.commit_ts);
+        if self.dedup_get(&resolve.request_id).is_some() {
+            return Ok(());
         }
         let keys = resolve
             .parts
@@ -379,16 +380,15 @@ impl Group {
     }
 
     /// [`Group::resolve`] once the request's keys are latched.
-    async fn resolve_latched(&self, resolve: Resolve) -> Result<u64> {
+    async fn resolve_latched(&self, resolve: Resolve) -> Result<()> {
         if let (Some(primary), Some(first)) = (&resolve.primary_key, resolve.parts.first())
-            && let Some(decided) = self.primary_decided(first.hosted.info.id, primary, &resolve)?
+            && self.primary_decided(first.hosted.info.id, primary, &resolve)?
         {
-            return Ok(decided);
+            return Ok(());
         }
-        let stamp = match (resolve.commit_ts, resolve.commit_above) {
-            (0, 0) => Stamp::Unstamped,
-            (0, above) => Stamp::Above(above),
-            (commit_ts, _) => Stamp::Given(commit_ts),
+        let stamp = match resolve.commit_ts {
+            0 => Stamp::Unstamped,
+            commit_ts => Stamp::Given(commit_ts),
         };
         let primary_tablet = resolve.parts.first().map(|part| part.hosted.info.id);
         let requests = resolve
@@ -403,6 +403,7 @@ impl Group {
                     mutations: Vec::new(),
                     txn: Some(gpb::TxnWrite {
                         start_ts: resolve.start_ts,
+                        decides: Bytes::new(),
                         kind: Some(gpb::txn_write::Kind::Resolve(gpb::TxnResolve {
                             keys: part.items,
                             primary_key: resolve
@@ -415,19 +416,13 @@ impl Group {
                 }
             })
             .collect();
-        self.commit_writes(requests, stamp).await
+        self.commit_writes(requests, stamp).await.map(|_| ())
     }
 
-    /// The outcome's commit timestamp (0: rolled back) if the transaction whose primary is
-    /// `primary` was decided already the way `resolve` asks (nothing left to do); an error
-    /// if it was decided the other way, or if a commit finds neither the primary's lock nor
-    /// an outcome.
-    fn primary_decided(
-        &self,
-        tablet_id: u64,
-        primary: &Bytes,
-        resolve: &Resolve,
-    ) -> Result<Option<u64>> {
+    /// Whether the transaction whose primary is `primary` was decided already the way
+    /// `resolve` asks (nothing left to do); an error if it was decided the other way, or if
+    /// a commit finds neither the primary's lock nor an outcome.
+    fn primary_decided(&self, tablet_id: u64, primary: &Bytes, resolve: &Resolve) -> Result<bool> {
         let txns = self
             .txns
             .lock()
@@ -437,20 +432,20 @@ impl Group {
             .is_some_and(|lock| lock.start_ts == resolve.start_ts);
         match (
             txns.outcome(tablet_id, primary, resolve.start_ts),
-            resolve.commits(),
+            resolve.commit_ts,
         ) {
-            (Some(0), false) => Ok(Some(0)),
-            (Some(0), true) => Err(TabletServerError::TxnAborted {
+            (Some(0), 0) => Ok(true),
+            (Some(0), _) => Err(TabletServerError::TxnAborted {
                 start_ts: resolve.start_ts,
             }),
-            (Some(_), false) => Err(TabletServerError::InvalidArgument(format!(
+            (Some(_), 0) => Err(TabletServerError::InvalidArgument(format!(
                 "transaction {} committed: it cannot be rolled back",
                 resolve.start_ts
             ))),
-            (Some(commit_ts), true) => Ok(Some(commit_ts)),
-            (None, false) => Ok(None),
-            (None, true) if locked => Ok(None),
-            (None, true) => Err(TabletServerError::TxnAborted {
+            (Some(_), _) => Ok(true),
+            (None, 0) => Ok(false),
+            (None, _) if locked => Ok(false),
+            (None, _) => Err(TabletServerError::TxnAborted {
                 start_ts: resolve.start_ts,
             }),
         }
@@ -464,6 +459,7 @@ impl Group {
         hosted: Hosted,
         primary: Bytes,
         start_ts: u64,
+        caller_lock_ttl_ms: u64,
         request_id: RequestKey,
     ) -> Result<CheckTxnResponse> {
         if self.serving.borrow().is_none() {
@@ -481,21 +477,22 @@ impl Group {
                 Some(commit_ts) => return Ok(state(State::Committed, commit_ts, 0)),
                 None => {}
             }
-            if let Some(lock) = txns.lock(tablet_id, &primary)
-                && lock.start_ts == start_ts
-            {
-                let expires_ms = (start_ts >> super::commit::LOGICAL_BITS) + lock.ttl_ms;
-                let now_ms = physical_now_ms();
-                if now_ms < expires_ms {
-                    return Ok(state(State::Locked, 0, expires_ms - now_ms));
-                }
+            // The primary's own lock, or while it has none (its group decides the
+            // transaction last, without locking), the lock the caller met.
+            let ttl_ms = txns
+                .lock(tablet_id, &primary)
+                .filter(|lock| lock.start_ts == start_ts)
+                .map_or(caller_lock_ttl_ms, |lock| lock.ttl_ms);
+            let expires_ms = (start_ts >> super::commit::LOGICAL_BITS).saturating_add(ttl_ms);
+            let now_ms = physical_now_ms();
+            if now_ms < expires_ms {
+                return Ok(state(State::Locked, 0, expires_ms - now_ms));
             }
         }
         self.resolve_latched(Resolve {
             request_id,
             start_ts,
             commit_ts: 0,
-            commit_above: 0,
             primary_key: Some(primary.clone()),
             parts: vec![TabletPart {
                 hosted,

@@ -105,6 +105,26 @@ impl TabletService {
             })
             .collect::<Result<Vec<_>>>()?;
         let one_phase = request.one_phase;
+        if request.commit_above != 0 && (!one_phase || request.commit_above < request.start_ts) {
+            return Err(TabletServerError::InvalidArgument(
+                "commit_above decides a transaction in its primary's group: it needs one_phase, \
+                 and to be at least start_ts"
+                    .to_owned(),
+            ));
+        }
+        check_not_ahead("commit_above", request.commit_above)?;
+        if request.commit_above != 0
+            && !parts.first().is_some_and(|(_, first)| {
+                first
+                    .items
+                    .iter()
+                    .any(|mutation| mutation.key == request.primary_key)
+            })
+        {
+            return Err(TabletServerError::InvalidArgument(
+                "a deciding commit writes the primary key in its first tablet".to_owned(),
+            ));
+        }
         let commit_ts = group
             .prewrite(Prewrite {
                 request_id,
@@ -116,6 +136,7 @@ impl TabletService {
                     collection: String::new(),
                 },
                 one_phase: request.one_phase,
+                commit_above: request.commit_above,
                 parts,
             })
             .await?;
@@ -146,18 +167,6 @@ impl TabletService {
             )));
         }
         check_not_ahead("commit_ts", request.commit_ts)?;
-        if request.commit_above != 0
-            && (request.commit_ts != 0
-                || request.primary_key.is_empty()
-                || request.commit_above < request.start_ts)
-        {
-            return Err(TabletServerError::InvalidArgument(
-                "commit_above decides a commit: it needs the primary key, no commit_ts, and \
-                 to be at least start_ts"
-                    .to_owned(),
-            ));
-        }
-        check_not_ahead("commit_above", request.commit_above)?;
         let request_id = self.request_key(request.request_id.as_ref())?;
         let (group, parts) = self.locate_group(
             request
@@ -187,20 +196,16 @@ impl TabletService {
                 "the primary key must be among the keys of the first tablet".to_owned(),
             ));
         }
-        let commit_ts = group
+        group
             .resolve(Resolve {
                 request_id,
                 start_ts: request.start_ts,
                 commit_ts: request.commit_ts,
-                commit_above: request.commit_above,
                 primary_key,
                 parts,
             })
             .await?;
-        Ok(pb::ResolveResponse {
-            error: None,
-            commit_ts,
-        })
+        Ok(pb::ResolveResponse { error: None })
     }
 
     pub(super) async fn check_txn_inner(
@@ -211,8 +216,19 @@ impl TabletService {
         let (group, hosted) = self.locate(request.tablet.as_ref())?;
         let primary = storage_key(&hosted, &request.primary_key)?;
         let request_id = self.request_key(None)?;
+        if request.caller_lock_ttl_ms > MAX_TTL_MS {
+            return Err(TabletServerError::InvalidArgument(format!(
+                "caller_lock_ttl_ms must be at most {MAX_TTL_MS}"
+            )));
+        }
         group
-            .check_txn(hosted, primary, request.start_ts, request_id)
+            .check_txn(
+                hosted,
+                primary,
+                request.start_ts,
+                request.caller_lock_ttl_ms,
+                request_id,
+            )
             .await
     }
 }
