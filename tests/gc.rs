@@ -47,15 +47,7 @@ async fn wait_too_old(collection: &Collection, key: &str, read_ts: u64) {
 
 /// Outcome records kept by every group replica of every server, from their metrics.
 fn txn_records(universe: &Universe) -> u64 {
-    (0..universe.servers.len())
-        .map(|i| universe.server(i).metrics())
-        .flat_map(|text| {
-            text.lines()
-                .filter(|line| line.starts_with("luna_group_txn_records{"))
-                .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
+    universe.server_gauge_sum("luna_group_txn_records")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

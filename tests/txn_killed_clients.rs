@@ -50,19 +50,6 @@ async fn balances(db: &Database, collections: &[Collection; 2]) -> Vec<i64> {
     all
 }
 
-/// Locks held in every group replica, from the servers' metrics.
-fn locks_held(universe: &Universe) -> u64 {
-    (0..universe.servers.len())
-        .map(|i| universe.server(i).metrics())
-        .flat_map(|text| {
-            text.lines()
-                .filter(|line| line.starts_with("luna_group_txn_locks{"))
-                .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_total_holds_while_clients_die_between_prewrite_and_commit() {
     let universe = Universe::start(3);
@@ -99,7 +86,7 @@ async fn the_total_holds_while_clients_die_between_prewrite_and_commit() {
         tokio::time::sleep(lifetime).await;
         let _ = child.kill();
         let _ = child.wait();
-        let locks = locks_held(&universe);
+        let locks = universe.server_gauge_sum("luna_group_txn_locks");
         left_locked += locks;
         let started = Instant::now();
         let all = balances(&db, &collections).await;

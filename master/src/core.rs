@@ -187,6 +187,30 @@ impl Core {
         lock(&self.registry)
     }
 
+    /// Runs `step` every `interval` until shutdown; a failed step is logged (as `what`) and
+    /// tried again at the next tick.
+    pub(crate) async fn every<Fut>(
+        &self,
+        interval: std::time::Duration,
+        what: &'static str,
+        mut step: impl FnMut() -> Fut,
+    ) where
+        Fut: std::future::Future<Output = Result<(), MasterError>>,
+    {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.wait_for(|&stop| stop) => return,
+            }
+            if let Err(error) = step().await {
+                tracing::debug!(%error, "{what}");
+            }
+        }
+    }
+
     /// Clients' holds on the GC safe point.
     pub(crate) fn holds(&self) -> MutexGuard<'_, Holds> {
         lock(&self.holds)

@@ -271,18 +271,13 @@ fn shift_load(
 
 /// Takes the driver's steps while this replica leads, until shutdown.
 pub(crate) async fn placement_loop(core: Arc<Core>) {
-    let mut ticker = tokio::time::interval(core.config.placement_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut shutdown = core.shutdown.subscribe();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.wait_for(|&stop| stop) => return,
-        }
-        if let Err(error) = core.place_once().await {
-            tracing::debug!(%error, "placement driver step");
-        }
-    }
+    let core = &*core;
+    core.every(
+        core.config.placement_interval,
+        "placement driver step",
+        || core.place_once(),
+    )
+    .await;
 }
 
 impl Core {

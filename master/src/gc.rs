@@ -103,18 +103,11 @@ impl Holds {
 
 /// Raises the safe point every `gc_interval` while this replica leads, until shutdown.
 pub(crate) async fn gc_loop(core: Arc<Core>) {
-    let mut ticker = tokio::time::interval(core.config.gc_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut shutdown = core.shutdown.subscribe();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.wait_for(|&stop| stop) => return,
-        }
-        if let Err(error) = core.raise_safe_point().await {
-            tracing::debug!(%error, "raising the GC safe point");
-        }
-    }
+    let core = &*core;
+    core.every(core.config.gc_interval, "raising the GC safe point", || {
+        core.raise_safe_point()
+    })
+    .await;
 }
 
 impl Core {

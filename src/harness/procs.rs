@@ -121,16 +121,11 @@ impl Drop for Process {
     }
 }
 
-/// A free loopback address: bound and released, for processes that must know each other's
-/// addresses before they start.
+/// A free loopback address (see [`super::ports`]), for processes that must know each
+/// other's addresses before they start.
 pub fn free_addr() -> Result<String, CliError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| CliError::Io {
+    super::ports::free_loopback_addr().map_err(|source| CliError::Io {
         what: "finding a free port",
         source,
-    })?;
-    let addr = listener.local_addr().map_err(|source| CliError::Io {
-        what: "finding a free port",
-        source,
-    })?;
-    Ok(addr.to_string())
+    })
 }

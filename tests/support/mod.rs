@@ -126,9 +126,11 @@ fn word_after<'a>(banner: &'a str, marker: &str) -> &'a str {
 /// A free loopback port, for processes that must know each other's addresses before they
 /// start (another process may take it meanwhile, which fails the test loudly, not wrongly).
 pub fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").to_string()
+    ports::free_loopback_addr().expect("a free port")
 }
+
+#[path = "../../src/harness/ports.rs"]
+mod ports;
 
 /// The master's processes, and tablet servers sharing one `file://` object store.
 pub struct Universe {
@@ -360,6 +362,22 @@ impl Universe {
             .env("LUNA_MASTER", &self.master_addr)
             .output()
             .expect("run the luna CLI")
+    }
+
+    /// The sum of gauge `name` (every label set) over the running tablet servers' metrics.
+    pub fn server_gauge_sum(&self, name: &str) -> u64 {
+        let prefix = format!("{name}{{");
+        self.servers
+            .iter()
+            .flatten()
+            .map(Proc::metrics)
+            .flat_map(|text| {
+                text.lines()
+                    .filter(|line| line.starts_with(&prefix))
+                    .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
     }
 
     /// Everything tablet server `i` has logged so far.
