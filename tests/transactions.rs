@@ -483,17 +483,24 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
         "the reader rolled back a transaction still committing"
     );
     let commit_above = locked.min_commit_ts.max(start_ts);
-    let decided = prewrite_on_leader(
+    let deciding = pb::PrewriteRequest {
+        one_phase: true,
+        commit_above,
+        ..primary
+    };
+    let decided = prewrite_on_leader(&mut servers, deciding.clone()).await;
+    assert!(decided.error.is_none(), "{:?}", decided.error);
+    assert!(decided.commit_ts > commit_above);
+    // Sent again under another request id (past deduplication), it answers the same.
+    let again = prewrite_on_leader(
         &mut servers,
         pb::PrewriteRequest {
-            one_phase: true,
-            commit_above,
-            ..primary
+            request_id: request_id(52),
+            ..deciding
         },
     )
     .await;
-    assert!(decided.error.is_none(), "{:?}", decided.error);
-    assert!(decided.commit_ts > commit_above);
+    assert_eq!((again.error, again.commit_ts), (None, decided.commit_ts));
     let read = tokio::time::timeout(Duration::from_secs(10), reader)
         .await
         .expect("the reader finished once the primary committed")

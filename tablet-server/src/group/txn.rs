@@ -203,7 +203,9 @@ impl Group {
         let _latch = self.latch(keys).await?;
         for (_, part) in &prewrite.parts {
             let tablet_id = part.hosted.info.id;
-            self.check_not_decided(tablet_id, &prewrite)?;
+            if let Some(commit_ts) = self.check_not_decided(tablet_id, &prewrite)? {
+                return Ok(commit_ts);
+            }
             for mutation in &part.items {
                 self.check_writable(&part.hosted, &mutation.key, prewrite.start_ts)
                     .await?;
@@ -318,17 +320,19 @@ impl Group {
     }
 
     /// A prewrite of a transaction already decided here (a late retry, or one its primary
-    /// was rolled back under) must not lock anything again.
-    fn check_not_decided(&self, tablet_id: u64, prewrite: &Prewrite) -> Result<()> {
+    /// was rolled back under) must not lock anything again. A deciding commit of a
+    /// transaction that committed already is answered with its commit timestamp.
+    fn check_not_decided(&self, tablet_id: u64, prewrite: &Prewrite) -> Result<Option<u64>> {
         let txns = self
             .txns
             .lock()
             .map_err(|_| TabletServerError::ShuttingDown)?;
         match txns.outcome(tablet_id, &prewrite.lock.primary_key, prewrite.start_ts) {
+            Some(commit_ts) if commit_ts > 0 && prewrite.commit_above > 0 => Ok(Some(commit_ts)),
             Some(_) => Err(TabletServerError::TxnAborted {
                 start_ts: prewrite.start_ts,
             }),
-            None => Ok(()),
+            None => Ok(None),
         }
     }
 
