@@ -117,35 +117,45 @@ pub(super) async fn commit(
             Err(_) => {}
         }
     }
+    if let Some(error) = failure {
+        // Nothing was sent to the primary's group, so nothing committed.
+        abandon(txn, &primary, primary_parts, secondary_parts, deadline).await;
+        return Err(error);
+    }
     // The primary's group checks and commits its keys in one entry, above every
     // prewrite's minimum (what each group served reads of the keys at), and records the
     // outcome: that decides the transaction, with no TSO round for the commit timestamp.
-    let decided = match failure {
-        Some(error) => Err(error),
-        None => {
-            let step = Step::Decide { commit_above };
-            prewrite(txn, &primary, &primary_parts, step, deadline).await
+    let step = Step::Decide { commit_above };
+    let decided = prewrite(txn, &primary, &primary_parts, step, deadline).await;
+    match decided {
+        Ok(commit_ts) => {
+            resolve_in_background(txn, secondary_parts, Decision::Commit(commit_ts));
+            Ok(commit_ts)
         }
-    };
-    let (rest, result) = match decided {
-        Ok(commit_ts) => (Decision::Commit(commit_ts), Ok(commit_ts)),
-        // Nothing committed: roll the locks back (the primary's group records the
-        // rollback). Best effort: locks left behind expire and are rolled back by whoever
-        // meets them.
         Err(error) if error.is_conflict() || matches!(error, ClientError::TxnAborted { .. }) => {
-            let mut all = primary_parts;
-            all.extend(secondary_parts);
-            if let Err(rollback) = roll_back_all(txn, &primary, all, deadline).await {
-                tracing::debug!(start_ts = txn.start_ts, %rollback, "rolling back a failed commit");
-            }
-            return Err(error);
+            abandon(txn, &primary, primary_parts, secondary_parts, deadline).await;
+            Err(error)
         }
-        // The primary's commit may or may not have happened (its answer was lost): the
+        // The deciding commit may or may not have happened (its answer was lost): the
         // locks stay for readers, who ask the primary's group.
-        Err(error) => return Err(error),
-    };
-    resolve_in_background(txn, secondary_parts, rest);
-    result
+        Err(error) => Err(error),
+    }
+}
+
+/// Rolls back a transaction that did not commit (the primary's group records the
+/// rollback). Best effort: locks left behind expire and are rolled back by whoever meets
+/// them.
+async fn abandon(
+    txn: &Transaction,
+    primary: &Primary,
+    mut parts: Vec<Part>,
+    secondary_parts: Vec<Part>,
+    deadline: &Deadline,
+) {
+    parts.extend(secondary_parts);
+    if let Err(rollback) = roll_back_all(txn, primary, parts, deadline).await {
+        tracing::debug!(start_ts = txn.start_ts, %rollback, "rolling back a failed commit");
+    }
 }
 
 /// What a prewrite request does in its group.
