@@ -1,0 +1,370 @@
+//! The transaction protocol spoken raw, as a client that dies half-way would leave it:
+//! locks resolved through the primary by readers (after its prewrites, after its primary's
+//! group decided, while it is still deciding), and typed answers to bad input.
+//! tests/transactions.rs drives transactions through the SDK.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use luna_client::{Client, CollectionSpec};
+use luna_proto::tablet::tablet_client::TabletClient;
+use luna_proto::tablet::{self as pb, tablet_error::Kind};
+use support::Universe;
+use support::load::wait_led;
+use tonic::transport::Channel;
+
+fn text(value: Option<Bytes>) -> Option<String> {
+    value.map(|value| String::from_utf8_lossy(&value).into_owned())
+}
+
+/// A raw connection to every tablet server, to act as a client that dies half-way.
+async fn raw_servers(client: &Client) -> Vec<TabletClient<Channel>> {
+    let mut raw = Vec::new();
+    for server in client.admin().list_servers().await.expect("servers") {
+        raw.push(
+            TabletClient::connect(format!("http://{}", server.addr))
+                .await
+                .expect("connect"),
+        );
+    }
+    raw
+}
+
+/// Sends `request` to each server until one leads the tablet's group.
+async fn prewrite_on_leader(
+    servers: &mut [TabletClient<Channel>],
+    request: pb::PrewriteRequest,
+) -> pb::PrewriteResponse {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for server in servers.iter_mut() {
+            let response = server
+                .prewrite(request.clone())
+                .await
+                .expect("prewrite")
+                .into_inner();
+            match response
+                .error
+                .as_ref()
+                .and_then(|error| error.kind.as_ref())
+            {
+                Some(Kind::NotLeader(_)) | Some(Kind::TabletNotFound(_)) => {}
+                _ => return response,
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader took the prewrite");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn resolve_on_leader(servers: &mut [TabletClient<Channel>], request: pb::ResolveRequest) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for server in servers.iter_mut() {
+            let response = server
+                .resolve(request.clone())
+                .await
+                .expect("resolve")
+                .into_inner();
+            match response.error.and_then(|error| error.kind) {
+                Some(Kind::NotLeader(_)) | Some(Kind::TabletNotFound(_)) => {}
+                None => return,
+                Some(other) => panic!("resolve failed: {other:?}"),
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader took the commit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn put(key: &str, value: &str) -> pb::Mutation {
+    pb::Mutation {
+        op: pb::mutation::Op::Put as i32,
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Bytes::copy_from_slice(value.as_bytes()),
+    }
+}
+
+fn request_id(seq: u64) -> Option<pb::RequestId> {
+    Some(pb::RequestId {
+        client_id: Bytes::from_static(b"dead-client-0001"),
+        seq,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_clients_locks_are_resolved_through_its_primary() {
+    let universe = Universe::start(3);
+    let client = universe.client().await;
+    universe.wait_servers_up(&client, 3).await;
+    let admin = client.admin();
+    admin.create_database("app").await.expect("db");
+    admin
+        .create_collection("app", "kv", CollectionSpec::range().split_keys(["m"]))
+        .await
+        .expect("collection");
+    wait_led(&client, "app", "kv").await;
+    let kv = client.database("app").collection("kv");
+    for key in ["a1", "z1", "a2", "z2"] {
+        kv.put(key, "old").await.expect("put");
+    }
+    let tablets = admin.list_tablets("app", "kv").await.expect("tablets");
+    let tablet = |key: &str| {
+        let info = tablets
+            .iter()
+            .find(|tablet| {
+                let range = tablet.range.clone().unwrap_or_default();
+                range.start.as_slice() <= key.as_bytes()
+                    && range
+                        .end
+                        .as_ref()
+                        .is_none_or(|end| key.as_bytes() < end.as_slice())
+            })
+            .expect("a tablet for the key");
+        Some(pb::TabletRef {
+            tablet_id: info.id,
+            epoch: info.epoch,
+        })
+    };
+    let mut servers = raw_servers(&client).await;
+    let prewrite = |start_ts: u64, seq: u64, primary: &str, secondary: &str, ttl_ms: u64| {
+        (
+            pb::PrewriteRequest {
+                request_id: request_id(seq),
+                start_ts,
+                primary_collection: "kv".into(),
+                primary_key: Bytes::copy_from_slice(primary.as_bytes()),
+                ttl_ms,
+                tablets: vec![pb::TabletMutations {
+                    tablet: tablet(primary),
+                    mutations: vec![put(primary, "new")],
+                    collection: "kv".into(),
+                }],
+                one_phase: false,
+                commit_above: 0,
+            },
+            pb::PrewriteRequest {
+                request_id: request_id(seq + 1),
+                start_ts,
+                primary_collection: "kv".into(),
+                primary_key: Bytes::copy_from_slice(primary.as_bytes()),
+                ttl_ms,
+                tablets: vec![pb::TabletMutations {
+                    tablet: tablet(secondary),
+                    mutations: vec![put(secondary, "new")],
+                    collection: "kv".into(),
+                }],
+                one_phase: false,
+                commit_above: 0,
+            },
+        )
+    };
+
+    // Died after its prewrites: once the locks expire, a reader rolls it back.
+    let start_ts = client.timestamp().await.expect("ts");
+    let (primary, secondary) = prewrite(start_ts, 1, "a1", "z1", 500);
+    for request in [primary.clone(), secondary] {
+        let response = prewrite_on_leader(&mut servers, request).await;
+        assert!(response.error.is_none(), "{:?}", response.error);
+    }
+    let read = Instant::now();
+    assert_eq!(text(kv.get("z1").await.expect("get")), Some("old".into()));
+    assert!(
+        read.elapsed() >= Duration::from_millis(100),
+        "the reader waited for the lock to expire"
+    );
+    assert_eq!(text(kv.get("a1").await.expect("get")), Some("old".into()));
+    // The primary was rolled back: a late prewrite of it cannot lock it again.
+    let late = prewrite_on_leader(
+        &mut servers,
+        pb::PrewriteRequest {
+            request_id: request_id(10),
+            ..primary
+        },
+    )
+    .await;
+    assert!(
+        matches!(
+            late.error.and_then(|error| error.kind),
+            Some(Kind::TxnAborted(_))
+        ),
+        "a rolled-back primary takes no new lock"
+    );
+
+    // The SDK's way: the other group is locked, and the primary's group commits last, in
+    // one step that decides the transaction. A reader that meets the lock meanwhile finds
+    // neither a lock nor an outcome at the primary, and waits for the lock's TTL instead of
+    // rolling the transaction back; once the primary's group commits, it commits the lock.
+    let start_ts = client.timestamp().await.expect("ts");
+    let (primary, secondary) = prewrite(start_ts, 50, "a4", "z4", 60_000);
+    let locked = prewrite_on_leader(&mut servers, secondary).await;
+    assert!(locked.error.is_none(), "{:?}", locked.error);
+    let reader = {
+        let kv = kv.clone();
+        tokio::spawn(async move { kv.get("z4").await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !reader.is_finished(),
+        "the reader rolled back a transaction still committing"
+    );
+    let commit_above = locked.min_commit_ts.max(start_ts);
+    let deciding = pb::PrewriteRequest {
+        one_phase: true,
+        commit_above,
+        ..primary
+    };
+    let decided = prewrite_on_leader(&mut servers, deciding.clone()).await;
+    assert!(decided.error.is_none(), "{:?}", decided.error);
+    assert!(decided.commit_ts > commit_above);
+    // Sent again under another request id (past deduplication), it answers the same.
+    let again = prewrite_on_leader(
+        &mut servers,
+        pb::PrewriteRequest {
+            request_id: request_id(52),
+            ..deciding
+        },
+    )
+    .await;
+    assert_eq!((again.error, again.commit_ts), (None, decided.commit_ts));
+    let read = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the reader finished once the primary committed")
+        .expect("reader task")
+        .expect("read");
+    assert_eq!(text(read), Some("new".into()));
+    assert_eq!(text(kv.get("a4").await.expect("get")), Some("new".into()));
+
+    // Died after committing its primary: a reader of the other key commits it too, at once.
+    let start_ts = client.timestamp().await.expect("ts");
+    let (primary, secondary) = prewrite(start_ts, 20, "a2", "z2", 60_000);
+    for request in [primary, secondary] {
+        let response = prewrite_on_leader(&mut servers, request).await;
+        assert!(response.error.is_none(), "{:?}", response.error);
+    }
+    let commit_ts = client.timestamp().await.expect("ts");
+    resolve_on_leader(
+        &mut servers,
+        pb::ResolveRequest {
+            request_id: request_id(30),
+            start_ts,
+            commit_ts,
+            tablets: vec![pb::TabletKeys {
+                tablet: tablet("a2"),
+                keys: vec![Bytes::from_static(b"a2")],
+            }],
+            primary_key: Bytes::from_static(b"a2"),
+        },
+    )
+    .await;
+    assert_eq!(text(kv.get("z2").await.expect("get")), Some("new".into()));
+    assert_eq!(text(kv.get("a2").await.expect("get")), Some("new".into()));
+    let old = client.database("app").read_only_at(commit_ts - 1);
+    assert_eq!(
+        text(old.get(&kv, "z2").await.expect("get")),
+        Some("old".into()),
+        "the secondary committed at the primary's commit timestamp"
+    );
+
+    // Bad input gets typed answers.
+    let bad_prewrites = [
+        (
+            "start_ts 0",
+            pb::PrewriteRequest {
+                start_ts: 0,
+                ..prewrite(1, 40, "a3", "z3", 500).0
+            },
+        ),
+        // A timestamp far in the future would drag the group's clock along.
+        (
+            "start_ts far ahead",
+            pb::PrewriteRequest {
+                start_ts: u64::MAX,
+                ..prewrite(1, 41, "a3", "z3", 500).0
+            },
+        ),
+        (
+            "ttl 0",
+            pb::PrewriteRequest {
+                ttl_ms: 0,
+                ..prewrite(5, 42, "a3", "z3", 500).0
+            },
+        ),
+        (
+            "no tablets",
+            pb::PrewriteRequest {
+                tablets: vec![],
+                ..prewrite(5, 43, "a3", "z3", 500).0
+            },
+        ),
+        ("a tablet named twice", {
+            let mut request = prewrite(5, 44, "a3", "z3", 500).0;
+            request.tablets.push(request.tablets[0].clone());
+            request
+        }),
+        (
+            "commit_above without one_phase",
+            pb::PrewriteRequest {
+                commit_above: 20,
+                ..prewrite(5, 45, "a3", "z3", 500).0
+            },
+        ),
+        (
+            "commit_above below start_ts",
+            pb::PrewriteRequest {
+                commit_above: 4,
+                one_phase: true,
+                ..prewrite(5, 46, "a3", "z3", 500).0
+            },
+        ),
+        (
+            "a deciding commit without its primary",
+            pb::PrewriteRequest {
+                commit_above: 20,
+                one_phase: true,
+                // The secondary's request: its first tablet does not hold the primary.
+                ..prewrite(5, 46, "a3", "z3", 500).1
+            },
+        ),
+    ];
+    for (what, request) in bad_prewrites {
+        let answer = servers[0].prewrite(request).await;
+        assert_eq!(
+            answer.map(|_| ()).unwrap_err().code(),
+            tonic::Code::InvalidArgument,
+            "{what}"
+        );
+    }
+    let answer = servers[0]
+        .resolve(pb::ResolveRequest {
+            request_id: request_id(47),
+            start_ts: 10,
+            commit_ts: 5,
+            tablets: vec![pb::TabletKeys {
+                tablet: tablet("a3"),
+                keys: vec![Bytes::from_static(b"a3")],
+            }],
+            primary_key: Bytes::new(),
+        })
+        .await;
+    assert_eq!(
+        answer.map(|_| ()).unwrap_err().code(),
+        tonic::Code::InvalidArgument,
+        "commit_ts below start_ts"
+    );
+    let answer = servers[0]
+        .check_txn(pb::CheckTxnRequest {
+            tablet: tablet("a3"),
+            primary_key: Bytes::from_static(b"a3"),
+            start_ts: 10,
+            caller_lock_ttl_ms: u64::MAX,
+        })
+        .await;
+    assert_eq!(
+        answer.map(|_| ()).unwrap_err().code(),
+        tonic::Code::InvalidArgument,
+        "a caller's lock TTL beyond the limit"
+    );
+}
