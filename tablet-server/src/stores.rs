@@ -53,7 +53,10 @@ impl CollectionStores {
     /// Lets every BaseStore's compactions drop versions below `safe_point`, and refuses
     /// reads below it (it never goes down).
     pub(crate) async fn set_gc_safe_point(&self, safe_point: u64) {
-        self.gc_safe_point.fetch_max(safe_point, Ordering::AcqRel);
+        // Every heartbeat carries it; only a rise is worth waiting for a store being opened.
+        if self.gc_safe_point.fetch_max(safe_point, Ordering::AcqRel) >= safe_point {
+            return;
+        }
         for base in self.open.lock().await.values() {
             base.set_gc_safe_point(safe_point);
         }

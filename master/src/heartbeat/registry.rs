@@ -34,20 +34,14 @@ struct Membership {
     ops_per_sec: u64,
 }
 
-/// What a group's leaders reported of its transaction locks.
-#[derive(Debug, Clone, Copy, Default)]
-struct LockFloor {
-    /// No lock below this is held or can be taken (it only rises).
-    floor: u64,
-}
-
 /// Liveness of servers, leaders of groups and their memberships.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     seen: HashMap<u64, Seen>,
     leaders: HashMap<u64, GroupLeader>,
     memberships: HashMap<u64, Membership>,
-    lock_floors: HashMap<u64, LockFloor>,
+    /// Each group's highest reported lock floor: no lock below it is held or can be taken.
+    lock_floors: HashMap<u64, u64>,
 }
 
 impl Registry {
@@ -116,7 +110,7 @@ impl Registry {
                 );
                 // A floor never goes down in the group, so an older report is only lower.
                 let floor = self.lock_floors.entry(report.group_id).or_default();
-                floor.floor = floor.floor.max(report.lock_floor);
+                *floor = (*floor).max(report.lock_floor);
             }
         }
         changed
@@ -183,8 +177,7 @@ impl Registry {
     pub fn lock_floor(&self, mut groups: impl Iterator<Item = u64>) -> u64 {
         groups
             .try_fold(u64::MAX, |lowest, group_id| {
-                let floor = self.lock_floors.get(&group_id)?.floor;
-                Some(lowest.min(floor))
+                Some(lowest.min(*self.lock_floors.get(&group_id)?))
             })
             .filter(|&floor| floor != u64::MAX)
             .unwrap_or(0)

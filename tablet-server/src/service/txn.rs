@@ -125,7 +125,7 @@ impl TabletService {
                 "a deciding commit writes the primary key in its first tablet".to_owned(),
             ));
         }
-        let commit_ts = group
+        let answer = group
             .prewrite(Prewrite {
                 request_id,
                 start_ts: request.start_ts,
@@ -140,18 +140,14 @@ impl TabletService {
                 parts,
             })
             .await?;
-        Ok(if one_phase {
-            pb::PrewriteResponse {
-                error: None,
-                commit_ts,
-                min_commit_ts: 0,
-            }
-        } else {
-            pb::PrewriteResponse {
-                error: None,
-                commit_ts: 0,
-                min_commit_ts: commit_ts,
-            }
+        let (commit_ts, min_commit_ts) = match one_phase {
+            true => (answer, 0),
+            false => (0, answer),
+        };
+        Ok(pb::PrewriteResponse {
+            error: None,
+            commit_ts,
+            min_commit_ts,
         })
     }
 
