@@ -7,14 +7,18 @@ use luna_proto::master::{
     CollectionInfo, CreateCollectionRequest, CreateDatabaseRequest, DatabaseInfo,
     DrainServerRequest, DropCollectionRequest, DropDatabaseRequest, GroupInfo,
     ListCollectionsRequest, ListDatabasesRequest, ListGroupsRequest, ListServersRequest,
-    ListTabletsRequest, MoveReplicaRequest, Partitioning, ServerInfo, TabletInfo,
-    TransferLeaderRequest,
+    ListTabletsRequest, MoveReplicaRequest, MoveTabletRequest, Partitioning, ServerInfo,
+    TabletInfo, TransferLeaderRequest,
 };
 
 use crate::Inner;
 use crate::collection::checked_routing_key;
 use crate::error::{ClientError, Result};
 use crate::retry::Deadline;
+
+/// The least time a tablet move is given: the master may try to seal the tablet for 30 s
+/// before it rolls the move back.
+const MOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How to create a collection: partitioning, initial tablets, replication.
 #[derive(Debug, Clone)]
@@ -287,6 +291,29 @@ impl Admin {
         response
             .group
             .ok_or_else(|| ClientError::protocol("MoveReplica answered without the group"))
+    }
+
+    /// Moves tablet `tablet_id` to group `to_group`, and returns the tablet once the group
+    /// serves it. No base data is copied: the old group seals and flushes the tablet, the
+    /// new one opens it from the shared BaseStore, and requests are unavailable only for the
+    /// handoff between the two (the SDK retries through it). A move that cannot seal the
+    /// tablet (transactions keep it locked) is rolled back and fails with a
+    /// [`ClientError::Server`] of code `FailedPrecondition`.
+    pub async fn move_tablet(&self, tablet_id: u64, to_group: u64) -> Result<TabletInfo> {
+        let request = MoveTabletRequest {
+            tablet_id,
+            to_group_id: to_group,
+        };
+        let deadline = Deadline::after(self.inner.options.operation_timeout.max(MOVE_TIMEOUT));
+        let response = self
+            .inner
+            .call_master("MoveTablet", &deadline, |mut master| async move {
+                master.move_tablet(request).await
+            })
+            .await?;
+        response
+            .tablet
+            .ok_or_else(|| ClientError::protocol("MoveTablet answered without the tablet"))
     }
 
     /// Marks server `server_id` as draining (or, with `cancel`, no longer): the master moves

@@ -61,6 +61,8 @@ pub(crate) struct Core {
     /// state up and reset its TSO and soft state (see `leadership.rs`); 0 before that.
     /// Changed only under the `tso` lock, so a TSO allocator always belongs to this term.
     pub serving: watch::Sender<u64>,
+    /// Tablets whose move a task of this replica is driving (see `tablet_moves.rs`).
+    pub(crate) tablet_movers: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -104,17 +106,20 @@ impl Core {
             failure: Mutex::new(None),
             shutdown: watch::Sender::new(false),
             serving: watch::Sender::new(0),
+            tablet_movers: Mutex::new(std::collections::BTreeSet::new()),
         });
         let applying = tokio::spawn(apply_loop(Arc::clone(&core), subscription, applied_tx));
         let leading = tokio::spawn(crate::leadership::leadership_loop(Arc::clone(&core)));
         let placing = tokio::spawn(crate::driver::placement_loop(Arc::clone(&core)));
         let collecting = tokio::spawn(crate::gc::gc_loop(Arc::clone(&core)));
+        let moving = tokio::spawn(crate::tablet_moves::tablet_move_loop(Arc::clone(&core)));
         let task = tokio::spawn(async move {
             // The loops end on shutdown; the handle covers them all.
             let _ = applying.await;
             let _ = leading.await;
             let _ = placing.await;
             let _ = collecting.await;
+            let _ = moving.await;
         });
         core.settle().await;
         // A log this replica cannot apply (a corrupt snapshot, a failing stream) fails the

@@ -31,6 +31,7 @@ mod placement;
 mod routing;
 mod service;
 mod state;
+mod tablet_moves;
 mod tso;
 
 use std::sync::Arc;

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use luna_proto::master::{
     CollectionInfo, CollectionRoute, CreateCollectionRequest, DatabaseInfo, GroupInfo,
-    HeartbeatRequest, HeartbeatResponse, RoutingTable, ServerInfo, TabletInfo,
+    HeartbeatRequest, HeartbeatResponse, RoutingTable, ServerInfo, TabletInfo, TabletMove,
 };
 use luna_proto::masterlog::command::Kind;
 use luna_proto::masterlog::{Command, RegisterServer, SetPreferredLeader, TsoWindow};
@@ -114,12 +114,12 @@ impl Core {
     }
 
     /// Tablets, filtered by database and collection (empty filters match everything); in
-    /// routing-key order within a collection.
+    /// routing-key order within a collection. With the moves under way among them.
     pub fn list_tablets(
         &self,
         database: &str,
         collection: &str,
-    ) -> Result<Vec<TabletInfo>, MasterError> {
+    ) -> Result<(Vec<TabletInfo>, Vec<TabletMove>), MasterError> {
         let state = self.read_state();
         let collections: Vec<u64> = match (database, collection) {
             ("", "") => state.collections.keys().copied().collect(),
@@ -141,11 +141,16 @@ impl Core {
                 vec![catalog::find_collection(&state, database, collection)?.id]
             }
         };
-        Ok(collections
+        let tablets: Vec<TabletInfo> = collections
             .into_iter()
             .flat_map(|id| state.tablets_of(id))
             .cloned()
-            .collect())
+            .collect();
+        let moves = tablets
+            .iter()
+            .filter_map(|tablet| state.tablet_moves.get(&tablet.id).cloned())
+            .collect();
+        Ok((tablets, moves))
     }
 
     /// Every registered server, by id.

@@ -13,8 +13,8 @@ use luna_proto::master::{
     KeepSnapshotsRequest, KeepSnapshotsResponse, ListCollectionsRequest, ListCollectionsResponse,
     ListDatabasesRequest, ListDatabasesResponse, ListGroupsRequest, ListGroupsResponse,
     ListServersRequest, ListServersResponse, ListTabletsRequest, ListTabletsResponse,
-    MoveReplicaRequest, MoveReplicaResponse, RoutingTable, TransferLeaderRequest,
-    TransferLeaderResponse, WatchRoutingRequest,
+    MoveReplicaRequest, MoveReplicaResponse, MoveTabletRequest, MoveTabletResponse, RoutingTable,
+    TransferLeaderRequest, TransferLeaderResponse, WatchRoutingRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -168,11 +168,26 @@ impl MasterRpc for MasterService {
         request: Request<ListTabletsRequest>,
     ) -> Result<Response<ListTabletsResponse>, Status> {
         let request = request.get_ref();
-        let tablets = self
+        let (tablets, moves) = self
             .leader()
             .await?
             .list_tablets(&request.database, &request.collection)?;
-        Ok(Response::new(ListTabletsResponse { tablets }))
+        Ok(Response::new(ListTabletsResponse { tablets, moves }))
+    }
+
+    async fn move_tablet(
+        &self,
+        request: Request<MoveTabletRequest>,
+    ) -> Result<Response<MoveTabletResponse>, Status> {
+        let request = request.get_ref();
+        let tablet = self
+            .leader()
+            .await?
+            .move_tablet(request.tablet_id, request.to_group_id)
+            .await?;
+        Ok(Response::new(MoveTabletResponse {
+            tablet: Some(tablet),
+        }))
     }
 
     async fn get_routing(

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use luna_proto::master::ReplicaMove;
-use luna_proto::master::{CollectionInfo, DatabaseInfo, TabletInfo};
+use luna_proto::master::{CollectionInfo, DatabaseInfo, TabletInfo, TabletMove};
 use luna_proto::masterlog::command::Kind;
 use luna_proto::masterlog::{
     Command, CreateCollection, CreateDatabase, EndMove, Group, MasterState, MoveReplica,
@@ -39,6 +39,8 @@ pub(crate) struct State {
     pub tso_limit: u64,
     /// MVCC versions below this may be dropped; it never goes down.
     pub gc_safe_point: u64,
+    /// Tablets moving between groups, by tablet id (see `tablet_moves.rs`).
+    pub tablet_moves: BTreeMap<u64, TabletMove>,
 }
 
 /// What an applied command changed, beyond the state itself.
@@ -60,6 +62,7 @@ impl Default for State {
             servers: BTreeMap::new(),
             tso_limit: 0,
             gc_safe_point: 0,
+            tablet_moves: BTreeMap::new(),
         }
     }
 }
@@ -121,6 +124,18 @@ impl State {
                 self.gc_safe_point = self.gc_safe_point.max(raise.ts);
                 false
             }
+            Kind::StartTabletMove(start) => {
+                self.start_tablet_move(command.proposed_ms, start)?;
+                true
+            }
+            Kind::SwitchTablet(switch) => {
+                self.switch_tablet(switch.tablet_id)?;
+                true
+            }
+            Kind::EndTabletMove(end) => {
+                self.end_tablet_move(end.tablet_id)?;
+                true
+            }
         };
         Ok(Applied { routing_changed })
     }
@@ -153,6 +168,7 @@ impl State {
         }
         self.collections.retain(|_, c| c.database_id != id);
         self.tablets.retain(|_, t| t.database_id != id);
+        self.forget_moves_of_dropped_tablets();
         Ok(())
     }
 
@@ -259,6 +275,7 @@ impl State {
             )));
         }
         self.tablets.retain(|_, t| t.collection_id != id);
+        self.forget_moves_of_dropped_tablets();
         Ok(())
     }
 
@@ -458,6 +475,7 @@ impl State {
             servers: self.servers.values().cloned().collect(),
             tso_limit: self.tso_limit,
             gc_safe_point: self.gc_safe_point,
+            tablet_moves: self.tablet_moves.values().cloned().collect(),
         }
     }
 
@@ -479,6 +497,11 @@ impl State {
             servers: snapshot.servers.into_iter().map(|s| (s.id, s)).collect(),
             tso_limit: snapshot.tso_limit,
             gc_safe_point: snapshot.gc_safe_point,
+            tablet_moves: snapshot
+                .tablet_moves
+                .into_iter()
+                .map(|m| (m.tablet_id, m))
+                .collect(),
         }
     }
 }

@@ -309,3 +309,59 @@ fn the_gc_safe_point_never_goes_down_and_survives_a_snapshot() {
     );
     assert_eq!(State::from_snapshot(state.snapshot()).gc_safe_point, 900);
 }
+
+#[test]
+fn a_tablet_move_switches_once_and_the_old_group_keeps_its_copy_until_the_end() {
+    use luna_proto::masterlog::{EndTabletMove, StartTabletMove, SwitchTablet};
+    let start = |tablet_id, to_group| {
+        command(
+            20,
+            Kind::StartTabletMove(StartTabletMove {
+                tablet_id,
+                to_group,
+            }),
+        )
+    };
+    let switch = command(21, Kind::SwitchTablet(SwitchTablet { tablet_id: 6 }));
+    let end = command(22, Kind::EndTabletMove(EndTabletMove { tablet_id: 6 }));
+    // Collection 5's tablets 6 and 7 are on group 8; collection 9's are on group 12.
+    let mut commands = log();
+    commands.push(create_coll(9, "d"));
+    commands.push(start(6, 12));
+    let (mut state, results) = replay(&commands);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let ids = |tablets: &[TabletInfo]| tablets.iter().map(|t| (t.id, t.epoch)).collect::<Vec<_>>();
+    assert_eq!(ids(&state.assigned_tablets(8).0), [(6, 1), (7, 1)]);
+    assert!(state.assigned_tablets(12).1.is_empty());
+
+    // A second move of the same tablet, a move in place, and one to nowhere are refused.
+    for refused in [start(6, 8), start(7, 8), start(7, 99)] {
+        let before = state.clone();
+        assert!(state.apply(100, &refused).is_err());
+        assert_eq!(state.tablets, before.tablets);
+        assert_eq!(state.tablet_moves, before.tablet_moves);
+    }
+
+    state.apply(101, &switch).expect("switch");
+    assert!(state.apply(102, &switch).is_err(), "switched twice");
+    let moved = &state.tablets[&6];
+    assert_eq!((moved.group_id, moved.epoch), (12, 2));
+    // The old group keeps its sealed copy at the old epoch; the new one adopts it.
+    assert_eq!(ids(&state.assigned_tablets(8).0), [(6, 1), (7, 1)]);
+    assert_eq!(state.assigned_tablets(8).0[0].group_id, 8);
+    assert_eq!(state.assigned_tablets(12).1, [6]);
+    assert!(!ids(&state.assigned_tablets(12).0).contains(&(6, 2)));
+    assert_eq!(State::from_snapshot(state.snapshot()), state);
+
+    state.apply(103, &end).expect("end");
+    assert!(state.apply(104, &end).is_err(), "ended twice");
+    assert_eq!(ids(&state.assigned_tablets(8).0), [(7, 1)]);
+    assert!(ids(&state.assigned_tablets(12).0).contains(&(6, 2)));
+    assert!(state.assigned_tablets(12).1.is_empty());
+
+    // Dropping the collection forgets a move under way.
+    state.apply(105, &start(7, 12)).expect("start");
+    let drop = command(23, Kind::DropCollection(DropCollection { id: 5 }));
+    state.apply(106, &drop).expect("drop");
+    assert!(state.tablet_moves.is_empty());
+}

@@ -373,6 +373,7 @@ fn registered_groups(master: &Master, server_id: u64) -> Vec<luna_proto::master:
                 .cloned()
                 .collect(),
             initial_voters: g.initial_voters.clone(),
+            adopting: Vec::new(),
         })
         .collect()
 }

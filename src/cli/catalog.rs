@@ -1,7 +1,7 @@
 //! `luna db`, `luna collection` and `luna tablets`.
 
 use clap::Subcommand;
-use luna_client::{Client, CollectionSpec, Partitioning};
+use luna_client::{Client, CollectionSpec, Partitioning, TabletInfo};
 
 use super::collection_path;
 use super::output::{Cell, print_table, show_bytes};
@@ -154,11 +154,40 @@ pub async fn tablets(client: &Client, path: Option<&str>, json: bool) -> Result<
         Some(path) => collection_path(path)?,
         None => ("", ""),
     };
-    let rows: Vec<Vec<Cell>> = client
-        .admin()
-        .list_tablets(database, collection)
-        .await?
-        .into_iter()
+    let tablets = client.admin().list_tablets(database, collection).await?;
+    print_tablets(&tablets, json);
+    Ok(())
+}
+
+/// `luna tablet ...`
+#[derive(Debug, Subcommand)]
+pub enum TabletCommand {
+    /// Move a tablet to another group. No base data is copied: the old group seals and
+    /// flushes it, the new one opens it from the shared BaseStore; requests pause only for
+    /// the handoff. Answers once the new group serves it.
+    Move {
+        /// The tablet's id (see `luna tablets`).
+        tablet: u64,
+        /// The group to move it to (see `luna groups`).
+        #[arg(long)]
+        to_group: u64,
+    },
+}
+
+/// `luna tablet ...`
+pub async fn tablet(client: &Client, command: TabletCommand, json: bool) -> Result<(), CliError> {
+    match command {
+        TabletCommand::Move { tablet, to_group } => {
+            let moved = client.admin().move_tablet(tablet, to_group).await?;
+            print_tablets(&[moved], json);
+        }
+    }
+    Ok(())
+}
+
+fn print_tablets(tablets: &[TabletInfo], json: bool) {
+    let rows: Vec<Vec<Cell>> = tablets
+        .iter()
         .map(|tablet| {
             let (start, end) = match &tablet.range {
                 Some(range) => (
@@ -185,5 +214,4 @@ pub async fn tablets(client: &Client, path: Option<&str>, json: bool) -> Result<
         &rows,
         json,
     );
-    Ok(())
 }

@@ -1,5 +1,5 @@
 //! The `luna` subcommands that talk to a running universe through the client SDK: catalog
-//! administration (`db`, `collection`, `servers`, `groups`, `tablets`) and data (`put`,
+//! administration (`db`, `collection`, `servers`, `groups`, `tablets`, `tablet move`) and data (`put`,
 //! `get`, `delete`, `scan`). Output is a table for people, or JSON with `--json`.
 
 mod catalog;
@@ -10,7 +10,7 @@ mod placement;
 use clap::{Args, Subcommand};
 use luna_client::Client;
 
-pub use self::catalog::{CollectionCommand, DbCommand};
+pub use self::catalog::{CollectionCommand, DbCommand, TabletCommand};
 pub use self::data::{DeleteArgs, GetArgs, PutArgs, ScanArgs};
 pub use self::placement::{GroupCommand, ServerCommand};
 use crate::error::CliError;
@@ -69,6 +69,9 @@ pub enum ClientCommand {
         /// DATABASE/COLLECTION; all tablets when absent.
         collection: Option<String>,
     },
+    /// Act on one tablet: move it to another group.
+    #[command(subcommand)]
+    Tablet(TabletCommand),
 }
 
 /// Runs one client subcommand.
@@ -89,6 +92,7 @@ pub async fn run(command: ClientCommand, connection: &Connection) -> Result<(), 
         ClientCommand::Tablets { collection } => {
             catalog::tablets(&client, collection.as_deref(), json).await
         }
+        ClientCommand::Tablet(command) => catalog::tablet(&client, command, json).await,
     }
 }
 

@@ -20,6 +20,6 @@ pub use error::{Result, StorageError};
 pub use memstore::{MemStore, MemStoreOptions, MemoryBudget};
 pub use tablet::{ScanRequest, Tablet};
 pub use types::{
-    Direction, KeyRange, Kind, Limits, Lookup, Mutation, TabletId, Timestamp, VersionedEntry,
-    WriteBatch,
+    Direction, KeyRange, Kind, Limits, LogSpan, Lookup, Mutation, TabletId, Timestamp,
+    VersionedEntry, WriteBatch,
 };

@@ -1,6 +1,6 @@
 //! Plain types shared by the MemStore, the tables and the BaseStore.
 
-use std::ops::Bound;
+use std::ops::{Bound, Range};
 
 use bytes::Bytes;
 
@@ -95,6 +95,49 @@ impl Lookup {
         match self {
             Lookup::Value { value, .. } => Some(value),
             _ => None,
+        }
+    }
+}
+
+/// Which journal a tablet handle replays, so that the manifest's flush marker is read in
+/// the right index space.
+///
+/// A tablet's flush marker ("every journal entry up to here is in a table") counts indexes
+/// of the journal that carried the tablet's writes when it was recorded. A tablet that moves
+/// to another group's journal moves to owner epochs above all of its old ones, so the
+/// recorded owner's epoch says whose indexes the marker counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSpan {
+    /// The owner epochs of this journal's hosting of the tablet.
+    pub epochs: Range<u64>,
+    /// The journal index at which this hosting began: no earlier entry of the journal
+    /// writes to the tablet.
+    pub opened_at: u64,
+}
+
+impl LogSpan {
+    /// One journal for the tablet's whole life (an embedded tablet).
+    pub fn whole() -> LogSpan {
+        LogSpan {
+            epochs: 0..u64::MAX,
+            opened_at: 0,
+        }
+    }
+
+    /// The journal index up to which replay skips the tablet's writes, given the owner
+    /// epoch and flush marker the manifest records (`None`: never claimed).
+    ///
+    /// A marker recorded in this hosting counts here. One recorded before it counts in
+    /// another journal: only this hosting's entries concern the tablet. One recorded after
+    /// it means the tablet moved on, which it does only once this hosting's every write
+    /// is flushed: every entry here is durable.
+    pub fn replay_after(&self, recorded: Option<(u64, u64)>) -> u64 {
+        match recorded {
+            Some((epoch, _)) if epoch >= self.epochs.end => u64::MAX,
+            Some((epoch, flushed_up_to)) if epoch >= self.epochs.start => {
+                flushed_up_to.max(self.opened_at)
+            }
+            _ => self.opened_at,
         }
     }
 }
@@ -287,6 +330,23 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replay_reads_the_flush_marker_only_in_its_own_journal() {
+        let span = LogSpan {
+            epochs: 20..30,
+            opened_at: 40,
+        };
+        assert_eq!(span.replay_after(None), 40);
+        // Recorded by the journal the tablet came from: its indexes are not ours.
+        assert_eq!(span.replay_after(Some((12, 5000))), 40);
+        assert_eq!(span.replay_after(Some((21, 700))), 700);
+        assert_eq!(span.replay_after(Some((21, 10))), 40);
+        // The tablet moved on after this hosting flushed everything.
+        assert_eq!(span.replay_after(Some((30, 3))), u64::MAX);
+        assert_eq!(LogSpan::whole().replay_after(Some((5, 9))), 9);
+        assert_eq!(LogSpan::whole().replay_after(None), 0);
+    }
 
     #[test]
     fn key_range_contains_and_overlaps() {

@@ -29,6 +29,26 @@ pub enum TabletServerError {
         /// The epoch this server holds.
         current_epoch: u64,
     },
+    /// The tablet is sealed here: it is moving to another group.
+    #[error(
+        "tablet {tablet_id} is moving to another group (as epoch {next_epoch}); refresh the routing and retry"
+    )]
+    TabletMoving {
+        /// The tablet.
+        tablet_id: u64,
+        /// The epoch it gets in its new group.
+        next_epoch: u64,
+    },
+    /// A tablet cannot be sealed for a move while transactions hold locks on it.
+    #[error(
+        "tablet {tablet_id} still holds {locks} locks of running transactions; the move gives up for now"
+    )]
+    LocksHeld {
+        /// The tablet.
+        tablet_id: u64,
+        /// Locks left.
+        locks: usize,
+    },
     /// The tablet is not hosted here.
     #[error("tablet {0} is not hosted on this server")]
     TabletNotFound(u64),
@@ -158,7 +178,7 @@ impl TabletServerError {
                 "invalid_argument"
             }
             Self::NotLeader { .. } => "not_leader",
-            Self::EpochMismatch { .. } => "epoch_mismatch",
+            Self::EpochMismatch { .. } | Self::TabletMoving { .. } => "epoch_mismatch",
             Self::TabletNotFound(_) => "tablet_not_found",
             Self::Busy { .. } => "busy",
             Self::Locked(_) => "locked",
@@ -183,15 +203,18 @@ impl TabletServerError {
                     leader_addr,
                 })
             }
-            Self::EpochMismatch { current_epoch, .. } => {
-                pb::tablet_error::Kind::EpochMismatch(pb::EpochMismatch { current_epoch })
-            }
+            Self::EpochMismatch { current_epoch, .. }
+            | Self::TabletMoving {
+                next_epoch: current_epoch,
+                ..
+            } => pb::tablet_error::Kind::EpochMismatch(pb::EpochMismatch { current_epoch }),
             Self::TabletNotFound(_) => {
                 pb::tablet_error::Kind::TabletNotFound(pb::TabletNotFound {})
             }
             Self::Busy { retry_after_ms, .. } => {
                 pb::tablet_error::Kind::Busy(pb::Busy { retry_after_ms })
             }
+            Self::LocksHeld { .. } => pb::tablet_error::Kind::Busy(pb::Busy { retry_after_ms: 0 }),
             Self::SnapshotTooOld { safe_point, .. }
             | Self::Storage(StorageError::SnapshotTooOld { safe_point, .. }) => {
                 pb::tablet_error::Kind::SnapshotTooOld(pb::SnapshotTooOld { safe_point })

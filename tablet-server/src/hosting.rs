@@ -11,7 +11,7 @@ use luna_kernel::stream::Stream;
 use luna_proto::master as mpb;
 
 use crate::error::{Result, TabletServerError};
-use crate::group::{Group, GroupContext, Hosted};
+use crate::group::{Group, GroupContext, Hosted, Sealed};
 use crate::metrics::GroupSample;
 
 /// When the previous heartbeat report was made, and each tablet's (reads, writes) then.
@@ -61,6 +61,14 @@ impl Hosting {
         self.groups.read().ok()?.get(&group_id).cloned()
     }
 
+    /// The replica of group `group_id` here, which must lead it for the master's calls.
+    pub(crate) fn leading(&self, group_id: u64) -> Result<Arc<Group>> {
+        self.group(group_id).ok_or(TabletServerError::NotLeader {
+            group_id,
+            leader: None,
+        })
+    }
+
     fn all_groups(&self) -> Vec<Arc<Group>> {
         self.groups
             .read()
@@ -68,8 +76,14 @@ impl Hosting {
             .unwrap_or_default()
     }
 
-    /// The group hosting `tablet_id` here and the tablet, if hosted at `epoch`.
-    pub(crate) fn locate(&self, tablet_id: u64, epoch: u64) -> Result<(Arc<Group>, Hosted)> {
+    /// The group hosting `tablet_id` here and the tablet, if hosted at `epoch` (and not
+    /// sealed for a move, unless `sealed` allows it).
+    pub(crate) fn locate(
+        &self,
+        tablet_id: u64,
+        epoch: u64,
+        sealed: Sealed,
+    ) -> Result<(Arc<Group>, Hosted)> {
         let group_id = self
             .ctx
             .tablet_groups
@@ -80,7 +94,7 @@ impl Hosting {
         let group = self
             .group(group_id)
             .ok_or(TabletServerError::TabletNotFound(tablet_id))?;
-        let hosted = group.tablet(tablet_id, epoch)?;
+        let hosted = group.tablet_for(tablet_id, epoch, sealed)?;
         Ok((group, hosted))
     }
 
@@ -123,9 +137,10 @@ impl Hosting {
             if claimed {
                 let hosting = Arc::clone(self);
                 let tablets = assignment.tablets.clone();
+                let adopting = assignment.adopting.clone();
                 let voters = assignment.voters.clone();
                 tokio::spawn(async move {
-                    group.reconcile(&tablets).await;
+                    group.reconcile(&tablets, &adopting).await;
                     group.reconcile_membership(&voters).await;
                     group
                         .prefer_leader(voters.first().copied().unwrap_or(0))

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use luna_journal::raft::grpc::GrpcNode;
+use luna_proto::group::group_control_server::GroupControlServer;
 use luna_proto::master as mpb;
 use luna_proto::tablet::tablet_server::TabletServer as TabletGrpcServer;
 use luna_storage::MemoryBudget;
@@ -21,7 +22,7 @@ use crate::group::GroupContext;
 use crate::hosting::Hosting;
 use crate::master_link::MasterLink;
 use crate::metrics::ServerMetrics;
-use crate::service::TabletService;
+use crate::service::{GroupControlService, TabletService};
 use crate::stores::CollectionStores;
 
 /// The file in the data directory that keeps the id the master gave this server.
@@ -90,9 +91,13 @@ impl TabletServer {
         let service = TabletGrpcServer::new(TabletService::new(Arc::clone(&hosting), stopping))
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_REQUEST_BYTES);
+        let control = GroupControlServer::new(GroupControlService::new(Arc::clone(&hosting)))
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_REQUEST_BYTES);
         let serving = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(control)
                 .serve_with_incoming_shutdown(
                     // The builder's tcp_nodelay covers only sockets it binds itself: without
                     // this, small replies wait out Nagle and delayed ACKs (40 ms).

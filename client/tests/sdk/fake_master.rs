@@ -131,6 +131,12 @@ impl Master for FakeMaster {
     ) -> Result<Response<DrainServerResponse>, Status> {
         Err(Status::unimplemented("the fake master drains no servers"))
     }
+    async fn move_tablet(
+        &self,
+        _: Request<luna_proto::master::MoveTabletRequest>,
+    ) -> Result<Response<luna_proto::master::MoveTabletResponse>, Status> {
+        Err(Status::unimplemented("the fake master moves no tablets"))
+    }
     async fn list_tablets(
         &self,
         _: Request<ListTabletsRequest>,

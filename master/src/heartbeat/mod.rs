@@ -52,17 +52,12 @@ impl View<'_> {
             .map(|group| {
                 peers.extend(group.replicas.iter().copied());
                 peers.extend(group.moving.as_ref().map(|m| m.from_server_id));
-                let tablets = self
-                    .state
-                    .tablets
-                    .values()
-                    .filter(|t| t.group_id == group.id)
-                    .cloned()
-                    .collect();
+                let (tablets, adopting) = self.state.assigned_tablets(group.id);
                 GroupAssignment {
                     group_id: group.id,
                     voters: group.replicas.clone(),
                     tablets,
+                    adopting,
                     initial_voters: if group.initial_voters.is_empty() {
                         group.replicas.clone()
                     } else {

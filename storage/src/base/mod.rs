@@ -23,7 +23,7 @@ use crate::manifest::{Layout, ManifestLog, TableInfo, TabletInfo, Version, table
 use crate::memstore::Memtable;
 use crate::merge::Source;
 use crate::table::{PinnedIndex, TableBuilder, TableReader, TableSummary};
-use crate::types::{Direction, KeyRange, Lookup, TabletId, Timestamp};
+use crate::types::{Direction, KeyRange, LogSpan, Lookup, TabletId, Timestamp};
 
 /// Tuning of a BaseStore.
 #[derive(Clone)]
@@ -275,11 +275,16 @@ impl BaseStore {
     /// Takes ownership of a tablet at `epoch` (which must be newer than the
     /// recorded one), fencing any older owner. Returns the tablet's record,
     /// whose `flushed_up_to` tells where journal replay must start.
+    ///
+    /// `span` says which journal the claimer replays: an owner recorded below
+    /// its epochs counted its flush marker in another journal, so the marker
+    /// restarts at `span.opened_at`.
     pub async fn claim_tablet(
         &self,
         tablet_id: TabletId,
         epoch: u64,
         range: KeyRange,
+        span: &LogSpan,
     ) -> Result<TabletInfo> {
         let version = self
             .commit(|version| {
@@ -295,10 +300,11 @@ impl BaseStore {
                     tablet_id,
                     epoch,
                     range: range.clone(),
-                    flushed_up_to: 0,
+                    flushed_up_to: span.opened_at,
                 };
                 Ok(pb::manifest_edit::Change::Claim(pb::ClaimTablet {
                     tablet: Some(crate::manifest::tablet_to_pb(&claimed)),
+                    log_floor: span.epochs.start,
                 }))
             })
             .await?;

@@ -8,13 +8,20 @@ use pb::manifest_edit::Change;
 use super::*;
 
 fn claim(tablet_id: u64, epoch: u64) -> Change {
+    claim_from(tablet_id, epoch, 0, 0)
+}
+
+/// A claim by a journal whose epochs start at `log_floor` and that opened the tablet at
+/// index `opened_at`.
+fn claim_from(tablet_id: u64, epoch: u64, log_floor: u64, opened_at: u64) -> Change {
     Change::Claim(pb::ClaimTablet {
         tablet: Some(pb::TabletState {
             tablet_id,
             epoch,
             range: None,
-            flushed_up_to: 0,
+            flushed_up_to: opened_at,
         }),
+        log_floor,
     })
 }
 
@@ -81,6 +88,27 @@ async fn racing_writers_all_commit_on_local_files() {
     let dir = tempfile::tempdir().unwrap();
     let store = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
     check_racing_writers(Arc::new(store)).await;
+}
+
+#[test]
+fn a_claim_from_another_journal_restarts_the_flush_marker() {
+    let mut version = Version::default();
+    let edit = |seq, change| pb::ManifestEdit {
+        seq,
+        change: Some(change),
+        ..Default::default()
+    };
+    version.apply(&edit(1, claim_from(7, 10, 10, 3))).unwrap();
+    version.apply(&edit(2, flush(7, 10, 900, "t1"))).unwrap();
+    // A new leader of the same journal keeps the marker.
+    version.apply(&edit(3, claim_from(7, 11, 10, 3))).unwrap();
+    assert_eq!(version.tablet(7).unwrap().flushed_up_to, 900);
+    // The tablet moved: the new journal's marker starts where it opened the tablet, even
+    // though that index is lower.
+    version.apply(&edit(4, claim_from(7, 20, 20, 40))).unwrap();
+    let moved = version.tablet(7).unwrap();
+    assert_eq!((moved.epoch, moved.flushed_up_to), (20, 40));
+    assert!(version.contains_table("t1"));
 }
 
 #[tokio::test]

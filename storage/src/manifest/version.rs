@@ -164,7 +164,7 @@ impl Version {
         match &edit.change {
             Some(pb::manifest_edit::Change::Claim(claim)) => {
                 let tablet = claim.tablet.as_ref().ok_or(Rejection::Empty)?;
-                self.apply_claim(tablet_from_pb(tablet))
+                self.apply_claim(tablet_from_pb(tablet), claim.log_floor)
             }
             Some(pb::manifest_edit::Change::Flush(flush)) => self.apply_flush(flush, edit.seq),
             Some(pb::manifest_edit::Change::Compaction(compaction)) => {
@@ -174,7 +174,10 @@ impl Version {
         }
     }
 
-    fn apply_claim(&mut self, tablet: TabletInfo) -> Result<(), Rejection> {
+    /// A claim from a journal whose epochs start at `log_floor`: a recorded owner below it
+    /// counted its flush marker in another journal's indexes, so the claim's marker
+    /// replaces it.
+    fn apply_claim(&mut self, tablet: TabletInfo, log_floor: u64) -> Result<(), Rejection> {
         let current = self.tablets.get(&tablet.tablet_id);
         let current_epoch = current.map_or(0, |t| t.epoch);
         if tablet.epoch <= current_epoch {
@@ -184,10 +187,14 @@ impl Version {
                 current: current_epoch,
             });
         }
-        // A new owner inherits the flush marker: what was flushed stays flushed.
-        let flushed_up_to = current.map_or(tablet.flushed_up_to, |t| {
-            t.flushed_up_to.max(tablet.flushed_up_to)
-        });
+        // A new owner in the same journal inherits the flush marker: what was flushed
+        // stays flushed.
+        let flushed_up_to = match current {
+            Some(current) if current.epoch >= log_floor => {
+                current.flushed_up_to.max(tablet.flushed_up_to)
+            }
+            _ => tablet.flushed_up_to,
+        };
         self.tablets.insert(
             tablet.tablet_id,
             TabletInfo {
@@ -374,6 +381,7 @@ mod tests {
                     range: None,
                     flushed_up_to: 0,
                 }),
+                log_floor: 0,
             }),
         )
     }

@@ -13,7 +13,7 @@ use crate::base::BaseStore;
 use crate::error::{Result, StorageError};
 use crate::memstore::{MemStore, MemStoreOptions, MemoryBudget};
 use crate::merge::{MergeIterator, Source};
-use crate::types::{Direction, KeyRange, Lookup, TabletId, Timestamp, WriteBatch};
+use crate::types::{Direction, KeyRange, LogSpan, Lookup, TabletId, Timestamp, WriteBatch};
 
 /// A range scan.
 #[derive(Debug, Clone)]
@@ -39,6 +39,8 @@ pub struct ScanRequest {
 pub struct Tablet {
     id: TabletId,
     range: KeyRange,
+    /// The journal this handle replays.
+    span: LogSpan,
     recovered_up_to: u64,
     base: Arc<BaseStore>,
     memstore: Arc<MemStore>,
@@ -73,13 +75,28 @@ impl Tablet {
         options: MemStoreOptions,
         budget: Arc<MemoryBudget>,
     ) -> Result<Arc<Tablet>> {
+        Tablet::open_replica_in(base, id, range, LogSpan::whole(), options, budget).await
+    }
+
+    /// [`Tablet::open_replica`] for a tablet whose writes `span` of a journal
+    /// carries: a tablet that moves between journals.
+    pub async fn open_replica_in(
+        base: Arc<BaseStore>,
+        id: TabletId,
+        range: KeyRange,
+        span: LogSpan,
+        options: MemStoreOptions,
+        budget: Arc<MemoryBudget>,
+    ) -> Result<Arc<Tablet>> {
         // The newest manifest state: replay must not start before a flush
         // another replica already made durable, nor after it.
         let version = base.refresh().await?;
-        let recovered_up_to = version.tablet(id).map_or(0, |t| t.flushed_up_to);
+        let recorded = version.tablet(id).map(|t| (t.epoch, t.flushed_up_to));
+        let recovered_up_to = span.replay_after(recorded);
         Ok(Arc::new(Tablet {
             id,
             range,
+            span,
             recovered_up_to,
             base,
             memstore: Arc::new(MemStore::new(options, budget)),

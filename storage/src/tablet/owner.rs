@@ -27,7 +27,7 @@ impl Tablet {
         let _transition = self.transitions.lock().await;
         let claimed = self
             .base
-            .claim_tablet(self.id, epoch, self.range.clone())
+            .claim_tablet(self.id, epoch, self.range.clone(), &self.span)
             .await?;
         // The claim's commit installed a version holding everything up to the
         // recorded marker, so these memtables are safe to drop.
@@ -122,8 +122,12 @@ impl Tablet {
         let deadline = tokio::time::Instant::now() + FLUSH_VISIBLE_WAIT;
         let mut backoff = Duration::from_millis(10);
         loop {
+            // Read in this handle's journal: a tablet that moved on to another journal
+            // since has every write of this one in the BaseStore.
             let found = match self.base.refresh().await {
-                Ok(version) => Ok(version.tablet(self.id).map_or(0, |t| t.flushed_up_to)),
+                Ok(version) => Ok(self
+                    .span
+                    .replay_after(version.tablet(self.id).map(|t| (t.epoch, t.flushed_up_to)))),
                 Err(error) => Err(error),
             };
             match found {

@@ -20,7 +20,7 @@ use prost::Message;
 
 use super::dedup::{Applied, Dedup, RequestKey};
 use super::locks::{Lock, TxnState};
-use super::{Group, Hosted, storage_range};
+use super::{Group, Hosted, log_span, storage_range};
 use crate::error::{Result, TabletServerError};
 
 /// Applies the group's log from the start until the stream or the group goes away.
@@ -93,7 +93,19 @@ impl Group {
                     }
                 }
                 Some(gpb::group_entry::Kind::OpenTablet(info)) => {
-                    self.open_tablet(info).await?;
+                    self.open_tablet(info, index).await?;
+                    self.last_control_index.store(index, Ordering::Release);
+                }
+                Some(gpb::group_entry::Kind::SealTablet(seal)) => {
+                    self.apply_seal(seal);
+                    self.last_control_index.store(index, Ordering::Release);
+                }
+                Some(gpb::group_entry::Kind::UnsealTablet(seal)) => {
+                    self.apply_unseal(&seal);
+                    self.last_control_index.store(index, Ordering::Release);
+                }
+                Some(gpb::group_entry::Kind::AdoptTablet(adopt)) => {
+                    self.apply_adopt(adopt, index).await?;
                     self.last_control_index.store(index, Ordering::Release);
                 }
                 Some(gpb::group_entry::Kind::CloseTablet(close)) => {
@@ -139,9 +151,9 @@ impl Group {
         {
             return;
         }
-        if self.refused(&unit) {
+        if self.refused(&unit) || self.refused_by_seal(&unit) {
             // The leader checked this before proposing, but an entry ordered first (a
-            // TxnGc, or a reader's rollback) changed the answer.
+            // TxnGc, a reader's rollback, or a seal for a move) changed the answer.
             tracing::debug!(group = self.id, index, "transactional write refused");
             return;
         }
@@ -293,7 +305,7 @@ impl Group {
         self.dedup.lock().ok().and_then(|dedup| dedup.get(key))
     }
 
-    fn hosted_at(&self, tablet_id: u64, epoch: u64) -> Option<Hosted> {
+    pub(super) fn hosted_at(&self, tablet_id: u64, epoch: u64) -> Option<Hosted> {
         let tablets = self.tablets.read().ok()?;
         tablets
             .get(&tablet_id)
@@ -301,7 +313,8 @@ impl Group {
             .cloned()
     }
 
-    async fn open_tablet(&self, info: TabletInfo) -> Result<()> {
+    /// Opens a tablet that this group's log carries from index `opened_at` on.
+    pub(super) async fn open_tablet(&self, info: TabletInfo, opened_at: u64) -> Result<()> {
         let current = self
             .tablets
             .read()
@@ -315,10 +328,11 @@ impl Group {
         }
         let tablet = retry_transient(self.id, "opening a tablet", || async {
             let base = self.ctx.stores.get(info.collection_id).await?;
-            Ok(Tablet::open_replica(
+            Ok(Tablet::open_replica_in(
                 base,
                 info.id,
                 storage_range(&info),
+                log_span(info.epoch, opened_at),
                 self.ctx.memstore,
                 Arc::clone(&self.ctx.budget),
             )
@@ -355,6 +369,7 @@ impl Group {
             .write()
             .ok()
             .and_then(|mut tablets| tablets.remove(&tablet_id));
+        self.forget_seal(tablet_id);
         let Some(hosted) = removed else {
             return;
         };
@@ -401,7 +416,10 @@ impl Group {
             self.close_tablet(hosted.info.id).await;
         }
         for info in state.tablets {
-            self.open_tablet(info).await?;
+            self.open_tablet(info, snapshot.index).await?;
+        }
+        for seal in state.sealed {
+            self.apply_seal(seal);
         }
         if let Ok(mut dedup) = self.dedup.lock() {
             *dedup = Dedup::from_records(&state.recent_requests);
@@ -478,6 +496,7 @@ impl Group {
             max_commit_ts: self.max_applied_ts(),
             txn_records,
             txn_safe_point,
+            sealed: self.seals(),
         };
         match self
             .stream

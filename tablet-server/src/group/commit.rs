@@ -132,6 +132,12 @@ impl Clock {
         self.last
     }
 
+    /// Assigns nothing at or below `ts` from now on (a tablet moved in, whose old group
+    /// went up to `ts`).
+    pub(super) fn raise(&mut self, ts: u64) {
+        self.last = self.last.max(ts);
+    }
+
     fn key_hash(&self, tablet_id: u64, key: &[u8]) -> u64 {
         self.key_hasher.hash_one((tablet_id, key))
     }

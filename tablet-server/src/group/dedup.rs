@@ -79,13 +79,27 @@ impl Dedup {
             .iter()
             .filter_map(|key| {
                 let applied = self.applied.get(key)?;
-                (applied.index <= index).then(|| AppliedRequest {
-                    request_id: Some(key.to_proto()),
-                    commit_ts: applied.commit_ts,
-                    index: applied.index,
-                })
+                (applied.index <= index).then(|| record(key, applied))
             })
             .collect()
+    }
+
+    /// The newest records (at most `limit`) of requests committed at or above
+    /// `min_commit_ts`, oldest first: the ones a client may still retry, for the group a
+    /// tablet moves to.
+    pub(crate) fn recent(&self, min_commit_ts: u64, limit: usize) -> Vec<AppliedRequest> {
+        let mut records: Vec<AppliedRequest> = self
+            .order
+            .iter()
+            .rev()
+            .filter_map(|key| {
+                let applied = self.applied.get(key)?;
+                (applied.commit_ts >= min_commit_ts).then(|| record(key, applied))
+            })
+            .take(limit)
+            .collect();
+        records.reverse();
+        records
     }
 
     /// The table a snapshot recorded.
@@ -103,6 +117,15 @@ impl Dedup {
             }
         }
         dedup
+    }
+}
+
+/// The proto form of one remembered request.
+fn record(key: &RequestKey, applied: &Applied) -> AppliedRequest {
+    AppliedRequest {
+        request_id: Some(key.to_proto()),
+        commit_ts: applied.commit_ts,
+        index: applied.index,
     }
 }
 

@@ -213,12 +213,31 @@ impl TxnState {
         self.resolved.retain(|&(_, resolve)| resolve > index);
     }
 
+    /// The number of keys of tablet `tablet_id` that are locked.
+    pub(crate) fn locks_in(&self, tablet_id: u64) -> usize {
+        self.locks
+            .range((tablet_id, Bytes::new())..)
+            .take_while(|((tablet, _), _)| *tablet == tablet_id)
+            .count()
+    }
+
+    /// The outcomes of transactions whose primary is in tablet `tablet_id`, for the group
+    /// the tablet moves to.
+    pub(crate) fn records_of(&self, tablet_id: u64) -> Vec<TxnRecord> {
+        self.records_where(|tablet, _| tablet == tablet_id)
+    }
+
     /// The outcomes decided at or below `index`, for a snapshot of the group there.
     pub(crate) fn records_up_to(&self, index: u64) -> Vec<TxnRecord> {
+        self.records_where(|_, at| at <= index)
+    }
+
+    /// The outcomes whose tablet and deciding index pass `keep`, oldest decision first.
+    fn records_where(&self, keep: impl Fn(u64, u64) -> bool) -> Vec<TxnRecord> {
         let mut records: Vec<TxnRecord> = self
             .outcomes
             .iter()
-            .filter(|(_, (_, at))| *at <= index)
+            .filter(|((tablet_id, _, _), (_, at))| keep(*tablet_id, *at))
             .map(
                 |((tablet_id, primary_key, start_ts), (commit_ts, at))| TxnRecord {
                     tablet_id: *tablet_id,

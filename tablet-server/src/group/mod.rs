@@ -11,6 +11,7 @@ mod dedup;
 mod leader;
 mod locks;
 mod membership;
+mod moves;
 mod reads;
 mod txn;
 
@@ -24,7 +25,7 @@ use luna_journal::raft::RaftStream;
 use luna_kernel::stream::Stream;
 use luna_proto::group as gpb;
 use luna_proto::master::TabletInfo;
-use luna_storage::{KeyRange, MemStoreOptions, MemoryBudget, Tablet};
+use luna_storage::{KeyRange, LogSpan, MemStoreOptions, MemoryBudget, Tablet};
 use prost::Message;
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
@@ -39,6 +40,7 @@ use crate::stores::CollectionStores;
 
 pub(crate) use self::commit::{LOGICAL_BITS, MAX_ENTRY_BYTES, WriteRequest, physical_now_ms};
 pub(crate) use self::dedup::RequestKey;
+pub(crate) use self::moves::Sealed;
 pub(crate) use self::txn::{Prewrite, Resolve, TabletPart};
 
 /// What every group on a server shares.
@@ -90,6 +92,8 @@ pub(crate) struct Group {
     dedup: Mutex<Dedup>,
     /// Transactions' locks and outcomes, from the log.
     txns: Mutex<TxnState>,
+    /// Tablets sealed for a move, from the log (see `moves.rs`).
+    sealed: Mutex<HashMap<u64, gpb::SealTablet>>,
     clock: Mutex<Clock>,
     /// Wakes transactional requests waiting for a latch.
     latches_released: Notify,
@@ -133,6 +137,7 @@ impl Group {
             truncated: AtomicU64::new(0),
             dedup: Mutex::new(Dedup::default()),
             txns: Mutex::new(TxnState::default()),
+            sealed: Mutex::new(HashMap::new()),
             clock: Mutex::new(Clock::default()),
             latches_released: Notify::new(),
             serving: watch::Sender::new(None),
@@ -200,8 +205,14 @@ impl Group {
             .unwrap_or_default()
     }
 
-    /// The tablet `tablet_id` if hosted here at `epoch`.
+    /// The tablet `tablet_id` if hosted here at `epoch` and not sealed for a move.
     pub(crate) fn tablet(&self, tablet_id: u64, epoch: u64) -> Result<Hosted> {
+        self.tablet_for(tablet_id, epoch, Sealed::Refuse)
+    }
+
+    /// The tablet `tablet_id` if hosted here at `epoch`; `sealed` says whether one sealed
+    /// for a move will do (it does only for resolving the locks it holds).
+    pub(crate) fn tablet_for(&self, tablet_id: u64, epoch: u64, sealed: Sealed) -> Result<Hosted> {
         let hosted = self
             .tablets
             .read()
@@ -213,6 +224,14 @@ impl Group {
                 tablet_id,
                 requested_epoch: epoch,
                 current_epoch: hosted.info.epoch,
+            });
+        }
+        if sealed == Sealed::Refuse
+            && let Some(seal) = self.seal_of(tablet_id)
+        {
+            return Err(TabletServerError::TabletMoving {
+                tablet_id,
+                next_epoch: seal.next_epoch,
             });
         }
         Ok(hosted)
@@ -232,9 +251,9 @@ impl Group {
     }
 
     /// Makes the group's log open and close tablets so that it hosts exactly `desired`
-    /// (the master's assignment). Only the serving leader proposes; other replicas follow
-    /// the log.
-    pub(crate) async fn reconcile(&self, desired: &[TabletInfo]) {
+    /// (the master's assignment), leaving alone the tablets it is `adopting` (the master
+    /// opens those). Only the serving leader proposes; other replicas follow the log.
+    pub(crate) async fn reconcile(&self, desired: &[TabletInfo], adopting: &[u64]) {
         if self.serving.borrow().is_none() {
             return;
         }
@@ -250,7 +269,7 @@ impl Group {
             }
         }
         for &tablet_id in hosted.keys() {
-            if !desired.iter().any(|info| info.id == tablet_id) {
+            if !desired.iter().any(|info| info.id == tablet_id) && !adopting.contains(&tablet_id) {
                 entries.push(gpb::group_entry::Kind::CloseTablet(gpb::CloseTablet {
                     tablet_id,
                 }));
@@ -388,4 +407,13 @@ pub(crate) fn storage_range(info: &TabletInfo) -> KeyRange {
 /// same group fences the old leader.
 pub(crate) fn owner_epoch(routing_epoch: u64, term: u64) -> u64 {
     (routing_epoch << 32) | (term & u64::from(u32::MAX))
+}
+
+/// The part of this group's journal that carries a tablet hosted at `routing_epoch` from
+/// journal index `opened_at` on: every owner epoch of that routing epoch.
+pub(crate) fn log_span(routing_epoch: u64, opened_at: u64) -> LogSpan {
+    LogSpan {
+        epochs: owner_epoch(routing_epoch, 0)..owner_epoch(routing_epoch.saturating_add(1), 0),
+        opened_at,
+    }
 }

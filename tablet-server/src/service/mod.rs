@@ -1,7 +1,10 @@
 //! The tablet gRPC service: Get, BatchGet, Scan and Write on the tablets hosted here, and
 //! the transaction requests ([`txn`]).
 
+mod control;
 mod txn;
+
+pub(crate) use self::control::GroupControlService;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +19,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Result, TabletServerError};
-use crate::group::{Group, Hosted, RequestKey, WriteRequest};
+use crate::group::{Group, Hosted, RequestKey, Sealed, WriteRequest};
 use crate::hosting::Hosting;
 
 /// Pairs a scan returns when the request sets no limit.
@@ -63,10 +66,19 @@ impl TabletService {
     }
 
     fn locate(&self, tablet: Option<&pb::TabletRef>) -> Result<(Arc<Group>, Hosted)> {
+        self.locate_in(tablet, Sealed::Refuse)
+    }
+
+    /// [`TabletService::locate`], taking a tablet sealed for a move if `sealed` allows.
+    fn locate_in(
+        &self,
+        tablet: Option<&pb::TabletRef>,
+        sealed: Sealed,
+    ) -> Result<(Arc<Group>, Hosted)> {
         let tablet = tablet.ok_or_else(|| {
             TabletServerError::InvalidArgument("the request names no tablet".to_owned())
         })?;
-        self.hosting.locate(tablet.tablet_id, tablet.epoch)
+        self.hosting.locate(tablet.tablet_id, tablet.epoch, sealed)
     }
 
     /// Passes the read barrier the request asks for, then looks its tablet up. In that

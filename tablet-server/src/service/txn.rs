@@ -9,7 +9,9 @@ use luna_proto::tablet as pb;
 
 use super::{TabletService, checked_mutations, storage_key};
 use crate::error::{Result, TabletServerError};
-use crate::group::{Group, Hosted, LOGICAL_BITS, Prewrite, Resolve, TabletPart, physical_now_ms};
+use crate::group::{
+    Group, Hosted, LOGICAL_BITS, Prewrite, Resolve, Sealed, TabletPart, physical_now_ms,
+};
 
 /// Longest lock TTL a transaction may ask for: past it, a dead client's locks would block
 /// readers for too long.
@@ -29,12 +31,13 @@ impl TabletService {
         &self,
         tablets: Vec<(Option<pb::TabletRef>, T)>,
         size: impl Fn(&T) -> usize,
+        sealed: Sealed,
     ) -> Result<GroupShares<T>> {
         let mut group: Option<Arc<Group>> = None;
         let mut parts: Vec<(Hosted, T)> = Vec::with_capacity(tablets.len());
         let mut keys = 0;
         for (tablet, share) in tablets {
-            let (located, hosted) = self.locate(tablet.as_ref())?;
+            let (located, hosted) = self.locate_in(tablet.as_ref(), sealed)?;
             if parts.iter().any(|(part, _)| part.info.id == hosted.info.id) {
                 // The group applies a request's parts as one unit with one part per tablet.
                 return Err(TabletServerError::InvalidArgument(format!(
@@ -96,6 +99,7 @@ impl TabletService {
                 .map(|part| (part.tablet, (part.collection, part.mutations)))
                 .collect(),
             |(_, mutations)| mutations.len(),
+            Sealed::Refuse,
         )?;
         let parts = parts
             .into_iter()
@@ -171,6 +175,8 @@ impl TabletService {
                 .map(|part| (part.tablet, part.keys))
                 .collect(),
             Vec::len,
+            // Resolving the locks a sealed tablet holds is what lets its move go on.
+            Sealed::Allow,
         )?;
         let parts = parts
             .into_iter()

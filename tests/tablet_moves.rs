@@ -1,0 +1,218 @@
+//! Moving tablets between groups of real processes while clients read and write them:
+//! back and forth many times, through the SDK and the CLI, and under transactions. No
+//! acknowledged write may be lost or applied twice, every key's history must stay
+//! linearizable, and transactions stay atomic.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use luna_client::{Client, CollectionSpec, TabletInfo};
+use support::history::{self, Registers, seed};
+use support::load::{Writers, with_collection};
+use support::{Universe, json_reports, output_within};
+
+async fn tablets(client: &Client) -> Vec<TabletInfo> {
+    client
+        .admin()
+        .list_tablets("app", "moving")
+        .await
+        .expect("tablets")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tablet_moves_back_and_forth_under_reads_and_writes() {
+    let (universe, client, collection) =
+        with_collection(1, "moving", CollectionSpec::hash(2)).await;
+    let before = tablets(&client).await;
+    let (moving, other) = (before[0].clone(), before[1].clone());
+    assert_ne!(moving.group_id, other.group_id, "the tablets share a group");
+
+    let writers = Writers::spawn(&collection, 4);
+    let registers = Registers::spawn(&collection, 4, 8, seed());
+    writers.wait_progress(50, "before the first move").await;
+
+    let groups = [moving.group_id, other.group_id];
+    for round in 1..=6u64 {
+        let to_group = groups[usize::from(round % 2 == 1)];
+        let moved = client
+            .admin()
+            .move_tablet(moving.id, to_group)
+            .await
+            .unwrap_or_else(|error| panic!("move {round}: {error}\n{}", universe.logs()));
+        assert_eq!(moved.group_id, to_group);
+        assert_eq!(
+            moved.epoch,
+            moving.epoch + round,
+            "every move bumps the epoch once"
+        );
+        writers
+            .wait_progress(30, &format!("after move {round}"))
+            .await;
+    }
+
+    // The CLI moves the other tablet into the first one's group.
+    let output = universe.cli(&[
+        "tablet",
+        "move",
+        &other.id.to_string(),
+        "--to-group",
+        &moving.group_id.to_string(),
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "luna tablet move failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        universe.logs()
+    );
+    let after = tablets(&client).await;
+    assert!(
+        after
+            .iter()
+            .all(|tablet| tablet.group_id == moving.group_id)
+    );
+    writers.wait_progress(30, "after the CLI's move").await;
+
+    // Moving a tablet to the group it is in changes nothing.
+    let stayed = client
+        .admin()
+        .move_tablet(other.id, moving.group_id)
+        .await
+        .expect("a move in place");
+    assert_eq!(stayed.epoch, other.epoch + 1);
+
+    writers.stop_and_check(|| universe.logs()).await;
+    history::stop_and_check(registers, || universe.logs()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_moves_are_refused_with_clear_errors() {
+    let (universe, client, _collection) =
+        with_collection(1, "moving", CollectionSpec::hash(2)).await;
+    let tablet = tablets(&client).await[0].clone();
+    let admin = client.admin();
+    let unknown_tablet = admin.move_tablet(999_999, tablet.group_id).await;
+    assert!(
+        unknown_tablet
+            .as_ref()
+            .is_err_and(|error| error.to_string().contains("no tablet 999999")),
+        "{unknown_tablet:?}"
+    );
+    let unknown_group = admin.move_tablet(tablet.id, 999_999).await;
+    assert!(
+        unknown_group
+            .as_ref()
+            .is_err_and(|error| error.to_string().contains("no group 999999")),
+        "{unknown_group:?}"
+    );
+    let output = universe.cli(&["tablet", "move", "x", "--to-group", "1"]);
+    assert!(!output.status.success());
+}
+
+/// Every account's balance in one snapshot of `luna bench txn`'s two collections.
+async fn balances(client: &Client) -> Vec<i64> {
+    let db = client.database("bank");
+    let txn = db.begin().await.expect("begin");
+    let mut all = Vec::new();
+    for name in ["checking", "savings"] {
+        let pairs = txn
+            .scan(&db.collection(name), &b"acct-"[..]..&b"acct."[..], 1000)
+            .await
+            .expect("scan the accounts");
+        assert_eq!(pairs.len(), 40, "every account is there");
+        all.extend(pairs.iter().map(|(_, value)| {
+            std::str::from_utf8(value)
+                .ok()
+                .and_then(|text| text.parse::<i64>().ok())
+                .unwrap_or_else(|| panic!("{value:?} is not a balance"))
+        }));
+    }
+    all
+}
+
+fn bench_txn(universe: &Universe, duration_secs: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_luna"));
+    command
+        .args(["bench", "txn", "--modes", "transfer", "--database", "bank"])
+        .args(["--accounts", "40", "--clients", "8", "--tablets", "2"])
+        .args(["--duration-secs", duration_secs, "--json"])
+        .args(["--master", &universe.master_addr])
+        .env_remove("LUNA_MASTER");
+    command
+}
+
+/// Transfers between accounts of two collections run while their tablets move between
+/// groups: no transfer fails (the SDK retries through each handoff, and conflicts are only
+/// counted), and every snapshot keeps the total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_stay_atomic_while_their_tablets_move() {
+    let universe = Universe::start(3);
+    let client = universe.client().await;
+    universe.wait_servers_up(&client, 3).await;
+    let opened = output_within(&mut bench_txn(&universe, "1"), Duration::from_secs(120));
+    assert!(
+        opened.status.success(),
+        "opening the accounts failed: {}",
+        String::from_utf8_lossy(&opened.stderr)
+    );
+    let expected = 2 * 40 * 1_000;
+    assert_eq!(balances(&client).await.iter().sum::<i64>(), expected);
+
+    let running = bench_txn(&universe, "8")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn luna bench txn");
+    let groups: Vec<u64> = client
+        .admin()
+        .list_groups()
+        .await
+        .expect("groups")
+        .iter()
+        .map(|group| group.id)
+        .collect();
+    assert!(groups.len() >= 2, "one group only: {groups:?}");
+    let mut moves = 0;
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        for tablet in client
+            .admin()
+            .list_tablets("bank", "")
+            .await
+            .expect("tablets")
+        {
+            let at = groups
+                .iter()
+                .position(|&g| g == tablet.group_id)
+                .unwrap_or(0);
+            let to_group = groups[(at + 1) % groups.len()];
+            client
+                .admin()
+                .move_tablet(tablet.id, to_group)
+                .await
+                .unwrap_or_else(|error| {
+                    panic!("moving tablet {}: {error}\n{}", tablet.id, universe.logs())
+                });
+            moves += 1;
+        }
+        let all = balances(&client).await;
+        assert_eq!(all.iter().sum::<i64>(), expected, "after {moves} moves");
+        assert!(all.iter().all(|&balance| balance >= 0), "{all:?}");
+    }
+    let finished = running.wait_with_output().expect("luna bench txn");
+    let report = String::from_utf8_lossy(&finished.stdout);
+    assert!(
+        finished.status.success(),
+        "transfers failed during the moves: {report}\n{}\n{}",
+        String::from_utf8_lossy(&finished.stderr),
+        universe.logs()
+    );
+    let committed = json_reports(&finished)[0]["committed"]
+        .as_u64()
+        .unwrap_or(0);
+    println!("{moves} moves under {committed} committed transfers");
+    assert!(committed > 100, "too few transfers ran: {report}");
+    assert_eq!(balances(&client).await.iter().sum::<i64>(), expected);
+}
