@@ -5,39 +5,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use luna_client::{Client, CollectionSpec};
-use luna_proto::master::GetTimestampsRequest;
-use luna_proto::master::master_client::MasterClient;
-use support::Universe;
 use support::history::{self, Registers, seed};
 use support::load::{Writers, wait_led, with_collection};
-
-/// The index of the master process that leads: the one that hands out timestamps.
-async fn leading_master(universe: &Universe) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        for i in 0..universe.masters.len() {
-            if universe.masters[i].is_none() {
-                continue;
-            }
-            let addr = format!("http://{}", universe.master_addr_of(i));
-            let Ok(mut master) = MasterClient::connect(addr).await else {
-                continue;
-            };
-            if master
-                .get_timestamps(GetTimestampsRequest { count: 1, after: 0 })
-                .await
-                .is_ok()
-            {
-                return i;
-            }
-        }
-        assert!(Instant::now() < deadline, "no master replica leads");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Timestamps from the client, which must only move forward.
 async fn timestamp_above(client: &Client, floor: u64, what: &str) -> u64 {
@@ -59,7 +29,7 @@ async fn killing_the_master_leader_loses_nothing_and_timestamps_move_forward() {
     let mut last = timestamp_above(&client, 0, "at the start").await;
 
     for round in 0..2 {
-        let leader = leading_master(&universe).await;
+        let leader = universe.leading_master().await;
         universe.kill_master(leader);
         writers
             .wait_progress(200, &format!("after killing master {leader}"))

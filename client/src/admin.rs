@@ -7,14 +7,24 @@ use luna_proto::master::{
     CollectionInfo, CreateCollectionRequest, CreateDatabaseRequest, DatabaseInfo,
     DrainServerRequest, DropCollectionRequest, DropDatabaseRequest, GroupInfo,
     ListCollectionsRequest, ListDatabasesRequest, ListGroupsRequest, ListServersRequest,
-    ListTabletsRequest, MoveReplicaRequest, MoveTabletRequest, Partitioning, ServerInfo,
-    TabletInfo, TransferLeaderRequest,
+    ListTabletsRequest, ListTabletsResponse, MoveReplicaRequest, MoveTabletRequest, Partitioning,
+    ServerInfo, TabletInfo, TabletMove, TransferLeaderRequest,
 };
 
 use crate::Inner;
 use crate::collection::checked_routing_key;
 use crate::error::{ClientError, Result};
 use crate::retry::Deadline;
+
+/// A tablet that moved, as [`Admin::move_tablet`] answers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TabletMoved {
+    /// The tablet as routed now: its new group, one epoch up.
+    pub tablet: TabletInfo,
+    /// What the move wrote or sent besides metadata: the MemStore tail the old group
+    /// flushed, and the handoff. 0 if another call drove the move.
+    pub bytes_copied: u64,
+}
 
 /// The least time a tablet move is given: the master may try to seal the tablet for 30 s
 /// before it rolls the move back.
@@ -299,7 +309,7 @@ impl Admin {
     /// handoff between the two (the SDK retries through it). A move that cannot seal the
     /// tablet (transactions keep it locked) is rolled back and fails with a
     /// [`ClientError::Server`] of code `FailedPrecondition`.
-    pub async fn move_tablet(&self, tablet_id: u64, to_group: u64) -> Result<TabletInfo> {
+    pub async fn move_tablet(&self, tablet_id: u64, to_group: u64) -> Result<TabletMoved> {
         let request = MoveTabletRequest {
             tablet_id,
             to_group_id: to_group,
@@ -311,9 +321,13 @@ impl Admin {
                 master.move_tablet(request).await
             })
             .await?;
-        response
+        let tablet = response
             .tablet
-            .ok_or_else(|| ClientError::protocol("MoveTablet answered without the tablet"))
+            .ok_or_else(|| ClientError::protocol("MoveTablet answered without the tablet"))?;
+        Ok(TabletMoved {
+            tablet,
+            bytes_copied: response.bytes_copied,
+        })
     }
 
     /// Marks server `server_id` as draining (or, with `cancel`, no longer): the master moves
@@ -335,18 +349,30 @@ impl Admin {
     /// The tablets of one collection, of one database (`collection` empty), or of the whole
     /// universe (both empty).
     pub async fn list_tablets(&self, database: &str, collection: &str) -> Result<Vec<TabletInfo>> {
+        Ok(self.tablets_and_moves(database, collection).await?.tablets)
+    }
+
+    /// The tablet moves under way among the tablets [`list_tablets`](Self::list_tablets)
+    /// lists.
+    pub async fn tablet_moves(&self, database: &str, collection: &str) -> Result<Vec<TabletMove>> {
+        Ok(self.tablets_and_moves(database, collection).await?.moves)
+    }
+
+    async fn tablets_and_moves(
+        &self,
+        database: &str,
+        collection: &str,
+    ) -> Result<ListTabletsResponse> {
         let request = ListTabletsRequest {
             database: database.to_string(),
             collection: collection.to_string(),
         };
-        let response = self
-            .inner
+        self.inner
             .call_master("ListTablets", &self.deadline(), |mut master| {
                 let request = request.clone();
                 async move { master.list_tablets(request).await }
             })
-            .await?;
-        Ok(response.tablets)
+            .await
     }
 }
 

@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | NotLeader with a leader address | remember the leader of the group, retry at once (a few times in a row, then with backoff) |
 //! | NotLeader without a hint (an election is on) | refetch the routing, retry with a backoff capped for elections |
-//! | EpochMismatch, TabletNotFound, no tablet for the key | refetch the routing, retry with a backoff capped for elections (a tablet move's handoff is as short) |
+//! | EpochMismatch, TabletNotFound, no tablet for the key | refetch the routing, retry with a backoff capped at 10 ms (a tablet move's handoff takes tens of milliseconds) |
 //! | transport failure (UNAVAILABLE, connect failure, per-request timeout) | pass the server over when looking for leaders for a while, refetch the routing, retry with backoff |
 //! | Busy | wait `retry_after_ms`, retry |
 //! | Locked | ask the lock's primary what became of its transaction, commit or roll the lock back, retry; while the transaction is alive wait (or, for a prewrite, fail with Conflict) |
@@ -285,9 +285,9 @@ where
                     Some(Kind::EpochMismatch(_)) | Some(Kind::TabletNotFound(_)) | None => {
                         last = Failure::Refused { detail };
                         cache.invalidate(table.generation);
-                        // A tablet moving between groups is back within milliseconds:
-                        // poll as for an election, not with a backoff that grew meanwhile.
-                        wait = Some(backoff.next_election_wait());
+                        // A tablet moving between groups is back within tens of
+                        // milliseconds: poll, rather than back off for up to a second.
+                        wait = Some(backoff.next_routing_wait());
                     }
                 }
             }

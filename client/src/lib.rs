@@ -65,12 +65,13 @@ use bytes::Bytes;
 use luna_proto::tablet::RequestId;
 use tonic::transport::Channel;
 
-pub use admin::{Admin, CollectionSpec};
+pub use admin::{Admin, CollectionSpec, TabletMoved};
 pub use collection::{Collection, ReadOptions, WriteBatch};
 pub use error::{ClientError, Result};
 /// The catalog types the admin API returns, as the master sends them.
 pub use luna_proto::master::{
     CollectionInfo, DatabaseInfo, GroupInfo, Partitioning, ReplicaMove, ServerInfo, TabletInfo,
+    TabletMove,
 };
 pub use txn::{DEFAULT_LOCK_TTL, Transaction, TxnFuture};
 

@@ -61,6 +61,10 @@ impl Deadline {
 /// grew during it.
 const ELECTION_POLL: Duration = Duration::from_millis(50);
 
+/// Longest wait between retries while a tablet is not where the routing says: it is
+/// moving between groups, and the handoff takes tens of milliseconds.
+const MOVE_POLL: Duration = Duration::from_millis(10);
+
 /// Exponential backoff with jitter: the wait before retry `n` (from 1) is uniform in
 /// `[d/2, d]` with `d = min(max_backoff, min_backoff * 2^(n-1))`, so clients that failed
 /// together do not retry together.
@@ -98,6 +102,12 @@ impl Backoff {
     /// [`ELECTION_POLL`].
     pub(crate) fn next_election_wait(&mut self) -> Duration {
         self.next_wait().min(ELECTION_POLL)
+    }
+
+    /// The next wait while a tablet's routing is stale: [`Backoff::next_wait`], at most
+    /// [`MOVE_POLL`].
+    pub(crate) fn next_routing_wait(&mut self) -> Duration {
+        self.next_wait().min(MOVE_POLL)
     }
 
     /// A random element of `items` (spreads replica reads), `None` if it is empty.

@@ -63,6 +63,8 @@ pub(crate) struct Core {
     pub serving: watch::Sender<u64>,
     /// Tablets whose move a task of this replica is driving (see `tablet_moves.rs`).
     pub(crate) tablet_movers: Mutex<std::collections::BTreeSet<u64>>,
+    /// Channels to tablet servers' group control services, by address.
+    pub(crate) group_channels: Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -107,6 +109,7 @@ impl Core {
             shutdown: watch::Sender::new(false),
             serving: watch::Sender::new(0),
             tablet_movers: Mutex::new(std::collections::BTreeSet::new()),
+            group_channels: Mutex::new(std::collections::HashMap::new()),
         });
         let applying = tokio::spawn(apply_loop(Arc::clone(&core), subscription, applied_tx));
         let leading = tokio::spawn(crate::leadership::leadership_loop(Arc::clone(&core)));

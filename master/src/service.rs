@@ -180,13 +180,14 @@ impl MasterRpc for MasterService {
         request: Request<MoveTabletRequest>,
     ) -> Result<Response<MoveTabletResponse>, Status> {
         let request = request.get_ref();
-        let tablet = self
+        let (tablet, bytes_copied) = self
             .leader()
             .await?
             .move_tablet(request.tablet_id, request.to_group_id)
             .await?;
         Ok(Response::new(MoveTabletResponse {
             tablet: Some(tablet),
+            bytes_copied,
         }))
     }
 

@@ -16,6 +16,7 @@
 //! seal is rolled back (unsealed and ended); after it, it only goes forward.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use luna_proto::group::group_control_client::GroupControlClient;
@@ -25,6 +26,7 @@ use luna_proto::masterlog::command::Kind;
 use luna_proto::masterlog::{Command, EndTabletMove, StartTabletMove, SwitchTablet};
 use luna_proto::tablet::TabletError;
 use luna_proto::tablet::tablet_error::Kind as ErrorKind;
+use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::core::{Core, lock};
@@ -33,6 +35,8 @@ use crate::state::State;
 
 /// How long the master keeps trying to seal a tablet before it rolls the move back.
 const SEAL_DEADLINE: Duration = Duration::from_secs(30);
+/// How long the master tries to flush a tablet ahead of its seal.
+const PREPARE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long one call to a group may take (a seal waits for locks for up to 5 s).
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -145,22 +149,50 @@ impl State {
 }
 
 /// Runs the tablet moves the log holds while this replica leads, until shutdown.
-pub(crate) async fn tablet_move_loop(core: std::sync::Arc<Core>) {
-    let core = &*core;
+pub(crate) async fn tablet_move_loop(core: Arc<Core>) {
     core.every(RESUME_INTERVAL, "resuming tablet moves", || {
-        core.resume_tablet_moves()
+        resume_tablet_moves(Arc::clone(&core))
     })
     .await;
 }
 
+/// Starts a driver for every move in the log that no task drives (on the serving leader),
+/// each on its own: a move whose group is down must not hold up the others.
+async fn resume_tablet_moves(core: Arc<Core>) -> Result<(), MasterError> {
+    let current = core.stream().leadership();
+    if !current.is_leader || *core.serving.borrow() != current.term {
+        return Ok(());
+    }
+    let idle: Vec<u64> = {
+        let driven = lock(&core.tablet_movers).clone();
+        let state = core.read_state();
+        state
+            .tablet_moves
+            .keys()
+            .copied()
+            .filter(|tablet_id| !driven.contains(tablet_id))
+            .collect()
+    };
+    for tablet_id in idle {
+        let core = Arc::clone(&core);
+        tokio::spawn(async move {
+            if let Err(error) = core.drive_tablet_move(tablet_id).await {
+                tracing::warn!(tablet_id, %error, "tablet move step failed; retrying later");
+            }
+        });
+    }
+    Ok(())
+}
+
 impl Core {
     /// Moves tablet `tablet_id` to group `to_group`, and answers the tablet as routed once
-    /// the new group serves it (or the move was rolled back, as an error).
+    /// the new group serves it (or the move was rolled back, as an error), with the bytes
+    /// the move copied (see `MoveTabletResponse`).
     pub async fn move_tablet(
         &self,
         tablet_id: u64,
         to_group: u64,
-    ) -> Result<TabletInfo, MasterError> {
+    ) -> Result<(TabletInfo, u64), MasterError> {
         // Asked again (a client's retry), the same move is joined, and a finished one
         // answers as done.
         let under_way = {
@@ -171,7 +203,7 @@ impl Core {
                 .ok_or_else(|| MasterError::not_found(format!("there is no tablet {tablet_id}")))?;
             match state.tablet_moves.get(&tablet_id) {
                 Some(moving) => moving.to_group == to_group,
-                None if tablet.group_id == to_group => return Ok(tablet.clone()),
+                None if tablet.group_id == to_group => return Ok((tablet.clone(), 0)),
                 None => false,
             }
         };
@@ -181,41 +213,27 @@ impl Core {
                 to_group,
             }))
             .await?;
+            tracing::info!(tablet_id, to_group, "tablet move started");
         }
-        tracing::info!(tablet_id, to_group, "tablet move started");
-        self.drive_tablet_move(tablet_id).await?;
+        let copied = self.drive_tablet_move(tablet_id).await?;
         let state = self.read_state();
         match state.tablets.get(&tablet_id) {
-            Some(tablet) if tablet.group_id == to_group => Ok(tablet.clone()),
+            Some(tablet) if tablet.group_id == to_group => Ok((tablet.clone(), copied)),
             _ => Err(MasterError::precondition(format!(
                 "the move of tablet {tablet_id} to group {to_group} was rolled back"
             ))),
         }
     }
 
-    /// Drives every move in the log (on the serving leader).
-    async fn resume_tablet_moves(&self) -> Result<(), MasterError> {
-        let current = self.stream().leadership();
-        if !current.is_leader || *self.serving.borrow() != current.term {
-            return Ok(());
-        }
-        let moving: Vec<u64> = self.read_state().tablet_moves.keys().copied().collect();
-        for tablet_id in moving {
-            if let Err(error) = self.drive_tablet_move(tablet_id).await {
-                tracing::warn!(tablet_id, %error, "tablet move step failed; retrying later");
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes tablet `tablet_id`'s move through its remaining steps. One driver per tablet:
-    /// a second caller waits for the first one's move to end.
-    async fn drive_tablet_move(&self, tablet_id: u64) -> Result<(), MasterError> {
+    /// Takes tablet `tablet_id`'s move through its remaining steps, and answers the bytes
+    /// it copied. One driver per tablet: a second caller waits for the first one's move to
+    /// end (and answers 0).
+    async fn drive_tablet_move(&self, tablet_id: u64) -> Result<u64, MasterError> {
         let Some(_driving) = Driving::claim(self, tablet_id) else {
-            return self.wait_move_ended(tablet_id).await;
+            return self.wait_move_ended(tablet_id).await.map(|()| 0);
         };
         let Some(moving) = self.read_state().tablet_moves.get(&tablet_id).cloned() else {
-            return Ok(());
+            return Ok(0);
         };
         let next_epoch = moving.from_epoch + 1;
         let seal = SealTabletRequest {
@@ -224,17 +242,34 @@ impl Core {
             epoch: moving.from_epoch,
             next_epoch,
             cancel: false,
+            prepare: false,
         };
-        let handoff = if moving.switched {
+        let mut prepared_bytes = 0;
+        if !moving.switched {
+            // Best effort: a failed flush leaves more to the seal, which flushes anyway.
+            let prepare = SealTabletRequest {
+                prepare: true,
+                ..seal
+            };
+            match self.seal(&prepare, Some(PREPARE_DEADLINE)).await {
+                Ok((_, flushed)) => prepared_bytes = flushed,
+                Err(error) => tracing::debug!(tablet_id, %error, "flushing ahead of a seal"),
+            }
+        }
+        // From the seal on, the tablet is unavailable: the log says how long each step took.
+        let sealing = tokio::time::Instant::now();
+        let mut seal_ms = 0;
+        let (handoff, flushed_bytes) = if moving.switched {
             // Sealed before the switch; the old group answers the same handoff again.
             self.seal(&seal, None).await?
         } else {
             match self.seal(&seal, Some(SEAL_DEADLINE)).await {
-                Ok(handoff) => {
+                Ok(sealed) => {
+                    seal_ms = sealing.elapsed().as_millis();
                     self.propose_move_step(Kind::SwitchTablet(SwitchTablet { tablet_id }))
                         .await?;
                     tracing::info!(tablet_id, to_group = moving.to_group, "tablet switched");
-                    handoff
+                    sealed
                 }
                 Err(error) => {
                     let cancel = SealTabletRequest {
@@ -252,6 +287,8 @@ impl Core {
                 }
             }
         };
+        let switched_ms = sealing.elapsed().as_millis();
+        let copied = prepared_bytes + flushed_bytes + handoff.encoded_len() as u64;
         // Above every timestamp the old group used, and above the TSO's too.
         let min_ts = self.timestamps(1, handoff.min_ts).await?.first;
         let tablet = self
@@ -275,23 +312,33 @@ impl Core {
             }
         })
         .await?;
+        let adopted_ms = sealing.elapsed().as_millis();
         self.propose_move_step(Kind::EndTabletMove(EndTabletMove { tablet_id }))
             .await?;
-        tracing::info!(tablet_id, to_group = moving.to_group, "tablet move done");
-        Ok(())
+        tracing::info!(
+            tablet_id,
+            to_group = moving.to_group,
+            copied,
+            seal_ms,
+            switched_ms,
+            adopted_ms,
+            "tablet move done (times since the seal began)"
+        );
+        Ok(copied)
     }
 
-    /// Seals the tablet in its old group and answers the handoff.
+    /// Seals the tablet in its old group and answers the handoff and the bytes flushed.
     async fn seal(
         &self,
         seal: &SealTabletRequest,
         deadline: Option<Duration>,
-    ) -> Result<TabletHandoff, MasterError> {
+    ) -> Result<(TabletHandoff, u64), MasterError> {
         self.call_group(seal.group_id, deadline, |mut client| {
             let seal = *seal;
             async move {
                 let reply = client.seal_tablet(seal).await?.into_inner();
-                Ok((reply.error, reply.handoff.unwrap_or_default()))
+                let sealed = (reply.handoff.unwrap_or_default(), reply.flushed_bytes);
+                Ok((reply.error, sealed))
             }
         })
         .await
@@ -343,7 +390,7 @@ impl Core {
                 if !tried.insert(addr.clone()) {
                     continue;
                 }
-                let reply = match connect(&addr).await {
+                let reply = match self.group_control(&addr) {
                     Ok(client) => call(client).await,
                     Err(error) => Err(tonic::Status::unavailable(error.to_string())),
                 };
@@ -369,6 +416,28 @@ impl Core {
         }
     }
 
+    /// A client of the group control service at `addr`, on a channel kept for the next
+    /// calls (it connects on first use and reconnects by itself).
+    fn group_control(
+        &self,
+        addr: &str,
+    ) -> Result<GroupControlClient<Channel>, tonic::transport::Error> {
+        let mut channels = lock(&self.group_channels);
+        let channel = match channels.get(addr) {
+            Some(channel) => channel.clone(),
+            None => {
+                let channel = Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .timeout(CALL_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                channels.insert(addr.to_owned(), channel.clone());
+                channel
+            }
+        };
+        Ok(GroupControlClient::new(channel))
+    }
+
     /// The tablet-service addresses of group `group_id`'s replicas, its last reported
     /// leader last (the caller pops from the end).
     fn group_addrs(&self, group_id: u64) -> Vec<String> {
@@ -391,16 +460,6 @@ impl Core {
             .filter_map(|server| state.servers.get(&server).map(|s| s.addr.clone()))
             .collect()
     }
-}
-
-async fn connect(addr: &str) -> Result<GroupControlClient<Channel>, tonic::transport::Error> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(CALL_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
-    Ok(GroupControlClient::new(channel))
 }
 
 /// The right to drive one tablet's move, released on drop.

@@ -2,6 +2,7 @@
 
 mod failover;
 mod journal;
+mod moves;
 mod report;
 mod storage;
 mod txn;
@@ -25,6 +26,9 @@ pub enum BenchCommand {
     /// Transactions against a running universe: one- and two-group commits and bank
     /// transfers, against single puts.
     Txn(txn::TxnBenchArgs),
+    /// Tablet moves between groups under writes and reads: unavailability window, bytes
+    /// copied and move time.
+    Move(moves::MoveBenchArgs),
 }
 
 /// Runs a benchmark.
@@ -35,5 +39,6 @@ pub async fn run(command: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Ycsb(args) => ycsb::run(args).await,
         BenchCommand::Failover(args) => failover::run(args).await,
         BenchCommand::Txn(args) => txn::run(args).await,
+        BenchCommand::Move(args) => moves::run(args).await,
     }
 }

@@ -179,7 +179,7 @@ pub async fn tablet(client: &Client, command: TabletCommand, json: bool) -> Resu
     match command {
         TabletCommand::Move { tablet, to_group } => {
             let moved = client.admin().move_tablet(tablet, to_group).await?;
-            print_tablets(&[moved], json);
+            print_tablets(&[moved.tablet], json);
         }
     }
     Ok(())

@@ -87,9 +87,7 @@ impl Hosting {
         let group_id = self
             .ctx
             .tablet_groups
-            .read()
-            .ok()
-            .and_then(|index| index.get(&tablet_id).copied())
+            .group_of(tablet_id)
             .ok_or(TabletServerError::TabletNotFound(tablet_id))?;
         let group = self
             .group(group_id)

@@ -18,7 +18,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::TabletServerConfig;
 use crate::error::{Result, TabletServerError};
-use crate::group::GroupContext;
+use crate::group::{GroupContext, TabletIndex};
 use crate::hosting::Hosting;
 use crate::master_link::MasterLink;
 use crate::metrics::ServerMetrics;
@@ -77,7 +77,7 @@ impl TabletServer {
             budget: Arc::new(MemoryBudget::new(config.memory_limit)),
             memstore: config.memstore,
             master: Arc::clone(&master),
-            tablet_groups: RwLock::new(HashMap::new()),
+            tablet_groups: TabletIndex::default(),
             peer_addrs: RwLock::new(HashMap::new()),
             max_batch_writes: config.max_batch_writes.max(1),
             metrics: ServerMetrics::new(server_id).map_err(|error| {

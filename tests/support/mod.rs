@@ -15,6 +15,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use luna_client::Client;
+use luna_proto::master::GetTimestampsRequest;
+use luna_proto::master::master_client::MasterClient;
 
 /// How long a process may take to print its address.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -262,6 +264,31 @@ impl Universe {
         match self.replicas.get(i) {
             Some(replica) => replica_client_addr(replica),
             None => &self.master_addr,
+        }
+    }
+
+    /// The index of the master process that leads: the one that hands out timestamps.
+    pub async fn leading_master(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for i in 0..self.masters.len() {
+                if self.masters[i].is_none() {
+                    continue;
+                }
+                let addr = format!("http://{}", self.master_addr_of(i));
+                let Ok(mut master) = MasterClient::connect(addr).await else {
+                    continue;
+                };
+                if master
+                    .get_timestamps(GetTimestampsRequest { count: 1, after: 0 })
+                    .await
+                    .is_ok()
+                {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no master replica leads");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

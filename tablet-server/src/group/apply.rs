@@ -346,9 +346,7 @@ impl Group {
             recovered_up_to = tablet.recovered_up_to(),
             "tablet opened"
         );
-        if let Ok(mut index) = self.ctx.tablet_groups.write() {
-            index.insert(info.id, self.id);
-        }
+        self.ctx.tablet_groups.opened(info.id, self.id, info.epoch);
         if let Ok(mut tablets) = self.tablets.write() {
             tablets.insert(
                 info.id,
@@ -373,11 +371,7 @@ impl Group {
         let Some(hosted) = removed else {
             return;
         };
-        if let Ok(mut index) = self.ctx.tablet_groups.write()
-            && index.get(&tablet_id) == Some(&self.id)
-        {
-            index.remove(&tablet_id);
-        }
+        self.ctx.tablet_groups.closed(tablet_id, self.id);
         if let Err(error) = hosted.tablet.close().await {
             tracing::warn!(group = self.id, tablet = tablet_id, %error, "closing tablet");
         }

@@ -50,12 +50,47 @@ pub(crate) struct GroupContext {
     pub(crate) budget: Arc<MemoryBudget>,
     pub(crate) memstore: MemStoreOptions,
     pub(crate) master: Arc<MasterLink>,
-    /// Tablet id to the group hosting it here, for request routing.
-    pub(crate) tablet_groups: RwLock<HashMap<u64, u64>>,
+    /// The group hosting each tablet here, for request routing.
+    pub(crate) tablet_groups: TabletIndex,
     /// Server id to tablet-service address, for NotLeader hints.
     pub(crate) peer_addrs: RwLock<HashMap<u64, String>>,
     pub(crate) max_batch_writes: usize,
     pub(crate) metrics: ServerMetrics,
+}
+
+/// Which group replica of this server serves each tablet: the one that hosts it at the
+/// highest epoch. While a tablet moves between two groups that both have a replica here,
+/// both host it for a while (the old one sealed), in either order after a restart.
+#[derive(Debug, Default)]
+pub(crate) struct TabletIndex(RwLock<HashMap<u64, (u64, u64)>>);
+
+impl TabletIndex {
+    /// The group serving `tablet_id` here.
+    pub(crate) fn group_of(&self, tablet_id: u64) -> Option<u64> {
+        let index = self.0.read().ok()?;
+        index.get(&tablet_id).map(|&(group_id, _)| group_id)
+    }
+
+    /// Group `group_id` opened `tablet_id` at `epoch`.
+    fn opened(&self, tablet_id: u64, group_id: u64, epoch: u64) {
+        if let Ok(mut index) = self.0.write() {
+            let entry = index.entry(tablet_id).or_insert((group_id, epoch));
+            if epoch >= entry.1 {
+                *entry = (group_id, epoch);
+            }
+        }
+    }
+
+    /// Group `group_id` closed `tablet_id`.
+    fn closed(&self, tablet_id: u64, group_id: u64) {
+        if let Ok(mut index) = self.0.write()
+            && index
+                .get(&tablet_id)
+                .is_some_and(|&(serving, _)| serving == group_id)
+        {
+            index.remove(&tablet_id);
+        }
+    }
 }
 
 /// A tablet hosted by a group replica, at the epoch the group's log opened it with.
@@ -379,11 +414,7 @@ impl Group {
         }
         self.serving.send_replace(None);
         for hosted in self.hosted() {
-            if let Ok(mut index) = self.ctx.tablet_groups.write()
-                && index.get(&hosted.info.id) == Some(&self.id)
-            {
-                index.remove(&hosted.info.id);
-            }
+            self.ctx.tablet_groups.closed(hosted.info.id, self.id);
             if let Err(error) = hosted.tablet.close().await {
                 tracing::debug!(group = self.id, tablet = hosted.info.id, %error, "closing tablet");
             }

@@ -67,13 +67,14 @@ impl Group {
 
     /// On the leader: seals tablet `tablet_id` (hosted at `epoch`) for its move to
     /// `next_epoch`, or finds it sealed, then waits until it holds no lock and is flushed,
-    /// and answers the handoff. Gives up (unsealing the tablet) if locks stay.
+    /// and answers the handoff with the MemStore bytes it flushed. Gives up (unsealing the
+    /// tablet) if locks stay.
     pub(crate) async fn seal_for_move(
         &self,
         tablet_id: u64,
         epoch: u64,
         next_epoch: u64,
-    ) -> Result<gpb::TabletHandoff> {
+    ) -> Result<(gpb::TabletHandoff, u64)> {
         self.check_leads()?;
         let hosted = self.tablet_for(tablet_id, epoch, Sealed::Allow)?;
         if next_epoch <= epoch {
@@ -86,6 +87,7 @@ impl Group {
             epoch,
             next_epoch,
         };
+        let started = Instant::now();
         if self.seal_of(tablet_id).as_ref() != Some(&seal) {
             self.propose(gpb::group_entry::Kind::SealTablet(seal))
                 .await?;
@@ -104,8 +106,33 @@ impl Group {
             }
             tokio::time::sleep(POLL).await;
         }
-        self.flush_sealed(&hosted.tablet, next_epoch).await?;
-        Ok(self.handoff(tablet_id))
+        let drained = started.elapsed();
+        let flushed_bytes = self.memory_bytes(tablet_id);
+        self.flush_moving(&hosted.tablet, next_epoch).await?;
+        tracing::info!(
+            group = self.id,
+            tablet = tablet_id,
+            flushed_bytes,
+            sealed_and_drained_ms = drained.as_millis(),
+            flushed_ms = started.elapsed().as_millis(),
+            "tablet sealed for a move"
+        );
+        Ok((self.handoff(tablet_id), flushed_bytes))
+    }
+
+    /// On the leader: flushes tablet `tablet_id` (hosted at `epoch`) ahead of its seal,
+    /// while it takes writes, and answers the MemStore bytes flushed.
+    pub(crate) async fn prepare_move(
+        &self,
+        tablet_id: u64,
+        epoch: u64,
+        next_epoch: u64,
+    ) -> Result<u64> {
+        self.check_leads()?;
+        let hosted = self.tablet_for(tablet_id, epoch, Sealed::Allow)?;
+        let flushed_bytes = self.memory_bytes(tablet_id);
+        self.flush_moving(&hosted.tablet, next_epoch).await?;
+        Ok(flushed_bytes)
     }
 
     /// On the leader: unseals tablet `tablet_id` (its move was cancelled before the switch).
@@ -118,10 +145,10 @@ impl Group {
         Ok(())
     }
 
-    /// Makes every write the sealed tablet applied durable in its BaseStore. Nothing is
-    /// left to flush once the new group claimed the tablet: it claims only after a seal
-    /// answered, and a sealed tablet takes no more writes.
-    async fn flush_sealed(
+    /// Makes every write the tablet applied durable in its BaseStore. Nothing is left to
+    /// flush once the new group claimed the tablet: it claims only after a seal answered,
+    /// and a sealed tablet takes no more writes.
+    async fn flush_moving(
         &self,
         tablet: &Arc<luna_storage::Tablet>,
         next_epoch: u64,
@@ -192,8 +219,16 @@ impl Group {
         }
         let (tablet_id, epoch) = (info.id, info.epoch);
         if self.tablet(tablet_id, epoch).is_err() {
+            let started = Instant::now();
             self.propose(gpb::group_entry::Kind::AdoptTablet(adopt))
                 .await?;
+            tracing::info!(
+                group = self.id,
+                tablet = tablet_id,
+                epoch,
+                applied_ms = started.elapsed().as_millis(),
+                "tablet adopted"
+            );
         }
         self.tablet(tablet_id, epoch).map(|_| ())
     }

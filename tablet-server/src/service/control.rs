@@ -30,21 +30,26 @@ impl GroupControl for GroupControlService {
             Ok(group) if request.cancel => group
                 .cancel_seal(request.tablet_id, request.epoch)
                 .await
-                .map(|()| None),
+                .map(|()| (None, 0)),
+            Ok(group) if request.prepare => group
+                .prepare_move(request.tablet_id, request.epoch, request.next_epoch)
+                .await
+                .map(|flushed_bytes| (None, flushed_bytes)),
             Ok(group) => group
                 .seal_for_move(request.tablet_id, request.epoch, request.next_epoch)
                 .await
-                .map(Some),
+                .map(|(handoff, flushed_bytes)| (Some(handoff), flushed_bytes)),
             Err(error) => Err(error),
         };
         Ok(Response::new(match sealed {
-            Ok(handoff) => gpb::SealTabletResponse {
+            Ok((handoff, flushed_bytes)) => gpb::SealTabletResponse {
                 error: None,
                 handoff,
+                flushed_bytes,
             },
             Err(error) => gpb::SealTabletResponse {
                 error: Some(error.into_reply()?),
-                handoff: None,
+                ..Default::default()
             },
         }))
     }
