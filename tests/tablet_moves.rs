@@ -1,5 +1,6 @@
 //! Moving tablets between groups of real processes while clients read and write them:
-//! back and forth many times, through the SDK and the CLI, and under transactions. No
+//! back and forth many times, through the SDK and the CLI, and under transactions (whose
+//! tablets also split). No
 //! acknowledged write may be lost or applied twice, every key's history must stay
 //! linearizable, and transactions stay atomic.
 
@@ -145,11 +146,11 @@ fn bench_txn(universe: &Universe, duration_secs: &str) -> Command {
     command
 }
 
-/// Transfers between accounts of two collections run while their tablets move between
-/// groups: no transfer fails (the SDK retries through each handoff, and conflicts are only
-/// counted), and every snapshot keeps the total.
+/// Transfers between accounts of two collections run while their tablets split, and then
+/// move between groups: no transfer fails (the SDK retries through each handoff, and
+/// conflicts are only counted), and every snapshot keeps the total.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transfers_stay_atomic_while_their_tablets_move() {
+async fn transfers_stay_atomic_while_their_tablets_split_and_move() {
     let universe = Universe::start(3);
     let client = universe.client().await;
     universe.wait_servers_up(&client, 3).await;
@@ -176,6 +177,32 @@ async fn transfers_stay_atomic_while_their_tablets_move() {
         .map(|group| group.id)
         .collect();
     assert!(groups.len() >= 2, "one group only: {groups:?}");
+    let before = client
+        .admin()
+        .list_tablets("bank", "")
+        .await
+        .expect("tablets");
+    for tablet in &before {
+        client
+            .admin()
+            .split_tablet(tablet.id, b"")
+            .await
+            .unwrap_or_else(|error| {
+                panic!(
+                    "splitting tablet {}: {error}\n{}",
+                    tablet.id,
+                    universe.logs()
+                )
+            });
+    }
+    let split = client
+        .admin()
+        .list_tablets("bank", "")
+        .await
+        .expect("tablets");
+    assert_eq!(split.len(), 2 * before.len());
+    let all = balances(&client).await;
+    assert_eq!(all.iter().sum::<i64>(), expected, "after the splits");
     let mut moves = 0;
     let until = Instant::now() + Duration::from_secs(6);
     while Instant::now() < until {
@@ -214,7 +241,10 @@ async fn transfers_stay_atomic_while_their_tablets_move() {
     let committed = json_reports(&finished)[0]["committed"]
         .as_u64()
         .unwrap_or(0);
-    println!("{moves} moves under {committed} committed transfers");
+    println!(
+        "{} splits and {moves} moves under {committed} committed transfers",
+        before.len()
+    );
     assert!(committed > 100, "too few transfers ran: {report}");
     assert_eq!(balances(&client).await.iter().sum::<i64>(), expected);
 }

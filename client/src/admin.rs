@@ -8,7 +8,7 @@ use luna_proto::master::{
     DrainServerRequest, DropCollectionRequest, DropDatabaseRequest, GroupInfo,
     ListCollectionsRequest, ListDatabasesRequest, ListGroupsRequest, ListServersRequest,
     ListTabletsRequest, ListTabletsResponse, MoveReplicaRequest, MoveTabletRequest, Partitioning,
-    ServerInfo, TabletInfo, TabletMove, TransferLeaderRequest,
+    ServerInfo, SplitTabletRequest, TabletInfo, TabletMove, TabletSplit, TransferLeaderRequest,
 };
 
 use crate::Inner;
@@ -330,6 +330,36 @@ impl Admin {
         })
     }
 
+    /// Splits tablet `tablet_id` in two at `at` and returns the halves once their group
+    /// serves them: the tablet keeps `[start, at)` (one epoch up), a new tablet takes
+    /// `[at, end)`. An empty `at` splits in the middle: of the tablet's data by size in a range
+    /// collection, of its hash range in a hash collection (which takes no key). Metadata only:
+    /// no table is rewritten, and requests pause for a handoff as short as a move's.
+    pub async fn split_tablet(
+        &self,
+        tablet_id: u64,
+        at: impl AsRef<[u8]>,
+    ) -> Result<(TabletInfo, TabletInfo)> {
+        let request = SplitTabletRequest {
+            tablet_id,
+            at: at.as_ref().to_vec(),
+        };
+        let deadline = Deadline::after(self.inner.options.operation_timeout.max(MOVE_TIMEOUT));
+        let response = self
+            .inner
+            .call_master("SplitTablet", &deadline, |mut master| {
+                let request = request.clone();
+                async move { master.split_tablet(request).await }
+            })
+            .await?;
+        match (response.left, response.right) {
+            (Some(left), Some(right)) => Ok((left, right)),
+            _ => Err(ClientError::protocol(
+                "SplitTablet answered without both halves",
+            )),
+        }
+    }
+
     /// Marks server `server_id` as draining (or, with `cancel`, no longer): the master moves
     /// its replicas to other servers a few at a time and places nothing new on it. Returns
     /// the server; its `group_replicas` falls to 0 when the drain is done.
@@ -356,6 +386,16 @@ impl Admin {
     /// lists.
     pub async fn tablet_moves(&self, database: &str, collection: &str) -> Result<Vec<TabletMove>> {
         Ok(self.tablets_and_moves(database, collection).await?.moves)
+    }
+
+    /// The tablet splits under way among the tablets [`list_tablets`](Self::list_tablets)
+    /// lists.
+    pub async fn tablet_splits(
+        &self,
+        database: &str,
+        collection: &str,
+    ) -> Result<Vec<TabletSplit>> {
+        Ok(self.tablets_and_moves(database, collection).await?.splits)
     }
 
     async fn tablets_and_moves(

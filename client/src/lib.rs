@@ -71,7 +71,7 @@ pub use error::{ClientError, Result};
 /// The catalog types the admin API returns, as the master sends them.
 pub use luna_proto::master::{
     CollectionInfo, DatabaseInfo, GroupInfo, Partitioning, ReplicaMove, ServerInfo, TabletInfo,
-    TabletMove,
+    TabletMove, TabletSplit,
 };
 pub use txn::{DEFAULT_LOCK_TTL, Transaction, TxnFuture};
 

@@ -32,6 +32,7 @@ mod routing;
 mod service;
 mod state;
 mod tablet_moves;
+mod tablet_splits;
 mod tso;
 
 use std::sync::Arc;

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use luna_proto::master::{
     CollectionInfo, CollectionRoute, CreateCollectionRequest, DatabaseInfo, GroupInfo,
-    HeartbeatRequest, HeartbeatResponse, RoutingTable, ServerInfo, TabletInfo, TabletMove,
+    HeartbeatRequest, HeartbeatResponse, ListTabletsResponse, RoutingTable, ServerInfo, TabletInfo,
 };
 use luna_proto::masterlog::command::Kind;
 use luna_proto::masterlog::{Command, RegisterServer, SetPreferredLeader, TsoWindow};
@@ -114,12 +114,12 @@ impl Core {
     }
 
     /// Tablets, filtered by database and collection (empty filters match everything); in
-    /// routing-key order within a collection. With the moves under way among them.
+    /// routing-key order within a collection. With the moves and splits under way among them.
     pub fn list_tablets(
         &self,
         database: &str,
         collection: &str,
-    ) -> Result<(Vec<TabletInfo>, Vec<TabletMove>), MasterError> {
+    ) -> Result<ListTabletsResponse, MasterError> {
         let state = self.read_state();
         let collections: Vec<u64> = match (database, collection) {
             ("", "") => state.collections.keys().copied().collect(),
@@ -150,7 +150,15 @@ impl Core {
             .iter()
             .filter_map(|tablet| state.tablet_moves.get(&tablet.id).cloned())
             .collect();
-        Ok((tablets, moves))
+        let splits = tablets
+            .iter()
+            .filter_map(|tablet| state.tablet_splits.get(&tablet.id).cloned())
+            .collect();
+        Ok(ListTabletsResponse {
+            tablets,
+            moves,
+            splits,
+        })
     }
 
     /// Every registered server, by id.

@@ -14,7 +14,8 @@ use luna_proto::master::{
     ListDatabasesRequest, ListDatabasesResponse, ListGroupsRequest, ListGroupsResponse,
     ListServersRequest, ListServersResponse, ListTabletsRequest, ListTabletsResponse,
     MoveReplicaRequest, MoveReplicaResponse, MoveTabletRequest, MoveTabletResponse, RoutingTable,
-    TransferLeaderRequest, TransferLeaderResponse, WatchRoutingRequest,
+    SplitTabletRequest, SplitTabletResponse, TransferLeaderRequest, TransferLeaderResponse,
+    WatchRoutingRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -168,11 +169,27 @@ impl MasterRpc for MasterService {
         request: Request<ListTabletsRequest>,
     ) -> Result<Response<ListTabletsResponse>, Status> {
         let request = request.get_ref();
-        let (tablets, moves) = self
+        let listed = self
             .leader()
             .await?
             .list_tablets(&request.database, &request.collection)?;
-        Ok(Response::new(ListTabletsResponse { tablets, moves }))
+        Ok(Response::new(listed))
+    }
+
+    async fn split_tablet(
+        &self,
+        request: Request<SplitTabletRequest>,
+    ) -> Result<Response<SplitTabletResponse>, Status> {
+        let request = request.into_inner();
+        let (left, right) = self
+            .leader()
+            .await?
+            .split_tablet(request.tablet_id, request.at)
+            .await?;
+        Ok(Response::new(SplitTabletResponse {
+            left: Some(left),
+            right: Some(right),
+        }))
     }
 
     async fn move_tablet(

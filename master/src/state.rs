@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use luna_proto::master::ReplicaMove;
-use luna_proto::master::{CollectionInfo, DatabaseInfo, TabletInfo, TabletMove};
+use luna_proto::master::{CollectionInfo, DatabaseInfo, TabletInfo, TabletMove, TabletSplit};
 use luna_proto::masterlog::command::Kind;
 use luna_proto::masterlog::{
     Command, CreateCollection, CreateDatabase, EndMove, Group, MasterState, MoveReplica,
@@ -41,6 +41,8 @@ pub(crate) struct State {
     pub gc_safe_point: u64,
     /// Tablets moving between groups, by tablet id (see `tablet_moves.rs`).
     pub tablet_moves: BTreeMap<u64, TabletMove>,
+    /// Tablets splitting, by tablet id (see `tablet_splits.rs`).
+    pub tablet_splits: BTreeMap<u64, TabletSplit>,
 }
 
 /// What an applied command changed, beyond the state itself.
@@ -63,6 +65,7 @@ impl Default for State {
             tso_limit: 0,
             gc_safe_point: 0,
             tablet_moves: BTreeMap::new(),
+            tablet_splits: BTreeMap::new(),
         }
     }
 }
@@ -134,6 +137,14 @@ impl State {
             }
             Kind::EndTabletMove(end) => {
                 self.end_tablet_move(end.tablet_id)?;
+                true
+            }
+            Kind::StartTabletSplit(start) => {
+                self.start_tablet_split(command.proposed_ms, start)?;
+                true
+            }
+            Kind::EndTabletSplit(end) => {
+                self.end_tablet_split(end)?;
                 true
             }
         };
@@ -403,7 +414,7 @@ impl State {
 
     /// Checks that `ids` are distinct and never handed out before; returns the next id
     /// after them.
-    fn check_fresh(&self, ids: &[u64]) -> Result<u64, MasterError> {
+    pub(crate) fn check_fresh(&self, ids: &[u64]) -> Result<u64, MasterError> {
         let distinct: BTreeSet<u64> = ids.iter().copied().collect();
         if distinct.len() != ids.len() {
             return Err(MasterError::invalid(format!(
@@ -476,6 +487,7 @@ impl State {
             tso_limit: self.tso_limit,
             gc_safe_point: self.gc_safe_point,
             tablet_moves: self.tablet_moves.values().cloned().collect(),
+            tablet_splits: self.tablet_splits.values().cloned().collect(),
         }
     }
 
@@ -501,6 +513,11 @@ impl State {
                 .tablet_moves
                 .into_iter()
                 .map(|m| (m.tablet_id, m))
+                .collect(),
+            tablet_splits: snapshot
+                .tablet_splits
+                .into_iter()
+                .map(|s| (s.tablet_id, s))
                 .collect(),
         }
     }

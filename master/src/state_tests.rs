@@ -365,3 +365,72 @@ fn a_tablet_move_switches_once_and_the_old_group_keeps_its_copy_until_the_end() 
     state.apply(106, &drop).expect("drop");
     assert!(state.tablet_moves.is_empty());
 }
+
+#[test]
+fn a_split_keeps_the_tablet_until_it_ends_and_then_routes_both_halves() {
+    use luna_proto::masterlog::{EndTabletSplit, StartTabletSplit};
+    let start = |tablet_id, new_tablet_id, at: &[u8]| {
+        command(
+            30,
+            Kind::StartTabletSplit(StartTabletSplit {
+                tablet_id,
+                new_tablet_id,
+                at: at.to_vec(),
+            }),
+        )
+    };
+    let end = |done, at: &[u8]| {
+        command(
+            31,
+            Kind::EndTabletSplit(EndTabletSplit {
+                tablet_id: 6,
+                done,
+                at: at.to_vec(),
+            }),
+        )
+    };
+    // Tablet 6 is ["", m) and 7 is [m, end), both on group 8; ids up to 8 are taken.
+    let (mut state, results) = replay(&log());
+    assert!(results.iter().all(Result::is_ok));
+    for refused in [
+        start(6, 9, b"m"),
+        start(6, 9, b"z"),
+        start(6, 5, b"c"),
+        start(99, 9, b"c"),
+    ] {
+        assert!(state.apply(100, &refused).is_err(), "{refused:?}");
+    }
+    state.apply(101, &start(6, 9, b"")).expect("start");
+    assert!(
+        state.apply(102, &start(6, 10, b"c")).is_err(),
+        "split twice"
+    );
+    assert_eq!(state.next_id, 10);
+    // The group neither opens nor closes the tablet or its right half meanwhile.
+    let (hosted, adopting) = state.assigned_tablets(8);
+    assert_eq!(hosted.iter().map(|t| t.id).collect::<Vec<_>>(), [7]);
+    assert_eq!(adopting, [6, 9]);
+    assert!(
+        state.apply(103, &end(true, b"q")).is_err(),
+        "outside the tablet"
+    );
+    assert_eq!(State::from_snapshot(state.snapshot()), state);
+
+    state.apply(104, &end(true, b"c")).expect("end");
+    let (left, right) = (&state.tablets[&6], &state.tablets[&9]);
+    assert_eq!(left.range.as_ref().unwrap().end.as_deref(), Some(&b"c"[..]));
+    assert_eq!(right.range.as_ref().unwrap().start, b"c");
+    assert_eq!(
+        right.range.as_ref().unwrap().end.as_deref(),
+        Some(&b"m"[..])
+    );
+    assert_eq!((left.epoch, right.epoch, right.group_id), (2, 2, 8));
+    assert_eq!(state.collections[&5].tablet_count, 3);
+    assert_eq!(state.assigned_tablets(8).0.len(), 3);
+
+    // A cancelled split changes nothing but ends.
+    state.apply(105, &start(6, 10, b"")).expect("start again");
+    state.apply(106, &end(false, b"")).expect("cancel");
+    assert_eq!(state.tablets.len(), 3);
+    assert!(state.tablet_splits.is_empty());
+}

@@ -34,7 +34,7 @@ use crate::error::MasterError;
 use crate::state::State;
 
 /// How long the master keeps trying to seal a tablet before it rolls the move back.
-const SEAL_DEADLINE: Duration = Duration::from_secs(30);
+pub(crate) const SEAL_DEADLINE: Duration = Duration::from_secs(30);
 /// How long the master tries to flush a tablet ahead of its seal.
 const PREPARE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long one call to a group may take (a seal waits for locks for up to 5 s).
@@ -71,6 +71,12 @@ impl State {
             return Err(MasterError::precondition(format!(
                 "tablet {} is already moving to group {}; wait for that move to end",
                 tablet.id, moving.to_group
+            )));
+        }
+        if self.tablet_splits.contains_key(&tablet.id) {
+            return Err(MasterError::precondition(format!(
+                "tablet {} is splitting; wait for the split to end",
+                tablet.id
             )));
         }
         let moving = TabletMove {
@@ -114,10 +120,17 @@ impl State {
             .ok_or_else(|| MasterError::precondition(format!("tablet {tablet_id} is not moving")))
     }
 
-    /// Drops the moves of tablets that no longer exist (their collection was dropped).
+    /// Drops the moves and splits of tablets that no longer exist (their collection was
+    /// dropped).
     pub(crate) fn forget_moves_of_dropped_tablets(&mut self) {
         let tablets = &self.tablets;
         self.tablet_moves.retain(|id, _| tablets.contains_key(id));
+        self.tablet_splits.retain(|id, _| tablets.contains_key(id));
+    }
+
+    /// Whether tablet `tablet_id` is moving or splitting.
+    pub(crate) fn busy(&self, tablet_id: u64) -> bool {
+        self.tablet_moves.contains_key(&tablet_id) || self.tablet_splits.contains_key(&tablet_id)
     }
 
     /// The tablets group `group_id` should host, at the epochs it hosts them, and the ones
@@ -126,6 +139,13 @@ impl State {
         let mut tablets = Vec::new();
         let mut adopting = Vec::new();
         for tablet in self.tablets.values() {
+            if let Some(split) = self.tablet_splits.get(&tablet.id) {
+                // The group splits it when the master says so.
+                if tablet.group_id == group_id {
+                    adopting.extend([tablet.id, split.new_tablet_id]);
+                }
+                continue;
+            }
             match self.tablet_moves.get(&tablet.id) {
                 // Switched: the new group adopts it when the master says so; the old one
                 // keeps its sealed copy (at the old epoch) until the move ends.
@@ -156,15 +176,16 @@ pub(crate) async fn tablet_move_loop(core: Arc<Core>) {
     .await;
 }
 
-/// Starts a driver for every move in the log that no task drives (on the serving leader),
-/// each on its own: a move whose group is down must not hold up the others.
+/// Starts a driver for every move and split in the log that no task drives (on the serving
+/// leader), each on its own: one whose group is down must not hold up the others.
 async fn resume_tablet_moves(core: Arc<Core>) -> Result<(), MasterError> {
     let current = core.stream().leadership();
     if !current.is_leader || *core.serving.borrow() != current.term {
         return Ok(());
     }
+    let driven = lock(&core.tablet_movers).clone();
+    crate::tablet_splits::resume_splits(&core, &driven);
     let idle: Vec<u64> = {
-        let driven = lock(&core.tablet_movers).clone();
         let state = core.read_state();
         state
             .tablet_moves
@@ -230,7 +251,7 @@ impl Core {
     /// end (and answers 0).
     async fn drive_tablet_move(&self, tablet_id: u64) -> Result<u64, MasterError> {
         let Some(_driving) = Driving::claim(self, tablet_id) else {
-            return self.wait_move_ended(tablet_id).await.map(|()| 0);
+            return self.wait_operation_ended(tablet_id).await.map(|()| 0);
         };
         let Some(moving) = self.read_state().tablet_moves.get(&tablet_id).cloned() else {
             return Ok(0);
@@ -344,7 +365,7 @@ impl Core {
         .await
     }
 
-    async fn propose_move_step(&self, kind: Kind) -> Result<(), MasterError> {
+    pub(crate) async fn propose_move_step(&self, kind: Kind) -> Result<(), MasterError> {
         let turn = self.turn().await?;
         let command = Command {
             proposed_ms: self.config.clock.now_ms(),
@@ -353,10 +374,11 @@ impl Core {
         self.propose(&turn, &command).await
     }
 
-    /// Waits until tablet `tablet_id` is not moving any more (another caller drives it).
-    async fn wait_move_ended(&self, tablet_id: u64) -> Result<(), MasterError> {
+    /// Waits until tablet `tablet_id` is not moving or splitting any more (another caller
+    /// drives it).
+    pub(crate) async fn wait_operation_ended(&self, tablet_id: u64) -> Result<(), MasterError> {
         let mut applied = self.watch_applied();
-        while self.read_state().tablet_moves.contains_key(&tablet_id) {
+        while self.read_state().busy(tablet_id) {
             applied.changed().await.map_err(|_| MasterError::Closed)?;
         }
         Ok(())
@@ -365,7 +387,7 @@ impl Core {
     /// Calls group `group_id`'s leader until it answers without an error: its last known
     /// leader first, then every replica, following NotLeader hints. Gives up after
     /// `deadline` (never without one) or when the master stops leading.
-    async fn call_group<T, F, Fut>(
+    pub(crate) async fn call_group<T, F, Fut>(
         &self,
         group_id: u64,
         deadline: Option<Duration>,
@@ -462,14 +484,14 @@ impl Core {
     }
 }
 
-/// The right to drive one tablet's move, released on drop.
-struct Driving<'a> {
+/// The right to drive one tablet's move or split, released on drop.
+pub(crate) struct Driving<'a> {
     core: &'a Core,
     tablet_id: u64,
 }
 
 impl<'a> Driving<'a> {
-    fn claim(core: &'a Core, tablet_id: u64) -> Option<Self> {
+    pub(crate) fn claim(core: &'a Core, tablet_id: u64) -> Option<Self> {
         // Not `then_some`: it would build (and drop, which locks) a guard while locked.
         let claimed = lock(&core.tablet_movers).insert(tablet_id);
         claimed.then(|| Driving { core, tablet_id })

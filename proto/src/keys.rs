@@ -53,9 +53,40 @@ pub fn hash_split_points(tablets: u32) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The middle of the hash range `[start, end)` of a hash collection's tablet (`end: None`
+/// is the end of the hash space), as a 4-byte routing-key prefix; `None` if the range is
+/// one hash value wide and cannot be cut.
+pub fn hash_range_middle(start: &[u8], end: Option<&[u8]>) -> Option<Vec<u8>> {
+    let prefix = |key: &[u8]| {
+        let mut bytes = [0u8; HASH_PREFIX_LEN];
+        let len = key.len().min(HASH_PREFIX_LEN);
+        bytes[..len].copy_from_slice(&key[..len]);
+        u64::from(u32::from_be_bytes(bytes))
+    };
+    let low = prefix(start);
+    let high = end.map_or(1 << 32, prefix);
+    let middle = low + (high.saturating_sub(low)) / 2;
+    let middle = u32::try_from(middle).ok()?;
+    (u64::from(middle) > low).then(|| middle.to_be_bytes().to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_ranges_halve_and_a_single_hash_does_not() {
+        assert_eq!(hash_range_middle(&[], None), Some(vec![0x80, 0, 0, 0]));
+        assert_eq!(
+            hash_range_middle(&[0x80, 0, 0, 0], None),
+            Some(vec![0xc0, 0, 0, 0])
+        );
+        assert_eq!(
+            hash_range_middle(&[0, 0, 0, 0], Some(&[0x40, 0, 0, 0])),
+            Some(vec![0x20, 0, 0, 0])
+        );
+        assert_eq!(hash_range_middle(&[0, 0, 0, 7], Some(&[0, 0, 0, 8])), None);
+    }
 
     #[test]
     fn range_keys_route_as_themselves() {

@@ -172,6 +172,16 @@ pub enum TabletCommand {
         #[arg(long)]
         to_group: u64,
     },
+    /// Split a tablet in two, in its group: it keeps the keys below the split key, a new
+    /// tablet takes the rest. Metadata only: no table is rewritten.
+    Split {
+        /// The tablet's id (see `luna tablets`).
+        tablet: u64,
+        /// The first key of the new tablet. Without it, a range collection's tablet splits
+        /// where its data halves by size, a hash collection's in the middle of its hash range.
+        #[arg(long)]
+        at: Option<String>,
+    },
 }
 
 /// `luna tablet ...`
@@ -180,6 +190,11 @@ pub async fn tablet(client: &Client, command: TabletCommand, json: bool) -> Resu
         TabletCommand::Move { tablet, to_group } => {
             let moved = client.admin().move_tablet(tablet, to_group).await?;
             print_tablets(&[moved.tablet], json);
+        }
+        TabletCommand::Split { tablet, at } => {
+            let at = at.unwrap_or_default();
+            let (left, right) = client.admin().split_tablet(tablet, at.as_bytes()).await?;
+            print_tablets(&[left, right], json);
         }
     }
     Ok(())

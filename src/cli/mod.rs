@@ -69,7 +69,7 @@ pub enum ClientCommand {
         /// DATABASE/COLLECTION; all tablets when absent.
         collection: Option<String>,
     },
-    /// Act on one tablet: move it to another group.
+    /// Act on one tablet: move it to another group, or split it.
     #[command(subcommand)]
     Tablet(TabletCommand),
 }

@@ -131,6 +131,12 @@ impl Master for FakeMaster {
     ) -> Result<Response<DrainServerResponse>, Status> {
         Err(Status::unimplemented("the fake master drains no servers"))
     }
+    async fn split_tablet(
+        &self,
+        _: Request<luna_proto::master::SplitTabletRequest>,
+    ) -> Result<Response<luna_proto::master::SplitTabletResponse>, Status> {
+        Err(Status::unimplemented("the fake master splits no tablets"))
+    }
     async fn move_tablet(
         &self,
         _: Request<luna_proto::master::MoveTabletRequest>,

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use luna_proto::manifest as pb;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -22,7 +23,7 @@ use crate::error::{Result, StorageError};
 use crate::manifest::{Layout, ManifestLog, TableInfo, TabletInfo, Version, table_to_pb};
 use crate::memstore::Memtable;
 use crate::merge::Source;
-use crate::table::{PinnedIndex, TableBuilder, TableReader, TableSummary};
+use crate::table::{KEY_COLUMN, PinnedIndex, TableBuilder, TableReader, TableSummary};
 use crate::types::{Direction, KeyRange, LogSpan, Lookup, TabletId, Timestamp};
 
 /// Tuning of a BaseStore.
@@ -426,6 +427,41 @@ impl BaseStore {
             added_seq: 0,
             pinned: PinnedIndex::default(),
         }))
+    }
+
+    /// A key that cuts the data of `range` in the current version about in half by size,
+    /// for splitting a tablet: the first key of the key page at which the pages that start
+    /// inside the range reach half their bytes (a page's bytes estimated from its rows and
+    /// its table's bytes per row). `None` if no page starts strictly inside the range after
+    /// its first key, so that there is nothing to cut. Data still in MemStores is not
+    /// counted: flush first.
+    pub async fn split_key(&self, range: &KeyRange) -> Result<Option<Bytes>> {
+        let version = self.version();
+        let mut pages: Vec<(Bytes, u64)> = Vec::new();
+        for table in version.overlapping(range) {
+            let reader = self.reader(&table).await?;
+            let index = reader.index();
+            let bytes_per_row = table.size_bytes / table.rows.max(1);
+            for page in 0..index.pages(KEY_COLUMN).len() {
+                let Some(first) = index.first_key(page) else {
+                    continue;
+                };
+                if range.contains(first) && first.as_ref() > range.start.as_ref() {
+                    let rows = index.page_rows(KEY_COLUMN, page);
+                    pages.push((first.clone(), (rows.end - rows.start) * bytes_per_row));
+                }
+            }
+        }
+        pages.sort();
+        let total: u64 = pages.iter().map(|(_, bytes)| bytes).sum();
+        let mut before = 0;
+        for (key, bytes) in pages {
+            before += bytes;
+            if before * 2 >= total {
+                return Ok(Some(key));
+            }
+        }
+        Ok(None)
     }
 
     async fn reader(&self, table: &TableInfo) -> Result<TableReader> {

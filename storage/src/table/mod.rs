@@ -5,7 +5,7 @@ mod index;
 mod page;
 mod reader;
 
-pub use format::{PAGE_ROWS, TableBuilder, TableSummary, schema};
+pub use format::{KEY as KEY_COLUMN, PAGE_ROWS, TableBuilder, TableSummary, schema};
 pub use index::{PageSpan, PinnedIndex, TableIndex};
 pub use page::{DecodedPage, PageValues};
 pub use reader::{RowPage, TableCursor, TableReader};

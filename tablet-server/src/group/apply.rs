@@ -108,6 +108,10 @@ impl Group {
                     self.apply_adopt(adopt, index).await?;
                     self.last_control_index.store(index, Ordering::Release);
                 }
+                Some(gpb::group_entry::Kind::SplitTablet(split)) => {
+                    self.apply_split(split, index).await?;
+                    self.last_control_index.store(index, Ordering::Release);
+                }
                 Some(gpb::group_entry::Kind::CloseTablet(close)) => {
                     self.close_tablet(close.tablet_id).await;
                     self.last_control_index.store(index, Ordering::Release);
@@ -361,7 +365,7 @@ impl Group {
         Ok(())
     }
 
-    async fn close_tablet(&self, tablet_id: u64) {
+    pub(super) async fn close_tablet(&self, tablet_id: u64) {
         let removed = self
             .tablets
             .write()

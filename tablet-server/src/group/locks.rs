@@ -221,6 +221,23 @@ impl TxnState {
             .count()
     }
 
+    /// Hands the outcomes of tablet `from`'s primaries at or above `at` to tablet `to`: the
+    /// tablet split there.
+    pub(crate) fn move_records(&mut self, from: u64, at: &[u8], to: u64) {
+        let moving: Vec<(u64, Bytes, u64)> = self
+            .outcomes
+            .keys()
+            .filter(|(tablet, primary, _)| *tablet == from && primary.as_ref() >= at)
+            .cloned()
+            .collect();
+        for key in moving {
+            if let Some(outcome) = self.outcomes.remove(&key) {
+                let (_, primary, start_ts) = key;
+                self.outcomes.insert((to, primary, start_ts), outcome);
+            }
+        }
+    }
+
     /// The outcomes of transactions whose primary is in tablet `tablet_id`, for the group
     /// the tablet moves to.
     pub(crate) fn records_of(&self, tablet_id: u64) -> Vec<TxnRecord> {

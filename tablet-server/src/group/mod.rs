@@ -13,6 +13,7 @@ mod locks;
 mod membership;
 mod moves;
 mod reads;
+mod splits;
 mod txn;
 
 use std::collections::HashMap;

@@ -18,7 +18,7 @@ use luna_proto::group as gpb;
 use tokio::time::Instant;
 
 use super::dedup::{Applied, RequestKey};
-use super::{Group, LOGICAL_BITS, owner_epoch};
+use super::{Group, Hosted, LOGICAL_BITS, owner_epoch};
 use crate::error::{Result, TabletServerError};
 
 /// Whether a sealed tablet will do for a request.
@@ -75,6 +75,20 @@ impl Group {
         epoch: u64,
         next_epoch: u64,
     ) -> Result<(gpb::TabletHandoff, u64)> {
+        let (_, flushed_bytes) = self.seal_and_flush(tablet_id, epoch, next_epoch).await?;
+        Ok((self.handoff(tablet_id), flushed_bytes))
+    }
+
+    /// On the leader: seals tablet `tablet_id` (hosted at `epoch`) for `next_epoch` (a
+    /// move or a split), or finds it sealed, then waits until it holds no lock and is
+    /// flushed, and answers it with the MemStore bytes it flushed. Gives up (unsealing the
+    /// tablet) if locks stay.
+    pub(super) async fn seal_and_flush(
+        &self,
+        tablet_id: u64,
+        epoch: u64,
+        next_epoch: u64,
+    ) -> Result<(Hosted, u64)> {
         self.check_leads()?;
         let hosted = self.tablet_for(tablet_id, epoch, Sealed::Allow)?;
         if next_epoch <= epoch {
@@ -115,9 +129,9 @@ impl Group {
             flushed_bytes,
             sealed_and_drained_ms = drained.as_millis(),
             flushed_ms = started.elapsed().as_millis(),
-            "tablet sealed for a move"
+            "tablet sealed"
         );
-        Ok((self.handoff(tablet_id), flushed_bytes))
+        Ok((hosted, flushed_bytes))
     }
 
     /// On the leader: flushes tablet `tablet_id` (hosted at `epoch`) ahead of its seal,
@@ -233,7 +247,7 @@ impl Group {
         self.tablet(tablet_id, epoch).map(|_| ())
     }
 
-    fn check_leads(&self) -> Result<()> {
+    pub(super) fn check_leads(&self) -> Result<()> {
         if self.serving.borrow().is_none() {
             return Err(self.not_leader());
         }

@@ -54,6 +54,32 @@ impl GroupControl for GroupControlService {
         }))
     }
 
+    async fn split_tablet(
+        &self,
+        request: Request<gpb::SplitTabletRequest>,
+    ) -> Result<Response<gpb::SplitTabletResponse>, Status> {
+        let request = request.into_inner();
+        let (id, epoch, new_id) = (request.tablet_id, request.epoch, request.new_tablet_id);
+        let split = match self.hosting.leading(request.group_id) {
+            Ok(group) if request.cancel => group.cancel_split(id, epoch, new_id).await,
+            Ok(group) => group.split(id, epoch, new_id, request.at).await.map(Some),
+            Err(error) => Err(error),
+        };
+        Ok(Response::new(match split {
+            Ok(Some(split)) => gpb::SplitTabletResponse {
+                error: None,
+                split: true,
+                at: split.at,
+                flushed_bytes: split.flushed_bytes,
+            },
+            Ok(None) => gpb::SplitTabletResponse::default(),
+            Err(error) => gpb::SplitTabletResponse {
+                error: Some(error.into_reply()?),
+                ..Default::default()
+            },
+        }))
+    }
+
     async fn adopt_tablet(
         &self,
         request: Request<gpb::AdoptTabletRequest>,
