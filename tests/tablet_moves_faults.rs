@@ -1,7 +1,8 @@
 //! Tablet moves while processes die: the leader of the tablet's old group, the leader of its
-//! new group, or the master's leader is killed -9 as the move starts. Each move either
-//! finishes (resumed by a new leader) or rolls back; writes go on, and afterwards no
-//! acknowledged write is missing and every key's history is linearizable.
+//! new group, or the master's leader is killed -9 as the move starts; and a split while the
+//! master's leader dies. Each operation either finishes (resumed by a new leader) or rolls
+//! back; writes go on, and afterwards no acknowledged write is missing and every key's
+//! history is linearizable.
 
 mod support;
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use luna_client::{Client, CollectionSpec, TabletInfo};
 use support::Universe;
 use support::history::{self, Registers, seed};
-use support::load::{Writers, with_collection};
+use support::load::{Writers, assert_covering, with_collection};
 
 /// The collection's tablets once no move is under way, at most 60 s from now.
 async fn settled_tablets(client: &Client, universe: &Universe) -> Vec<TabletInfo> {
@@ -19,7 +20,9 @@ async fn settled_tablets(client: &Client, universe: &Universe) -> Vec<TabletInfo
         let admin = client.admin();
         // Served by the master's leader, which may be changing.
         let moving = admin.tablet_moves("app", "faults").await;
+        let splitting = admin.tablet_splits("app", "faults").await;
         if moving.is_ok_and(|moves| moves.is_empty())
+            && splitting.is_ok_and(|splits| splits.is_empty())
             && let Ok(tablets) = admin.list_tablets("app", "faults").await
         {
             let groups = admin.list_groups().await.unwrap_or_default();
@@ -144,6 +147,31 @@ async fn moves_survive_the_old_group_the_new_group_or_the_master_dying() {
         }
         writers.wait_progress(50, "after the move settled").await;
     }
+
+    // A split while the master's leader dies: it ends, done or cancelled, and the tablets
+    // still cover the key space.
+    let tablets = settled_tablets(&client, &universe).await;
+    let splitter = {
+        let client = client.clone();
+        let tablet_id = tablets[0].id;
+        tokio::spawn(async move { client.admin().split_tablet(tablet_id, b"").await })
+    };
+    tokio::time::sleep(Duration::from_millis((seed >> 13) % 40)).await;
+    let leader = universe.leading_master().await;
+    universe.kill_master(leader);
+    universe.restart_master(leader);
+    let outcome = splitter.await.expect("the splitter task");
+    let after = settled_tablets(&client, &universe).await;
+    println!("split outcome: {outcome:?}; the tablets are now {after:?}");
+    assert_covering(&after);
+    if outcome.is_ok() {
+        assert_eq!(after.len(), 3, "a split that answered OK did not happen");
+    } else {
+        // A retried call may have failed after the split was done, or it was cancelled.
+        assert!((2..=3).contains(&after.len()), "{after:?}");
+    }
+    writers.wait_progress(50, "after the split").await;
+
     writers.stop_and_check(|| universe.logs()).await;
     history::stop_and_check(registers, || universe.logs()).await;
 }

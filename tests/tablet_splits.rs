@@ -7,7 +7,7 @@ mod support;
 
 use luna_client::{Client, CollectionSpec, Partitioning, TabletInfo};
 use support::history::{self, Registers, seed};
-use support::load::{Writers, with_collection};
+use support::load::{Writers, assert_covering, with_collection};
 
 async fn tablets(client: &Client, name: &str) -> Vec<TabletInfo> {
     client
@@ -15,24 +15,6 @@ async fn tablets(client: &Client, name: &str) -> Vec<TabletInfo> {
         .list_tablets("app", name)
         .await
         .expect("tablets")
-}
-
-/// The tablets' ranges chain from the first key to the end of the key space.
-fn assert_covering(tablets: &[TabletInfo]) {
-    let mut next: Option<Vec<u8>> = Some(Vec::new());
-    for tablet in tablets {
-        let range = tablet.range.clone().expect("a range");
-        assert_eq!(
-            Some(range.start.clone()),
-            next,
-            "a gap or overlap: {tablets:?}"
-        );
-        next = range.end;
-    }
-    assert_eq!(
-        next, None,
-        "the last tablet ends before the end: {tablets:?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

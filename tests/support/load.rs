@@ -122,6 +122,22 @@ impl Writers {
     }
 }
 
+/// Asserts that `tablets` (in routing-key order) chain from the first key to the end of the
+/// key space, without gaps or overlaps.
+pub fn assert_covering(tablets: &[luna_client::TabletInfo]) {
+    let mut next: Option<Vec<u8>> = Some(Vec::new());
+    for tablet in tablets {
+        let range = tablet.range.clone().expect("a range");
+        assert_eq!(
+            Some(range.start.clone()),
+            next,
+            "a gap or overlap: {tablets:?}"
+        );
+        next = range.end;
+    }
+    assert_eq!(next, None, "the last tablet ends early: {tablets:?}");
+}
+
 /// Three tablet servers and database `bank` with collections `checking` (hash, 3 tablets)
 /// and `savings` (range, split at `m`), both led.
 pub async fn bank_universe() -> (Universe, Client, Database, Collection, Collection) {
