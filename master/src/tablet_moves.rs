@@ -46,15 +46,20 @@ const RETRY_PAUSE: Duration = Duration::from_millis(20);
 pub(crate) const RESUME_INTERVAL: Duration = Duration::from_secs(1);
 
 impl State {
+    /// Tablet `tablet_id`, or NotFound.
+    pub(crate) fn tablet(&self, tablet_id: u64) -> Result<&TabletInfo, MasterError> {
+        self.tablets
+            .get(&tablet_id)
+            .ok_or_else(|| MasterError::not_found(format!("there is no tablet {tablet_id}")))
+    }
+
     /// Starts moving a tablet (see `StartTabletMove` in master_log.proto).
     pub(crate) fn start_tablet_move(
         &mut self,
         proposed_ms: u64,
         start: &StartTabletMove,
     ) -> Result<(), MasterError> {
-        let tablet = self.tablets.get(&start.tablet_id).ok_or_else(|| {
-            MasterError::not_found(format!("there is no tablet {}", start.tablet_id))
-        })?;
+        let tablet = self.tablet(start.tablet_id)?;
         if !self.groups.contains_key(&start.to_group) {
             return Err(MasterError::not_found(format!(
                 "there is no group {}",
@@ -218,10 +223,7 @@ impl Core {
         // answers as done.
         let under_way = {
             let state = self.read_state();
-            let tablet = state
-                .tablets
-                .get(&tablet_id)
-                .ok_or_else(|| MasterError::not_found(format!("there is no tablet {tablet_id}")))?;
+            let tablet = state.tablet(tablet_id)?;
             match state.tablet_moves.get(&tablet_id) {
                 Some(moving) => moving.to_group == to_group,
                 None if tablet.group_id == to_group => return Ok((tablet.clone(), 0)),
@@ -312,12 +314,7 @@ impl Core {
         let copied = prepared_bytes + flushed_bytes + handoff.encoded_len() as u64;
         // Above every timestamp the old group used, and above the TSO's too.
         let min_ts = self.timestamps(1, handoff.min_ts).await?.first;
-        let tablet = self
-            .read_state()
-            .tablets
-            .get(&tablet_id)
-            .cloned()
-            .ok_or_else(|| MasterError::not_found(format!("there is no tablet {tablet_id}")))?;
+        let tablet = self.read_state().tablet(tablet_id)?.clone();
         let adopt = AdoptTabletRequest {
             group_id: moving.to_group,
             adopt: Some(AdoptTablet {

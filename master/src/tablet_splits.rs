@@ -30,9 +30,7 @@ impl State {
         proposed_ms: u64,
         start: &StartTabletSplit,
     ) -> Result<(), MasterError> {
-        let tablet = self.tablets.get(&start.tablet_id).ok_or_else(|| {
-            MasterError::not_found(format!("there is no tablet {}", start.tablet_id))
-        })?;
+        let tablet = self.tablet(start.tablet_id)?;
         if self.tablet_moves.contains_key(&tablet.id) || self.tablet_splits.contains_key(&tablet.id)
         {
             return Err(MasterError::precondition(format!(
@@ -65,9 +63,7 @@ impl State {
             MasterError::precondition(format!("tablet {} is not splitting", end.tablet_id))
         })?;
         if end.done {
-            let tablet = self.tablets.get(&end.tablet_id).ok_or_else(|| {
-                MasterError::not_found(format!("there is no tablet {}", end.tablet_id))
-            })?;
+            let tablet = self.tablet(end.tablet_id)?;
             if !strictly_inside(tablet, &end.at) {
                 return Err(MasterError::invalid(format!(
                     "tablet {} cannot split at {:?}, outside it",
@@ -119,10 +115,7 @@ impl Core {
     ) -> Result<(TabletInfo, TabletInfo), MasterError> {
         let planned = {
             let state = self.read_state();
-            let tablet = state
-                .tablets
-                .get(&tablet_id)
-                .ok_or_else(|| MasterError::not_found(format!("there is no tablet {tablet_id}")))?;
+            let tablet = state.tablet(tablet_id)?;
             match state.tablet_splits.get(&tablet_id) {
                 // Asked again (a client's retry): join the split under way.
                 Some(split) => Err(split.new_tablet_id),

@@ -102,7 +102,7 @@ pub async fn run(args: JournalBenchArgs) -> Result<(), CliError> {
     drop(dir);
     let report = result?;
     if args.json {
-        let line = serde_json::to_string(&report).map_err(|e| CliError::Invalid(e.to_string()))?;
+        let line = super::report::json_line(&report)?;
         println!("{line}");
     } else {
         println!(

@@ -170,10 +170,7 @@ pub async fn run(args: MoveBenchArgs) -> Result<(), CliError> {
             errors: errors.load(Ordering::Relaxed),
         };
         if args.json {
-            println!(
-                "{}",
-                serde_json::to_string(&report).map_err(|e| CliError::Invalid(e.to_string()))?
-            );
+            println!("{}", super::report::json_line(&report)?);
         } else {
             println!(
                 "move tablet {} ({:.0} MiB) group {} -> {}: {:.1} ms, write window {:.1} ms, read window {:.1} ms, {} bytes copied ({} writes, {} reads, {} errors)",

@@ -44,6 +44,11 @@ impl Latencies {
     }
 }
 
+/// A report as one line of JSON, for `--json`.
+pub fn json_line(report: &impl Serialize) -> Result<String, crate::error::CliError> {
+    serde_json::to_string(report).map_err(|e| crate::error::CliError::Invalid(e.to_string()))
+}
+
 /// One workload's results; printed as a line, or as JSON with `--json`.
 #[derive(Debug, Serialize)]
 pub struct WorkloadReport {

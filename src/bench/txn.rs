@@ -125,10 +125,7 @@ pub async fn run(args: TxnBenchArgs) -> Result<(), CliError> {
     for &mode in &args.modes {
         let report = run_mode(&args, &db, mode).await;
         if args.json {
-            println!(
-                "{}",
-                serde_json::to_string(&report).map_err(|e| CliError::Invalid(e.to_string()))?
-            );
+            println!("{}", super::report::json_line(&report)?);
         } else {
             println!(
                 "txn  {:<10} {:>9.0} committed/s  abort rate {:>5.2}%  p50 {:>7.0} us  p99 {:>7.0} us  ({} committed, {} aborted, {} errors, {} clients, {} s)",
