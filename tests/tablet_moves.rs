@@ -91,7 +91,7 @@ async fn a_tablet_moves_back_and_forth_under_reads_and_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bad_moves_are_refused_with_clear_errors() {
+async fn bad_moves_and_splits_are_refused_with_clear_errors() {
     let (universe, client, _collection) =
         with_collection(1, "moving", CollectionSpec::hash(2)).await;
     let tablet = tablets(&client).await[0].clone();
@@ -112,6 +112,31 @@ async fn bad_moves_are_refused_with_clear_errors() {
     );
     let output = universe.cli(&["tablet", "move", "x", "--to-group", "1"]);
     assert!(!output.status.success());
+
+    // A tablet without data has no middle: the split is cancelled, and the tablet (sealed
+    // for it meanwhile) takes writes again.
+    admin
+        .create_collection("app", "empty", CollectionSpec::range())
+        .await
+        .expect("a range collection");
+    let empty = admin.list_tablets("app", "empty").await.expect("tablets")[0].clone();
+    let split = admin.split_tablet(empty.id, b"").await;
+    assert!(
+        split
+            .as_ref()
+            .is_err_and(|error| error.to_string().contains("no data to split")),
+        "{split:?}\n{}",
+        universe.logs()
+    );
+    let collection = client.database("app").collection("empty");
+    collection
+        .put("k", "v")
+        .await
+        .expect("a write after the cancelled split");
+    assert_eq!(
+        admin.list_tablets("app", "empty").await.expect("tablets"),
+        [empty]
+    );
 }
 
 /// Every account's balance in one snapshot of `luna bench txn`'s two collections.

@@ -406,10 +406,13 @@ fn a_split_keeps_the_tablet_until_it_ends_and_then_routes_both_halves() {
         "split twice"
     );
     assert_eq!(state.next_id, 10);
-    // The group neither opens nor closes the tablet or its right half meanwhile.
+    // The group keeps the tablet at its epoch, and leaves the right half alone.
     let (hosted, adopting) = state.assigned_tablets(8);
-    assert_eq!(hosted.iter().map(|t| t.id).collect::<Vec<_>>(), [7]);
-    assert_eq!(adopting, [6, 9]);
+    assert_eq!(
+        hosted.iter().map(|t| (t.id, t.epoch)).collect::<Vec<_>>(),
+        [(6, 1), (7, 1)]
+    );
+    assert_eq!(adopting, [9]);
     assert!(
         state.apply(103, &end(true, b"q")).is_err(),
         "outside the tablet"

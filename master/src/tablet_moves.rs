@@ -42,8 +42,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The pause between rounds of calls when no replica of a group answered.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
-/// How often the leader looks for moves to resume (after a failover, or a failed step).
+/// How often the leader looks for moves and splits to resume (after a failover, or a
+/// failed step).
 pub(crate) const RESUME_INTERVAL: Duration = Duration::from_secs(1);
+/// An operation is resumed only this long after it started: until then, the call that
+/// started it may still be driving it (on this leader, or on one that just lost the lead).
+const RESUME_AFTER_MS: u64 = 5_000;
 
 impl State {
     /// Tablet `tablet_id`, or NotFound.
@@ -145,9 +149,12 @@ impl State {
         let mut adopting = Vec::new();
         for tablet in self.tablets.values() {
             if let Some(split) = self.tablet_splits.get(&tablet.id) {
-                // The group splits it when the master says so.
+                // The group splits it when the master says so: until then it hosts it at
+                // its epoch (it never goes back to a lower one), and the right half is not
+                // its to open or close.
                 if tablet.group_id == group_id {
-                    adopting.extend([tablet.id, split.new_tablet_id]);
+                    tablets.push(tablet.clone());
+                    adopting.push(split.new_tablet_id);
                 }
                 continue;
             }
@@ -189,21 +196,41 @@ async fn resume_tablet_moves(core: Arc<Core>) -> Result<(), MasterError> {
         return Ok(());
     }
     let driven = lock(&core.tablet_movers).clone();
-    crate::tablet_splits::resume_splits(&core, &driven);
-    let idle: Vec<u64> = {
-        let state = core.read_state();
-        state
-            .tablet_moves
-            .keys()
-            .copied()
-            .filter(|tablet_id| !driven.contains(tablet_id))
-            .collect()
+    // The call that started an operation drives it (and answers its error); others wait.
+    let started_before = core.config.clock.now_ms().saturating_sub(RESUME_AFTER_MS);
+    let idle = |tablet_id: &u64, started_ms: u64| {
+        !driven.contains(tablet_id) && started_ms <= started_before
     };
-    for tablet_id in idle {
+    let (moves, splits): (Vec<u64>, Vec<u64>) = {
+        let state = core.read_state();
+        (
+            state
+                .tablet_moves
+                .values()
+                .filter(|m| idle(&m.tablet_id, m.started_ms))
+                .map(|m| m.tablet_id)
+                .collect(),
+            state
+                .tablet_splits
+                .values()
+                .filter(|s| idle(&s.tablet_id, s.started_ms))
+                .map(|s| s.tablet_id)
+                .collect(),
+        )
+    };
+    for tablet_id in moves {
         let core = Arc::clone(&core);
         tokio::spawn(async move {
             if let Err(error) = core.drive_tablet_move(tablet_id).await {
                 tracing::warn!(tablet_id, %error, "tablet move step failed; retrying later");
+            }
+        });
+    }
+    for tablet_id in splits {
+        let core = Arc::clone(&core);
+        tokio::spawn(async move {
+            if let Err(error) = core.drive_tablet_split(tablet_id).await {
+                tracing::warn!(tablet_id, %error, "tablet split step failed; retrying later");
             }
         });
     }
@@ -322,7 +349,7 @@ impl Core {
                 handoff: Some(TabletHandoff { min_ts, ..handoff }),
             }),
         };
-        self.call_group(moving.to_group, None, |mut client| {
+        self.call_group(moving.to_group, tablet_id, None, |mut client| {
             let adopt = adopt.clone();
             async move {
                 let reply = client.adopt_tablet(adopt).await?.into_inner();
@@ -351,7 +378,7 @@ impl Core {
         seal: &SealTabletRequest,
         deadline: Option<Duration>,
     ) -> Result<(TabletHandoff, u64), MasterError> {
-        self.call_group(seal.group_id, deadline, |mut client| {
+        self.call_group(seal.group_id, seal.tablet_id, deadline, |mut client| {
             let seal = *seal;
             async move {
                 let reply = client.seal_tablet(seal).await?.into_inner();
@@ -381,12 +408,15 @@ impl Core {
         Ok(())
     }
 
-    /// Calls group `group_id`'s leader until it answers without an error: its last known
-    /// leader first, then every replica, following NotLeader hints. Gives up after
-    /// `deadline` (never without one) or when the master stops leading.
+    /// Calls group `group_id`'s leader, for the move or split of tablet `tablet_id`, until
+    /// it answers without an error: its last known leader first, then every replica,
+    /// following NotLeader hints. Gives up after `deadline` (never without one), on an
+    /// invalid request, when the master stops leading, or when the tablet's operation is
+    /// over (its collection was dropped).
     pub(crate) async fn call_group<T, F, Fut>(
         &self,
         group_id: u64,
+        tablet_id: u64,
         deadline: Option<Duration>,
         call: F,
     ) -> Result<T, MasterError>
@@ -402,6 +432,11 @@ impl Core {
                 return Err(MasterError::unavailable(
                     "this master replica stopped leading during a tablet move",
                 ));
+            }
+            if !self.read_state().busy(tablet_id) {
+                return Err(MasterError::precondition(format!(
+                    "tablet {tablet_id} is not moving or splitting any more"
+                )));
             }
             let mut addrs = self.group_addrs(group_id);
             let mut tried = BTreeSet::new();
@@ -422,6 +457,12 @@ impl Core {
                             addrs.push(hint.leader_addr.clone());
                         }
                         last = format!("{addr}: {}", error.message);
+                    }
+                    Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                        return Err(MasterError::invalid(format!(
+                            "group {group_id}: {}",
+                            status.message()
+                        )));
                     }
                     Err(status) => last = format!("{addr}: {}", status.message()),
                 }

@@ -6,10 +6,9 @@
 //! routes the halves. Asking the group again answers where it split, so a new leader
 //! resumes a split from its log; one that cannot seal the tablet is cancelled (unsealed)
 //! unless the group has split it already. While a split is under way, the group's
-//! assignment lists the tablet and its right half as `adopting`: the group's leader
-//! neither opens nor closes them by itself.
-
-use std::sync::Arc;
+//! assignment keeps the tablet at its old epoch (a group never goes back to a lower one)
+//! and lists the right half as `adopting`, which the group neither opens nor closes by
+//! itself.
 
 use bytes::Bytes;
 use luna_proto::group::SplitTabletRequest as GroupSplitRequest;
@@ -190,7 +189,12 @@ impl Core {
             }
         };
         let (done, at, failure) = match self
-            .call_group(group_id, Some(SEAL_DEADLINE), call(request.clone()))
+            .call_group(
+                group_id,
+                tablet_id,
+                Some(SEAL_DEADLINE),
+                call(request.clone()),
+            )
             .await
         {
             Ok(reply) => (true, reply.at, None),
@@ -199,7 +203,9 @@ impl Core {
                     cancel: true,
                     ..request
                 };
-                let reply = self.call_group(group_id, None, call(cancel)).await?;
+                let reply = self
+                    .call_group(group_id, tablet_id, None, call(cancel))
+                    .await?;
                 (reply.split, reply.at, Some(error))
             }
         };
@@ -252,24 +258,5 @@ fn split_key(tablet: &TabletInfo, at: Vec<u8>) -> Result<Vec<u8>, MasterError> {
             )))
         }
         (Partitioning::Range, _) => Ok(at),
-    }
-}
-
-/// Resumes the splits in the log that no task drives.
-pub(crate) fn resume_splits(core: &Arc<Core>, driven: &std::collections::BTreeSet<u64>) {
-    let idle: Vec<u64> = core
-        .read_state()
-        .tablet_splits
-        .keys()
-        .copied()
-        .filter(|tablet_id| !driven.contains(tablet_id))
-        .collect();
-    for tablet_id in idle {
-        let core = Arc::clone(core);
-        tokio::spawn(async move {
-            if let Err(error) = core.drive_tablet_split(tablet_id).await {
-                tracing::warn!(tablet_id, %error, "tablet split step failed; retrying later");
-            }
-        });
     }
 }

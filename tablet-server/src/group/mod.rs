@@ -300,7 +300,9 @@ impl Group {
             .collect();
         let mut entries = Vec::new();
         for info in desired {
-            if hosted.get(&info.id) != Some(&info.epoch) {
+            // Epochs only go up: a tablet hosted at a newer epoch than the assignment's
+            // split or moved here since, and the assignment will catch up.
+            if hosted.get(&info.id).is_none_or(|&epoch| epoch < info.epoch) {
                 entries.push(gpb::group_entry::Kind::OpenTablet(info.clone()));
             }
         }
