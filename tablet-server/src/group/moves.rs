@@ -289,6 +289,15 @@ impl Group {
                 detail: "an adoption without its tablet".to_owned(),
             });
         };
+        let hosted_epoch = self
+            .tablets
+            .read()
+            .ok()
+            .and_then(|tablets| tablets.get(&info.id).map(|hosted| hosted.info.epoch));
+        if hosted_epoch.is_some_and(|epoch| epoch >= info.epoch) {
+            // A late duplicate of an adoption (the master retried it): epochs only go up.
+            return Ok(());
+        }
         self.open_tablet(info, index).await?;
         let handoff = adopt.handoff.unwrap_or_default();
         if let Ok(mut txns) = self.txns.lock() {
