@@ -273,3 +273,75 @@ async fn transfers_stay_atomic_while_their_tablets_split_and_move() {
     assert!(committed > 100, "too few transfers ran: {report}");
     assert_eq!(balances(&client).await.iter().sum::<i64>(), expected);
 }
+
+/// The placement driver evens out the groups' tablet counts with moves, once they have been
+/// out of balance for `--tablet-balance-after-secs`, and leaves the tablets an operator
+/// moved where they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_driver_moves_tablets_to_even_out_the_groups() {
+    let universe =
+        Universe::start_with_master_flags(1, 3, 300, &["--tablet-balance-after-secs", "1"]);
+    let client = universe.client().await;
+    universe.wait_servers_up(&client, 3).await;
+    let admin = client.admin();
+    admin.create_database("app").await.expect("db");
+    admin
+        .create_collection("app", "balanced", CollectionSpec::hash(3))
+        .await
+        .expect("collection");
+    support::load::wait_led(&client, "app", "balanced").await;
+    let collection = client.database("app").collection("balanced");
+    let writers = Writers::spawn(&collection, 2);
+    writers
+        .wait_progress(50, "before the operator's move")
+        .await;
+    let before = admin
+        .list_tablets("app", "balanced")
+        .await
+        .expect("tablets");
+    let groups: std::collections::BTreeSet<u64> = before.iter().map(|t| t.group_id).collect();
+    assert_eq!(groups.len(), 3, "one tablet per group: {before:?}");
+
+    // The operator piles two tablets on one group; the driver moves the other one away.
+    let (kept, pinned) = (&before[0], &before[1]);
+    admin
+        .move_tablet(pinned.id, kept.group_id)
+        .await
+        .expect("the operator's move");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let tablets = admin
+            .list_tablets("app", "balanced")
+            .await
+            .expect("tablets");
+        let groups: std::collections::BTreeSet<u64> = tablets.iter().map(|t| t.group_id).collect();
+        if groups.len() == 3 {
+            break tablets;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the groups were not balanced again: {tablets:?}\n{}",
+            universe.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let find = |id: u64| {
+        after
+            .iter()
+            .find(|t| t.id == id)
+            .expect("the tablet")
+            .clone()
+    };
+    assert_eq!(
+        find(pinned.id).group_id,
+        kept.group_id,
+        "the operator's tablet moved back"
+    );
+    assert_eq!(
+        find(kept.id).epoch,
+        kept.epoch + 1,
+        "the driver moved the unpinned tablet"
+    );
+    writers.wait_progress(50, "after the driver's move").await;
+    writers.stop_and_check(|| universe.logs()).await;
+}

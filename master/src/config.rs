@@ -73,6 +73,9 @@ pub struct MasterConfig {
     pub max_moves: usize,
     /// How often the placement driver looks for work.
     pub placement_interval: Duration,
+    /// How long the groups' tablet counts must stay more than one apart before the
+    /// placement driver moves a tablet to even them out; zero turns tablet balancing off.
+    pub tablet_balance_after: Duration,
     /// How long MVCC versions stay readable after they were overwritten: the GC safe
     /// point trails the clock by this much, or more while an older snapshot is held
     /// (at least 1 s).
@@ -98,6 +101,7 @@ impl Default for MasterConfig {
             repair_after: Duration::from_secs(300),
             max_moves: 2,
             placement_interval: Duration::from_secs(1),
+            tablet_balance_after: Duration::from_secs(60),
             gc_life_time: Duration::from_secs(600),
             gc_interval: Duration::from_secs(10),
             snapshot_lease: Duration::from_secs(10),

@@ -63,6 +63,9 @@ pub(crate) struct Core {
     pub serving: watch::Sender<u64>,
     /// Tablets whose move a task of this replica is driving (see `tablet_moves.rs`).
     pub(crate) tablet_movers: Mutex<std::collections::BTreeSet<u64>>,
+    /// Since when the groups' tablet counts have been out of balance (see
+    /// `tablet_balance.rs`); soft state of the leader.
+    pub(crate) tablet_imbalance: Mutex<Option<std::time::Instant>>,
     /// Channels to tablet servers' group control services, by address.
     pub(crate) group_channels: Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
 }
@@ -110,6 +113,7 @@ impl Core {
             serving: watch::Sender::new(0),
             tablet_movers: Mutex::new(std::collections::BTreeSet::new()),
             group_channels: Mutex::new(std::collections::HashMap::new()),
+            tablet_imbalance: Mutex::new(None),
         });
         let applying = tokio::spawn(apply_loop(Arc::clone(&core), subscription, applied_tx));
         let leading = tokio::spawn(crate::leadership::leadership_loop(Arc::clone(&core)));

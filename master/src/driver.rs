@@ -16,6 +16,9 @@
 //!    one, a group that an operator has not pinned gets a new preferred leader. Otherwise,
 //!    if the reads and writes of the groups a server leads are over twice another's (and
 //!    over them by `LOAD_GAP_OPS`), one of its groups hands leadership to that server.
+//! 5. **Balance tablets.** If the healthy groups' tablet counts have differed by more than
+//!    one for `tablet_balance_after`, a tablet moves from the fullest to the emptiest
+//!    (`tablet_balance.rs`).
 //!
 //! Moves count against `max_moves` (the rate limit); a group moves one replica at a time.
 //! Targets are live, non-draining servers that do not host the group, fewest replicas
@@ -171,7 +174,7 @@ fn balance_replicas(
         group_id: group.id,
         from: full,
         to: empty,
-        reason: "balance",
+        reason: crate::moves::REASON_BALANCE,
     })
 }
 
@@ -218,7 +221,7 @@ fn balance_replica_load(state: &State, live: &Liveness, targets: &BTreeSet<u64>)
         group_id,
         from: hot,
         to: cool,
-        reason: "balance",
+        reason: crate::moves::REASON_BALANCE,
     })
 }
 
@@ -287,7 +290,7 @@ impl Core {
         if !current.is_leader || *self.serving.borrow() != current.term {
             return Ok(());
         }
-        let step = {
+        let (step, healthy_groups) = {
             let state = self.read_state();
             let registry = self.registry();
             let now = Instant::now();
@@ -302,10 +305,19 @@ impl Core {
                     .collect(),
                 group_load: registry.group_loads(),
             };
-            next_step(&state, &live, self.config.max_moves)
+            let healthy_groups: BTreeSet<u64> = state
+                .groups
+                .values()
+                .filter(|group| healthy(group, &live))
+                .map(|group| group.id)
+                .collect();
+            (
+                next_step(&state, &live, self.config.max_moves),
+                healthy_groups,
+            )
         };
         match step {
-            None => Ok(()),
+            None => self.balance_tablets(&healthy_groups).await,
             Some(Step::Move {
                 group_id,
                 from,

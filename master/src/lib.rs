@@ -31,6 +31,7 @@ mod placement;
 mod routing;
 mod service;
 mod state;
+mod tablet_balance;
 mod tablet_moves;
 mod tablet_splits;
 mod tso;

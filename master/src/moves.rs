@@ -18,6 +18,8 @@ use crate::error::MasterError;
 
 /// Why a move was started, as [`ReplicaMove::reason`](luna_proto::master::ReplicaMove) says.
 pub(crate) const REASON_ADMIN: &str = "admin";
+/// A move the placement driver makes to even out load or counts.
+pub(crate) const REASON_BALANCE: &str = "balance";
 
 impl Core {
     /// Starts moving group `group_id`'s replica on server `from` to server `to`; answers once

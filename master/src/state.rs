@@ -43,6 +43,8 @@ pub(crate) struct State {
     pub tablet_moves: BTreeMap<u64, TabletMove>,
     /// Tablets splitting, by tablet id (see `tablet_splits.rs`).
     pub tablet_splits: BTreeMap<u64, TabletSplit>,
+    /// Tablets an operator moved or split: balancing leaves them where they are.
+    pub pinned_tablets: BTreeSet<u64>,
 }
 
 /// What an applied command changed, beyond the state itself.
@@ -66,6 +68,7 @@ impl Default for State {
             gc_safe_point: 0,
             tablet_moves: BTreeMap::new(),
             tablet_splits: BTreeMap::new(),
+            pinned_tablets: BTreeSet::new(),
         }
     }
 }
@@ -488,6 +491,7 @@ impl State {
             gc_safe_point: self.gc_safe_point,
             tablet_moves: self.tablet_moves.values().cloned().collect(),
             tablet_splits: self.tablet_splits.values().cloned().collect(),
+            pinned_tablets: self.pinned_tablets.iter().copied().collect(),
         }
     }
 
@@ -519,6 +523,7 @@ impl State {
                 .into_iter()
                 .map(|s| (s.tablet_id, s))
                 .collect(),
+            pinned_tablets: snapshot.pinned_tablets.into_iter().collect(),
         }
     }
 }

@@ -319,6 +319,7 @@ fn a_tablet_move_switches_once_and_the_old_group_keeps_its_copy_until_the_end() 
             Kind::StartTabletMove(StartTabletMove {
                 tablet_id,
                 to_group,
+                reason: "admin".into(),
             }),
         )
     };

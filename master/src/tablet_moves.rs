@@ -96,7 +96,10 @@ impl State {
             started_ms: proposed_ms,
             from_epoch: tablet.epoch,
         };
-        self.tablet_moves.insert(tablet.id, moving);
+        if start.reason == crate::moves::REASON_ADMIN {
+            self.pinned_tablets.insert(moving.tablet_id);
+        }
+        self.tablet_moves.insert(moving.tablet_id, moving);
         Ok(())
     }
 
@@ -135,6 +138,7 @@ impl State {
         let tablets = &self.tablets;
         self.tablet_moves.retain(|id, _| tablets.contains_key(id));
         self.tablet_splits.retain(|id, _| tablets.contains_key(id));
+        self.pinned_tablets.retain(|id| tablets.contains_key(id));
     }
 
     /// Whether tablet `tablet_id` is moving or splitting.
@@ -246,6 +250,17 @@ impl Core {
         tablet_id: u64,
         to_group: u64,
     ) -> Result<(TabletInfo, u64), MasterError> {
+        self.move_tablet_for(tablet_id, to_group, crate::moves::REASON_ADMIN)
+            .await
+    }
+
+    /// [`Core::move_tablet`], for `reason` ("admin" pins the tablet).
+    pub(crate) async fn move_tablet_for(
+        &self,
+        tablet_id: u64,
+        to_group: u64,
+        reason: &str,
+    ) -> Result<(TabletInfo, u64), MasterError> {
         // Asked again (a client's retry), the same move is joined, and a finished one
         // answers as done.
         let under_way = {
@@ -261,9 +276,10 @@ impl Core {
             self.propose_move_step(Kind::StartTabletMove(StartTabletMove {
                 tablet_id,
                 to_group,
+                reason: reason.to_owned(),
             }))
             .await?;
-            tracing::info!(tablet_id, to_group, "tablet move started");
+            tracing::info!(tablet_id, to_group, reason, "tablet move started");
         }
         let copied = self.drive_tablet_move(tablet_id).await?;
         let state = self.read_state();

@@ -52,6 +52,9 @@ impl State {
             started_ms: proposed_ms,
         };
         self.next_id = self.check_fresh(&[start.new_tablet_id])?;
+        // Only operators split tablets for now: both halves stay where they are.
+        self.pinned_tablets
+            .extend([split.tablet_id, split.new_tablet_id]);
         self.tablet_splits.insert(split.tablet_id, split);
         Ok(())
     }

@@ -54,6 +54,10 @@ pub struct MasterArgs {
     /// snapshot that started earlier is still open.
     #[arg(long, default_value_t = 600)]
     pub gc_life_time_secs: u64,
+    /// Seconds the groups' tablet counts must stay more than one apart before a tablet
+    /// moves to even them out (tablets an operator moved or split stay put); 0: never.
+    #[arg(long, default_value_t = 60)]
+    pub tablet_balance_after_secs: u64,
     /// This replica's id, for a replicated master: one of the `--replica` ids.
     #[arg(long, requires = "replicas")]
     pub replica_id: Option<u64>,
@@ -204,6 +208,7 @@ pub async fn run(args: MasterArgs) -> Result<(), CliError> {
     config.repair_after = Duration::from_secs(args.repair_after_secs);
     config.max_moves = args.max_moves;
     config.gc_life_time = Duration::from_secs(args.gc_life_time_secs);
+    config.tablet_balance_after = Duration::from_secs(args.tablet_balance_after_secs);
     // Raised at least twice per life time, so versions live about as long as asked.
     config.gc_interval = config.gc_interval.min(config.gc_life_time / 2);
     let process = match args.replica_id {

@@ -1,0 +1,144 @@
+//! Tablet balancing: the placement driver evens out how many tablets the groups carry,
+//! with tablet moves (docs/elasticity.md). It moves one tablet at a time, only when no
+//! tablet is moving or splitting, and only once the counts have stayed more than one apart
+//! for `tablet_balance_after`: an operator's moves and splits in between reset nothing,
+//! but the tablets they moved or split are pinned and never move for balance.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use crate::core::{Core, lock};
+use crate::error::MasterError;
+use crate::moves::REASON_BALANCE;
+use crate::state::State;
+
+/// The move that evens out the tablet counts of the `healthy` groups, as
+/// `(tablet, to_group)`: a tablet of the group with the most tablets goes to the group with
+/// the fewest among those with as many replicas, when they differ by more than one. The
+/// tablet is the unpinned one with the lowest id. `None` while a tablet moves or splits.
+pub(crate) fn tablet_to_balance(state: &State, healthy: &BTreeSet<u64>) -> Option<(u64, u64)> {
+    if !state.tablet_moves.is_empty() || !state.tablet_splits.is_empty() {
+        return None;
+    }
+    // Groups by replica count: a tablet keeps its replication factor when it moves.
+    let mut pools: BTreeMap<usize, BTreeMap<u64, Vec<u64>>> = BTreeMap::new();
+    for group in state.groups.values().filter(|g| healthy.contains(&g.id)) {
+        pools
+            .entry(group.replicas.len())
+            .or_default()
+            .insert(group.id, Vec::new());
+    }
+    for tablet in state.tablets.values() {
+        for pool in pools.values_mut() {
+            if let Some(tablets) = pool.get_mut(&tablet.group_id) {
+                tablets.push(tablet.id);
+            }
+        }
+    }
+    pools.values().find_map(|pool| {
+        let most = pool
+            .iter()
+            .max_by_key(|&(&id, tablets)| (tablets.len(), u64::MAX - id))
+            .map(|(_, tablets)| tablets)?;
+        let (&empty, least) = pool
+            .iter()
+            .min_by_key(|&(&id, tablets)| (tablets.len(), id))?;
+        if most.len() <= least.len() + 1 {
+            return None;
+        }
+        let tablet = most
+            .iter()
+            .copied()
+            .filter(|id| !state.pinned_tablets.contains(id))
+            .min()?;
+        Some((tablet, empty))
+    })
+}
+
+impl Core {
+    /// Moves one tablet to even out the groups' tablet counts, once they have been out of
+    /// balance for `tablet_balance_after` (the placement driver's last step).
+    pub(crate) async fn balance_tablets(&self, healthy: &BTreeSet<u64>) -> Result<(), MasterError> {
+        if self.config.tablet_balance_after.is_zero() {
+            return Ok(());
+        }
+        let choice = tablet_to_balance(&self.read_state(), healthy);
+        let Some((tablet_id, to_group)) = choice else {
+            *lock(&self.tablet_imbalance) = None;
+            return Ok(());
+        };
+        {
+            let mut since = lock(&self.tablet_imbalance);
+            let started = *since.get_or_insert_with(Instant::now);
+            if started.elapsed() < self.config.tablet_balance_after {
+                return Ok(());
+            }
+            *since = None;
+        }
+        tracing::info!(tablet_id, to_group, "moving a tablet to balance the groups");
+        self.move_tablet_for(tablet_id, to_group, REASON_BALANCE)
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use luna_proto::master::{TabletInfo, TabletMove};
+    use luna_proto::masterlog::Group;
+
+    use super::*;
+
+    /// Groups 1-3 of three replicas and group 4 of one; `tablets` as (id, group).
+    fn with_tablets(tablets: &[(u64, u64)]) -> State {
+        let mut state = State::default();
+        for (id, replicas) in [(1, 3), (2, 3), (3, 3), (4, 1)] {
+            let group = Group {
+                id,
+                replicas: (1..=replicas).collect(),
+                ..Group::default()
+            };
+            state.groups.insert(id, group);
+        }
+        for &(id, group_id) in tablets {
+            let tablet = TabletInfo {
+                id,
+                group_id,
+                epoch: 1,
+                ..TabletInfo::default()
+            };
+            state.tablets.insert(id, tablet);
+        }
+        state
+    }
+
+    #[test]
+    fn the_fullest_group_gives_its_lowest_unpinned_tablet_to_the_emptiest() {
+        let all: BTreeSet<u64> = [1, 2, 3, 4].into();
+        // 3, 1, 0 tablets (and the one-replica group's own): within its pool only.
+        let mut state = with_tablets(&[
+            (10, 1),
+            (11, 1),
+            (12, 1),
+            (13, 2),
+            (14, 4),
+            (15, 4),
+            (16, 4),
+        ]);
+        assert_eq!(tablet_to_balance(&state, &all), Some((10, 3)));
+        state.pinned_tablets.insert(10);
+        assert_eq!(tablet_to_balance(&state, &all), Some((11, 3)));
+        // An unhealthy group neither gives nor takes.
+        assert_eq!(tablet_to_balance(&state, &[1, 2, 4].into()), Some((11, 2)));
+        assert_eq!(tablet_to_balance(&state, &[2, 3, 4].into()), None);
+        // Nothing while a tablet moves.
+        state.tablet_moves.insert(13, TabletMove::default());
+        assert_eq!(tablet_to_balance(&state, &all), None);
+        state.tablet_moves.clear();
+        // Pinned tablets stay; counts one apart are balanced.
+        state.pinned_tablets.extend([11, 12]);
+        assert_eq!(tablet_to_balance(&state, &all), None);
+        let even = with_tablets(&[(10, 1), (11, 1), (12, 2), (13, 3)]);
+        assert_eq!(tablet_to_balance(&even, &all), None);
+    }
+}
