@@ -258,6 +258,7 @@ impl Collection {
             locate: Locate::Key(&routed),
             fits: None,
             live_lock: LiveLock::Wait,
+            names_other_tablets: false,
         };
         let outcome = on_tablet(&self.inner, &self.cache, &spec, &deadline, |target| {
             let request = pb::GetRequest {
@@ -385,6 +386,7 @@ impl Collection {
             locate: Locate::Key(&first_key),
             fits: Some(&fits),
             live_lock: LiveLock::Wait,
+            names_other_tablets: false,
         };
         let result = on_tablet(&self.inner, &self.cache, &spec, deadline, |target| {
             let request = pb::WriteRequest {
@@ -479,6 +481,7 @@ impl Collection {
             locate: Locate::Key(&first_key),
             fits: Some(&fits),
             live_lock: LiveLock::Wait,
+            names_other_tablets: false,
         };
         let result = on_tablet(&self.inner, &self.cache, &spec, deadline, |target| {
             let request = pb::BatchGetRequest {

@@ -71,6 +71,11 @@ pub(crate) struct CallSpec<'a> {
     /// For multi-key requests: whether all keys still fall in the located tablet. If not, the
     /// routing changed under the request and the caller must split it again.
     pub(crate) fits: Option<&'a (dyn Fn(&TabletEntry) -> bool + Sync)>,
+    /// For requests that name several tablets (a transaction's share of a group), of which
+    /// `fits` checks only the located one: an `EpochMismatch` or `TabletNotFound` may be
+    /// another tablet's, which the located one's routing never shows, so the caller splits
+    /// the request again at once instead of retrying it.
+    pub(crate) names_other_tablets: bool,
     /// What to do about a lock of a transaction that is still alive.
     pub(crate) live_lock: LiveLock,
 }
@@ -285,6 +290,9 @@ where
                     Some(Kind::EpochMismatch(_)) | Some(Kind::TabletNotFound(_)) | None => {
                         last = Failure::Refused { detail };
                         cache.invalidate(table.generation);
+                        if spec.names_other_tablets {
+                            return Ok(Outcome::Resplit);
+                        }
                         // A tablet moving between groups is back within tens of
                         // milliseconds: poll, rather than back off for up to a second.
                         wait = Some(backoff.next_routing_wait());

@@ -198,6 +198,7 @@ impl Collection {
             locate,
             fits: None,
             live_lock: LiveLock::Wait,
+            names_other_tablets: false,
         };
         let limit = u32::try_from(remaining).unwrap_or(u32::MAX);
         let outcome = on_tablet(&self.inner, &self.cache, &spec, deadline, |target| {

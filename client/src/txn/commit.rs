@@ -203,8 +203,9 @@ async fn prewrite(
             collection: part.collection.name().to_owned(),
         })
         .collect();
-    // The request names every tablet at the epoch routed with: if the first one moved,
-    // the grouping is stale and the transaction starts over.
+    // The request names every tablet at the epoch routed with: if one moved or split (the
+    // first one's routing shows it; another answers EpochMismatch), the grouping is stale
+    // and the transaction starts over.
     let unchanged =
         |tablet: &TabletEntry| tablet.id == first.tablet.id && tablet.epoch == first.tablet.epoch;
     let spec = CallSpec {
@@ -215,6 +216,7 @@ async fn prewrite(
         locate: Locate::Key(&first_key),
         fits: Some(&unchanged),
         live_lock: LiveLock::Conflict,
+        names_other_tablets: true,
     };
     let outcome = on_tablet(
         &txn.client.inner,

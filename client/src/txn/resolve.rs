@@ -81,6 +81,7 @@ async fn check_txn(
         locate: Locate::Key(&lock.primary_key),
         fits: None,
         live_lock: LiveLock::Wait,
+        names_other_tablets: false,
     };
     let outcome = on_tablet(inner, &cache, &spec, deadline, |target| {
         let request = pb::CheckTxnRequest {
@@ -159,6 +160,7 @@ pub(crate) async fn resolve_keys(
         locate: Locate::Key(&first),
         fits: None,
         live_lock: LiveLock::Wait,
+        names_other_tablets: false,
     };
     let outcome = on_tablet(inner, cache, &spec, deadline, |target| {
         let request = pb::ResolveRequest {
