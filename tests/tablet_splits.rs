@@ -114,3 +114,69 @@ async fn range_and_hash_tablets_split_under_reads_and_writes() {
     writers.stop_and_check(|| universe.logs()).await;
     history::stop_and_check(registers, || universe.logs()).await;
 }
+
+/// Waits until collection `name` has at least `count` tablets, for at most 60 s.
+async fn wait_tablets(client: &Client, universe: &support::Universe, name: &str, count: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let tablets = tablets(client, name).await;
+        if tablets.len() >= count {
+            assert_covering(&tablets);
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} did not split by itself: {tablets:?}\n{}",
+            universe.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// A tablet that grows past `--split-size-mb` splits by itself, and so does one that stays
+/// busier than `--split-load-ops`; writes go on and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tablets_split_by_themselves_by_size_and_by_load() {
+    let universe = support::Universe::start_with_master_flags(
+        1,
+        3,
+        300,
+        &[
+            "--split-size-mb",
+            "1",
+            "--split-load-ops",
+            "100",
+            "--split-load-secs",
+            "2",
+        ],
+    );
+    let client = universe.client().await;
+    universe.wait_servers_up(&client, 3).await;
+    let admin = client.admin();
+    admin.create_database("app").await.expect("db");
+    for name in ["big", "busy"] {
+        admin
+            .create_collection("app", name, CollectionSpec::range())
+            .await
+            .expect("collection");
+        support::load::wait_led(&client, "app", name).await;
+    }
+    // About 2 MiB in 32 values of 64 KiB: past the size, with few requests.
+    let big = client.database("app").collection("big");
+    for i in 0..32 {
+        big.put(format!("k{i:03}"), vec![b'x'; 64 << 10])
+            .await
+            .expect("a big value");
+    }
+    wait_tablets(&client, &universe, "big", 2).await;
+    // Small writes, many of them: past the load.
+    let busy = client.database("app").collection("busy");
+    let writers = Writers::spawn(&busy, 4);
+    wait_tablets(&client, &universe, "busy", 2).await;
+    writers.wait_progress(50, "after the load split").await;
+    writers.stop_and_check(|| universe.logs()).await;
+    for i in 0..32 {
+        let value = big.get(format!("k{i:03}")).await.expect("a read");
+        assert_eq!(value.map(|v| v.len()), Some(64 << 10), "k{i:03}");
+    }
+}

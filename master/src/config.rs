@@ -76,6 +76,13 @@ pub struct MasterConfig {
     /// How long the groups' tablet counts must stay more than one apart before the
     /// placement driver moves a tablet to even them out; zero turns tablet balancing off.
     pub tablet_balance_after: Duration,
+    /// A tablet whose data grows past this many bytes splits in the middle; 0: never.
+    pub split_size: u64,
+    /// A tablet serving this many reads and writes per second for `split_load_for`
+    /// splits in the middle; 0: never.
+    pub split_load_ops: u64,
+    /// How long a tablet's load must stay over `split_load_ops` before it splits.
+    pub split_load_for: Duration,
     /// How long MVCC versions stay readable after they were overwritten: the GC safe
     /// point trails the clock by this much, or more while an older snapshot is held
     /// (at least 1 s).
@@ -102,6 +109,9 @@ impl Default for MasterConfig {
             max_moves: 2,
             placement_interval: Duration::from_secs(1),
             tablet_balance_after: Duration::from_secs(60),
+            split_size: 512 << 20,
+            split_load_ops: 10_000,
+            split_load_for: Duration::from_secs(30),
             gc_life_time: Duration::from_secs(600),
             gc_interval: Duration::from_secs(10),
             snapshot_lease: Duration::from_secs(10),

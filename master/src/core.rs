@@ -66,6 +66,8 @@ pub(crate) struct Core {
     /// Since when the groups' tablet counts have been out of balance (see
     /// `tablet_balance.rs`); soft state of the leader.
     pub(crate) tablet_imbalance: Mutex<Option<std::time::Instant>>,
+    /// Tablets' load over time and failed automatic splits (see `tablet_balance.rs`).
+    pub(crate) split_watch: Mutex<crate::tablet_balance::SplitWatch>,
     /// Channels to tablet servers' group control services, by address.
     pub(crate) group_channels: Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
 }
@@ -114,6 +116,7 @@ impl Core {
             tablet_movers: Mutex::new(std::collections::BTreeSet::new()),
             group_channels: Mutex::new(std::collections::HashMap::new()),
             tablet_imbalance: Mutex::new(None),
+            split_watch: Mutex::new(crate::tablet_balance::SplitWatch::default()),
         });
         let applying = tokio::spawn(apply_loop(Arc::clone(&core), subscription, applied_tx));
         let leading = tokio::spawn(crate::leadership::leadership_loop(Arc::clone(&core)));

@@ -16,9 +16,10 @@
 //!    one, a group that an operator has not pinned gets a new preferred leader. Otherwise,
 //!    if the reads and writes of the groups a server leads are over twice another's (and
 //!    over them by `LOAD_GAP_OPS`), one of its groups hands leadership to that server.
-//! 5. **Balance tablets.** If the healthy groups' tablet counts have differed by more than
+//! 5. **Split tablets** that grew past `split_size` or stayed over `split_load_ops`.
+//! 6. **Balance tablets.** If the healthy groups' tablet counts have differed by more than
 //!    one for `tablet_balance_after`, a tablet moves from the fullest to the emptiest
-//!    (`tablet_balance.rs`).
+//!    (both in `tablet_balance.rs`).
 //!
 //! Moves count against `max_moves` (the rate limit); a group moves one replica at a time.
 //! Targets are live, non-draining servers that do not host the group, fewest replicas
@@ -317,7 +318,12 @@ impl Core {
             )
         };
         match step {
-            None => self.balance_tablets(&healthy_groups).await,
+            None => {
+                if !self.split_busy_tablets(&healthy_groups).await? {
+                    self.balance_tablets(&healthy_groups).await?;
+                }
+                Ok(())
+            }
             Some(Step::Move {
                 group_id,
                 from,

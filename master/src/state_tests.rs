@@ -377,6 +377,7 @@ fn a_split_keeps_the_tablet_until_it_ends_and_then_routes_both_halves() {
                 tablet_id,
                 new_tablet_id,
                 at: at.to_vec(),
+                reason: "admin".into(),
             }),
         )
     };

@@ -1,11 +1,16 @@
-//! Tablet balancing: the placement driver evens out how many tablets the groups carry,
-//! with tablet moves (docs/elasticity.md). It moves one tablet at a time, only when no
-//! tablet is moving or splitting, and only once the counts have stayed more than one apart
-//! for `tablet_balance_after`: an operator's moves and splits in between reset nothing,
-//! but the tablets they moved or split are pinned and never move for balance.
+//! The placement driver's tablet steps (docs/elasticity.md), one at a time and only while
+//! no tablet moves or splits:
+//!
+//! - **Automatic splits.** A tablet of a healthy group whose data passed `split_size`, or
+//!   whose reads and writes stayed over `split_load_ops` for `split_load_for`, splits in
+//!   the middle. A split that fails (a tablet with no middle) is not tried again for a
+//!   while.
+//! - **Balancing.** Once the groups' tablet counts have stayed more than one apart for
+//!   `tablet_balance_after`, a tablet moves from the fullest to the emptiest. Tablets an
+//!   operator moved or split are pinned and never move for balance.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use crate::core::{Core, lock};
 use crate::error::MasterError;
@@ -55,7 +60,86 @@ pub(crate) fn tablet_to_balance(state: &State, healthy: &BTreeSet<u64>) -> Optio
     })
 }
 
+/// How long a tablet whose automatic split failed is left alone.
+const SPLIT_RETRY: Duration = Duration::from_secs(60);
+
+/// The leader's memory of tablets' load and failed splits (soft state).
+#[derive(Debug, Default)]
+pub(crate) struct SplitWatch {
+    /// Since when each tablet's load has been over the threshold.
+    hot_since: HashMap<u64, Instant>,
+    /// When each tablet's last automatic split failed.
+    failed_at: HashMap<u64, Instant>,
+}
+
+/// Why a tablet splits by itself.
+const REASON_SIZE: &str = "size";
+const REASON_LOAD: &str = "load";
+
 impl Core {
+    /// Splits one tablet that grew too big or stayed too busy (a placement driver step);
+    /// answers whether it started one.
+    pub(crate) async fn split_busy_tablets(
+        &self,
+        healthy: &BTreeSet<u64>,
+    ) -> Result<bool, MasterError> {
+        let (split_size, split_ops) = (self.config.split_size, self.config.split_load_ops);
+        let choice = {
+            let state = self.read_state();
+            if !state.tablet_moves.is_empty() || !state.tablet_splits.is_empty() {
+                return Ok(false);
+            }
+            let registry = self.registry();
+            let mut watch = lock(&self.split_watch);
+            let now = Instant::now();
+            watch
+                .failed_at
+                .retain(|_, at| now.duration_since(*at) < SPLIT_RETRY);
+            let mut choice = None;
+            for tablet in state.tablets.values() {
+                if !healthy.contains(&tablet.group_id) {
+                    continue;
+                }
+                let stats = registry.tablet_stats(tablet.id);
+                let hot = split_ops > 0 && stats.ops_per_sec >= split_ops;
+                let hot_for = match (hot, watch.hot_since.get(&tablet.id)) {
+                    (true, Some(since)) => now.duration_since(*since),
+                    (true, None) => {
+                        watch.hot_since.insert(tablet.id, now);
+                        Duration::ZERO
+                    }
+                    (false, _) => {
+                        watch.hot_since.remove(&tablet.id);
+                        Duration::ZERO
+                    }
+                };
+                let reason = if split_size > 0 && stats.size_bytes >= split_size {
+                    REASON_SIZE
+                } else if hot && hot_for >= self.config.split_load_for {
+                    REASON_LOAD
+                } else {
+                    continue;
+                };
+                if choice.is_none() && !watch.failed_at.contains_key(&tablet.id) {
+                    choice = Some((tablet.id, reason));
+                }
+            }
+            choice
+        };
+        let Some((tablet_id, reason)) = choice else {
+            return Ok(false);
+        };
+        tracing::info!(tablet_id, reason, "splitting a tablet");
+        if let Err(error) = self.split_tablet_for(tablet_id, Vec::new(), reason).await {
+            lock(&self.split_watch)
+                .failed_at
+                .insert(tablet_id, Instant::now());
+            return Err(error);
+        }
+        lock(&self.split_watch).hot_since.remove(&tablet_id);
+        Ok(true)
+    }
+
     /// Moves one tablet to even out the groups' tablet counts, once they have been out of
     /// balance for `tablet_balance_after` (the placement driver's last step).
     pub(crate) async fn balance_tablets(&self, healthy: &BTreeSet<u64>) -> Result<(), MasterError> {

@@ -52,9 +52,10 @@ impl State {
             started_ms: proposed_ms,
         };
         self.next_id = self.check_fresh(&[start.new_tablet_id])?;
-        // Only operators split tablets for now: both halves stay where they are.
-        self.pinned_tablets
-            .extend([split.tablet_id, split.new_tablet_id]);
+        if start.reason == crate::moves::REASON_ADMIN {
+            self.pinned_tablets
+                .extend([split.tablet_id, split.new_tablet_id]);
+        }
         self.tablet_splits.insert(split.tablet_id, split);
         Ok(())
     }
@@ -115,6 +116,17 @@ impl Core {
         tablet_id: u64,
         at: Vec<u8>,
     ) -> Result<(TabletInfo, TabletInfo), MasterError> {
+        self.split_tablet_for(tablet_id, at, crate::moves::REASON_ADMIN)
+            .await
+    }
+
+    /// [`Core::split_tablet`], for `reason` ("admin" pins both halves).
+    pub(crate) async fn split_tablet_for(
+        &self,
+        tablet_id: u64,
+        at: Vec<u8>,
+        reason: &str,
+    ) -> Result<(TabletInfo, TabletInfo), MasterError> {
         let planned = {
             let state = self.read_state();
             let tablet = state.tablet(tablet_id)?;
@@ -125,7 +137,7 @@ impl Core {
             }
         };
         let new_tablet_id = match planned {
-            Ok(at) => self.propose_split_start(tablet_id, at).await?,
+            Ok(at) => self.propose_split_start(tablet_id, at, reason).await?,
             Err(new_tablet_id) => new_tablet_id,
         };
         self.drive_tablet_split(tablet_id).await?;
@@ -142,7 +154,12 @@ impl Core {
     }
 
     /// Persists the start of a split and answers the right half's id.
-    async fn propose_split_start(&self, tablet_id: u64, at: Vec<u8>) -> Result<u64, MasterError> {
+    async fn propose_split_start(
+        &self,
+        tablet_id: u64,
+        at: Vec<u8>,
+        reason: &str,
+    ) -> Result<u64, MasterError> {
         let turn = self.turn().await?;
         let new_tablet_id = self.read_state().next_id;
         let command = luna_proto::masterlog::Command {
@@ -151,10 +168,11 @@ impl Core {
                 tablet_id,
                 new_tablet_id,
                 at,
+                reason: reason.to_owned(),
             })),
         };
         self.propose(&turn, &command).await?;
-        tracing::info!(tablet_id, new_tablet_id, "tablet split started");
+        tracing::info!(tablet_id, new_tablet_id, reason, "tablet split started");
         Ok(new_tablet_id)
     }
 

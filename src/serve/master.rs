@@ -58,6 +58,16 @@ pub struct MasterArgs {
     /// moves to even them out (tablets an operator moved or split stay put); 0: never.
     #[arg(long, default_value_t = 60)]
     pub tablet_balance_after_secs: u64,
+    /// A tablet whose data grows past this many MiB splits in the middle; 0: never.
+    #[arg(long, default_value_t = 512)]
+    pub split_size_mb: u64,
+    /// A tablet that serves this many reads and writes per second for
+    /// --split-load-secs splits in the middle; 0: never.
+    #[arg(long, default_value_t = 10_000)]
+    pub split_load_ops: u64,
+    /// Seconds a tablet's load must stay over --split-load-ops before it splits.
+    #[arg(long, default_value_t = 30)]
+    pub split_load_secs: u64,
     /// This replica's id, for a replicated master: one of the `--replica` ids.
     #[arg(long, requires = "replicas")]
     pub replica_id: Option<u64>,
@@ -209,6 +219,9 @@ pub async fn run(args: MasterArgs) -> Result<(), CliError> {
     config.max_moves = args.max_moves;
     config.gc_life_time = Duration::from_secs(args.gc_life_time_secs);
     config.tablet_balance_after = Duration::from_secs(args.tablet_balance_after_secs);
+    config.split_size = args.split_size_mb.saturating_mul(1 << 20);
+    config.split_load_ops = args.split_load_ops;
+    config.split_load_for = Duration::from_secs(args.split_load_secs);
     // Raised at least twice per life time, so versions live about as long as asked.
     config.gc_interval = config.gc_interval.min(config.gc_life_time / 2);
     let process = match args.replica_id {

@@ -39,6 +39,9 @@ pub struct StartArgs {
     /// MemStore memory per tablet server, in MiB.
     #[arg(long, default_value_t = 512)]
     pub memory_mib: usize,
+    /// A tablet whose data grows past this many MiB splits in the middle; 0: never.
+    #[arg(long, default_value_t = 512)]
+    pub split_size_mb: u64,
     /// Where the universe keeps its data.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -148,7 +151,8 @@ async fn start_masters(
     http_addr: SocketAddr,
 ) -> Result<Vec<MasterProcess>, CliError> {
     let data_dir = &args.store.data_dir;
-    let config = master_config(args.replication_factor, Duration::from_secs(10));
+    let mut config = master_config(args.replication_factor, Duration::from_secs(10));
+    config.split_size = args.split_size_mb.saturating_mul(1 << 20);
     // A universe's catalog lives where its first start put it; another layout would start
     // an empty master beside it.
     let (other, other_flag) = match args.masters {

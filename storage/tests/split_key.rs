@@ -45,7 +45,19 @@ async fn the_split_key_halves_the_data_of_a_range() {
         (3_000..5_000).contains(&at),
         "split at key {at} of 2,000..6,000"
     );
-    // A range no page starts inside cannot be cut.
-    let narrow = KeyRange::new(key(100), Some(key(101)));
-    assert_eq!(base.split_key(&narrow).await.unwrap(), None);
+    // Within one page, the rows are weighed.
+    let narrow = KeyRange::new(key(100), Some(key(110)));
+    let at = number(&base.split_key(&narrow).await.unwrap().expect("a key"));
+    assert!((104..=106).contains(&at), "split at key {at} of 100..110");
+    // A range with nothing after its first key cannot be cut.
+    let single = KeyRange::new(key(100), Some(key(101)));
+    assert_eq!(base.split_key(&single).await.unwrap(), None);
+    // Sizes add up by range: a fifth of the keys is about a fifth of the bytes.
+    let all = base.range_size(&KeyRange::all()).await.unwrap();
+    let fifth = base.range_size(&part).await.unwrap();
+    assert!(all > 0);
+    assert!(
+        (all / 7..all / 3).contains(&fifth),
+        "{fifth} of {all} bytes"
+    );
 }

@@ -226,6 +226,7 @@ impl Hosting {
                     memory_bytes: group.memory_bytes(hosted.info.id),
                     reads_per_sec: rate(reads.saturating_sub(reads_before), seconds),
                     writes_per_sec: rate(writes.saturating_sub(writes_before), seconds),
+                    size_bytes: hosted.load.size_bytes.load(Ordering::Relaxed),
                 });
             }
             let membership = group.stream().membership();

@@ -42,6 +42,16 @@ pub(crate) struct Registry {
     memberships: HashMap<u64, Membership>,
     /// Each group's highest reported lock floor: no lock below it is held or can be taken.
     lock_floors: HashMap<u64, u64>,
+    /// Each tablet's data bytes and reads and writes per second, as its group's leader
+    /// last reported them.
+    tablet_stats: HashMap<u64, TabletStats>,
+}
+
+/// A tablet's size and load, from its group leader's heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct TabletStats {
+    pub size_bytes: u64,
+    pub ops_per_sec: u64,
 }
 
 impl Registry {
@@ -100,6 +110,13 @@ impl Registry {
                     .iter()
                     .map(|t| t.reads_per_sec.saturating_add(t.writes_per_sec))
                     .fold(0u64, u64::saturating_add);
+                for tablet in &report.tablets {
+                    let stats = TabletStats {
+                        size_bytes: tablet.size_bytes,
+                        ops_per_sec: tablet.reads_per_sec.saturating_add(tablet.writes_per_sec),
+                    };
+                    self.tablet_stats.insert(tablet.tablet_id, stats);
+                }
                 self.memberships.insert(
                     report.group_id,
                     Membership {
@@ -165,6 +182,14 @@ impl Registry {
     }
 
     /// Each group's reads and writes per second, as its leader last reported them.
+    /// Tablet `tablet_id`'s size and load as its group leader last reported them.
+    pub fn tablet_stats(&self, tablet_id: u64) -> TabletStats {
+        self.tablet_stats
+            .get(&tablet_id)
+            .copied()
+            .unwrap_or_default()
+    }
+
     pub fn group_loads(&self) -> BTreeMap<u64, u64> {
         self.memberships
             .iter()

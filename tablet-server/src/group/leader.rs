@@ -9,8 +9,9 @@
 //! flushed data and the log can be truncated.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use luna_kernel::stream::{Leadership, Stream};
 use luna_proto::group as gpb;
@@ -20,6 +21,8 @@ use crate::error::Result;
 
 /// How often the owner loop looks for new flushes and unclaimed tablets.
 const OWNER_POLL: Duration = Duration::from_millis(200);
+/// How often a leader measures its tablets' data sizes.
+const SIZE_EVERY: Duration = Duration::from_secs(5);
 /// Pause between attempts to take over (the TSO or the barrier failing).
 const TAKEOVER_RETRY: Duration = Duration::from_millis(100);
 
@@ -106,6 +109,7 @@ impl Group {
 async fn own_tablets(group: Weak<Group>, term: u64) {
     // Tablet id to (claimed owner epoch, flushed index already recorded in the log).
     let mut owned: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut measured = None;
     loop {
         let Some(group) = group.upgrade() else {
             return;
@@ -155,10 +159,31 @@ async fn own_tablets(group: Weak<Group>, term: u64) {
                 }
             }
         }
+        measure_sizes(&group, &mut measured).await;
         // Holding the group while waiting is fine: stopping it aborts this task.
         tokio::select! {
             () = changed => {}
             () = tokio::time::sleep(OWNER_POLL) => {}
+        }
+    }
+}
+
+/// Measures the hosted tablets' data sizes (in tables and in memory) for the heartbeats,
+/// which the master's automatic splits read, every `SIZE_EVERY`.
+async fn measure_sizes(group: &Group, measured: &mut Option<Instant>) {
+    if measured.is_some_and(|at| at.elapsed() < SIZE_EVERY) {
+        return;
+    }
+    *measured = Some(Instant::now());
+    for hosted in group.hosted() {
+        match hosted.tablet.base().range_size(hosted.tablet.range()).await {
+            Ok(size) => {
+                let size = size.saturating_add(group.memory_bytes(hosted.info.id));
+                hosted.load.size_bytes.store(size, Ordering::Relaxed);
+            }
+            Err(error) => {
+                tracing::debug!(group = group.id, tablet = hosted.info.id, %error, "measuring a tablet");
+            }
         }
     }
 }

@@ -108,6 +108,8 @@ pub(crate) struct Hosted {
 pub(crate) struct TabletLoad {
     pub(crate) reads: AtomicU64,
     pub(crate) writes: AtomicU64,
+    /// The tablet's data in its tables, as the leader last measured it.
+    pub(crate) size_bytes: AtomicU64,
 }
 
 /// One replica of a tablet group.
