@@ -66,6 +66,8 @@ pub(crate) struct Core {
     /// Since when the groups' tablet counts have been out of balance (see
     /// `tablet_balance.rs`); soft state of the leader.
     pub(crate) tablet_imbalance: Mutex<Option<std::time::Instant>>,
+    /// Whether a task runs the placement driver's tablet step (see `tablet_balance.rs`).
+    pub(crate) tablet_step_running: std::sync::atomic::AtomicBool,
     /// Tablets' load over time and failed automatic splits (see `tablet_balance.rs`).
     pub(crate) split_watch: Mutex<crate::tablet_balance::SplitWatch>,
     /// Channels to tablet servers' group control services, by address.
@@ -117,6 +119,7 @@ impl Core {
             group_channels: Mutex::new(std::collections::HashMap::new()),
             tablet_imbalance: Mutex::new(None),
             split_watch: Mutex::new(crate::tablet_balance::SplitWatch::default()),
+            tablet_step_running: std::sync::atomic::AtomicBool::new(false),
         });
         let applying = tokio::spawn(apply_loop(Arc::clone(&core), subscription, applied_tx));
         let leading = tokio::spawn(crate::leadership::leadership_loop(Arc::clone(&core)));

@@ -275,18 +275,17 @@ fn shift_load(
 
 /// Takes the driver's steps while this replica leads, until shutdown.
 pub(crate) async fn placement_loop(core: Arc<Core>) {
-    let core = &*core;
     core.every(
         core.config.placement_interval,
         "placement driver step",
-        || core.place_once(),
+        || Arc::clone(&core).place_once(),
     )
     .await;
 }
 
 impl Core {
     /// Takes the driver's next step, if this replica serves as leader.
-    async fn place_once(&self) -> Result<(), MasterError> {
+    async fn place_once(self: Arc<Self>) -> Result<(), MasterError> {
         let current = self.stream().leadership();
         if !current.is_leader || *self.serving.borrow() != current.term {
             return Ok(());
@@ -319,9 +318,7 @@ impl Core {
         };
         match step {
             None => {
-                if !self.split_busy_tablets(&healthy_groups).await? {
-                    self.balance_tablets(&healthy_groups).await?;
-                }
+                self.start_tablet_step(&healthy_groups);
                 Ok(())
             }
             Some(Step::Move {

@@ -10,10 +10,11 @@
 //!   operator moved or split are pinned and never move for balance.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::core::{Core, lock};
-use crate::error::MasterError;
 use crate::moves::REASON_BALANCE;
 use crate::state::State;
 
@@ -76,93 +77,133 @@ pub(crate) struct SplitWatch {
 const REASON_SIZE: &str = "size";
 const REASON_LOAD: &str = "load";
 
+/// A tablet step of the placement driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TabletStep {
+    Split {
+        tablet_id: u64,
+        reason: &'static str,
+    },
+    Move {
+        tablet_id: u64,
+        to_group: u64,
+    },
+}
+
 impl Core {
-    /// Splits one tablet that grew too big or stayed too busy (a placement driver step);
-    /// answers whether it started one.
-    pub(crate) async fn split_busy_tablets(
-        &self,
-        healthy: &BTreeSet<u64>,
-    ) -> Result<bool, MasterError> {
-        let (split_size, split_ops) = (self.config.split_size, self.config.split_load_ops);
-        let choice = {
-            let state = self.read_state();
-            if !state.tablet_moves.is_empty() || !state.tablet_splits.is_empty() {
-                return Ok(false);
-            }
-            let registry = self.registry();
-            let mut watch = lock(&self.split_watch);
-            let now = Instant::now();
-            watch
-                .failed_at
-                .retain(|_, at| now.duration_since(*at) < SPLIT_RETRY);
-            let mut choice = None;
-            for tablet in state.tablets.values() {
-                if !healthy.contains(&tablet.group_id) {
-                    continue;
-                }
-                let stats = registry.tablet_stats(tablet.id);
-                let hot = split_ops > 0 && stats.ops_per_sec >= split_ops;
-                let hot_for = match (hot, watch.hot_since.get(&tablet.id)) {
-                    (true, Some(since)) => now.duration_since(*since),
-                    (true, None) => {
-                        watch.hot_since.insert(tablet.id, now);
-                        Duration::ZERO
-                    }
-                    (false, _) => {
-                        watch.hot_since.remove(&tablet.id);
-                        Duration::ZERO
-                    }
-                };
-                let reason = if split_size > 0 && stats.size_bytes >= split_size {
-                    REASON_SIZE
-                } else if hot && hot_for >= self.config.split_load_for {
-                    REASON_LOAD
-                } else {
-                    continue;
-                };
-                if choice.is_none() && !watch.failed_at.contains_key(&tablet.id) {
-                    choice = Some((tablet.id, reason));
-                }
-            }
-            choice
-        };
-        let Some((tablet_id, reason)) = choice else {
-            return Ok(false);
-        };
-        tracing::info!(tablet_id, reason, "splitting a tablet");
-        if let Err(error) = self.split_tablet_for(tablet_id, Vec::new(), reason).await {
-            lock(&self.split_watch)
-                .failed_at
-                .insert(tablet_id, Instant::now());
-            return Err(error);
+    /// Starts the driver's next tablet step, if one is due: a split, else a move for
+    /// balance. It runs in a task of its own, one at a time: a move or split can wait on a
+    /// group for long, and must not hold back the driver's repairs meanwhile.
+    pub(crate) fn start_tablet_step(self: &Arc<Self>, healthy: &BTreeSet<u64>) {
+        if self.tablet_step_running.load(Ordering::Acquire) {
+            return;
         }
-        lock(&self.split_watch).hot_since.remove(&tablet_id);
-        Ok(true)
+        let step = self
+            .split_due(healthy)
+            .map(|(tablet_id, reason)| TabletStep::Split { tablet_id, reason })
+            .or_else(|| {
+                self.balance_due(healthy)
+                    .map(|(tablet_id, to_group)| TabletStep::Move {
+                        tablet_id,
+                        to_group,
+                    })
+            });
+        let Some(step) = step else {
+            return;
+        };
+        self.tablet_step_running.store(true, Ordering::Release);
+        let core = Arc::clone(self);
+        tokio::spawn(async move {
+            tracing::info!(?step, "placement driver tablet step");
+            let result = match step {
+                TabletStep::Split { tablet_id, reason } => {
+                    let split = core.split_tablet_for(tablet_id, Vec::new(), reason).await;
+                    let mut watch = lock(&core.split_watch);
+                    watch.hot_since.remove(&tablet_id);
+                    if split.is_err() {
+                        watch.failed_at.insert(tablet_id, Instant::now());
+                    }
+                    split.map(|_| ())
+                }
+                TabletStep::Move {
+                    tablet_id,
+                    to_group,
+                } => core
+                    .move_tablet_for(tablet_id, to_group, REASON_BALANCE)
+                    .await
+                    .map(|_| ()),
+            };
+            if let Err(error) = result {
+                tracing::warn!(?step, %error, "placement driver tablet step failed");
+            }
+            core.tablet_step_running.store(false, Ordering::Release);
+        });
     }
 
-    /// Moves one tablet to even out the groups' tablet counts, once they have been out of
-    /// balance for `tablet_balance_after` (the placement driver's last step).
-    pub(crate) async fn balance_tablets(&self, healthy: &BTreeSet<u64>) -> Result<(), MasterError> {
+    /// A tablet that grew too big or stayed too busy, and why, if no tablet moves or
+    /// splits.
+    fn split_due(&self, healthy: &BTreeSet<u64>) -> Option<(u64, &'static str)> {
+        let (split_size, split_ops) = (self.config.split_size, self.config.split_load_ops);
+        let state = self.read_state();
+        if !state.tablet_moves.is_empty() || !state.tablet_splits.is_empty() {
+            return None;
+        }
+        let registry = self.registry();
+        let mut watch = lock(&self.split_watch);
+        let now = Instant::now();
+        watch
+            .failed_at
+            .retain(|_, at| now.duration_since(*at) < SPLIT_RETRY);
+        let mut choice = None;
+        for tablet in state.tablets.values() {
+            if !healthy.contains(&tablet.group_id) {
+                continue;
+            }
+            let stats = registry.tablet_stats(tablet.id);
+            let hot = split_ops > 0 && stats.ops_per_sec >= split_ops;
+            let hot_for = match (hot, watch.hot_since.get(&tablet.id)) {
+                (true, Some(since)) => now.duration_since(*since),
+                (true, None) => {
+                    watch.hot_since.insert(tablet.id, now);
+                    Duration::ZERO
+                }
+                (false, _) => {
+                    watch.hot_since.remove(&tablet.id);
+                    Duration::ZERO
+                }
+            };
+            let reason = if split_size > 0 && stats.size_bytes >= split_size {
+                REASON_SIZE
+            } else if hot && hot_for >= self.config.split_load_for {
+                REASON_LOAD
+            } else {
+                continue;
+            };
+            if choice.is_none() && !watch.failed_at.contains_key(&tablet.id) {
+                choice = Some((tablet.id, reason));
+            }
+        }
+        choice
+    }
+
+    /// The move that evens out the groups' tablet counts, once they have been out of
+    /// balance for `tablet_balance_after`.
+    fn balance_due(&self, healthy: &BTreeSet<u64>) -> Option<(u64, u64)> {
         if self.config.tablet_balance_after.is_zero() {
-            return Ok(());
+            return None;
         }
         let choice = tablet_to_balance(&self.read_state(), healthy);
-        let Some((tablet_id, to_group)) = choice else {
-            *lock(&self.tablet_imbalance) = None;
-            return Ok(());
-        };
-        {
-            let mut since = lock(&self.tablet_imbalance);
-            let started = *since.get_or_insert_with(Instant::now);
-            if started.elapsed() < self.config.tablet_balance_after {
-                return Ok(());
-            }
+        let mut since = lock(&self.tablet_imbalance);
+        if choice.is_none() {
             *since = None;
+            return None;
         }
-        tracing::info!(tablet_id, to_group, "moving a tablet to balance the groups");
-        self.move_tablet_for(tablet_id, to_group, REASON_BALANCE)
-            .await
-            .map(|_| ())
+        let started = *since.get_or_insert_with(Instant::now);
+        if started.elapsed() < self.config.tablet_balance_after {
+            return None;
+        }
+        *since = None;
+        choice
     }
 }
 
