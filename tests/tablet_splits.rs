@@ -6,6 +6,8 @@
 mod support;
 
 use luna_client::{Client, CollectionSpec, Partitioning, TabletInfo};
+use luna_proto::master::SplitTabletRequest;
+use luna_proto::master::master_client::MasterClient;
 use support::history::{self, Registers, seed};
 use support::load::{Writers, assert_covering, with_collection};
 
@@ -45,6 +47,24 @@ async fn range_and_hash_tablets_split_under_reads_and_writes() {
     );
     assert_covering(&tablets(&client, "splitting").await);
     writers.wait_progress(200, "after the first split").await;
+
+    // A retried request for that split (the SDK sends the epoch it saw) finds the tablet one
+    // epoch up, and fails rather than splitting it again.
+    let mut master = MasterClient::connect(format!("http://{}", universe.master_addr))
+        .await
+        .expect("the master");
+    let retried = master
+        .split_tablet(SplitTabletRequest {
+            tablet_id: whole.id,
+            at: Vec::new(),
+            epoch: whole.epoch,
+        })
+        .await;
+    assert_eq!(
+        retried.map(|_| ()).map_err(|status| status.code()),
+        Err(tonic::Code::FailedPrecondition)
+    );
+    assert_eq!(tablets(&client, "splitting").await.len(), 2);
 
     // Again at a given key, with the CLI; then the new half moves to another group.
     let output = universe.cli(&[

@@ -340,9 +340,17 @@ impl Admin {
         tablet_id: u64,
         at: impl AsRef<[u8]>,
     ) -> Result<(TabletInfo, TabletInfo)> {
+        // The epoch makes a retry of a split that was done fail instead of splitting again.
+        let epoch = self
+            .list_tablets("", "")
+            .await?
+            .iter()
+            .find(|tablet| tablet.id == tablet_id)
+            .map_or(0, |tablet| tablet.epoch);
         let request = SplitTabletRequest {
             tablet_id,
             at: at.as_ref().to_vec(),
+            epoch,
         };
         let deadline = Deadline::after(self.inner.options.operation_timeout.max(MOVE_TIMEOUT));
         let response = self

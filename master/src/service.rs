@@ -184,7 +184,7 @@ impl MasterRpc for MasterService {
         let (left, right) = self
             .leader()
             .await?
-            .split_tablet(request.tablet_id, request.at)
+            .split_tablet(request.tablet_id, request.at, request.epoch)
             .await?;
         Ok(Response::new(SplitTabletResponse {
             left: Some(left),

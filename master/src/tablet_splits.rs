@@ -111,11 +111,25 @@ fn strictly_inside(tablet: &TabletInfo, at: &[u8]) -> bool {
 impl Core {
     /// Splits tablet `tablet_id` at `at` (empty: in the middle) and answers its halves once
     /// its group serves them.
+    /// `epoch`, when not 0, is the tablet's epoch as the caller saw it.
     pub async fn split_tablet(
         &self,
         tablet_id: u64,
         at: Vec<u8>,
+        epoch: u64,
     ) -> Result<(TabletInfo, TabletInfo), MasterError> {
+        {
+            let state = self.read_state();
+            let tablet = state.tablet(tablet_id)?;
+            if epoch != 0 && tablet.epoch != epoch && !state.tablet_splits.contains_key(&tablet_id)
+            {
+                return Err(MasterError::precondition(format!(
+                    "tablet {tablet_id} is at epoch {}, not {epoch}: it split or moved since; \
+                     see `luna tablets`",
+                    tablet.epoch
+                )));
+            }
+        }
         self.split_tablet_for(tablet_id, at, crate::moves::REASON_ADMIN)
             .await
     }
