@@ -30,13 +30,20 @@ pub async fn stop_and_check(registers: Registers, logs: impl FnOnce() -> String)
     );
     assert!(check.operations > 0, "the register tasks recorded nothing");
     if let Some((key, minimal)) = check.violation {
-        panic!(
-            "{key}: the history is not linearizable; a smallest failing part:\n{}\n{}",
-            minimal
-                .iter()
+        let lines = |ops: &[Recorded]| {
+            ops.iter()
                 .map(|op| format!("  {op:?}"))
                 .collect::<Vec<_>>()
-                .join("\n"),
+                .join("\n")
+        };
+        // The whole history too: the smallest part leaves out the writes it can, which
+        // hides where a read's value came from.
+        let mut whole = histories.get(&key).cloned().unwrap_or_default();
+        whole.sort_by_key(|op| op.invoked);
+        panic!(
+            "{key}: the history is not linearizable; a smallest failing part:\n{}\nthe key's whole history:\n{}\n{}",
+            lines(&minimal),
+            lines(&whole),
             logs()
         );
     }
