@@ -6,12 +6,14 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use luna_client::{Client, CollectionSpec, TabletInfo};
 use support::history::{self, Registers, seed};
-use support::load::{Writers, with_collection};
+use support::load::{
+    BENCH_ACCOUNTS, BENCH_OPENING_BALANCE, Writers, bench_balances, bench_txn, with_collection,
+};
 use support::{Universe, json_reports, output_within};
 
 async fn tablets(client: &Client) -> Vec<TabletInfo> {
@@ -139,38 +141,6 @@ async fn bad_moves_and_splits_are_refused_with_clear_errors() {
     );
 }
 
-/// Every account's balance in one snapshot of `luna bench txn`'s two collections.
-async fn balances(client: &Client) -> Vec<i64> {
-    let db = client.database("bank");
-    let txn = db.begin().await.expect("begin");
-    let mut all = Vec::new();
-    for name in ["checking", "savings"] {
-        let pairs = txn
-            .scan(&db.collection(name), &b"acct-"[..]..&b"acct."[..], 1000)
-            .await
-            .expect("scan the accounts");
-        assert_eq!(pairs.len(), 40, "every account is there");
-        all.extend(pairs.iter().map(|(_, value)| {
-            std::str::from_utf8(value)
-                .ok()
-                .and_then(|text| text.parse::<i64>().ok())
-                .unwrap_or_else(|| panic!("{value:?} is not a balance"))
-        }));
-    }
-    all
-}
-
-fn bench_txn(universe: &Universe, duration_secs: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_luna"));
-    command
-        .args(["bench", "txn", "--modes", "transfer", "--database", "bank"])
-        .args(["--accounts", "40", "--clients", "8", "--tablets", "2"])
-        .args(["--duration-secs", duration_secs, "--json"])
-        .args(["--master", &universe.master_addr])
-        .env_remove("LUNA_MASTER");
-    command
-}
-
 /// Transfers between accounts of two collections run while their tablets split, and then
 /// move between groups: no transfer fails (the SDK retries through each handoff, and
 /// conflicts are only counted), and every snapshot keeps the total.
@@ -185,8 +155,8 @@ async fn transfers_stay_atomic_while_their_tablets_split_and_move() {
         "opening the accounts failed: {}",
         String::from_utf8_lossy(&opened.stderr)
     );
-    let expected = 2 * 40 * 1_000;
-    assert_eq!(balances(&client).await.iter().sum::<i64>(), expected);
+    let expected = 2 * BENCH_ACCOUNTS as i64 * BENCH_OPENING_BALANCE;
+    assert_eq!(bench_balances(&client).await.iter().sum::<i64>(), expected);
 
     let running = bench_txn(&universe, "8")
         .stdout(Stdio::piped())
@@ -235,7 +205,7 @@ async fn transfers_stay_atomic_while_their_tablets_split_and_move() {
         .expect("tablets");
     assert_eq!(split.len(), 2 * before.len());
     let mut rolled_back = 0;
-    let all = balances(&client).await;
+    let all = bench_balances(&client).await;
     assert_eq!(all.iter().sum::<i64>(), expected, "after the splits");
     let mut moves = 0;
     let until = Instant::now() + Duration::from_secs(6);
@@ -263,7 +233,7 @@ async fn transfers_stay_atomic_while_their_tablets_split_and_move() {
                 Err(error) => panic!("moving tablet {}: {error}\n{}", tablet.id, universe.logs()),
             }
         }
-        let all = balances(&client).await;
+        let all = bench_balances(&client).await;
         assert_eq!(all.iter().sum::<i64>(), expected, "after {moves} moves");
         assert!(all.iter().all(|&balance| balance >= 0), "{all:?}");
     }
@@ -286,7 +256,7 @@ async fn transfers_stay_atomic_while_their_tablets_split_and_move() {
     let errors = json_reports(&finished)[0]["errors"].as_u64();
     assert_eq!(errors, Some(0), "transfers failed with errors: {report}");
     assert!(committed > 100, "too few transfers ran: {report}");
-    assert_eq!(balances(&client).await.iter().sum::<i64>(), expected);
+    assert_eq!(bench_balances(&client).await.iter().sum::<i64>(), expected);
 }
 
 /// The placement driver evens out the groups' tablet counts with moves, once they have been

@@ -6,49 +6,13 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use luna_client::{Collection, Database};
+use support::load::{BENCH_ACCOUNTS, BENCH_OPENING_BALANCE, bench_balances, bench_txn};
 use support::{Universe, history, output_within};
 
-const ACCOUNTS: u64 = 40;
-const OPENING_BALANCE: i64 = 1_000;
 const ROUNDS: usize = 5;
-
-fn bench(universe: &Universe, duration_secs: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_luna"));
-    command
-        .args(["bench", "txn", "--modes", "transfer", "--database", "bank"])
-        .args(["--accounts", &ACCOUNTS.to_string(), "--clients", "8"])
-        .args(["--tablets", "2", "--duration-secs", duration_secs])
-        .args(["--master", &universe.master_addr])
-        .env_remove("LUNA_MASTER");
-    command
-}
-
-fn balance(value: &Bytes) -> i64 {
-    std::str::from_utf8(value)
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or_else(|| panic!("{value:?} is not a balance"))
-}
-
-/// Every account's balance in one snapshot (reads resolve the locks they meet).
-async fn balances(db: &Database, collections: &[Collection; 2]) -> Vec<i64> {
-    let txn = db.begin().await.expect("begin");
-    let mut all = Vec::new();
-    for collection in collections {
-        let pairs = txn
-            .scan(collection, &b"acct-"[..]..&b"acct."[..], 1000)
-            .await
-            .expect("scan the accounts");
-        assert_eq!(pairs.len() as u64, ACCOUNTS, "every account is there");
-        all.extend(pairs.iter().map(|(_, value)| balance(value)));
-    }
-    all
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_total_holds_while_clients_die_between_prewrite_and_commit() {
@@ -56,24 +20,19 @@ async fn the_total_holds_while_clients_die_between_prewrite_and_commit() {
     let client = universe.client().await;
     universe.wait_servers_up(&client, 3).await;
     // A first run that ends normally opens the accounts.
-    let opened = output_within(&mut bench(&universe, "1"), Duration::from_secs(120));
+    let opened = output_within(&mut bench_txn(&universe, "1"), Duration::from_secs(120));
     assert!(
         opened.status.success(),
         "the first run failed: {}",
         String::from_utf8_lossy(&opened.stderr)
     );
-    let db = client.database("bank");
-    let collections = [db.collection("checking"), db.collection("savings")];
-    let expected = 2 * ACCOUNTS as i64 * OPENING_BALANCE;
-    assert_eq!(
-        balances(&db, &collections).await.iter().sum::<i64>(),
-        expected
-    );
+    let expected = 2 * BENCH_ACCOUNTS as i64 * BENCH_OPENING_BALANCE;
+    assert_eq!(bench_balances(&client).await.iter().sum::<i64>(), expected);
 
     let mut seed = history::seed();
     let mut left_locked = 0;
     for round in 0..ROUNDS {
-        let mut child = bench(&universe, "120")
+        let mut child = bench_txn(&universe, "120")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -89,7 +48,7 @@ async fn the_total_holds_while_clients_die_between_prewrite_and_commit() {
         let locks = universe.server_gauge_sum("luna_group_txn_locks");
         left_locked += locks;
         let started = Instant::now();
-        let all = balances(&db, &collections).await;
+        let all = bench_balances(&client).await;
         assert_eq!(
             all.iter().sum::<i64>(),
             expected,

@@ -1,6 +1,7 @@
 //! Write load for tests that kill processes: writers that record every acknowledged write,
 //! and the check that each one is still there at the end.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use luna_client::{Client, Collection, CollectionSpec, Database};
@@ -167,4 +168,45 @@ pub async fn bank_universe_with(
     let checking = db.collection("checking");
     let savings = db.collection("savings");
     (universe, client, db, checking, savings)
+}
+
+/// Accounts in each of `luna bench txn`'s two collections, as [`bench_txn`] runs it.
+pub const BENCH_ACCOUNTS: usize = 40;
+/// An account's opening balance in `luna bench txn`.
+pub const BENCH_OPENING_BALANCE: i64 = 1_000;
+
+/// `luna bench txn` moving money between [`BENCH_ACCOUNTS`] accounts of database `bank`'s
+/// collections `checking` and `savings` (two tablets each), with 8 clients, for
+/// `duration_secs`, reporting JSON.
+pub fn bench_txn(universe: &Universe, duration_secs: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_luna"));
+    command
+        .args(["bench", "txn", "--modes", "transfer", "--database", "bank"])
+        .args(["--accounts", &BENCH_ACCOUNTS.to_string(), "--clients", "8"])
+        .args(["--tablets", "2", "--duration-secs", duration_secs, "--json"])
+        .args(["--master", &universe.master_addr])
+        .env_remove("LUNA_MASTER");
+    command
+}
+
+/// Every account's balance of [`bench_txn`]'s collections in one snapshot (reads resolve
+/// the locks they meet).
+pub async fn bench_balances(client: &Client) -> Vec<i64> {
+    let db = client.database("bank");
+    let txn = db.begin().await.expect("begin");
+    let mut all = Vec::new();
+    for name in ["checking", "savings"] {
+        let pairs = txn
+            .scan(&db.collection(name), &b"acct-"[..]..&b"acct."[..], 1000)
+            .await
+            .expect("scan the accounts");
+        assert_eq!(pairs.len(), BENCH_ACCOUNTS, "every account is there");
+        all.extend(pairs.iter().map(|(_, value)| {
+            std::str::from_utf8(value)
+                .ok()
+                .and_then(|text| text.parse::<i64>().ok())
+                .unwrap_or_else(|| panic!("{value:?} is not a balance"))
+        }));
+    }
+    all
 }
