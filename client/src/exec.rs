@@ -72,9 +72,10 @@ pub(crate) struct CallSpec<'a> {
     /// routing changed under the request and the caller must split it again.
     pub(crate) fits: Option<&'a (dyn Fn(&TabletEntry) -> bool + Sync)>,
     /// For requests that name several tablets (a transaction's share of a group), of which
-    /// `fits` checks only the located one: an `EpochMismatch` or `TabletNotFound` may be
-    /// another tablet's, which the located one's routing never shows, so the caller splits
-    /// the request again at once instead of retrying it.
+    /// `fits` checks only the located one: an `EpochMismatch` may be another tablet's (it
+    /// moved or split), which the located one's routing never shows, so the caller splits
+    /// the request again at once instead of retrying it. (`TabletNotFound` is retried: a
+    /// tablet a group has not opened yet answers it too.)
     pub(crate) names_other_tablets: bool,
     /// What to do about a lock of a transaction that is still alive.
     pub(crate) live_lock: LiveLock,
@@ -290,7 +291,9 @@ where
                     Some(Kind::EpochMismatch(_)) | Some(Kind::TabletNotFound(_)) | None => {
                         last = Failure::Refused { detail };
                         cache.invalidate(table.generation);
-                        if spec.names_other_tablets {
+                        if spec.names_other_tablets
+                            && matches!(error.kind, Some(Kind::EpochMismatch(_)))
+                        {
                             return Ok(Outcome::Resplit);
                         }
                         // A tablet moving between groups is back within tens of
