@@ -14,6 +14,9 @@
 //!
 //! Writes are retried like reads: each carries a [`RequestId`](luna_proto::tablet::RequestId)
 //! that stays the same across its retries, so the group applies it at most once.
+//! A write that ends in failure after an attempt whose answer was lost reports
+//! [`ClientError::OutcomeUnknown`], unless the failure is an answer about the request
+//! itself (a conflict, an aborted transaction, bad input): it may have been applied.
 
 use std::future::Future;
 use std::time::Duration;
@@ -143,7 +146,10 @@ where
         if timeout < MIN_ATTEMPT.min(inner.options.request_timeout) {
             return Err(exhausted(spec, deadline, last, maybe_applied));
         }
-        let table = cache.table(inner, deadline).await?;
+        let table = cache
+            .table(inner, deadline)
+            .await
+            .map_err(|error| settle(spec, maybe_applied, error))?;
         let located = match spec.locate {
             Locate::Key(key) => table.locate(key),
             Locate::Before(end) => table.locate_before(end),
@@ -159,7 +165,7 @@ where
             continue;
         };
         if spec.fits.is_some_and(|fits| !fits(tablet)) {
-            return Ok(Outcome::Resplit);
+            return resplit(spec, maybe_applied);
         }
         let addr = match spec.access {
             Access::Leader => cache.leader_addr(tablet, |addr| inner.is_unreachable(addr)),
@@ -182,7 +188,9 @@ where
             },
             start: tablet.start.clone(),
             end: tablet.end.clone(),
-            client: inner.tablet_conn(&addr)?,
+            client: inner
+                .tablet_conn(&addr)
+                .map_err(|error| settle(spec, maybe_applied, error))?,
         };
         let group_id = tablet.group_id;
         let mut wait = None;
@@ -212,7 +220,13 @@ where
                 };
                 cache.invalidate(table.generation);
             }
-            Ok(Err(status)) => return Err(ClientError::from_status(&status)),
+            Ok(Err(status)) => {
+                return Err(settle(
+                    spec,
+                    maybe_applied,
+                    ClientError::from_status(&status),
+                ));
+            }
             Ok(Ok((None, value))) => {
                 inner.mark_reachable(&addr);
                 return Ok(Outcome::Done(value));
@@ -259,7 +273,8 @@ where
                             lock,
                             deadline,
                         )
-                        .await?
+                        .await
+                        .map_err(|error| settle(spec, maybe_applied, error))?
                         {
                             LockState::Resolved => continue,
                             LockState::Alive { .. } if spec.live_lock == LiveLock::Conflict => {
@@ -294,7 +309,7 @@ where
                         if spec.names_other_tablets
                             && matches!(error.kind, Some(Kind::EpochMismatch(_)))
                         {
-                            return Ok(Outcome::Resplit);
+                            return resplit(spec, maybe_applied);
                         }
                         // A tablet moving between groups is back within tens of
                         // milliseconds: poll, rather than back off for up to a second.
@@ -309,6 +324,42 @@ where
             return Err(exhausted(spec, deadline, last, maybe_applied));
         }
     }
+}
+
+/// The error that ends a request. After an attempt of a write that may have been applied
+/// (its answer was lost), only an answer about the request itself (a conflict, an aborted
+/// transaction, bad input) proves what happened; any other failure, such as an unreachable
+/// master while refreshing the routing, leaves the write's outcome unknown.
+fn settle(spec: &CallSpec<'_>, maybe_applied: bool, error: ClientError) -> ClientError {
+    let about_the_request = matches!(
+        error,
+        ClientError::Conflict { .. }
+            | ClientError::TxnAborted { .. }
+            | ClientError::SnapshotTooOld { .. }
+            | ClientError::InvalidArgument { .. }
+            | ClientError::OutcomeUnknown { .. }
+    );
+    if maybe_applied && !about_the_request {
+        return ClientError::OutcomeUnknown {
+            operation: spec.operation,
+            detail: error.to_string(),
+        };
+    }
+    error
+}
+
+/// The routing changed under a request: the caller splits it again and resends the parts
+/// as new requests, unless an earlier attempt may have been applied. Resending then could
+/// apply the write twice (a later write in between would be overwritten by the repeat), so
+/// its outcome is unknown.
+fn resplit<T>(spec: &CallSpec<'_>, maybe_applied: bool) -> Result<Outcome<T>> {
+    if maybe_applied {
+        return Err(ClientError::OutcomeUnknown {
+            operation: spec.operation,
+            detail: "the routing changed after an attempt whose answer was lost".to_owned(),
+        });
+    }
+    Ok(Outcome::Resplit)
 }
 
 /// A tablet error as one line.
@@ -368,5 +419,61 @@ fn exhausted(
             after: deadline.budget(),
             last_error,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put_spec() -> CallSpec<'static> {
+        CallSpec {
+            operation: "put",
+            access: Access::Leader,
+            is_write: true,
+            read_ts: 0,
+            locate: Locate::Key(b"k"),
+            fits: None,
+            names_other_tablets: false,
+            live_lock: LiveLock::Wait,
+        }
+    }
+
+    #[test]
+    fn a_failure_after_a_lost_answer_leaves_the_outcome_unknown() {
+        let spec = put_spec();
+        let unreachable = || ClientError::MasterUnreachable {
+            addrs: vec!["127.0.0.1:7420".into()],
+            detail: "connection refused".into(),
+        };
+        assert!(matches!(
+            settle(&spec, true, unreachable()),
+            ClientError::OutcomeUnknown {
+                operation: "put",
+                ..
+            }
+        ));
+        assert!(matches!(
+            settle(&spec, false, unreachable()),
+            ClientError::MasterUnreachable { .. }
+        ));
+        // An answer about the request itself says what happened, lost answer or not.
+        let conflict = ClientError::Conflict {
+            message: "written after the start".into(),
+        };
+        assert!(matches!(
+            settle(&spec, true, conflict),
+            ClientError::Conflict { .. }
+        ));
+    }
+
+    #[test]
+    fn a_request_is_split_again_only_if_no_attempt_may_have_applied_it() {
+        let spec = put_spec();
+        assert!(matches!(resplit::<()>(&spec, false), Ok(Outcome::Resplit)));
+        assert!(matches!(
+            resplit::<()>(&spec, true),
+            Err(ClientError::OutcomeUnknown { .. })
+        ));
     }
 }
