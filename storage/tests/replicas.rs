@@ -265,7 +265,7 @@ async fn follow_the_owner(seed: u64) {
 
 /// A compaction may lose the race against the other handle's: a typed,
 /// retryable refusal, never a wrong result.
-async fn compact(base: &BaseStore) {
+async fn compact(base: &Arc<BaseStore>) {
     match base.compact_once().await {
         Ok(_) => {}
         Err(error @ StorageError::Job { .. }) => assert!(error.is_retryable()),

@@ -82,12 +82,15 @@ struct Uploads<'a> {
 }
 
 impl Uploads<'_> {
-    fn track(&mut self, name: &str) {
+    /// A fresh table name, tracked from now on.
+    fn track_new(&mut self) -> String {
+        let name = format!("tables/{}.parquet", uuid::Uuid::new_v4().simple());
         if let Ok(mut uploading) = self.base.uploading.lock() {
-            uploading.insert(name.to_string());
+            uploading.insert(name.clone());
         }
-        self.names.push(name.to_string());
+        self.names.push(name.clone());
         self.started.get_or_insert_with(tokio::time::Instant::now);
+        name
     }
 
     /// Refuses to commit uploads that garbage collection in another process
@@ -387,8 +390,7 @@ impl BaseStore {
         level: u32,
         uploads: &mut Uploads<'_>,
     ) -> Result<Option<TableInfo>> {
-        let name = format!("tables/{}.parquet", uuid::Uuid::new_v4().simple());
-        uploads.track(&name);
+        let name = uploads.track_new();
         // Building and encoding are CPU-bound: keep them off the async workers.
         let encoded = tokio::task::spawn_blocking({
             let name = name.clone();
@@ -399,6 +401,17 @@ impl BaseStore {
             job: "table encoding",
             detail: e.to_string(),
         })??;
+        self.upload_table(name, encoded, level).await
+    }
+
+    /// Uploads a table encoded under `name` (tracked in `uploads` before it was built);
+    /// `None` when it was empty.
+    async fn upload_table(
+        &self,
+        name: String,
+        encoded: Option<(Bytes, TableSummary)>,
+        level: u32,
+    ) -> Result<Option<TableInfo>> {
         let Some((bytes, summary)) = encoded else {
             return Ok(None);
         };
