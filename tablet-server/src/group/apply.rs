@@ -113,7 +113,10 @@ impl Group {
                     self.last_control_index.store(index, Ordering::Release);
                 }
                 Some(gpb::group_entry::Kind::CloseTablet(close)) => {
-                    self.close_tablet(close.tablet_id).await;
+                    let hosted_epoch = self.hosted_epoch(close.tablet_id);
+                    if close.epoch == 0 || hosted_epoch == Some(close.epoch) {
+                        self.close_tablet(close.tablet_id).await;
+                    }
                     self.last_control_index.store(index, Ordering::Release);
                 }
                 Some(gpb::group_entry::Kind::Flushed(flushed)) => {
@@ -319,12 +322,11 @@ impl Group {
 
     /// Opens a tablet that this group's log carries from index `opened_at` on.
     pub(super) async fn open_tablet(&self, info: TabletInfo, opened_at: u64) -> Result<()> {
-        let current = self
-            .tablets
-            .read()
-            .ok()
-            .and_then(|tablets| tablets.get(&info.id).map(|hosted| hosted.info.epoch));
-        if current == Some(info.epoch) {
+        let current = self.hosted_epoch(info.id);
+        // Epochs only go up. An older one comes from an assignment the leader read before
+        // a split or an adoption applied here; reopening the tablet at it would take
+        // writes the newer epoch's owner never sees.
+        if current.is_some_and(|epoch| epoch >= info.epoch) {
             return Ok(());
         }
         if current.is_some() {
@@ -363,6 +365,14 @@ impl Group {
         }
         self.tablets_changed.notify_waiters();
         Ok(())
+    }
+
+    /// The epoch tablet `tablet_id` is hosted at here, if it is.
+    pub(super) fn hosted_epoch(&self, tablet_id: u64) -> Option<u64> {
+        self.tablets
+            .read()
+            .ok()
+            .and_then(|tablets| tablets.get(&tablet_id).map(|hosted| hosted.info.epoch))
     }
 
     pub(super) async fn close_tablet(&self, tablet_id: u64) {

@@ -289,12 +289,10 @@ impl Group {
                 detail: "an adoption without its tablet".to_owned(),
             });
         };
-        let hosted_epoch = self
-            .tablets
-            .read()
-            .ok()
-            .and_then(|tablets| tablets.get(&info.id).map(|hosted| hosted.info.epoch));
-        if hosted_epoch.is_some_and(|epoch| epoch >= info.epoch) {
+        if self
+            .hosted_epoch(info.id)
+            .is_some_and(|epoch| epoch >= info.epoch)
+        {
             // A late duplicate of an adoption (the master retried it): epochs only go up.
             return Ok(());
         }
