@@ -279,8 +279,8 @@ impl Group {
         }
     }
 
-    /// Applies an adoption at `index`: opens the tablet, and takes over the outcomes,
-    /// applied requests and timestamp floor its old group handed over.
+    /// Applies an adoption at `index`: takes over the outcomes, applied requests and
+    /// timestamp floor the tablet's old group handed over, then opens the tablet.
     pub(super) async fn apply_adopt(&self, adopt: gpb::AdoptTablet, index: u64) -> Result<()> {
         let Some(info) = adopt.tablet else {
             return Err(TabletServerError::CorruptEntry {
@@ -296,7 +296,6 @@ impl Group {
             // A late duplicate of an adoption (the master retried it): epochs only go up.
             return Ok(());
         }
-        self.open_tablet(info, index).await?;
         let handoff = adopt.handoff.unwrap_or_default();
         if let Ok(mut txns) = self.txns.lock() {
             for record in handoff.txn_records {
@@ -325,7 +324,12 @@ impl Group {
         if let Ok(mut clock) = self.clock.lock() {
             clock.raise(handoff.min_ts);
         }
-        Ok(())
+        // Last: once the tablet is open, the leader stamps writes to it, and a stamp from
+        // the clock before the raise could be below a version of the old group (whose clock
+        // can run ahead of the wall clock, from a TSO window after a master failover): reads
+        // would then see the older write as the newer. The records and request ids go
+        // first for the same reason: a retried write must find them.
+        self.open_tablet(info, index).await
     }
 
     /// Whether `unit` touches a sealed tablet in a way a seal forbids: anything but
