@@ -707,3 +707,46 @@ async fn background_jobs_end_when_the_store_is_dropped() {
     }
     assert!(released, "a background job kept the dropped store alive");
 }
+
+/// Only the store's compactor compacts in the background, and it finds the tables another
+/// process flushed without being told: a process named compactor later takes over.
+#[tokio::test]
+async fn only_the_compactor_compacts_and_it_sees_other_processes_flushes() {
+    let store = memory_store();
+    let (writer, tablet, mut journal) = single_tablet(&store).await;
+    let bystander_options = BaseStoreOptions {
+        background_jobs: true,
+        compactor: false,
+        compactor_poll: Duration::from_millis(10),
+        ..base_options()
+    };
+    let bystander = open_base(store.clone(), bystander_options).await;
+    for round in 0..3 {
+        journal.put_range(&tablet, 0..40, round, 10).await;
+        tablet.flush().await.expect("flush");
+    }
+    // Over the trigger (2), yet nobody compacts: the writer runs no jobs and the
+    // bystander is not the compactor.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(writer.refresh().await.expect("refresh").level(0).len(), 3);
+
+    bystander.set_compactor(true);
+    assert!(bystander.is_compactor());
+    let mut compacted = false;
+    for _ in 0..500 {
+        if writer.refresh().await.expect("refresh").level(0).is_empty() {
+            compacted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        compacted,
+        "the new compactor never compacted the writer's tables"
+    );
+    journal
+        .verify(&tablet, "after another process compacted")
+        .await;
+    bystander.close();
+    writer.close();
+}

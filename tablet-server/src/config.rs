@@ -65,7 +65,11 @@ impl TabletServerConfig {
             heartbeat_interval: Duration::from_millis(500),
             memory_limit: 1 << 30,
             memstore: MemStoreOptions::default(),
-            base_store: BaseStoreOptions::default(),
+            base_store: BaseStoreOptions {
+                // The master names the compactor of each collection.
+                compactor: false,
+                ..BaseStoreOptions::default()
+            },
             election_tick: 10,
             heartbeat_tick: 2,
             tick_interval: Duration::from_millis(50),

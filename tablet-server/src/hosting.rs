@@ -115,6 +115,10 @@ impl Hosting {
             .stores
             .set_gc_safe_point(response.gc_safe_point)
             .await;
+        self.ctx
+            .stores
+            .set_compacting(&response.compacting_collections)
+            .await;
         let (safe_point, record_floor) = (response.gc_safe_point, response.txn_record_floor);
         for assignment in &response.groups {
             let group = match self.group(assignment.group_id) {

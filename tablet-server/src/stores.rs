@@ -1,7 +1,7 @@
 //! The BaseStores of the collections this server hosts tablets of: one per collection,
 //! shared by all its tablets here, opened on first use.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +19,9 @@ pub(crate) struct CollectionStores {
     open: tokio::sync::Mutex<HashMap<u64, Arc<BaseStore>>>,
     /// The master's GC safe point, for stores opened later too.
     gc_safe_point: AtomicU64,
+    /// The collections the master named this server the compactor of, for stores opened
+    /// later too.
+    compacting: std::sync::Mutex<HashSet<u64>>,
 }
 
 impl CollectionStores {
@@ -28,6 +31,7 @@ impl CollectionStores {
             options,
             open: tokio::sync::Mutex::new(HashMap::new()),
             gc_safe_point: AtomicU64::new(0),
+            compacting: std::sync::Mutex::default(),
         }
     }
 
@@ -46,6 +50,7 @@ impl CollectionStores {
         let store = Arc::clone(&self.object_store) as Arc<dyn ObjectStore>;
         let base = BaseStore::open(store, Self::root(collection_id), self.options.clone()).await?;
         base.set_gc_safe_point(self.gc_safe_point.load(Ordering::Acquire));
+        base.set_compactor(self.compacts(collection_id));
         open.insert(collection_id, Arc::clone(&base));
         Ok(base)
     }
@@ -60,6 +65,23 @@ impl CollectionStores {
         for base in self.open.lock().await.values() {
             base.set_gc_safe_point(safe_point);
         }
+    }
+
+    /// Makes this server the compactor of exactly `collections` (the master's choice: one
+    /// server per collection).
+    pub(crate) async fn set_compacting(&self, collections: &[u64]) {
+        if let Ok(mut compacting) = self.compacting.lock() {
+            *compacting = collections.iter().copied().collect();
+        }
+        for (&collection_id, base) in self.open.lock().await.iter() {
+            base.set_compactor(self.compacts(collection_id));
+        }
+    }
+
+    fn compacts(&self, collection_id: u64) -> bool {
+        self.compacting
+            .lock()
+            .is_ok_and(|compacting| compacting.contains(&collection_id))
     }
 
     /// Stops every BaseStore's background jobs and waits for them.

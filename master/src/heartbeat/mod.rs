@@ -2,7 +2,7 @@
 
 pub(crate) mod registry;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use luna_proto::master::{GroupAssignment, HeartbeatRequest, HeartbeatResponse};
 
@@ -94,13 +94,95 @@ impl View<'_> {
             gc_safe_point: self.state.gc_safe_point,
             removed_groups,
             txn_record_floor: self.registry.lock_floor(self.state.groups.keys().copied()),
+            compacting_collections: self.compacting_collections(server_id),
         }
+    }
+
+    /// The collections whose compactor `server_id` is: for each collection, the leader
+    /// of the group hosting its first tablet (by id), or while that group's leader is
+    /// unknown its first voter. One server per collection, since processes compacting
+    /// the same tables each do all the work and keep one result; and a leader, since it
+    /// flushes (and so learns of new tables) first.
+    fn compacting_collections(&self, server_id: u64) -> Vec<u64> {
+        let mut first_tablets: BTreeMap<u64, u64> = BTreeMap::new();
+        for tablet in self.state.tablets.values() {
+            first_tablets
+                .entry(tablet.collection_id)
+                .or_insert(tablet.group_id);
+        }
+        first_tablets
+            .into_iter()
+            .filter(|&(_, group_id)| {
+                let leader = self.registry.leader(group_id).server_id;
+                let compactor = if leader != 0 {
+                    Some(leader)
+                } else {
+                    let group = self.state.groups.get(&group_id);
+                    group.and_then(|group| group.replicas.first().copied())
+                };
+                compactor == Some(server_id)
+            })
+            .map(|(collection_id, _)| collection_id)
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
+    use luna_proto::master::{GroupReport, TabletInfo};
+    use luna_proto::masterlog::Group;
+
     use super::*;
+    use crate::heartbeat::registry::Registry;
+
+    #[test]
+    fn each_collection_has_one_compactor_the_leader_of_its_first_tablet() {
+        let mut state = State::default();
+        for (id, replicas) in [(10, vec![1, 2, 3]), (11, vec![3, 1, 2])] {
+            let group = Group {
+                id,
+                replicas,
+                ..Group::default()
+            };
+            state.groups.insert(id, group);
+        }
+        // Collection 5's first tablet is in group 10, collection 6's in group 11.
+        for (id, collection_id, group_id) in [(20, 5, 10), (21, 5, 11), (22, 6, 11)] {
+            let tablet = TabletInfo {
+                id,
+                collection_id,
+                group_id,
+                ..TabletInfo::default()
+            };
+            state.tablets.insert(id, tablet);
+        }
+        let mut registry = Registry::default();
+        let leads_group_10 = HeartbeatRequest {
+            groups: vec![GroupReport {
+                group_id: 10,
+                is_leader: true,
+                term: 2,
+                leader_server_id: 2,
+                ..GroupReport::default()
+            }],
+            ..HeartbeatRequest::default()
+        };
+        registry.record(2, Instant::now(), &leads_group_10, |_| true);
+        let view = View {
+            state: &state,
+            registry: &registry,
+            now: Instant::now(),
+            heartbeat_timeout: Duration::from_secs(5),
+            routing_version: 1,
+        };
+        // Group 10's reported leader compacts collection 5; group 11 has no known leader,
+        // so its first voter compacts collection 6.
+        assert_eq!(view.compacting_collections(2), vec![5]);
+        assert_eq!(view.compacting_collections(3), vec![6]);
+        assert!(view.compacting_collections(1).is_empty());
+    }
 
     #[test]
     fn heartbeats_need_a_usable_address() {

@@ -322,20 +322,32 @@ fn crosses_boundary(boundaries: &[Bytes], last: &[u8], next: &[u8]) -> bool {
     boundaries.get(index).is_some_and(|b| b.as_ref() <= next)
 }
 
-/// Runs compactions whenever a flush asks for one, until the store closes.
+/// While this process is the store's compactor, runs compactions whenever a flush here
+/// asks for one, and every `compactor_poll` for tables other processes flushed; until the
+/// store closes.
 pub(super) fn spawn_background(base: &Arc<BaseStore>) -> tokio::task::JoinHandle<()> {
     // The task holds the store weakly: dropping the last handle (or close())
     // ends it, and an idle wait never keeps the store alive.
     let store = Arc::downgrade(base);
     let wanted = Arc::clone(&base.compaction_wanted);
     let mut shutdown = base.shutdown.subscribe();
+    let mut compactor = base.compactor.subscribe();
+    let poll = base.options.compactor_poll.max(Duration::from_millis(10));
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
             let Some(base) = store.upgrade().filter(|_| !*shutdown.borrow()) else {
                 return;
             };
-            let outcome = base.compact_once().await;
+            let compacting = *compactor.borrow_and_update();
+            let outcome = if compacting {
+                match base.refresh().await {
+                    Ok(_) => base.compact_once().await,
+                    Err(error) => Err(error),
+                }
+            } else {
+                Ok(None)
+            };
             drop(base);
             let pause = match outcome {
                 Ok(Some(_)) => {
@@ -356,12 +368,16 @@ pub(super) fn spawn_background(base: &Arc<BaseStore>) -> tokio::task::JoinHandle
             let wait = async {
                 match pause {
                     Some(pause) => tokio::time::sleep(pause).await,
+                    None if compacting => {
+                        let _ = tokio::time::timeout(poll, wanted.notified()).await;
+                    }
                     None => wanted.notified().await,
                 }
             };
             tokio::select! {
                 _ = wait => {}
-                // Err: the store was dropped, which closes it too.
+                // Err: the store was dropped; the next turn ends the task.
+                _ = compactor.changed() => {}
                 _ = shutdown.changed() => return,
             }
         }

@@ -153,7 +153,8 @@ impl BaseStore {
     }
 }
 
-/// Collects garbage every `gc_interval` until the store closes.
+/// Every `gc_interval` until the store closes: collects garbage if this process is the
+/// compactor, else refreshes the version.
 pub(super) fn spawn_background(base: &Arc<BaseStore>) -> tokio::task::JoinHandle<()> {
     // Held weakly, like the compaction task: dropping the store ends it.
     let store = Arc::downgrade(base);
@@ -168,7 +169,15 @@ pub(super) fn spawn_background(base: &Arc<BaseStore>) -> tokio::task::JoinHandle
             let Some(base) = store.upgrade().filter(|_| !*shutdown.borrow()) else {
                 return;
             };
-            if let Err(error) = base.collect_garbage().await {
+            let pass = if base.is_compactor() {
+                base.collect_garbage().await.map(drop)
+            } else {
+                // Another process collects; it deletes a table `gc_grace` after every
+                // process could have moved off it, which holds only while each refreshes
+                // this often.
+                base.refresh().await.map(drop)
+            };
+            if let Err(error) = pass {
                 tracing::warn!(%error, "garbage collection failed; will retry");
             }
         }

@@ -50,6 +50,14 @@ pub struct BaseStoreOptions {
     pub gc_grace: Duration,
     /// Run compaction (and garbage collection every `gc_interval`) in the background.
     pub background_jobs: bool,
+    /// Whether this process is the store's compactor from the start (see
+    /// [`BaseStore::set_compactor`]). Only the compactor runs the background jobs: every
+    /// process compacting the same tables would do the work several times over and
+    /// keep one result.
+    pub compactor: bool,
+    /// How often the compactor looks for tables other processes flushed, which wake
+    /// no compaction here.
+    pub compactor_poll: Duration,
     /// How often background garbage collection runs.
     pub gc_interval: Duration,
 }
@@ -67,6 +75,8 @@ impl Default for BaseStoreOptions {
             table_target_bytes: 32 * 1024 * 1024,
             gc_grace: Duration::from_secs(600),
             background_jobs: true,
+            compactor: true,
+            compactor_poll: Duration::from_secs(2),
             gc_interval: Duration::from_secs(60),
         }
     }
@@ -147,6 +157,8 @@ pub struct BaseStore {
     compaction_wanted: Arc<Notify>,
     closed: AtomicBool,
     shutdown: watch::Sender<bool>,
+    /// Whether this process runs the background jobs now.
+    compactor: watch::Sender<bool>,
     /// The background compaction and GC tasks, awaited by [`BaseStore::shutdown`].
     jobs: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -177,6 +189,7 @@ impl BaseStore {
             compaction_wanted: Arc::new(Notify::new()),
             closed: AtomicBool::new(false),
             shutdown: watch::Sender::new(false),
+            compactor: watch::Sender::new(options.compactor),
             jobs: Mutex::new(Vec::new()),
             options,
         });
@@ -226,6 +239,23 @@ impl BaseStore {
     /// the current version (possibly another process's).
     pub fn gc_safe_point(&self) -> Timestamp {
         self.gc_safe_point.load(Ordering::Acquire)
+    }
+
+    /// Makes this process the store's compactor, or no longer: the one that runs
+    /// compaction and garbage collection in the background. In a universe the master
+    /// names one tablet server per collection. Two for a while (while the choice moves)
+    /// waste work but do no harm: manifest edits are conditional.
+    pub fn set_compactor(&self, compactor: bool) {
+        self.compactor.send_if_modified(|current| {
+            let changed = *current != compactor;
+            *current = compactor;
+            changed
+        });
+    }
+
+    /// Whether this process is the store's compactor.
+    pub fn is_compactor(&self) -> bool {
+        *self.compactor.borrow()
     }
 
     /// Picks up edits other processes wrote.
