@@ -368,3 +368,95 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
         "a caller's lock TTL beyond the limit"
     );
 }
+
+/// A request naming a tablet that moved out of its group, at the epoch the group had it,
+/// sent to a server that hosts the old group but not the new one: the server answers that
+/// the epoch is stale (so that the SDK starts the transaction over at once) rather than
+/// that it does not know the tablet (which the SDK retries until its deadline, as it does
+/// for a tablet its group has not opened yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tablet_that_moved_away_is_reported_at_a_stale_epoch() {
+    // Four servers, so that groups (three replicas each) differ in where they are.
+    let universe = Universe::start(4);
+    let client = universe.client().await;
+    universe.wait_servers_up(&client, 4).await;
+    let admin = client.admin();
+    admin.create_database("app").await.expect("db");
+    admin
+        .create_collection("app", "kv", CollectionSpec::range().split_keys(["m"]))
+        .await
+        .expect("collection");
+    wait_led(&client, "app", "kv").await;
+    // A group `from` whose leader has no replica of another group `to`.
+    let (from, to, leader) = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let groups = admin.list_groups().await.expect("groups");
+            let pair = groups.iter().find_map(|from| {
+                let to = groups.iter().find(|to| {
+                    to.id != from.id
+                        && from.leader_server_id != 0
+                        && !to.replicas.contains(&from.leader_server_id)
+                })?;
+                Some((from.id, to.id, from.leader_server_id))
+            });
+            if let Some(pair) = pair {
+                break pair;
+            }
+            assert!(Instant::now() < deadline, "no such groups: {groups:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let tablets = admin.list_tablets("app", "kv").await.expect("tablets");
+    let (left, right) = (tablets[0].id, tablets[1].id);
+    let left = admin.move_tablet(left, from).await.expect("move in").tablet;
+    let right = admin
+        .move_tablet(right, from)
+        .await
+        .expect("move in")
+        .tablet;
+    admin.move_tablet(right.id, to).await.expect("move away");
+    // The group closes its sealed copy at its next reconciliation (heartbeats every 0.5 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let addr = admin
+        .list_servers()
+        .await
+        .expect("servers")
+        .into_iter()
+        .find(|server| server.id == leader)
+        .expect("the leader's address")
+        .addr;
+    let mut server = TabletClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let share = |tablet: &luna_client::TabletInfo, key: &str| pb::TabletMutations {
+        tablet: Some(pb::TabletRef {
+            tablet_id: tablet.id,
+            epoch: tablet.epoch,
+        }),
+        mutations: vec![put(key, "new")],
+        collection: "kv".into(),
+    };
+    let request = pb::PrewriteRequest {
+        request_id: request_id(100),
+        start_ts: client.timestamp().await.expect("ts"),
+        primary_collection: "kv".into(),
+        primary_key: Bytes::from_static(b"a1"),
+        ttl_ms: 3_000,
+        tablets: vec![share(&left, "a1"), share(&right, "z1")],
+        one_phase: true,
+        commit_above: 0,
+    };
+    let response = server
+        .prewrite(request)
+        .await
+        .expect("prewrite")
+        .into_inner();
+    let kind = response.error.and_then(|error| error.kind);
+    assert!(
+        matches!(kind, Some(Kind::EpochMismatch(_))),
+        "{kind:?}\n{}",
+        universe.logs()
+    );
+}

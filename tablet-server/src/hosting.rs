@@ -84,11 +84,10 @@ impl Hosting {
         epoch: u64,
         sealed: Sealed,
     ) -> Result<(Arc<Group>, Hosted)> {
-        let group_id = self
-            .ctx
-            .tablet_groups
+        let index = &self.ctx.tablet_groups;
+        let group_id = index
             .group_of(tablet_id)
-            .ok_or(TabletServerError::TabletNotFound(tablet_id))?;
+            .ok_or_else(|| index.not_hosted(tablet_id, epoch))?;
         let group = self
             .group(group_id)
             .ok_or(TabletServerError::TabletNotFound(tablet_id))?;

@@ -385,7 +385,11 @@ impl Group {
         let Some(hosted) = removed else {
             return;
         };
-        self.ctx.tablet_groups.closed(tablet_id, self.id);
+        if self.ctx.tablet_groups.closed(tablet_id, self.id) {
+            self.ctx
+                .tablet_groups
+                .departed(tablet_id, hosted.info.epoch);
+        }
         if let Err(error) = hosted.tablet.close().await {
             tracing::warn!(group = self.id, tablet = tablet_id, %error, "closing tablet");
         }

@@ -13,10 +13,11 @@ mod locks;
 mod membership;
 mod moves;
 mod reads;
+mod reconcile;
 mod splits;
 mod txn;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -63,18 +64,51 @@ pub(crate) struct GroupContext {
 /// highest epoch. While a tablet moves between two groups that both have a replica here,
 /// both host it for a while (the old one sealed), in either order after a restart.
 #[derive(Debug, Default)]
-pub(crate) struct TabletIndex(RwLock<HashMap<u64, (u64, u64)>>);
+pub(crate) struct TabletIndex {
+    /// Tablet id to (group id, epoch).
+    serving: RwLock<HashMap<u64, (u64, u64)>>,
+    /// The last tablets closed here that no other group here hosts, with the epoch each
+    /// had (see [`TabletIndex::not_hosted`]).
+    departed: Mutex<VecDeque<(u64, u64)>>,
+}
+
+/// Closed tablets a server remembers: looked up only for requests naming a tablet it does
+/// not host, so a linear search is cheap enough.
+const DEPARTED_REMEMBERED: usize = 1024;
 
 impl TabletIndex {
     /// The group serving `tablet_id` here.
     pub(crate) fn group_of(&self, tablet_id: u64) -> Option<u64> {
-        let index = self.0.read().ok()?;
+        let index = self.serving.read().ok()?;
         index.get(&tablet_id).map(|&(group_id, _)| group_id)
+    }
+
+    /// Why tablet `tablet_id` at `epoch` is not hosted here. One closed here at that epoch
+    /// or later moved away (or split, or was dropped): the request's routing is stale,
+    /// which `EpochMismatch` says, so that a transaction naming it starts over at once
+    /// rather than retrying until its deadline. Otherwise its group may just not have
+    /// opened it yet.
+    pub(crate) fn not_hosted(&self, tablet_id: u64, epoch: u64) -> TabletServerError {
+        let closed_at = self.departed.lock().ok().and_then(|departed| {
+            departed
+                .iter()
+                .rev()
+                .find(|&&(id, _)| id == tablet_id)
+                .map(|&(_, closed_epoch)| closed_epoch)
+        });
+        match closed_at {
+            Some(closed_epoch) if closed_epoch >= epoch => TabletServerError::EpochMismatch {
+                tablet_id,
+                requested_epoch: epoch,
+                current_epoch: closed_epoch + 1,
+            },
+            _ => TabletServerError::TabletNotFound(tablet_id),
+        }
     }
 
     /// Group `group_id` opened `tablet_id` at `epoch`.
     fn opened(&self, tablet_id: u64, group_id: u64, epoch: u64) {
-        if let Ok(mut index) = self.0.write() {
+        if let Ok(mut index) = self.serving.write() {
             let entry = index.entry(tablet_id).or_insert((group_id, epoch));
             if epoch >= entry.1 {
                 *entry = (group_id, epoch);
@@ -82,14 +116,24 @@ impl TabletIndex {
         }
     }
 
-    /// Group `group_id` closed `tablet_id`.
-    fn closed(&self, tablet_id: u64, group_id: u64) {
-        if let Ok(mut index) = self.0.write()
-            && index
+    /// Group `group_id` closed `tablet_id` (or stopped); whether no group here serves
+    /// it any more.
+    fn closed(&self, tablet_id: u64, group_id: u64) -> bool {
+        self.serving.write().is_ok_and(|mut index| {
+            let serving = index
                 .get(&tablet_id)
-                .is_some_and(|&(serving, _)| serving == group_id)
-        {
-            index.remove(&tablet_id);
+                .is_some_and(|&(serving, _)| serving == group_id);
+            serving && index.remove(&tablet_id).is_some()
+        })
+    }
+
+    /// Tablet `tablet_id` left this server at `epoch`: its group's log closed it.
+    fn departed(&self, tablet_id: u64, epoch: u64) {
+        if let Ok(mut departed) = self.departed.lock() {
+            if departed.len() >= DEPARTED_REMEMBERED {
+                departed.pop_front();
+            }
+            departed.push_back((tablet_id, epoch));
         }
     }
 }
@@ -288,31 +332,6 @@ impl Group {
         }
     }
 
-    /// Makes the group's log open and close tablets so that it hosts exactly `desired`
-    /// (the master's assignment), leaving alone the tablets it is `adopting` (the master
-    /// opens those). Only the serving leader proposes; other replicas follow the log.
-    pub(crate) async fn reconcile(&self, desired: &[TabletInfo], adopting: &[u64]) {
-        if self.serving.borrow().is_none() {
-            return;
-        }
-        let hosted: Vec<HostedTablet> = self
-            .hosted()
-            .into_iter()
-            .map(|hosted| HostedTablet {
-                id: hosted.info.id,
-                epoch: hosted.info.epoch,
-                collection_id: hosted.info.collection_id,
-            })
-            .collect();
-        let entries = reconcile_entries(&hosted, desired, adopting);
-        for kind in entries {
-            if let Err(error) = self.propose(kind).await {
-                tracing::debug!(group = self.id, %error, "reconciling tablets");
-                return;
-            }
-        }
-    }
-
     /// Hands leadership to `preferred` (the master's preferred leader, the first voter)
     /// once per term and preferred replica, so that leaders spread over the servers and an
     /// operator's `transfer-leader` takes effect. Only a serving leader that is not the
@@ -409,6 +428,7 @@ impl Group {
         }
         self.serving.send_replace(None);
         for hosted in self.hosted() {
+            // Not a departure: the tablet stays where it is routed, only this replica goes.
             self.ctx.tablet_groups.closed(hosted.info.id, self.id);
             if let Err(error) = hosted.tablet.close().await {
                 tracing::debug!(group = self.id, tablet = hosted.info.id, %error, "closing tablet");
@@ -428,54 +448,6 @@ pub(crate) fn storage_range(info: &TabletInfo) -> KeyRange {
     }
 }
 
-/// A tablet a group hosts, as [`reconcile_entries`] weighs it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct HostedTablet {
-    id: u64,
-    epoch: u64,
-    collection_id: u64,
-}
-
-/// The log entries that make a group hosting `hosted` host `desired` (the master's
-/// assignment), leaving alone the tablets it is `adopting`.
-fn reconcile_entries(
-    hosted: &[HostedTablet],
-    desired: &[TabletInfo],
-    adopting: &[u64],
-) -> Vec<gpb::group_entry::Kind> {
-    let hosted_epoch = |tablet_id: u64| {
-        hosted
-            .iter()
-            .find(|tablet| tablet.id == tablet_id)
-            .map(|tablet| tablet.epoch)
-    };
-    let mut entries = Vec::new();
-    // Collections whose assignment shows a tablet older than hosted here: it was read
-    // before a split or move applied, so its list of that collection's tablets is stale (a
-    // split's new half is missing from it) and closes nothing.
-    let mut stale_collections = Vec::new();
-    for info in desired {
-        match hosted_epoch(info.id) {
-            // Epochs only go up: the assignment will catch up.
-            Some(epoch) if epoch > info.epoch => stale_collections.push(info.collection_id),
-            Some(epoch) if epoch == info.epoch => {}
-            _ => entries.push(gpb::group_entry::Kind::OpenTablet(info.clone())),
-        }
-    }
-    for tablet in hosted {
-        if !desired.iter().any(|info| info.id == tablet.id)
-            && !adopting.contains(&tablet.id)
-            && !stale_collections.contains(&tablet.collection_id)
-        {
-            entries.push(gpb::group_entry::Kind::CloseTablet(gpb::CloseTablet {
-                tablet_id: tablet.id,
-                epoch: tablet.epoch,
-            }));
-        }
-    }
-    entries
-}
-
 /// The manifest epoch a leader claims a tablet with: the routing epoch first, so a move
 /// to another group fences the old one, then the leader's term, so a new leader in the
 /// same group fences the old leader.
@@ -489,70 +461,5 @@ pub(crate) fn log_span(routing_epoch: u64, opened_at: u64) -> LogSpan {
     LogSpan {
         epochs: owner_epoch(routing_epoch, 0)..owner_epoch(routing_epoch.saturating_add(1), 0),
         opened_at,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tablet(id: u64, epoch: u64, collection_id: u64) -> TabletInfo {
-        TabletInfo {
-            id,
-            epoch,
-            collection_id,
-            ..TabletInfo::default()
-        }
-    }
-
-    fn hosted(id: u64, epoch: u64, collection_id: u64) -> HostedTablet {
-        HostedTablet {
-            id,
-            epoch,
-            collection_id,
-        }
-    }
-
-    #[test]
-    fn an_assignment_from_before_a_split_neither_reopens_nor_closes_its_halves() {
-        // Tablet 9 split into 9 and 11 at epoch 6; the master still routes 9 at epoch 5.
-        let entries = reconcile_entries(
-            &[hosted(9, 6, 5), hosted(11, 6, 5), hosted(12, 1, 8)],
-            &[tablet(9, 5, 5)],
-            &[],
-        );
-        // Only the other collection's tablet, which the assignment really dropped, closes.
-        assert_eq!(
-            entries,
-            vec![gpb::group_entry::Kind::CloseTablet(gpb::CloseTablet {
-                tablet_id: 12,
-                epoch: 1,
-            })]
-        );
-    }
-
-    #[test]
-    fn tablets_open_when_assigned_or_newer_and_close_at_their_epoch() {
-        let entries = reconcile_entries(
-            &[hosted(1, 2, 5), hosted(2, 1, 5), hosted(3, 4, 5)],
-            &[tablet(1, 3, 5), tablet(2, 1, 5), tablet(4, 1, 5)],
-            &[3],
-        );
-        // Tablet 1 at its newer epoch and new tablet 4 open; tablet 3 is being adopted,
-        // so it stays although unassigned.
-        assert_eq!(
-            entries,
-            vec![
-                gpb::group_entry::Kind::OpenTablet(tablet(1, 3, 5)),
-                gpb::group_entry::Kind::OpenTablet(tablet(4, 1, 5)),
-            ]
-        );
-        let moved_out = reconcile_entries(&[hosted(3, 4, 5)], &[tablet(1, 3, 5)], &[]);
-        assert!(
-            moved_out.contains(&gpb::group_entry::Kind::CloseTablet(gpb::CloseTablet {
-                tablet_id: 3,
-                epoch: 4,
-            }))
-        );
     }
 }
