@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use luna_proto::manifest as pb;
 
-use super::{BaseStore, Uploads};
+use super::{BaseStore, BaseStoreOptions, Uploads};
 use crate::error::{Result, StorageError};
 use crate::manifest::{LEVELS, TableInfo, Version, table_to_pb};
 use crate::merge::{GcFilter, MergeIterator, Source};
@@ -62,27 +62,39 @@ fn is_bottom(version: &Version, output_level: u32, smallest: &[u8], largest: &[u
         .all(|level| overlapping(version.level(level), smallest, largest).is_empty())
 }
 
-fn pick(version: &Version, base: &BaseStore) -> Option<Task> {
-    let options = base.options();
-    let l0 = version.level(0);
-    let (inputs, output_level) = if l0.len() >= options.l0_compaction_trigger.max(1) {
+/// The level most in need of compaction, scored RocksDB's way: L0 by its table count over
+/// `l0_compaction_trigger`, a deeper level by its bytes over its target. L0 counts from a
+/// score of 1, a deeper level above 1; the highest score goes first (L0 on ties). Taking L0
+/// whenever it reached its trigger let L1 grow without bound under steady writes: a
+/// tablet's writes spread over its whole key range, so every L0 table overlapped all of L1,
+/// and each L0 -> L1 compaction rewrote all of it (a 1 GiB tablet wrote 8 GB of tables in
+/// two minutes of `luna bench move`).
+fn neediest_level(version: &Version, options: &BaseStoreOptions) -> Option<usize> {
+    let trigger = options.l0_compaction_trigger.max(1);
+    let l0_score = version.level(0).len() as f64 / trigger as f64;
+    let mut neediest = (l0_score >= 1.0).then_some((l0_score, 0));
+    let mut target = options.level1_bytes.max(1);
+    for level in 1..LEVELS - 1 {
+        let size: u64 = version.level(level).iter().map(|t| t.size_bytes).sum();
+        let score = size as f64 / target as f64;
+        if score > 1.0 && neediest.is_none_or(|(best, _)| score > best) {
+            neediest = Some((score, level));
+        }
+        target = target.saturating_mul(options.level_multiplier);
+    }
+    neediest.map(|(_, level)| level)
+}
+
+fn pick(version: &Version, options: &BaseStoreOptions) -> Option<Task> {
+    let level = neediest_level(version, options)?;
+    let (inputs, output_level) = if level == 0 {
         // All of L0: a subset could leave older versions above newer ones.
+        let l0 = version.level(0);
         let (smallest, largest) = key_span(l0)?;
         let mut inputs = l0.to_vec();
         inputs.extend(overlapping(version.level(1), &smallest, &largest));
         (inputs, 1)
     } else {
-        let mut target = options.level1_bytes;
-        let mut chosen = None;
-        for level in 1..LEVELS - 1 {
-            let size: u64 = version.level(level).iter().map(|t| t.size_bytes).sum();
-            if size > target {
-                chosen = Some(level);
-                break;
-            }
-            target = target.saturating_mul(options.level_multiplier);
-        }
-        let level = chosen?;
         // The oldest table first: it has waited longest to shed dead versions.
         let table = version
             .level(level)
@@ -124,7 +136,7 @@ impl BaseStore {
                     what: "compaction slots",
                 })?;
         let version = self.version();
-        let Some(task) = pick(&version, self) else {
+        let Some(task) = pick(&version, self.options()) else {
             return Ok(None);
         };
         let base = Arc::clone(self);
@@ -235,9 +247,7 @@ impl BaseStore {
         tracing::debug!(?report, "compaction committed");
         Ok(report)
     }
-}
 
-impl BaseStore {
     /// Encodes one output table right here (on the compaction's own thread) and uploads it.
     async fn write_output(
         &self,
@@ -396,5 +406,61 @@ mod tests {
         assert!(!crosses_boundary(&boundaries, b"m", b"s"));
         assert!(!crosses_boundary(&boundaries, b"a", b"b"));
         assert!(!crosses_boundary(&[], b"a", b"z"));
+    }
+
+    /// A version holding, per level, tables of these sizes (each spanning all keys in L0,
+    /// a slice of them below).
+    fn version_with(levels: &[(u32, &[u64])]) -> Version {
+        let mut tables = Vec::new();
+        for &(level, sizes) in levels {
+            for (i, &size_bytes) in sizes.iter().enumerate() {
+                let (smallest, largest) = match level {
+                    0 => (b"a".to_vec(), b"z".to_vec()),
+                    _ => (
+                        format!("k{i:04}").into_bytes(),
+                        format!("k{i:04}~").into_bytes(),
+                    ),
+                };
+                tables.push(pb::TableMeta {
+                    name: format!("tables/{level}-{i}.parquet"),
+                    level,
+                    smallest_key: smallest.into(),
+                    largest_key: largest.into(),
+                    size_bytes,
+                    added_seq: i as u64 + 1,
+                    ..pb::TableMeta::default()
+                });
+            }
+        }
+        Version::from_checkpoint(&pb::Checkpoint {
+            tables,
+            ..pb::Checkpoint::default()
+        })
+    }
+
+    #[test]
+    fn the_level_furthest_over_its_target_is_compacted_first() {
+        let options = BaseStoreOptions {
+            l0_compaction_trigger: 4,
+            level1_bytes: 64 << 20,
+            level_multiplier: 10,
+            ..BaseStoreOptions::default()
+        };
+        let mib = 1 << 20;
+        // L0 at its trigger (score 1), L1 at 16 times its target: L1 drains first, else
+        // every L0 compaction would rewrite all of it.
+        let bloated_l1 = version_with(&[(0, &[mib; 4]), (1, &[64 * mib; 16])]);
+        assert_eq!(neediest_level(&bloated_l1, &options), Some(1));
+        let task = pick(&bloated_l1, &options).expect("a task");
+        assert_eq!((task.output_level, task.inputs.len()), (2, 1));
+        // L0 well past its trigger beats a level just over its target.
+        let busy_l0 = version_with(&[(0, &[mib; 12]), (1, &[65 * mib])]);
+        assert_eq!(neediest_level(&busy_l0, &options), Some(0));
+        // At its target exactly, a level waits; below its trigger, L0 waits.
+        let settled = version_with(&[(0, &[mib; 3]), (1, &[64 * mib]), (2, &[640 * mib])]);
+        assert_eq!(neediest_level(&settled, &options), None);
+        // A deeper level counts against its own, larger target.
+        let deep = version_with(&[(1, &[10 * mib]), (2, &[700 * mib])]);
+        assert_eq!(neediest_level(&deep, &options), Some(2));
     }
 }
