@@ -98,29 +98,30 @@ impl View<'_> {
         }
     }
 
-    /// The collections whose compactor `server_id` is: for each collection, the leader
-    /// of the group hosting its first tablet (by id), or while that group's leader is
-    /// unknown its first voter. One server per collection, since processes compacting
-    /// the same tables each do all the work and keep one result; and a leader, since it
-    /// flushes (and so learns of new tables) first.
+    /// The collections whose compactor `server_id` is. For each collection, one of the
+    /// live servers with a replica of a group hosting its tablets, chosen by collection id
+    /// so that collections spread over the servers. One, since processes compacting the
+    /// same tables each do all the work and keep one result; and a choice that holds still
+    /// while tablets move between groups on the same servers, since a compaction the old
+    /// compactor had under way races the new one's.
     fn compacting_collections(&self, server_id: u64) -> Vec<u64> {
-        let mut first_tablets: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut hosts: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
         for tablet in self.state.tablets.values() {
-            first_tablets
-                .entry(tablet.collection_id)
-                .or_insert(tablet.group_id);
+            let Some(group) = self.state.groups.get(&tablet.group_id) else {
+                continue;
+            };
+            let live = group.replicas.iter().copied().filter(|&server| {
+                self.registry
+                    .is_alive(server, self.now, self.heartbeat_timeout)
+            });
+            hosts.entry(tablet.collection_id).or_default().extend(live);
         }
-        first_tablets
+        hosts
             .into_iter()
-            .filter(|&(_, group_id)| {
-                let leader = self.registry.leader(group_id).server_id;
-                let compactor = if leader != 0 {
-                    Some(leader)
-                } else {
-                    let group = self.state.groups.get(&group_id);
-                    group.and_then(|group| group.replicas.first().copied())
-                };
-                compactor == Some(server_id)
+            .filter(|(collection_id, servers)| {
+                let count = servers.len() as u64;
+                count > 0
+                    && servers.iter().nth((collection_id % count) as usize) == Some(&server_id)
             })
             .map(|(collection_id, _)| collection_id)
             .collect()
@@ -131,16 +132,16 @@ impl View<'_> {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use luna_proto::master::{GroupReport, TabletInfo};
+    use luna_proto::master::TabletInfo;
     use luna_proto::masterlog::Group;
 
     use super::*;
     use crate::heartbeat::registry::Registry;
 
     #[test]
-    fn each_collection_has_one_compactor_the_leader_of_its_first_tablet() {
+    fn each_collection_has_one_live_compactor_among_its_servers() {
         let mut state = State::default();
-        for (id, replicas) in [(10, vec![1, 2, 3]), (11, vec![3, 1, 2])] {
+        for (id, replicas) in [(10, vec![1, 2, 3]), (11, vec![3, 4, 1])] {
             let group = Group {
                 id,
                 replicas,
@@ -148,8 +149,8 @@ mod tests {
             };
             state.groups.insert(id, group);
         }
-        // Collection 5's first tablet is in group 10, collection 6's in group 11.
-        for (id, collection_id, group_id) in [(20, 5, 10), (21, 5, 11), (22, 6, 11)] {
+        // Collection 5 lives in both groups (servers 1 to 4), collection 6 in group 10.
+        for (id, collection_id, group_id) in [(20, 5, 10), (21, 5, 11), (22, 6, 10)] {
             let tablet = TabletInfo {
                 id,
                 collection_id,
@@ -159,29 +160,35 @@ mod tests {
             state.tablets.insert(id, tablet);
         }
         let mut registry = Registry::default();
-        let leads_group_10 = HeartbeatRequest {
-            groups: vec![GroupReport {
-                group_id: 10,
-                is_leader: true,
-                term: 2,
-                leader_server_id: 2,
-                ..GroupReport::default()
-            }],
-            ..HeartbeatRequest::default()
+        let now = Instant::now();
+        for server in [1, 2, 3, 4] {
+            registry.record(server, now, &HeartbeatRequest::default(), |_| true);
+        }
+        let compactors = |registry: &Registry, server: u64| {
+            let view = View {
+                state: &state,
+                registry,
+                now,
+                heartbeat_timeout: Duration::from_secs(5),
+                routing_version: 1,
+            };
+            view.compacting_collections(server)
         };
-        registry.record(2, Instant::now(), &leads_group_10, |_| true);
-        let view = View {
-            state: &state,
-            registry: &registry,
-            now: Instant::now(),
-            heartbeat_timeout: Duration::from_secs(5),
-            routing_version: 1,
-        };
-        // Group 10's reported leader compacts collection 5; group 11 has no known leader,
-        // so its first voter compacts collection 6.
-        assert_eq!(view.compacting_collections(2), vec![5]);
-        assert_eq!(view.compacting_collections(3), vec![6]);
-        assert!(view.compacting_collections(1).is_empty());
+        // 5 % 4 servers picks the second of {1, 2, 3, 4}; 6 % 3 the first of {1, 2, 3}.
+        let chosen: Vec<Vec<u64>> = (1..=4)
+            .map(|server| compactors(&registry, server))
+            .collect();
+        assert_eq!(chosen, vec![vec![6], vec![5], vec![], vec![]]);
+        // Server 2 stops heartbeating: collection 5 goes to another of its servers (the
+        // third of {1, 3, 4}), and collection 6 stays.
+        let mut without_2 = Registry::default();
+        for server in [1, 3, 4] {
+            without_2.record(server, now, &HeartbeatRequest::default(), |_| true);
+        }
+        let chosen: Vec<Vec<u64>> = (1..=4)
+            .map(|server| compactors(&without_2, server))
+            .collect();
+        assert_eq!(chosen, vec![vec![6], vec![], vec![], vec![5]]);
     }
 
     #[test]
