@@ -139,6 +139,9 @@ impl BaseStore {
         let Some(task) = pick(&version, self.options()) else {
             return Ok(None);
         };
+        if let Some(table) = moves_down_whole(&task, &version) {
+            return self.move_down(&table, task.output_level).await.map(Some);
+        }
         let base = Arc::clone(self);
         on_background_thread(move || async move { base.run_compaction(&version, task).await })
             .await
@@ -248,6 +251,54 @@ impl BaseStore {
         Ok(report)
     }
 
+    /// Moves `table` to `level` by a manifest edit alone (see [`moves_down_whole`]).
+    async fn move_down(&self, table: &TableInfo, level: u32) -> Result<CompactionReport> {
+        self.commit(|current| {
+            if !current.contains_table(&table.name) {
+                return Err(StorageError::Job {
+                    job: "compaction",
+                    detail: format!("input {} was compacted away concurrently", table.name),
+                });
+            }
+            if let Some(clash) = overlapping(
+                current.level(level as usize),
+                &table.smallest,
+                &table.largest,
+            )
+            .first()
+            {
+                return Err(StorageError::Job {
+                    job: "compaction",
+                    detail: format!(
+                        "{} was committed to level {level} concurrently, overlapping {}",
+                        clash.name, table.name
+                    ),
+                });
+            }
+            let moved = pb::TableMeta {
+                level,
+                ..table_to_pb(table)
+            };
+            Ok(pb::manifest_edit::Change::Compaction(pb::Compaction {
+                removed: vec![table.name.clone()],
+                added: vec![moved],
+                // No version was dropped.
+                gc_safe_point: 0,
+            }))
+        })
+        .await?;
+        Ok(CompactionReport {
+            output_level: level,
+            input_tables: 1,
+            output_tables: 1,
+            input_rows: table.rows,
+            output_rows: table.rows,
+            input_bytes: table.size_bytes,
+            // Nothing was written.
+            output_bytes: 0,
+        })
+    }
+
     /// Encodes one output table right here (on the compaction's own thread) and uploads it.
     async fn write_output(
         &self,
@@ -259,6 +310,20 @@ impl BaseStore {
         let encoded = builder.finish(&name)?;
         self.upload_table(name, encoded, level).await
     }
+}
+
+/// The one table of `task` if it can move down a level as it is, with no rewrite: it is
+/// alone (nothing in the output level overlaps it) and lies within one tablet (output is
+/// cut at tablet boundaries). L0 always merges. Versions it holds below the GC safe point
+/// wait for a later merge. Without this a sequential load rewrote every table once per
+/// level on its way down.
+fn moves_down_whole(task: &Task, version: &Version) -> Option<Arc<TableInfo>> {
+    let [table] = task.inputs.as_slice() else {
+        return None;
+    };
+    let within_one_tablet =
+        !crosses_boundary(&tablet_boundaries(version), &table.smallest, &table.largest);
+    (task.output_level >= 2 && within_one_tablet).then(|| Arc::clone(table))
 }
 
 /// The nice value of compaction threads: they yield the CPU to request handling, yet
@@ -462,5 +527,49 @@ mod tests {
         // A deeper level counts against its own, larger target.
         let deep = version_with(&[(1, &[10 * mib]), (2, &[700 * mib])]);
         assert_eq!(neediest_level(&deep, &options), Some(2));
+    }
+
+    #[test]
+    fn a_lone_table_within_one_tablet_moves_down_without_a_rewrite() {
+        let options = BaseStoreOptions {
+            level1_bytes: 64 << 20,
+            ..BaseStoreOptions::default()
+        };
+        // L1's tables cover disjoint slices ("k0000".."k0000~", ...); L2 is empty.
+        let lone = version_with(&[(1, &[40 << 20, 40 << 20])]);
+        let task = pick(&lone, &options).expect("L1 is over its target");
+        let moved = moves_down_whole(&task, &lone).expect("nothing below overlaps it");
+        assert_eq!(
+            (moved.name.as_str(), task.output_level),
+            ("tables/1-0.parquet", 2)
+        );
+
+        // A table below overlapping it: merged, not moved.
+        let mut overlapped = version_with(&[(1, &[40 << 20, 40 << 20])]).to_checkpoint();
+        overlapped.tables.push(pb::TableMeta {
+            name: "tables/2-x.parquet".into(),
+            level: 2,
+            smallest_key: b"k0000a".to_vec().into(),
+            largest_key: b"k0000b".to_vec().into(),
+            ..pb::TableMeta::default()
+        });
+        let overlapped = Version::from_checkpoint(&overlapped);
+        let task = pick(&overlapped, &options).expect("a task");
+        assert_eq!(task.inputs.len(), 2);
+        assert!(moves_down_whole(&task, &overlapped).is_none());
+
+        // A table across a tablet boundary: rewritten, so that output is cut there.
+        let mut split = lone.to_checkpoint();
+        split.tablets.push(pb::TabletState {
+            tablet_id: 2,
+            range: Some(pb::KeyRange {
+                start: b"k0000m".to_vec().into(),
+                end: None,
+            }),
+            ..pb::TabletState::default()
+        });
+        let split = Version::from_checkpoint(&split);
+        let task = pick(&split, &options).expect("a task");
+        assert!(moves_down_whole(&task, &split).is_none());
     }
 }
