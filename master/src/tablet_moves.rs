@@ -357,6 +357,7 @@ impl Core {
         let copied = prepared_bytes + flushed_bytes + handoff.encoded_len() as u64;
         // Above every timestamp the old group used, and above the TSO's too.
         let min_ts = self.timestamps(1, handoff.min_ts).await?.first;
+        let timestamp_ms = sealing.elapsed().as_millis();
         let tablet = self.read_state().tablet(tablet_id)?.clone();
         let adopt = AdoptTabletRequest {
             group_id: moving.to_group,
@@ -382,6 +383,7 @@ impl Core {
             copied,
             seal_ms,
             switched_ms,
+            timestamp_ms,
             adopted_ms,
             "tablet move done (times since the seal began)"
         );
