@@ -3,14 +3,12 @@
 //! cut at a target size and at tablet boundaries, and only between keys, so
 //! sorted levels never split a key's versions across tables.
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use luna_proto::manifest as pb;
 
-use super::{BaseStore, BaseStoreOptions, Uploads};
+use super::{BaseStore, BaseStoreOptions, Uploads, background};
 use crate::error::{Result, StorageError};
 use crate::manifest::{LEVELS, TableInfo, Version, table_to_pb};
 use crate::merge::{GcFilter, MergeIterator, Source};
@@ -122,7 +120,7 @@ impl BaseStore {
     /// Runs one compaction if any level needs it. `None` when none does.
     ///
     /// The compaction runs on a thread of its own at a lower CPU priority
-    /// ([`BACKGROUND_NICE`]): it merges and encodes for seconds without a pause, which on
+    /// (see `background.rs`): it merges and encodes for seconds without a pause, which on
     /// the async workers would hold up every request of the process behind it (a tablet
     /// move's handoff waited 1.8 s once), and at equal priority would take half of a
     /// two-core machine from them.
@@ -143,7 +141,7 @@ impl BaseStore {
             return self.move_down(&table, task.output_level).await.map(Some);
         }
         let base = Arc::clone(self);
-        on_background_thread(move || async move { base.run_compaction(&version, task).await })
+        background::on_own_thread(move || async move { base.run_compaction(&version, task).await })
             .await
             .map(Some)
     }
@@ -326,58 +324,6 @@ fn moves_down_whole(task: &Task, version: &Version) -> Option<Arc<TableInfo>> {
     (task.output_level >= 2 && within_one_tablet).then(|| Arc::clone(table))
 }
 
-/// The nice value of compaction threads: they yield the CPU to request handling, yet
-/// still run on a machine that is busy all the time.
-const BACKGROUND_NICE: i32 = 10;
-
-/// Runs `job` to completion on a new thread at [`BACKGROUND_NICE`], driving its I/O with
-/// the caller's runtime, and waits for its result.
-async fn on_background_thread<F, Fut, T>(job: F) -> Result<T>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<T>>,
-    T: Send + 'static,
-{
-    let runtime = tokio::runtime::Handle::current();
-    let (done, result) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("luna-compaction".to_owned())
-        .spawn(move || {
-            lower_this_threads_priority();
-            // The caller may have gone (shutdown): the result is of no use then.
-            let _ = done.send(runtime.block_on(job()));
-        })
-        .map_err(|error| StorageError::Job {
-            job: "compaction",
-            detail: format!("starting its thread: {error}"),
-        })?;
-    result.await.map_err(|_| StorageError::Job {
-        job: "compaction",
-        detail: "its thread ended without a result (it panicked)".to_owned(),
-    })?
-}
-
-/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`]. Best effort: a
-/// failure (a sandbox forbidding it) leaves the thread at normal priority.
-#[cfg(target_os = "linux")]
-fn lower_this_threads_priority() {
-    // SAFETY: gettid and setpriority take and return plain integers. On Linux a nice value
-    // belongs to a thread, and PRIO_PROCESS with a thread id changes that thread only.
-    let changed = unsafe {
-        let thread = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, thread as libc::id_t, BACKGROUND_NICE)
-    };
-    if changed != 0 {
-        tracing::debug!(
-            error = %std::io::Error::last_os_error(),
-            "could not lower a compaction thread's priority"
-        );
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn lower_this_threads_priority() {}
-
 /// Where tablets begin: compaction output is cut there, so a tablet's data
 /// stays in its own tables wherever it can.
 fn tablet_boundaries(version: &Version) -> Vec<Bytes> {
@@ -395,68 +341,6 @@ fn crosses_boundary(boundaries: &[Bytes], last: &[u8], next: &[u8]) -> bool {
     // The first boundary above `last`: is `next` at or past it?
     let index = boundaries.partition_point(|b| b.as_ref() <= last);
     boundaries.get(index).is_some_and(|b| b.as_ref() <= next)
-}
-
-/// While this process is the store's compactor, runs compactions whenever a flush here
-/// asks for one, and every `compactor_poll` for tables other processes flushed; until the
-/// store closes.
-pub(super) fn spawn_background(base: &Arc<BaseStore>) -> tokio::task::JoinHandle<()> {
-    // The task holds the store weakly: dropping the last handle (or close())
-    // ends it, and an idle wait never keeps the store alive.
-    let store = Arc::downgrade(base);
-    let wanted = Arc::clone(&base.compaction_wanted);
-    let mut shutdown = base.shutdown.subscribe();
-    let mut compactor = base.compactor.subscribe();
-    let poll = base.options.compactor_poll.max(Duration::from_millis(10));
-    tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let Some(base) = store.upgrade().filter(|_| !*shutdown.borrow()) else {
-                return;
-            };
-            let compacting = *compactor.borrow_and_update();
-            let outcome = if compacting {
-                match base.refresh().await {
-                    Ok(_) => base.compact_once().await,
-                    Err(error) => Err(error),
-                }
-            } else {
-                Ok(None)
-            };
-            drop(base);
-            let pause = match outcome {
-                Ok(Some(_)) => {
-                    backoff = Duration::from_millis(100);
-                    continue;
-                }
-                Ok(None) => None,
-                Err(StorageError::Closed { .. }) => return,
-                // Work cut short by shutdown is not worth a warning.
-                Err(_) if *shutdown.borrow() => return,
-                Err(error) => {
-                    tracing::warn!(%error, "compaction failed; will retry");
-                    let pause = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    Some(pause)
-                }
-            };
-            let wait = async {
-                match pause {
-                    Some(pause) => tokio::time::sleep(pause).await,
-                    None if compacting => {
-                        let _ = tokio::time::timeout(poll, wanted.notified()).await;
-                    }
-                    None => wanted.notified().await,
-                }
-            };
-            tokio::select! {
-                _ = wait => {}
-                // Err: the store was dropped; the next turn ends the task.
-                _ = compactor.changed() => {}
-                _ = shutdown.changed() => return,
-            }
-        }
-    })
 }
 
 #[cfg(test)]
@@ -489,8 +373,8 @@ mod tests {
                 tables.push(pb::TableMeta {
                     name: format!("tables/{level}-{i}.parquet"),
                     level,
-                    smallest_key: smallest.into(),
-                    largest_key: largest.into(),
+                    smallest_key: smallest,
+                    largest_key: largest,
                     size_bytes,
                     added_seq: i as u64 + 1,
                     ..pb::TableMeta::default()
@@ -549,8 +433,8 @@ mod tests {
         overlapped.tables.push(pb::TableMeta {
             name: "tables/2-x.parquet".into(),
             level: 2,
-            smallest_key: b"k0000a".to_vec().into(),
-            largest_key: b"k0000b".to_vec().into(),
+            smallest_key: b"k0000a".to_vec(),
+            largest_key: b"k0000b".to_vec(),
             ..pb::TableMeta::default()
         });
         let overlapped = Version::from_checkpoint(&overlapped);
@@ -563,7 +447,7 @@ mod tests {
         split.tablets.push(pb::TabletState {
             tablet_id: 2,
             range: Some(pb::KeyRange {
-                start: b"k0000m".to_vec().into(),
+                start: b"k0000m".to_vec(),
                 end: None,
             }),
             ..pb::TabletState::default()

@@ -155,7 +155,7 @@ impl BaseStore {
 
 /// Every `gc_interval` until the store closes: collects garbage if this process is the
 /// compactor, else refreshes the version.
-pub(super) fn spawn_background(base: &Arc<BaseStore>) -> tokio::task::JoinHandle<()> {
+pub(super) fn spawn_collections(base: &Arc<BaseStore>) -> tokio::task::JoinHandle<()> {
     // Held weakly, like the compaction task: dropping the store ends it.
     let store = Arc::downgrade(base);
     let interval = base.options.gc_interval.max(Duration::from_millis(10));

@@ -367,14 +367,6 @@ impl Group {
         Ok(())
     }
 
-    /// The epoch tablet `tablet_id` is hosted at here, if it is.
-    pub(super) fn hosted_epoch(&self, tablet_id: u64) -> Option<u64> {
-        self.tablets
-            .read()
-            .ok()
-            .and_then(|tablets| tablets.get(&tablet_id).map(|hosted| hosted.info.epoch))
-    }
-
     pub(super) async fn close_tablet(&self, tablet_id: u64) {
         let removed = self
             .tablets

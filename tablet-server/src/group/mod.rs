@@ -292,6 +292,14 @@ impl Group {
         self.tablet_for(tablet_id, epoch, Sealed::Refuse)
     }
 
+    /// The epoch tablet `tablet_id` is hosted at here, if it is.
+    pub(super) fn hosted_epoch(&self, tablet_id: u64) -> Option<u64> {
+        self.tablets
+            .read()
+            .ok()
+            .and_then(|tablets| tablets.get(&tablet_id).map(|hosted| hosted.info.epoch))
+    }
+
     /// The tablet `tablet_id` if hosted here at `epoch`; `sealed` says whether one sealed
     /// for a move will do (it does only for resolving the locks it holds).
     pub(crate) fn tablet_for(&self, tablet_id: u64, epoch: u64, sealed: Sealed) -> Result<Hosted> {
