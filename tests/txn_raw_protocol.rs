@@ -94,11 +94,12 @@ fn request_id(seq: u64) -> Option<pb::RequestId> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_dead_clients_locks_are_resolved_through_its_primary() {
-    let universe = Universe::start(3);
+/// A universe of `servers` tablet servers with database `app` and its collection `kv`,
+/// range-partitioned into two tablets at "m", once both have a leader.
+async fn universe_with_kv(servers: usize) -> (Universe, Client) {
+    let universe = Universe::start(servers);
     let client = universe.client().await;
-    universe.wait_servers_up(&client, 3).await;
+    universe.wait_servers_up(&client, servers).await;
     let admin = client.admin();
     admin.create_database("app").await.expect("db");
     admin
@@ -106,6 +107,14 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
         .await
         .expect("collection");
     wait_led(&client, "app", "kv").await;
+    (universe, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_clients_locks_are_resolved_through_its_primary() {
+    // Held to the end: dropping the universe stops its processes.
+    let (_universe, client) = universe_with_kv(3).await;
+    let admin = client.admin();
     let kv = client.database("app").collection("kv");
     for key in ["a1", "z1", "a2", "z2"] {
         kv.put(key, "old").await.expect("put");
@@ -377,16 +386,8 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tablet_that_moved_away_is_reported_at_a_stale_epoch() {
     // Four servers, so that groups (three replicas each) differ in where they are.
-    let universe = Universe::start(4);
-    let client = universe.client().await;
-    universe.wait_servers_up(&client, 4).await;
+    let (universe, client) = universe_with_kv(4).await;
     let admin = client.admin();
-    admin.create_database("app").await.expect("db");
-    admin
-        .create_collection("app", "kv", CollectionSpec::range().split_keys(["m"]))
-        .await
-        .expect("collection");
-    wait_led(&client, "app", "kv").await;
     // A group `from` whose leader has no replica of another group `to`.
     let (from, to, leader) = {
         let deadline = Instant::now() + Duration::from_secs(30);
