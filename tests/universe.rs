@@ -449,3 +449,71 @@ async fn bad_input_gets_typed_errors_and_clear_messages() {
         stderr(&bad_path)
     );
 }
+
+/// The highest value of gauge `name` for group `group_id` among the running tablet servers.
+fn group_gauge(universe: &Universe, name: &str, group_id: u64) -> u64 {
+    let prefix = format!("{name}{{group=\"{group_id}\",");
+    universe
+        .servers
+        .iter()
+        .flatten()
+        .flat_map(|server| {
+            server
+                .metrics()
+                .lines()
+                .filter(|line| line.starts_with(&prefix))
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A tablet that stops taking writes long before its memtable fills is flushed once its
+/// group's log has moved on far enough (`--flush-behind-entries`), so that the log is
+/// truncated past its last writes instead of growing for as long as the tablet idles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_tablet_does_not_hold_its_groups_log_back() {
+    let universe = Universe::start_with_server_flags(3, &["--flush-behind-entries", "50"]);
+    let client = universe.client().await;
+    universe.wait_servers_up(&client, 3).await;
+    let admin = client.admin();
+    admin.create_database("app").await.expect("db");
+    admin
+        .create_collection("app", "kv", CollectionSpec::range().split_keys(["m"]))
+        .await
+        .expect("collection");
+    wait_led(&client, "app", "kv").await;
+    // Both tablets in one group: one of them idles while the other takes writes.
+    let tablets = admin.list_tablets("app", "kv").await.expect("tablets");
+    let group = tablets[0].group_id;
+    if tablets[1].group_id != group {
+        admin
+            .move_tablet(tablets[1].id, group)
+            .await
+            .expect("move into one group");
+    }
+    let kv = client.database("app").collection("kv");
+    kv.put("a-idle", "x").await.expect("put");
+    let written_at = group_gauge(&universe, "luna_group_applied_index", group);
+    for i in 0..200 {
+        kv.put(format!("z{i:04}"), "y").await.expect("put");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let truncated = group_gauge(&universe, "luna_group_truncated_index", group);
+        if truncated >= written_at {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group {group}'s log stays truncated at {truncated}, behind the idle tablet's write at {written_at}\n{}",
+            universe.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        kv.get("a-idle").await.expect("get").as_deref(),
+        Some(&b"x"[..])
+    );
+}

@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
+use luna_tablet_server::TabletServerConfig;
 
 use super::master::{MasterProcess, bind, master_config, replica_addrs};
 use super::master_journal::{MasterJournal, ReplicaAddrs};
-use super::tablet::{MemorySizes, TabletProcess};
+use super::tablet::{MemStoreBounds, TabletProcess};
 use super::{parse_addr, shutdown_signal};
 use crate::error::CliError;
 use crate::stdout::say;
@@ -92,9 +93,10 @@ pub async fn run(args: StartArgs) -> Result<(), CliError> {
             &master_target,
             std::sync::Arc::clone(&object_store),
             addrs,
-            MemorySizes {
+            MemStoreBounds {
                 limit: args.memory_mib.saturating_mul(1 << 20),
                 memtable: luna_storage::MemStoreOptions::default().memtable_size,
+                flush_behind_entries: TabletServerConfig::DEFAULT_FLUSH_BEHIND_ENTRIES,
             },
         )
         .await;

@@ -38,19 +38,26 @@ pub struct TabletServerArgs {
     /// object store, in KiB. Small values mean more, smaller tables (and more compaction).
     #[arg(long, default_value_t = 32 * 1024)]
     pub memtable_kib: usize,
+    /// Journal entries a tablet's unflushed writes may lie behind its group's newest
+    /// before the tablet is flushed however small its MemStore, so that its group's log
+    /// can be truncated.
+    #[arg(long, default_value_t = TabletServerConfig::DEFAULT_FLUSH_BEHIND_ENTRIES)]
+    pub flush_behind_entries: u64,
     /// The server's journal and identity live in DATA_DIR; every tablet server of a
     /// universe must use the same --object-store.
     #[command(flatten)]
     pub store: StoreArgs,
 }
 
-/// How much memory a tablet server may use.
+/// How much a tablet server's MemStores may hold, and for how long.
 #[derive(Debug, Clone, Copy)]
-pub struct MemorySizes {
+pub struct MemStoreBounds {
     /// MemStore bytes of all tablets together, before writes stall.
     pub limit: usize,
     /// Bytes at which an active memtable turns immutable.
     pub memtable: usize,
+    /// Journal entries a tablet's unflushed writes may lie behind before it is flushed.
+    pub flush_behind_entries: u64,
 }
 
 /// A tablet server with its HTTP endpoint.
@@ -67,7 +74,7 @@ impl TabletProcess {
         master: &str,
         object_store: Arc<LunaObjectStore>,
         addrs: [SocketAddr; 3],
-        memory: MemorySizes,
+        memory: MemStoreBounds,
     ) -> Result<TabletProcess, CliError> {
         let [listen, raft_listen, http] = addrs;
         // The endpoint starts first (the server reports its address to the master), and
@@ -100,6 +107,7 @@ impl TabletProcess {
         config.http_addr = http.addr().to_string();
         config.memory_limit = memory.limit;
         config.memstore.memtable_size = memory.memtable;
+        config.flush_behind_entries = memory.flush_behind_entries;
         let server = match TabletServer::start(config).await {
             Ok(server) => server,
             Err(error) => {
@@ -144,9 +152,10 @@ pub async fn run(args: TabletServerArgs) -> Result<(), CliError> {
         &args.master,
         object_store,
         addrs,
-        MemorySizes {
+        MemStoreBounds {
             limit: args.memory_mib.saturating_mul(1 << 20),
             memtable: args.memtable_kib.saturating_mul(1 << 10),
+            flush_behind_entries: args.flush_behind_entries,
         },
     )
     .await?;

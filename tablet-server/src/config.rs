@@ -43,9 +43,17 @@ pub struct TabletServerConfig {
     pub tick_interval: Duration,
     /// Most writes the leader of a group puts in one journal entry.
     pub max_batch_writes: usize,
+    /// Journal entries a tablet's oldest unflushed write may lie behind its group's newest
+    /// before the tablet is flushed, however small its MemStore. The log is truncated only
+    /// behind every tablet's flushed writes, so without this a tablet that stops taking
+    /// writes before its memtable fills would keep the whole log from its last writes on.
+    pub flush_behind_entries: u64,
 }
 
 impl TabletServerConfig {
+    /// The default of [`TabletServerConfig::flush_behind_entries`].
+    pub const DEFAULT_FLUSH_BEHIND_ENTRIES: u64 = 20_000;
+
     /// Defaults for a server keeping its state in `data_dir`, reaching the master at
     /// `master_addrs` (one address, or every master replica's), with the universe's
     /// objects in `object_store`.
@@ -74,6 +82,7 @@ impl TabletServerConfig {
             heartbeat_tick: 2,
             tick_interval: Duration::from_millis(50),
             max_batch_writes: 1024,
+            flush_behind_entries: Self::DEFAULT_FLUSH_BEHIND_ENTRIES,
         }
     }
 

@@ -80,6 +80,7 @@ impl TabletServer {
             tablet_groups: TabletIndex::default(),
             peer_addrs: RwLock::new(HashMap::new()),
             max_batch_writes: config.max_batch_writes.max(1),
+            flush_behind_entries: config.flush_behind_entries.max(1),
             metrics: ServerMetrics::new(server_id).map_err(|error| {
                 TabletServerError::Internal(format!("registering metrics: {error}"))
             })?,

@@ -149,6 +149,8 @@ pub struct Universe {
     pub repair_after_secs: u64,
     /// More flags for every master process.
     pub master_flags: Vec<String>,
+    /// More flags for every tablet server process.
+    pub server_flags: Vec<String>,
 }
 
 impl Universe {
@@ -176,6 +178,21 @@ impl Universe {
         repair_after_secs: u64,
         master_flags: &[&str],
     ) -> Universe {
+        Universe::start_with_flags(masters, servers, repair_after_secs, master_flags, &[])
+    }
+
+    /// Like [`start`](Self::start), with more flags for the tablet servers.
+    pub fn start_with_server_flags(servers: usize, server_flags: &[&str]) -> Universe {
+        Universe::start_with_flags(1, servers, 300, &[], server_flags)
+    }
+
+    fn start_with_flags(
+        masters: usize,
+        servers: usize,
+        repair_after_secs: u64,
+        master_flags: &[&str],
+        server_flags: &[&str],
+    ) -> Universe {
         let dir = tempfile::tempdir().expect("tempdir");
         let replicas: Vec<String> = match masters {
             1 => Vec::new(),
@@ -199,6 +216,7 @@ impl Universe {
             servers: Vec::new(),
             repair_after_secs,
             master_flags: master_flags.iter().map(|flag| (*flag).to_owned()).collect(),
+            server_flags: server_flags.iter().map(|flag| (*flag).to_owned()).collect(),
         };
         universe.start_master();
         for i in 0..servers {
@@ -295,7 +313,7 @@ impl Universe {
     fn spawn_server(&self, i: usize) -> Proc {
         let objects = self.path("objects");
         std::fs::create_dir_all(&objects).expect("objects dir");
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "tablet-server",
             "--master",
             &self.master_addr,
@@ -307,6 +325,7 @@ impl Universe {
         .iter()
         .map(|arg| (*arg).to_owned())
         .collect();
+        args.extend(self.server_flags.iter().cloned());
         spawn(&args, &self.path(&format!("server-{i}.log")))
     }
 

@@ -111,7 +111,11 @@ impl Server {
         self.purge.due = false;
         self.purge.not_before = self.ticks + self.config.election_tick as u64;
         let engine = self.engine();
-        match catch_unwind(AssertUnwindSafe(|| engine.purge_expired_files())) {
+        let started = std::time::Instant::now();
+        let purged = catch_unwind(AssertUnwindSafe(|| engine.purge_expired_files()));
+        // On the driver thread: every stream of the server waits meanwhile.
+        tracing::debug!(ms = started.elapsed().as_millis(), "raft log purged");
+        match purged {
             Ok(Ok(pinned)) if !pinned.is_empty() => {
                 // raft-engine asks for these to be compacted: only their applications can.
                 tracing::info!(streams = ?pinned, "streams that are not truncated pin old raft log files");

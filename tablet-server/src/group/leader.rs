@@ -159,11 +159,38 @@ async fn own_tablets(group: Weak<Group>, term: u64) {
                 }
             }
         }
+        flush_laggards(&group).await;
         measure_sizes(&group, &mut measured).await;
         // Holding the group while waiting is fine: stopping it aborts this task.
         tokio::select! {
             () = changed => {}
             () = tokio::time::sleep(OWNER_POLL) => {}
+        }
+    }
+}
+
+/// Flushes the owned tablets whose oldest unflushed write lies more than
+/// `flush_behind_entries` entries behind the group's log, so that the log can be
+/// truncated past it (see `TabletServerConfig::flush_behind_entries`).
+async fn flush_laggards(group: &Group) {
+    let applied = group.applied_index();
+    for hosted in group.hosted() {
+        let tablet = &hosted.tablet;
+        let behind = applied.saturating_sub(tablet.flushed_up_to());
+        if tablet.epoch().is_none()
+            || behind <= group.ctx.flush_behind_entries
+            || group.memory_bytes(hosted.info.id) == 0
+        {
+            continue;
+        }
+        tracing::debug!(
+            group = group.id,
+            tablet = hosted.info.id,
+            behind,
+            "flushing a tablet that holds the log back"
+        );
+        if let Err(error) = tablet.flush().await {
+            tracing::debug!(group = group.id, tablet = hosted.info.id, %error, "flushing a tablet that holds the log back");
         }
     }
 }

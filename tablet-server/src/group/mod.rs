@@ -57,6 +57,8 @@ pub(crate) struct GroupContext {
     /// Server id to tablet-service address, for NotLeader hints.
     pub(crate) peer_addrs: RwLock<HashMap<u64, String>>,
     pub(crate) max_batch_writes: usize,
+    /// See `TabletServerConfig::flush_behind_entries`.
+    pub(crate) flush_behind_entries: u64,
     pub(crate) metrics: ServerMetrics,
 }
 
