@@ -120,7 +120,14 @@ pub(super) async fn commit(
     if let Some(error) = failure {
         // Nothing was sent to the primary's group, so nothing committed.
         abandon(txn, &primary, primary_parts, secondary_parts, deadline).await;
-        return Err(error);
+        // A lock whose answer was lost (its outcome unknown) changes nothing of that: the
+        // transaction did not commit, and running it again is safe.
+        return Err(match error {
+            ClientError::OutcomeUnknown { detail, .. } => ClientError::Conflict {
+                message: format!("a lock's answer was lost ({detail}); nothing committed"),
+            },
+            error => error,
+        });
     }
     // The primary's group checks and commits its keys in one entry, above every
     // prewrite's minimum (what each group served reads of the keys at), and records the
