@@ -459,11 +459,7 @@ impl Group {
         let Some(up_to) = hosted
             .iter()
             .map(|hosted| {
-                let empty =
-                    hosted.tablet.memstore().snapshot().is_ok_and(|memtables| {
-                        memtables.iter().all(|memtable| memtable.is_empty())
-                    });
-                if empty {
+                if !hosted.holds_writes() {
                     applied
                 } else {
                     // A claim inherits the manifest's marker, which an old leader may

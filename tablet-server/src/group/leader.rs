@@ -179,7 +179,7 @@ async fn flush_laggards(group: &Group) {
         let behind = applied.saturating_sub(tablet.flushed_up_to());
         if tablet.epoch().is_none()
             || behind <= group.ctx.flush_behind_entries
-            || group.memory_bytes(hosted.info.id) == 0
+            || !hosted.holds_writes()
         {
             continue;
         }

@@ -149,6 +149,15 @@ pub(crate) struct Hosted {
     pub(crate) load: Arc<TabletLoad>,
 }
 
+impl Hosted {
+    /// Whether the tablet holds writes in memory (not yet in its BaseStore).
+    pub(crate) fn holds_writes(&self) -> bool {
+        self.tablet.memstore().snapshot().map_or(true, |memtables| {
+            memtables.iter().any(|memtable| !memtable.is_empty())
+        })
+    }
+}
+
 /// Requests served for a tablet since it opened here, for the load in heartbeats.
 #[derive(Debug, Default)]
 pub(crate) struct TabletLoad {
