@@ -8,11 +8,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use luna_client::{Client, CollectionSpec};
+use luna_client::Client;
 use luna_proto::tablet::tablet_client::TabletClient;
 use luna_proto::tablet::{self as pb, tablet_error::Kind};
 use support::Universe;
-use support::load::wait_led;
+use support::load::with_two_tablets;
 use tonic::transport::Channel;
 
 fn text(value: Option<Bytes>) -> Option<String> {
@@ -94,26 +94,10 @@ fn request_id(seq: u64) -> Option<pb::RequestId> {
     })
 }
 
-/// A universe of `servers` tablet servers with database `app` and its collection `kv`,
-/// range-partitioned into two tablets at "m", once both have a leader.
-async fn universe_with_kv(servers: usize) -> (Universe, Client) {
-    let universe = Universe::start(servers);
-    let client = universe.client().await;
-    universe.wait_servers_up(&client, servers).await;
-    let admin = client.admin();
-    admin.create_database("app").await.expect("db");
-    admin
-        .create_collection("app", "kv", CollectionSpec::range().split_keys(["m"]))
-        .await
-        .expect("collection");
-    wait_led(&client, "app", "kv").await;
-    (universe, client)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_clients_locks_are_resolved_through_its_primary() {
     // Held to the end: dropping the universe stops its processes.
-    let (_universe, client) = universe_with_kv(3).await;
+    let (_universe, client) = with_two_tablets(Universe::start(3), 3).await;
     let admin = client.admin();
     let kv = client.database("app").collection("kv");
     for key in ["a1", "z1", "a2", "z2"] {
@@ -386,7 +370,7 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tablet_that_moved_away_is_reported_at_a_stale_epoch() {
     // Four servers, so that groups (three replicas each) differ in where they are.
-    let (universe, client) = universe_with_kv(4).await;
+    let (universe, client) = with_two_tablets(Universe::start(4), 4).await;
     let admin = client.admin();
     // A group `from` whose leader has no replica of another group `to`.
     let (from, to, leader) = {

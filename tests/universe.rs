@@ -15,7 +15,7 @@ use luna_proto::tablet::tablet_client::TabletClient;
 use luna_proto::tablet::{self as pb, tablet_error::Kind};
 use support::Universe;
 use support::history::{self, Registers, seed};
-use support::load::{Writers, first_group_leader, wait_led, with_collection};
+use support::load::{Writers, first_group_leader, wait_led, with_collection, with_two_tablets};
 
 fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -474,16 +474,10 @@ fn group_gauge(universe: &Universe, name: &str, group_id: u64) -> u64 {
 /// truncated past its last writes instead of growing for as long as the tablet idles.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idle_tablet_does_not_hold_its_groups_log_back() {
-    let universe = Universe::start_with_server_flags(3, &["--flush-behind-entries", "50"]);
-    let client = universe.client().await;
-    universe.wait_servers_up(&client, 3).await;
+    let flags = ["--flush-behind-entries", "50"];
+    let (universe, client) =
+        with_two_tablets(Universe::start_with_server_flags(3, &flags), 3).await;
     let admin = client.admin();
-    admin.create_database("app").await.expect("db");
-    admin
-        .create_collection("app", "kv", CollectionSpec::range().split_keys(["m"]))
-        .await
-        .expect("collection");
-    wait_led(&client, "app", "kv").await;
     // Both tablets in one group: one of them idles while the other takes writes.
     let tablets = admin.list_tablets("app", "kv").await.expect("tablets");
     let group = tablets[0].group_id;

@@ -29,6 +29,21 @@ pub async fn with_collection(
     (universe, client, collection)
 }
 
+/// Database `app` and its collection `kv` in `universe` (with `servers` tablet servers),
+/// range-partitioned into two tablets at "m", once both have a leader.
+pub async fn with_two_tablets(universe: Universe, servers: usize) -> (Universe, Client) {
+    let client = universe.client().await;
+    universe.wait_servers_up(&client, servers).await;
+    let admin = client.admin();
+    admin.create_database("app").await.expect("db");
+    admin
+        .create_collection("app", "kv", CollectionSpec::range().split_keys(["m"]))
+        .await
+        .expect("collection");
+    wait_led(&client, "app", "kv").await;
+    (universe, client)
+}
+
 /// The group of the collection's first tablet, and the server the master names as its
 /// leader, once it names one: right after an election or a handover it reports none until
 /// the new leader's next heartbeat.
