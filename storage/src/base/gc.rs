@@ -169,16 +169,15 @@ pub(super) fn spawn_collections(base: &Arc<BaseStore>) -> tokio::task::JoinHandl
             let Some(base) = store.upgrade().filter(|_| !*shutdown.borrow()) else {
                 return;
             };
-            let pass = if base.is_compactor() {
-                base.collect_garbage().await.map(drop)
-            } else {
+            if base.is_compactor() {
+                if let Err(error) = base.collect_garbage().await {
+                    tracing::warn!(%error, "garbage collection failed; will retry");
+                }
+            } else if let Err(error) = base.refresh().await {
                 // Another process collects; it deletes a table `gc_grace` after every
                 // process could have moved off it, which holds only while each refreshes
                 // this often.
-                base.refresh().await.map(drop)
-            };
-            if let Err(error) = pass {
-                tracing::warn!(%error, "garbage collection failed; will retry");
+                tracing::warn!(%error, "refreshing the manifest failed; will retry");
             }
         }
     })
