@@ -511,3 +511,56 @@ async fn an_idle_tablet_does_not_hold_its_groups_log_back() {
         Some(&b"x"[..])
     );
 }
+
+/// A group whose tablets all moved away truncates its whole log: no flush marker comes to
+/// it any more, and an untruncated log would pin the journal's old files for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_left_without_tablets_truncates_its_log() {
+    let (universe, client) = with_two_tablets(Universe::start(3), 3).await;
+    let admin = client.admin();
+    let kv = client.database("app").collection("kv");
+    for i in 0..50 {
+        kv.put(format!("a{i:03}"), "v").await.expect("put");
+        kv.put(format!("z{i:03}"), "v").await.expect("put");
+    }
+    let tablets = admin.list_tablets("app", "kv").await.expect("tablets");
+    let source = tablets[0].group_id;
+    let groups = admin.list_groups().await.expect("groups");
+    let target = groups
+        .iter()
+        .map(|group| group.id)
+        .find(|id| *id != source)
+        .expect("a second group");
+    for tablet in tablets.iter().filter(|tablet| tablet.group_id == source) {
+        admin
+            .move_tablet(tablet.id, target)
+            .await
+            .expect("move out of the source group");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while group_gauge(&universe, "luna_group_tablets", source) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a replica of group {source} still hosts a tablet\n{}",
+            universe.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let applied = group_gauge(&universe, "luna_group_applied_index", source);
+    loop {
+        let truncated = group_gauge(&universe, "luna_group_truncated_index", source);
+        if truncated >= applied {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group {source} has no tablets, but its log stays truncated at {truncated}, behind {applied}\n{}",
+            universe.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        kv.get("a000").await.expect("get").as_deref(),
+        Some(&b"v"[..])
+    );
+}

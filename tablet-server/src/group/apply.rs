@@ -66,6 +66,8 @@ pub(super) async fn run(group: Weak<Group>) {
 impl Group {
     async fn apply_entry(&self, entry: Entry) -> Result<()> {
         let index = entry.index;
+        // Set by the entries that may let the log go: a flush, or a tablet leaving.
+        let mut releases_log = false;
         // Empty entries are the stream's own (a new leader's no-op).
         if !entry.data.is_empty() {
             let decoded = gpb::GroupEntry::decode(entry.data).map_err(|error| {
@@ -116,11 +118,14 @@ impl Group {
                     let hosted_epoch = self.hosted_epoch(close.tablet_id);
                     if close.epoch == 0 || hosted_epoch == Some(close.epoch) {
                         self.close_tablet(close.tablet_id).await;
+                        // Flush markers never come to a group left with no tablets.
+                        releases_log = true;
                     }
                     self.last_control_index.store(index, Ordering::Release);
                 }
                 Some(gpb::group_entry::Kind::Flushed(flushed)) => {
                     self.apply_flushed(flushed).await?;
+                    releases_log = true;
                 }
                 Some(gpb::group_entry::Kind::TxnGc(gc)) => {
                     if let Ok(mut txns) = self.txns.lock() {
@@ -141,6 +146,9 @@ impl Group {
             }
         }
         self.applied.send_replace(index);
+        if releases_log {
+            self.truncate_flushed().await;
+        }
         Ok(())
     }
 
@@ -390,7 +398,8 @@ impl Group {
     }
 
     /// The leader flushed a tablet: drop what is now in the BaseStore from this replica's
-    /// memory (the leader's own handle already did), then let the log go.
+    /// memory (the leader's own handle already did). The log is truncated once the marker
+    /// counts as applied.
     async fn apply_flushed(&self, flushed: gpb::TabletFlushed) -> Result<()> {
         if let Some(hosted) = self.hosted_at(flushed.tablet_id, flushed.epoch) {
             retry_transient(self.id, "applying a flush marker", || async {
@@ -398,7 +407,6 @@ impl Group {
             })
             .await?;
         }
-        self.truncate_flushed().await;
         Ok(())
     }
 
@@ -452,11 +460,12 @@ impl Group {
     /// taken later, at the applied index. The tablet set is the same at both only if no
     /// tablet opened or closed in between, so truncation waits until then; the dedup
     /// records are cut at `x`. A tablet with nothing in memory has everything it ever
-    /// applied in its BaseStore, so it holds the log back no further than now.
+    /// applied in its BaseStore, so it holds the log back no further than now, and a group
+    /// with no tablets needs none of its log.
     async fn truncate_flushed(&self) {
         let applied = self.applied_index();
         let hosted = self.hosted();
-        let Some(up_to) = hosted
+        let up_to = hosted
             .iter()
             .map(|hosted| {
                 if !hosted.holds_writes() {
@@ -468,9 +477,7 @@ impl Group {
                 }
             })
             .min()
-        else {
-            return;
-        };
+            .unwrap_or(applied);
         let (up_to, txn_records, txn_safe_point) = match self.txns.lock() {
             Ok(txns) => {
                 let up_to = txns.truncation_bound(up_to);
