@@ -19,6 +19,7 @@ use tokio::sync::{oneshot, watch};
 use super::{RaftConfig, Server, sync};
 
 mod admin_tests;
+mod disk_stall_tests;
 mod idle_tests;
 mod snapshot_tests;
 
@@ -104,6 +105,8 @@ struct Sim {
     /// sync thread is busy: later rounds, truncations and crashes then meet rounds that
     /// only the entry cache holds.
     defer_sync_rate: f64,
+    /// Servers whose disks hang: their rounds are never synced while they are listed.
+    stalled_disks: Vec<u64>,
 }
 
 impl Sim {
@@ -134,6 +137,7 @@ impl Sim {
             members: (1..=voters).collect(),
             snapshots: BTreeMap::new(),
             defer_sync_rate: 0.0,
+            stalled_disks: Vec::new(),
         };
         for _ in 0..voters + spares {
             sim.dirs.push(tempfile::tempdir().expect("tempdir"));
@@ -194,7 +198,8 @@ impl Sim {
     fn drain(&mut self, id: u64) {
         for _ in 0..100 {
             // Rolled only when enabled, so other tests' seeds replay as before.
-            let defer = self.defer_sync_rate > 0.0 && self.rng.random_bool(self.defer_sync_rate);
+            let defer = (self.defer_sync_rate > 0.0 && self.rng.random_bool(self.defer_sync_rate))
+                || self.stalled_disks.contains(&id);
             let (out, more) = self.host(id).with(move |server| {
                 let mut out = server.ready().expect("ready");
                 if defer {
@@ -292,6 +297,13 @@ impl Sim {
             let l = *watch.borrow();
             l.is_leader.then_some(l.leader_id).flatten()
         })
+    }
+
+    /// The term that server `id` is in (0 while it is crashed).
+    fn term_of(&self, id: u64) -> u64 {
+        self.servers[id as usize - 1]
+            .as_ref()
+            .map_or(0, |watch| watch.borrow().term)
     }
 
     fn run_until_leader(&mut self, max_steps: u64) -> u64 {
@@ -417,6 +429,14 @@ impl Sim {
             }
         }
     }
+}
+
+/// The bytes of the files directly in `dir`.
+pub(super) fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .expect("ls")
+        .map(|item| item.expect("entry").metadata().expect("metadata").len())
+        .sum()
 }
 
 fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {

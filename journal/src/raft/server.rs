@@ -7,9 +7,9 @@
 //! 1. [`Server::tick`] (coalesced: one call ticks every stream), [`Server::step`] incoming
 //!    messages, [`Server::propose`] / [`Server::read_index`];
 //! 2. [`Server::ready`]: for every stream with a ready, in raft-rs's documented order, send
-//!    the leader's messages at once, deliver committed entries, add new entries and the hard
-//!    state to one `LogBatch` shared by all streams and rounds, answer read states, and
-//!    `advance_append_async`. raft-rs 0.7 reads entries back from storage once
+//!    the leader's messages and every replica's heartbeat responses at once, deliver
+//!    committed entries, add new entries and the hard state to one `LogBatch` shared by all
+//!    streams and rounds, answer read states, and `advance_append_async`. raft-rs 0.7 reads entries back from storage once
 //!    `advance_append_async` returns: each stream's entry cache serves them until the
 //!    batch is written;
 //! 3. [`Server::take_sync`] / [`sync`] / [`Server::finish_sync`]: one engine write with
@@ -515,8 +515,15 @@ impl Server {
                     .last_entries
                     .insert(stream_id, (last.index, last.term));
             }
-            let persisted_messages = ready.take_persisted_messages();
-            push_messages(&mut self.unsynced.messages, stream_id, persisted_messages);
+            // A heartbeat response vouches for nothing on disk (etcd's raft sends it ahead
+            // of the fsync too). Held behind a stalled fsync on the followers, it would
+            // starve the leader's quorum check and depose a leader whose replicas are up.
+            let (now, after_sync): (Vec<_>, Vec<_>) = ready
+                .take_persisted_messages()
+                .into_iter()
+                .partition(|m| m.get_msg_type() == MessageType::MsgHeartbeatResponse);
+            push_messages(&mut out, stream_id, now);
+            push_messages(&mut self.unsynced.messages, stream_id, after_sync);
             self.unsynced.readies.push((stream_id, ready.number()));
             replica.node.advance_append_async(ready);
             replica.report_snapshots(snapshots_sent);
