@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 
 use super::replica::{AdminReply, Reply};
 use super::server::{RaftConfig, Server, SyncRound, sync};
+use super::snapshot::purge_expired;
 use super::stream::RaftStream;
 use super::transport::{Inbox, Transport};
 use crate::error::JournalError;
@@ -88,6 +89,8 @@ pub(crate) enum Event {
         round: SyncRound,
         result: Result<(), StreamError>,
     },
+    /// The purge thread failed, leaving the engine in an unknown state.
+    PurgeFailed(StreamError),
     /// Stop hosting a stream and delete its data.
     RemoveStream {
         stream_id: u64,
@@ -143,7 +146,7 @@ impl Node {
                 // The engine is opened on the driver thread: only this thread reads it.
                 let tick = config.tick_interval;
                 let max_catch_up = config.election_tick as u64 + 1;
-                let server = match Server::open(config) {
+                let mut server = match Server::open(config) {
                     Ok(server) => server,
                     Err(e) => {
                         let _ = opened_tx.send(Err(e));
@@ -162,6 +165,14 @@ impl Node {
                         return;
                     }
                 };
+                let purger = match PurgeThread::spawn(&mut server, loop_events.clone()) {
+                    Ok(purger) => purger,
+                    Err(e) => {
+                        syncer.stop();
+                        let _ = opened_tx.send(Err(e));
+                        return;
+                    }
+                };
                 let _ = opened_tx.send(Ok(()));
                 let driver = Driver {
                     server,
@@ -172,7 +183,7 @@ impl Node {
                     syncing: false,
                     failed: None,
                 };
-                driver.run(queue, syncer);
+                driver.run(queue, syncer, purger);
             })
             .map_err(|e| JournalError::io("starting the raft driver thread", e))?;
         match opened.recv() {
@@ -322,6 +333,40 @@ impl SyncThread {
     }
 }
 
+/// The thread that purges obsolete raft-engine files, so that a purge (a rewrite of what is
+/// still live in old files, slow on a busy disk) never holds up the driver's streams.
+struct PurgeThread {
+    thread: JoinHandle<()>,
+}
+
+impl PurgeThread {
+    /// Starts the thread and makes `server` send its due purges there.
+    fn spawn(server: &mut Server, events: Sender<Event>) -> Result<Self, JournalError> {
+        let (requests, queue) = std::sync::mpsc::sync_channel::<()>(1);
+        let engine = server.engine();
+        let thread = std::thread::Builder::new()
+            .name("luna-raft-purge".to_owned())
+            .spawn(move || {
+                while queue.recv().is_ok() {
+                    if let Err(error) = purge_expired(&engine) {
+                        let _ = events.send(Event::PurgeFailed(error));
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| JournalError::io("starting the raft purge thread", e))?;
+        server.purge_in_background(Some(requests));
+        Ok(Self { thread })
+    }
+
+    /// Takes the request queue back from `server`, which ends the thread, and waits for
+    /// it, so its handle on the engine is released.
+    fn stop(self, server: &mut Server) {
+        server.purge_in_background(None);
+        let _ = self.thread.join();
+    }
+}
+
 struct Driver {
     server: Server,
     transport: Arc<dyn Transport>,
@@ -337,7 +382,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn run(mut self, queue: Receiver<Event>, syncer: SyncThread) {
+    fn run(mut self, queue: Receiver<Event>, syncer: SyncThread, purger: PurgeThread) {
         let mut next_tick = Instant::now() + self.tick;
         'run: loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
@@ -388,6 +433,7 @@ impl Driver {
             self.server.fail(StreamError::Closed);
         }
         syncer.stop();
+        purger.stop(&mut self.server);
     }
 
     /// Reacts to one event; `false` means stop.
@@ -475,13 +521,11 @@ impl Driver {
                 match result {
                     Ok(()) if self.failed.is_none() => self.server.finish_sync(round),
                     Ok(()) => {}
-                    Err(e) => {
-                        self.server.fail(e.clone());
-                        self.failed = Some(e);
-                    }
+                    Err(e) => self.fail(e),
                 }
                 self.start_sync(syncer);
             }
+            Event::PurgeFailed(e) => self.fail(e),
             Event::RemoveStream { stream_id, reply } => {
                 let _ = reply.send(self.server.remove_stream(stream_id));
                 self.start_sync(syncer);
@@ -524,6 +568,12 @@ impl Driver {
         ))
     }
 
+    /// Fails every stream and every later operation with `error`.
+    fn fail(&mut self, error: StreamError) {
+        self.server.fail(error.clone());
+        self.failed = Some(error);
+    }
+
     /// Hands the rounds written since the last sync to the sync thread, unless one is there.
     fn start_sync(&mut self, syncer: &SyncThread) {
         if self.syncing || self.failed.is_some() {
@@ -531,9 +581,7 @@ impl Driver {
         }
         if let Some(round) = self.server.take_sync() {
             if syncer.rounds.send(round).is_err() {
-                let e = StreamError::Closed;
-                self.server.fail(e.clone());
-                self.failed = Some(e);
+                self.fail(StreamError::Closed);
                 return;
             }
             self.syncing = true;

@@ -23,6 +23,8 @@ struct Cluster {
     nodes: Vec<Option<(Node, Arc<RaftStream>)>>,
     /// The stream's voters at index 0, with which every replica bootstraps.
     initial: Vec<u64>,
+    /// Adjusts each server's configuration before it starts.
+    tune: fn(&mut RaftConfig),
 }
 
 fn config(id: u64, dir: &TempDir) -> RaftConfig {
@@ -38,6 +40,11 @@ impl Cluster {
 
     /// `size` voters, started, and `spares` more servers that are not.
     async fn with_spares(size: u64, spares: u64) -> Self {
+        Self::tuned(size, spares, |_| {}).await
+    }
+
+    /// As [`with_spares`](Self::with_spares), with every configuration passed to `tune`.
+    async fn tuned(size: u64, spares: u64, tune: fn(&mut RaftConfig)) -> Self {
         let mut cluster = Self {
             network: MemNetwork::new(),
             dirs: (0..size + spares)
@@ -45,6 +52,7 @@ impl Cluster {
                 .collect(),
             nodes: (0..size + spares).map(|_| None).collect(),
             initial: (1..=size).collect(),
+            tune,
         };
         for id in 1..=size {
             cluster.start(id).await;
@@ -55,7 +63,9 @@ impl Cluster {
     async fn start(&mut self, id: u64) {
         let transport = self.network.transport(id) as Arc<dyn Transport>;
         let dir = &self.dirs[id as usize - 1];
-        let node = Node::start(config(id, dir), transport).expect("start node");
+        let mut config = config(id, dir);
+        (self.tune)(&mut config);
+        let node = Node::start(config, transport).expect("start node");
         self.network.register(id, node.inbox());
         let stream = node
             .add_stream(STREAM, &self.initial)

@@ -9,26 +9,33 @@
 //!   (before entries and the hard state of the same ready), and once the round is durable
 //!   ([`Replica::finish_snapshot`]) raft applies past it and subscribers receive it.
 //! - Space comes back when raft-engine purges files that hold only compacted entries
-//!   ([`Server::purge_if_due`], at most once per election timeout).
+//!   ([`Server::purge_if_due`], at most once per election timeout). A purge rewrites what
+//!   is still live in old files and can take hundreds of milliseconds on a busy disk, so
+//!   the driver runs it on a thread of its own ([`Server::purge_in_background`]): on the
+//!   driver thread it would hold up every stream's ticks and messages meanwhile.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
 
 use bytes::Bytes;
 use luna_kernel::stream::{self, StreamError};
 use raft::SnapshotStatus;
 use raft::eraftpb::{Message, MessageType, Snapshot};
-use raft_engine::LogBatch;
+use raft_engine::{Engine, LogBatch};
 
 use super::membership::Membership;
 use super::replica::Replica;
 use super::server::{Server, WriteFailure, fsync_failed, write_synced};
 
-/// When raft-engine may next purge, and whether a compaction asked it to.
+/// When raft-engine may next purge, whether a compaction asked it to, and where purges
+/// run.
 #[derive(Debug, Default)]
 pub(super) struct Purge {
     due: bool,
     not_before: u64,
+    /// Requests to the purging thread; without one, purges run in the caller.
+    background: Option<SyncSender<()>>,
 }
 
 impl Server {
@@ -110,25 +117,48 @@ impl Server {
         }
         self.purge.due = false;
         self.purge.not_before = self.ticks + self.config.election_tick as u64;
-        let engine = self.engine();
-        let started = std::time::Instant::now();
-        let purged = catch_unwind(AssertUnwindSafe(|| engine.purge_expired_files()));
-        // On the driver thread: every stream of the server waits meanwhile.
-        tracing::debug!(ms = started.elapsed().as_millis(), "raft log purged");
-        match purged {
-            Ok(Ok(pinned)) if !pinned.is_empty() => {
-                // raft-engine asks for these to be compacted: only their applications can.
-                tracing::info!(streams = ?pinned, "streams that are not truncated pin old raft log files");
+        match &self.purge.background {
+            // Full means a purge is already waiting to start, which covers this one.
+            Some(requests) => {
+                let _ = requests.try_send(());
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "purging raft log files failed"),
-            Err(_) => {
-                self.fail(StreamError::Io {
-                    context: "purging the raft log".to_owned(),
-                    source: Arc::new(std::io::Error::other("raft-engine purge panicked")),
-                });
+            None => {
+                if let Err(e) = purge_expired(&self.engine()) {
+                    self.fail(e);
+                }
             }
         }
+    }
+
+    /// From now on, due purges are requests on `requests` (a queue of one) to a thread
+    /// that runs [`purge_expired`] on this server's engine; `None` purges in the caller
+    /// again, which lets that thread end.
+    pub(super) fn purge_in_background(&mut self, requests: Option<SyncSender<()>>) {
+        self.purge.background = requests;
+    }
+}
+
+/// Purges `engine`'s log files that hold only compacted entries. A panic in raft-engine
+/// is an error: the engine's state is unknown after it.
+pub(super) fn purge_expired(engine: &Engine) -> Result<(), StreamError> {
+    let started = std::time::Instant::now();
+    let purged = catch_unwind(AssertUnwindSafe(|| engine.purge_expired_files()));
+    tracing::debug!(ms = started.elapsed().as_millis(), "raft log purged");
+    match purged {
+        Ok(Ok(pinned)) if !pinned.is_empty() => {
+            // raft-engine asks for these to be compacted: only their applications can.
+            tracing::info!(streams = ?pinned, "streams that are not truncated pin old raft log files");
+            Ok(())
+        }
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "purging raft log files failed");
+            Ok(())
+        }
+        Err(_) => Err(StreamError::Io {
+            context: "purging the raft log".to_owned(),
+            source: Arc::new(std::io::Error::other("raft-engine purge panicked")),
+        }),
     }
 }
 

@@ -5,9 +5,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use luna_kernel::stream::{Committed, Stream, StreamError};
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 
+use super::super::harness::dir_bytes;
 use super::{Cluster, LIMIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,6 +85,63 @@ async fn a_live_subscription_on_a_lagging_follower_receives_the_snapshot() {
         assert_eq!(entries, tail);
         for id in 1..=3 {
             cluster.stop(id).await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Truncating gives the log's space back, purged on the driver's purge thread, and a
+/// shutdown stops that thread with the rest, so the engine opens again in a new node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncation_gives_log_space_back_and_the_log_reopens() {
+    tokio::time::timeout(LIMIT, async {
+        let mut cluster = Cluster::tuned(1, 0, |config| {
+            config.engine_file_size = 64 << 10;
+            config.engine_purge_threshold = 256 << 10;
+        })
+        .await;
+        let stream = cluster.stream(cluster.leader().await);
+        // Incompressible entries, so the log really takes the space.
+        let mut rng = SmallRng::seed_from_u64(2);
+        let mut last = 0;
+        for _ in 0..30 {
+            let appends: Vec<_> = (0..100)
+                .map(|_| {
+                    let mut data = vec![0u8; 1024];
+                    rng.fill_bytes(&mut data);
+                    let stream = Arc::clone(&stream);
+                    tokio::spawn(async move { stream.append(Bytes::from(data)).await })
+                })
+                .collect();
+            for append in appends {
+                last = last.max(append.await.expect("join").expect("append"));
+            }
+        }
+        while stream.committed_index() < last {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let dir = cluster.dirs[0].path().to_owned();
+        let before = dir_bytes(&dir);
+        stream
+            .truncate(last, Bytes::from_static(b"all flushed"))
+            .await
+            .expect("truncate");
+        while dir_bytes(&dir) * 2 >= before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(stream);
+        cluster.stop(1).await;
+        cluster.start(1).await;
+        let mut subscription = cluster.stream(1).subscribe(1).await.expect("subscribe");
+        match subscription.next().await {
+            Some(Ok(Committed::Snapshot(snapshot))) => {
+                assert_eq!(
+                    (snapshot.index, &snapshot.data[..]),
+                    (last, &b"all flushed"[..])
+                );
+            }
+            other => panic!("expected the snapshot, got {other:?}"),
         }
     })
     .await

@@ -9,7 +9,7 @@ use luna_kernel::stream::{Snapshot, StreamError};
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
-use super::{STREAM, Sim, seeds};
+use super::{STREAM, Sim, dir_bytes, seeds};
 use crate::raft::{Membership, RaftConfig, Server, sync};
 
 impl Sim {
@@ -243,13 +243,6 @@ fn drain(server: &mut Server) {
         sync(&server.engine(), &mut round).expect("fsync");
         server.finish_sync(round);
     }
-}
-
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .expect("ls")
-        .map(|item| item.expect("entry").metadata().expect("metadata").len())
-        .sum()
 }
 
 #[test]
