@@ -354,7 +354,8 @@ impl Core {
             }
         };
         let switched_ms = sealing.elapsed().as_millis();
-        let copied = prepared_bytes + flushed_bytes + handoff.encoded_len() as u64;
+        let handoff_bytes = handoff.encoded_len() as u64;
+        let copied = prepared_bytes + flushed_bytes + handoff_bytes;
         // Above every timestamp the old group used, and above the TSO's too.
         let min_ts = self.timestamps(1, handoff.min_ts).await?.first;
         let timestamp_ms = sealing.elapsed().as_millis();
@@ -381,6 +382,7 @@ impl Core {
             tablet_id,
             to_group = moving.to_group,
             copied,
+            handoff_bytes,
             seal_ms,
             switched_ms,
             timestamp_ms,

@@ -434,7 +434,7 @@ impl Group {
             self.apply_seal(seal);
         }
         if let Ok(mut dedup) = self.dedup.lock() {
-            *dedup = Dedup::from_records(&state.recent_requests);
+            *dedup = Dedup::from_snapshot(&state.recent_by_client, &state.recent_requests);
         }
         if let Ok(mut txns) = self.txns.lock() {
             *txns = TxnState::from_records(&state.txn_records, state.txn_safe_point);
@@ -490,7 +490,7 @@ impl Group {
         {
             return;
         }
-        let recent_requests = match self.dedup.lock() {
+        let recent_by_client = match self.dedup.lock() {
             Ok(dedup) => dedup.records_up_to(up_to),
             Err(_) => return,
         };
@@ -499,11 +499,12 @@ impl Group {
                 .into_iter()
                 .map(|hosted| TabletInfo::clone(&hosted.info))
                 .collect(),
-            recent_requests,
             max_commit_ts: self.max_applied_ts(),
             txn_records,
             txn_safe_point,
             sealed: self.seals(),
+            recent_by_client,
+            ..gpb::GroupSnapshot::default()
         };
         match self
             .stream

@@ -17,7 +17,6 @@ use std::time::Duration;
 use luna_proto::group as gpb;
 use tokio::time::Instant;
 
-use super::dedup::{Applied, RequestKey};
 use super::{Group, Hosted, LOGICAL_BITS, owner_epoch};
 use crate::error::{Result, TabletServerError};
 
@@ -204,7 +203,7 @@ impl Group {
             .map(|txns| txns.records_of(tablet_id))
             .unwrap_or_default();
         let retry_floor = min_ts.saturating_sub(RETRY_WINDOW_MS << LOGICAL_BITS);
-        let recent_requests = self
+        let recent_by_client = self
             .dedup
             .lock()
             .map(|dedup| dedup.recent(retry_floor, RETRY_RECORDS))
@@ -212,7 +211,8 @@ impl Group {
         gpb::TabletHandoff {
             min_ts,
             txn_records,
-            recent_requests,
+            recent_by_client,
+            ..gpb::TabletHandoff::default()
         }
     }
 
@@ -309,15 +309,7 @@ impl Group {
             }
         }
         if let Ok(mut dedup) = self.dedup.lock() {
-            for request in &handoff.recent_requests {
-                if let Some(key) = request.request_id.as_ref().and_then(RequestKey::new) {
-                    let applied = Applied {
-                        index,
-                        commit_ts: request.commit_ts,
-                    };
-                    dedup.insert(key, applied);
-                }
-            }
+            dedup.insert_handed_off(&handoff.recent_by_client, &handoff.recent_requests, index);
         }
         self.max_applied_ts
             .fetch_max(handoff.min_ts, Ordering::AcqRel);
