@@ -469,6 +469,24 @@ fn group_gauge(universe: &Universe, name: &str, group_id: u64) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits (30 s at most) until a replica of `group` truncated its log at `index` or past
+/// it; `what` says what stands at `index`.
+async fn wait_truncated(universe: &Universe, group: u64, index: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let truncated = group_gauge(universe, "luna_group_truncated_index", group);
+        if truncated >= index {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group {group}'s log stays truncated at {truncated}, behind {what} at {index}\n{}",
+            universe.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A tablet that stops taking writes long before its memtable fills is flushed once its
 /// group's log has moved on far enough (`--flush-behind-entries`), so that the log is
 /// truncated past its last writes instead of growing for as long as the tablet idles.
@@ -493,19 +511,7 @@ async fn an_idle_tablet_does_not_hold_its_groups_log_back() {
     for i in 0..200 {
         kv.put(format!("z{i:04}"), "y").await.expect("put");
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let truncated = group_gauge(&universe, "luna_group_truncated_index", group);
-        if truncated >= written_at {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "group {group}'s log stays truncated at {truncated}, behind the idle tablet's write at {written_at}\n{}",
-            universe.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_truncated(&universe, group, written_at, "the idle tablet's write").await;
     assert_eq!(
         kv.get("a-idle").await.expect("get").as_deref(),
         Some(&b"x"[..])
@@ -547,18 +553,13 @@ async fn a_group_left_without_tablets_truncates_its_log() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let applied = group_gauge(&universe, "luna_group_applied_index", source);
-    loop {
-        let truncated = group_gauge(&universe, "luna_group_truncated_index", source);
-        if truncated >= applied {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "group {source} has no tablets, but its log stays truncated at {truncated}, behind {applied}\n{}",
-            universe.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_truncated(
+        &universe,
+        source,
+        applied,
+        "the last close, with no tablets left",
+    )
+    .await;
     assert_eq!(
         kv.get("a000").await.expect("get").as_deref(),
         Some(&b"v"[..])
