@@ -9,9 +9,9 @@
 //! 2. [`Server::ready`]: for every stream with a ready, in raft-rs's documented order, send
 //!    the leader's messages and every replica's heartbeat responses at once, deliver
 //!    committed entries, add new entries and the hard state to one `LogBatch` shared by all
-//!    streams and rounds, answer read states, and `advance_append_async`. raft-rs 0.7 reads entries back from storage once
-//!    `advance_append_async` returns: each stream's entry cache serves them until the
-//!    batch is written;
+//!    streams and rounds, answer read states, and `advance_append_async`. raft-rs 0.7
+//!    reads entries back from storage once `advance_append_async` returns: each stream's
+//!    entry cache serves them until the batch is written;
 //! 3. [`Server::take_sync`] / [`sync`] / [`Server::finish_sync`]: one engine write with
 //!    fsync covers every round since the last one (group commit across proposals and
 //!    streams). Only after it do the messages that waited for it (votes, append acks)
