@@ -6,7 +6,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::membership::Membership;
 use super::replica::{AdminReply, Reply};
-use super::server::{LEASE_MARGIN_TICKS, Server};
+use super::server::{LEASE_MARGIN_TICKS, Server, next_id};
 use crate::error::JournalError;
 
 impl Server {
@@ -123,8 +123,7 @@ impl Server {
         // Renewed in the background before it lapses, so steady lease reads never wait.
         if renew && let Some(replica) = self.streams.get_mut(&stream_id) {
             self.touched.insert(stream_id);
-            self.next_read_id += 1;
-            replica.start_read(self.next_read_id, now, None);
+            replica.start_read(next_id(&mut self.next_read_id), now, None);
         }
     }
 }

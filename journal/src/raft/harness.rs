@@ -446,6 +446,20 @@ fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
     }
 }
 
+/// A restarted server counts its read barrier ids from elsewhere than before the restart,
+/// so that a leader never takes a new barrier for one still pending from before it.
+#[test]
+fn a_restarted_server_does_not_reuse_read_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = Server::open(RaftConfig::new(1, dir.path()))
+        .expect("open")
+        .next_read_id;
+    let after = Server::open(RaftConfig::new(1, dir.path()))
+        .expect("reopen")
+        .next_read_id;
+    assert_ne!(before, after);
+}
+
 #[test]
 fn committed_entries_survive_faults() {
     for seed in seeds(0..6) {
