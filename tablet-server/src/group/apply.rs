@@ -434,7 +434,7 @@ impl Group {
             self.apply_seal(seal);
         }
         if let Ok(mut dedup) = self.dedup.lock() {
-            *dedup = Dedup::from_snapshot(&state.recent_by_client, &state.recent_requests);
+            *dedup = Dedup::from_snapshot(state.recent.as_ref(), &state.recent_requests);
         }
         if let Ok(mut txns) = self.txns.lock() {
             *txns = TxnState::from_records(&state.txn_records, state.txn_safe_point);
@@ -490,7 +490,7 @@ impl Group {
         {
             return;
         }
-        let recent_by_client = match self.dedup.lock() {
+        let recent = match self.dedup.lock() {
             Ok(dedup) => dedup.records_up_to(up_to),
             Err(_) => return,
         };
@@ -503,7 +503,7 @@ impl Group {
             txn_records,
             txn_safe_point,
             sealed: self.seals(),
-            recent_by_client,
+            recent: Some(recent),
             ..gpb::GroupSnapshot::default()
         };
         match self

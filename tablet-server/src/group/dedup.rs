@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use luna_proto::group::{AppliedRequest, ClientRequests};
+use luna_proto::group::{AppliedRequest, RecentRequests};
 use luna_proto::tablet::RequestId;
 
 /// Writes remembered per group.
@@ -74,20 +74,20 @@ impl Dedup {
 
     /// The requests applied at or below `index`, with their indexes, for a snapshot of the
     /// group at `index`.
-    pub(crate) fn records_up_to(&self, index: u64) -> Vec<ClientRequests> {
-        let mut grouping = Grouping::default();
+    pub(crate) fn records_up_to(&self, index: u64) -> RecentRequests {
+        let mut recording = Recording::new(true);
         for key in &self.order {
             if let Some(applied) = self.applied.get(key).filter(|a| a.index <= index) {
-                grouping.push(key, applied, true);
+                recording.push(key, applied);
             }
         }
-        grouping.finish()
+        recording.recent
     }
 
     /// The newest requests (at most `limit`) committed at or above `min_commit_ts`, oldest
     /// first and without their indexes: the ones a client may still retry, for the group a
     /// tablet moves to.
-    pub(crate) fn recent(&self, min_commit_ts: u64, limit: usize) -> Vec<ClientRequests> {
+    pub(crate) fn recent(&self, min_commit_ts: u64, limit: usize) -> RecentRequests {
         let newest: Vec<&RequestKey> = self
             .order
             .iter()
@@ -99,19 +99,22 @@ impl Dedup {
             })
             .take(limit)
             .collect();
-        let mut grouping = Grouping::default();
+        let mut recording = Recording::new(false);
         for key in newest.into_iter().rev() {
             if let Some(applied) = self.applied.get(key) {
-                grouping.push(key, applied, false);
+                recording.push(key, applied);
             }
         }
-        grouping.finish()
+        recording.recent
     }
 
     /// The table a snapshot recorded, in either of its forms.
-    pub(crate) fn from_snapshot(grouped: &[ClientRequests], legacy: &[AppliedRequest]) -> Dedup {
+    pub(crate) fn from_snapshot(
+        recent: Option<&RecentRequests>,
+        legacy: &[AppliedRequest],
+    ) -> Dedup {
         let mut dedup = Dedup::default();
-        for (key, applied) in legacy_records(legacy).chain(ungroup(grouped)) {
+        for (key, applied) in legacy_records(legacy).chain(replay(recent)) {
             dedup.insert(key, applied);
         }
         dedup
@@ -121,47 +124,58 @@ impl Dedup {
     /// `index` (the adoption's).
     pub(crate) fn insert_handed_off(
         &mut self,
-        grouped: &[ClientRequests],
+        recent: Option<&RecentRequests>,
         legacy: &[AppliedRequest],
         index: u64,
     ) {
-        for (key, applied) in legacy_records(legacy).chain(ungroup(grouped)) {
+        for (key, applied) in legacy_records(legacy).chain(replay(recent)) {
             self.insert(key, Applied { index, ..applied });
         }
     }
 }
 
-/// Builds [`ClientRequests`], one per client in the order clients first appear.
-#[derive(Default)]
-struct Grouping {
-    slots: HashMap<[u8; 16], usize>,
-    /// Each client's requests so far, with its last sequence number, commit timestamp and
-    /// index (what the next deltas are from).
-    clients: Vec<(ClientRequests, [u64; 3])>,
+/// Builds a [`RecentRequests`], request by request in the order they were applied.
+struct Recording {
+    recent: RecentRequests,
+    with_index: bool,
+    /// Each client's place in `client_ids`.
+    slots: HashMap<[u8; 16], u32>,
+    /// Each client's last sequence number, by place.
+    last_seq: Vec<u64>,
+    last_commit_ts: u64,
+    last_index: u64,
 }
 
-impl Grouping {
-    fn push(&mut self, key: &RequestKey, applied: &Applied, with_index: bool) {
-        let slot = *self.slots.entry(key.client_id).or_insert_with(|| {
-            let client = ClientRequests {
-                client_id: bytes::Bytes::copy_from_slice(&key.client_id),
-                ..ClientRequests::default()
-            };
-            self.clients.push((client, [0; 3]));
-            self.clients.len() - 1
-        });
-        let (client, last) = &mut self.clients[slot];
-        client.seq_deltas.push(delta(&mut last[0], key.seq));
-        client
-            .commit_ts_deltas
-            .push(delta(&mut last[1], applied.commit_ts));
-        if with_index {
-            client.index_deltas.push(delta(&mut last[2], applied.index));
+impl Recording {
+    fn new(with_index: bool) -> Self {
+        Self {
+            recent: RecentRequests::default(),
+            with_index,
+            slots: HashMap::new(),
+            last_seq: Vec::new(),
+            last_commit_ts: 0,
+            last_index: 0,
         }
     }
 
-    fn finish(self) -> Vec<ClientRequests> {
-        self.clients.into_iter().map(|(client, _)| client).collect()
+    fn push(&mut self, key: &RequestKey, applied: &Applied) {
+        let slot = *self.slots.entry(key.client_id).or_insert_with(|| {
+            self.recent
+                .client_ids
+                .push(bytes::Bytes::copy_from_slice(&key.client_id));
+            self.last_seq.push(0);
+            u32::try_from(self.last_seq.len() - 1).unwrap_or(u32::MAX)
+        });
+        self.recent.clients.push(slot);
+        if let Some(last) = self.last_seq.get_mut(slot as usize) {
+            self.recent.seq_deltas.push(delta(last, key.seq));
+        }
+        let step = delta(&mut self.last_commit_ts, applied.commit_ts);
+        self.recent.commit_ts_deltas.push(step);
+        if self.with_index {
+            let step = delta(&mut self.last_index, applied.index);
+            self.recent.index_deltas.push(step);
+        }
     }
 }
 
@@ -172,29 +186,47 @@ fn delta(last: &mut u64, next: u64) -> i64 {
     step
 }
 
-/// The requests of `grouped`. A client with a malformed id is skipped; its requests end
-/// where its shorter list ends. Index 0 where indexes are not kept.
-fn ungroup(grouped: &[ClientRequests]) -> Vec<(RequestKey, Applied)> {
-    let mut requests = Vec::new();
-    for client in grouped {
-        let Ok(client_id) = <[u8; 16]>::try_from(client.client_id.as_ref()) else {
+/// The requests of `recent`, in order. A request of a malformed client id is skipped, and
+/// the requests end where the shortest list ends. Index 0 where indexes are not kept.
+fn replay(recent: Option<&RecentRequests>) -> Vec<(RequestKey, Applied)> {
+    let Some(recent) = recent else {
+        return Vec::new();
+    };
+    let client_ids: Vec<Option<[u8; 16]>> = recent
+        .client_ids
+        .iter()
+        .map(|id| <[u8; 16]>::try_from(id.as_ref()).ok())
+        .collect();
+    let mut last_seq = vec![0u64; client_ids.len()];
+    let (mut commit_ts, mut index) = (0u64, 0u64);
+    let mut requests = Vec::with_capacity(recent.clients.len());
+    let steps = recent
+        .clients
+        .iter()
+        .zip(&recent.seq_deltas)
+        .zip(&recent.commit_ts_deltas);
+    for (i, ((&client, &seq_step), &ts_step)) in steps.enumerate() {
+        commit_ts = commit_ts.wrapping_add(ts_step as u64);
+        if let Some(&index_step) = recent.index_deltas.get(i) {
+            index = index.wrapping_add(index_step as u64);
+        }
+        let (Some(last), Some(Some(client_id))) = (
+            last_seq.get_mut(client as usize),
+            client_ids.get(client as usize),
+        ) else {
             continue;
         };
-        let (mut seq, mut commit_ts, mut index) = (0u64, 0u64, 0u64);
-        let steps = client.seq_deltas.iter().zip(&client.commit_ts_deltas);
-        for (i, (&seq_step, &ts_step)) in steps.enumerate() {
-            seq = seq.wrapping_add(seq_step as u64);
-            commit_ts = commit_ts.wrapping_add(ts_step as u64);
-            if let Some(&index_step) = client.index_deltas.get(i) {
-                index = index.wrapping_add(index_step as u64);
-            }
-            requests.push((RequestKey { client_id, seq }, Applied { index, commit_ts }));
-        }
+        *last = last.wrapping_add(seq_step as u64);
+        let key = RequestKey {
+            client_id: *client_id,
+            seq: *last,
+        };
+        requests.push((key, Applied { index, commit_ts }));
     }
     requests
 }
 
-/// The requests of the form written before [`ClientRequests`].
+/// The requests of the form written before [`RecentRequests`].
 fn legacy_records(records: &[AppliedRequest]) -> impl Iterator<Item = (RequestKey, Applied)> + '_ {
     records.iter().filter_map(|record| {
         let key = RequestKey::new(record.request_id.as_ref()?)?;
@@ -255,8 +287,8 @@ mod tests {
             );
         }
         let records = dedup.records_up_to(30);
-        assert_eq!(ungroup(&records).len(), 3);
-        let restored = Dedup::from_snapshot(&records, &[]);
+        assert_eq!(replay(Some(&records)).len(), 3);
+        let restored = Dedup::from_snapshot(Some(&records), &[]);
         assert_eq!(
             restored.get(&key(3)),
             Some(Applied {
@@ -292,12 +324,12 @@ mod tests {
         }
         let handoff = dedup.recent(0, 50_000);
         let bytes = prost::Message::encoded_len(&luna_proto::group::TabletHandoff {
-            recent_by_client: handoff.clone(),
+            recent: Some(handoff.clone()),
             ..Default::default()
         });
         assert!(bytes < 50_000 * 6, "{bytes} bytes for 50,000 requests");
         let mut adopted = Dedup::default();
-        adopted.insert_handed_off(&handoff, &[], 77);
+        adopted.insert_handed_off(Some(&handoff), &[], 77);
         assert_eq!(adopted.applied.len(), 50_000);
         for (key, applied) in &dedup.applied {
             assert_eq!(
@@ -317,40 +349,54 @@ mod tests {
             commit_ts: 50,
             index: 9,
         }];
-        let restored = Dedup::from_snapshot(&[], &legacy);
+        let restored = Dedup::from_snapshot(None, &legacy);
         let expected = Applied {
             index: 9,
             commit_ts: 50,
         };
         assert_eq!(restored.get(&key(5)), Some(expected));
         let mut adopted = Dedup::default();
-        adopted.insert_handed_off(&[], &legacy, 3);
+        adopted.insert_handed_off(None, &legacy, 3);
         assert_eq!(adopted.get(&key(5)).map(|applied| applied.index), Some(3));
     }
 
     /// A malformed list (a peer's bug, or a damaged entry) loses requests, never panics.
     #[test]
-    fn malformed_groups_are_skipped_or_cut_short() {
-        let grouped = [
-            ClientRequests {
-                client_id: bytes::Bytes::from_static(b"short"),
-                seq_deltas: vec![1],
-                commit_ts_deltas: vec![1],
-                index_deltas: vec![],
-            },
-            ClientRequests {
-                client_id: bytes::Bytes::from_static(&[7; 16]),
-                seq_deltas: vec![3, i64::MIN, 1],
-                commit_ts_deltas: vec![30, -5],
-                index_deltas: vec![i64::MAX],
-            },
-        ];
-        let restored = Dedup::from_snapshot(&grouped, &[]);
+    fn malformed_lists_are_skipped_or_cut_short() {
+        let recent = RecentRequests {
+            client_ids: vec![
+                bytes::Bytes::from_static(b"short"),
+                bytes::Bytes::from_static(&[7; 16]),
+            ],
+            clients: vec![0, 1, 1, 5, 1],
+            seq_deltas: vec![1, 3, i64::MIN, 4],
+            commit_ts_deltas: vec![1, 29, -5, 1, 2],
+            index_deltas: vec![i64::MAX],
+        };
+        let restored = Dedup::from_snapshot(Some(&recent), &[]);
         assert_eq!(restored.applied.len(), 2);
         assert_eq!(
             restored.get(&key(3)).map(|applied| applied.commit_ts),
             Some(30)
         );
+    }
+
+    /// Replicas evict requests oldest first, so a replica restored from a snapshot must
+    /// hold them in the order the others applied them, clients interleaved.
+    #[test]
+    fn a_snapshot_keeps_the_order_requests_were_applied_in() {
+        let mut dedup = Dedup::default();
+        for seq in 0..100u64 {
+            let client_id = [u8::from(seq % 3 == 0); 16];
+            let applied = Applied {
+                index: seq / 4,
+                commit_ts: 1_000 - seq,
+            };
+            dedup.insert(RequestKey { client_id, seq }, applied);
+        }
+        let restored = Dedup::from_snapshot(Some(&dedup.records_up_to(u64::MAX)), &[]);
+        assert_eq!(restored.order, dedup.order);
+        assert_eq!(restored.applied, dedup.applied);
     }
 
     #[test]

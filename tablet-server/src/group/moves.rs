@@ -203,7 +203,7 @@ impl Group {
             .map(|txns| txns.records_of(tablet_id))
             .unwrap_or_default();
         let retry_floor = min_ts.saturating_sub(RETRY_WINDOW_MS << LOGICAL_BITS);
-        let recent_by_client = self
+        let recent = self
             .dedup
             .lock()
             .map(|dedup| dedup.recent(retry_floor, RETRY_RECORDS))
@@ -211,7 +211,7 @@ impl Group {
         gpb::TabletHandoff {
             min_ts,
             txn_records,
-            recent_by_client,
+            recent: Some(recent),
             ..gpb::TabletHandoff::default()
         }
     }
@@ -309,7 +309,7 @@ impl Group {
             }
         }
         if let Ok(mut dedup) = self.dedup.lock() {
-            dedup.insert_handed_off(&handoff.recent_by_client, &handoff.recent_requests, index);
+            dedup.insert_handed_off(handoff.recent.as_ref(), &handoff.recent_requests, index);
         }
         self.max_applied_ts
             .fetch_max(handoff.min_ts, Ordering::AcqRel);
