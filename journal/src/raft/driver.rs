@@ -86,7 +86,7 @@ pub(crate) enum Event {
     },
     /// The sync thread finished `round`.
     Synced {
-        round: SyncRound,
+        round: Box<SyncRound>,
         result: Result<(), StreamError>,
     },
     /// The purge thread failed, leaving the engine in an unknown state.
@@ -317,7 +317,13 @@ impl SyncThread {
                     if round.must_sync() {
                         counters.fsyncs.fetch_add(1, Ordering::Relaxed);
                     }
-                    if events.send(Event::Synced { round, result }).is_err() {
+                    if events
+                        .send(Event::Synced {
+                            round: Box::new(round),
+                            result,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -502,13 +508,12 @@ impl Driver {
                 up_to,
                 data,
                 reply,
-            } => {
-                let result = match &self.failed {
-                    Some(e) => Err(e.clone()),
-                    None => self.server.truncate(stream_id, up_to, data),
-                };
-                let _ = reply.send(result);
-            }
+            } => match &self.failed {
+                Some(e) => {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                None => self.server.truncate_to(stream_id, up_to, data, reply),
+            },
             Event::AddStream {
                 stream_id,
                 voters,
@@ -516,12 +521,15 @@ impl Driver {
             } => {
                 let _ = reply.send(self.add_stream(stream_id, &voters));
             }
-            Event::Synced { round, result } => {
+            Event::Synced { mut round, result } => {
                 self.syncing = false;
-                match result {
-                    Ok(()) if self.failed.is_none() => self.server.finish_sync(round),
-                    Ok(()) => {}
-                    Err(e) => self.fail(e),
+                match (result, &self.failed) {
+                    (Ok(()), None) => self.server.finish_sync(*round),
+                    (Ok(()), Some(e)) => round.fail_truncations(e),
+                    (Err(e), _) => {
+                        round.fail_truncations(&e);
+                        self.fail(e);
+                    }
                 }
                 self.start_sync(syncer);
             }

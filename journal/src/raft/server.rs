@@ -34,7 +34,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::logger;
 use super::replica::{Published, Replica, Reply};
-use super::snapshot::{Purge, snapshot_recipients, to_kernel};
+use super::snapshot::{Purge, TruncateReply, snapshot_recipients, to_kernel};
 use super::storage::EngineStorage;
 use crate::error::JournalError;
 
@@ -122,6 +122,8 @@ pub struct SyncRound {
     messages: Vec<(u64, Bytes)>,
     /// Streams whose deletion `batch` carries (see [`Server::remove_stream`]).
     pub(super) removed: Vec<u64>,
+    /// Truncations whose compaction `batch` carries, answered once it is durable.
+    pub(super) truncations: Vec<TruncateReply>,
     pub(super) must_sync: bool,
 }
 
@@ -129,6 +131,13 @@ impl SyncRound {
     /// Whether [`sync`] must fsync for this round (it wrote entries or a hard state).
     pub fn must_sync(&self) -> bool {
         self.must_sync
+    }
+
+    /// Tells the truncations this round carried that it was not written.
+    pub(super) fn fail_truncations(&mut self, error: &StreamError) {
+        for reply in self.truncations.drain(..) {
+            let _ = reply.send(Err(error.clone()));
+        }
     }
 }
 
@@ -549,7 +558,10 @@ impl Server {
     /// Takes every ready round since the last call, for one engine write and fsync (step 3
     /// of a round). Rounds must be synced and finished in the order they are taken.
     pub fn take_sync(&mut self) -> Option<SyncRound> {
-        if self.unsynced.readies.is_empty() && self.unsynced.removed.is_empty() {
+        if self.unsynced.readies.is_empty()
+            && self.unsynced.removed.is_empty()
+            && self.unsynced.truncations.is_empty()
+        {
             return None;
         }
         Some(std::mem::take(&mut self.unsynced))
@@ -577,6 +589,7 @@ impl Server {
                     .on_written(index, term, keep_from, MAX_CACHED_BYTES);
             }
         }
+        self.finish_truncations(round.truncations);
     }
 
     /// Fails every waiting append and read with `error`, and drops all streams: after a
@@ -590,6 +603,7 @@ impl Server {
         for (_, replica) in std::mem::take(&mut self.streams) {
             replica.fail(&error);
         }
+        self.unsynced.fail_truncations(&error);
         error
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! - [`Server::truncate`]: the application hands over its snapshot of index `up_to` (opaque
 //!   bytes, see `kernel::stream`). It is stored with raft's metadata for that index (term,
-//!   conf state) in the engine, fsynced, and the log is compacted up to it. Each replica
-//!   truncates its own log.
+//!   conf state) in the engine, and the log is compacted up to it, in the next round's
+//!   write; the answer comes after that round's fsync. Each replica truncates its own log.
 //! - A follower that needs entries the leader no longer holds gets the leader's snapshot
 //!   (raft's `MsgSnapshot`). The ready loop installs it in raft-rs's documented order
 //!   (before entries and the hard state of the same ready), and once the round is durable
@@ -23,10 +23,11 @@ use luna_kernel::stream::{self, StreamError};
 use raft::SnapshotStatus;
 use raft::eraftpb::{Message, MessageType, Snapshot};
 use raft_engine::{Engine, LogBatch};
+use tokio::sync::oneshot;
 
 use super::membership::Membership;
 use super::replica::Replica;
-use super::server::{Server, WriteFailure, fsync_failed, write_synced};
+use super::server::Server;
 
 /// When raft-engine may next purge, whether a compaction asked it to, and where purges
 /// run.
@@ -38,14 +39,62 @@ pub(super) struct Purge {
     background: Option<SyncSender<()>>,
 }
 
+/// A truncation's answer: sent once the snapshot it stored is durable.
+pub(crate) type TruncateReply = oneshot::Sender<Result<(), StreamError>>;
+
 impl Server {
     /// Stores `data`, the application's snapshot of its state as of `up_to`, for
-    /// `stream_id`, fsynced, and compacts the stream's log up to `up_to`.
+    /// `stream_id`, and compacts the stream's log up to it. The answer comes once that is
+    /// durable: the application may then drop what the snapshot replaces.
     ///
     /// `up_to` past this replica's applied index (what its subscribers have been given) is
-    /// [`StreamError::BeyondCommitted`]; at or below the current snapshot it is a no-op.
-    pub fn truncate(&mut self, stream_id: u64, up_to: u64, data: Bytes) -> Result<(), StreamError> {
-        let engine = self.engine();
+    /// [`StreamError::BeyondCommitted`]; at or below the current snapshot nothing is
+    /// written, but the answer still waits for the next sync, which covers a compaction to
+    /// it that an earlier call staged.
+    pub fn truncate(
+        &mut self,
+        stream_id: u64,
+        up_to: u64,
+        data: Bytes,
+    ) -> oneshot::Receiver<Result<(), StreamError>> {
+        let (reply, answer) = oneshot::channel();
+        self.truncate_to(stream_id, up_to, data, reply);
+        answer
+    }
+
+    /// [`truncate`](Self::truncate), answering on `reply`.
+    ///
+    /// The compaction joins the round being built, not a write of its own: a synced write
+    /// here would hold up every stream of the server for an fsync (hundreds of
+    /// milliseconds while the disk writes back a burst of table data). The snapshot is
+    /// this replica's at once, so raft may send it to a follower before it is durable
+    /// here: that is safe, because the application already made the state it describes
+    /// durable in shared storage, and a crash before the sync only leaves the old, longer
+    /// log behind.
+    pub(crate) fn truncate_to(
+        &mut self,
+        stream_id: u64,
+        up_to: u64,
+        data: Bytes,
+        reply: TruncateReply,
+    ) {
+        match self.stage_truncation(stream_id, up_to, data) {
+            Ok(()) => {
+                self.unsynced.truncations.push(reply);
+                self.unsynced.must_sync = true;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn stage_truncation(
+        &mut self,
+        stream_id: u64,
+        up_to: u64,
+        data: Bytes,
+    ) -> Result<(), StreamError> {
         let Some(replica) = self.streams.get_mut(&stream_id) else {
             return Err(StreamError::Closed);
         };
@@ -56,44 +105,42 @@ impl Server {
                 committed: applied,
             });
         }
-        let storage = replica.node.store();
+        let storage = replica.node.mut_store();
         if up_to <= storage.snapshot_ref().get_metadata().index {
             return Ok(());
         }
-        let mut batch = LogBatch::default();
+        // Rounds still at the sync thread are written before this batch, and raft applies
+        // only persisted entries, so no unwritten round holds an entry this compacts; a
+        // history key it deletes but an earlier round still writes is ignored as stale (see
+        // `EngineStorage::conf_state_at`).
         let snapshot = storage
-            .stage_compaction(up_to, data, &mut batch)
+            .stage_compaction(up_to, data, &mut self.unsynced.batch)
             .map_err(|reason| StreamError::Corruption {
                 location: format!("raft stream {stream_id} at {up_to}"),
                 reason,
             })?;
-        // Synced here, not in the next round: the application may drop what the snapshot
-        // replaces as soon as this returns. Truncations are rare (one per flush). The sync
-        // thread may be writing a round meanwhile, which is safe: raft applies only
-        // persisted entries, so no unwritten round holds an entry this compacts, and a
-        // history key it deletes but a round still writes is ignored as stale (see
-        // `EngineStorage::conf_state_at`).
-        match write_synced(&engine, &mut batch, true) {
-            Ok(()) => {}
-            Err(WriteFailure::Engine(e)) => {
-                return Err(StreamError::Io {
-                    context: format!("writing the snapshot of raft stream {stream_id}"),
-                    source: Arc::new(std::io::Error::other(e.to_string())),
-                });
-            }
-            // The engine's state is unknown after a failed fsync: the server stops.
-            Err(WriteFailure::FsyncPanicked) => return Err(self.fail(fsync_failed())),
-        }
-        replica.node.mut_store().set_snapshot(snapshot);
+        // From here raft reads nothing below the cut, which the batch deletes.
+        storage.set_snapshot(snapshot);
         // A subscription from below the cut starts with the snapshot, as it would once
         // the entries are gone from the engine.
         replica.published.recent.discard_through(up_to);
         // The compaction may leave a follower needing the snapshot: let the next ready see
         // this stream even if nothing else touched it.
         self.touched.insert(stream_id);
+        Ok(())
+    }
+
+    /// Once a round is durable: answers the truncations it carried and lets raft-engine
+    /// purge the files they emptied.
+    pub(super) fn finish_truncations(&mut self, truncations: Vec<TruncateReply>) {
+        if truncations.is_empty() {
+            return;
+        }
+        for reply in truncations {
+            let _ = reply.send(Ok(()));
+        }
         self.purge.due = true;
         self.purge_if_due();
-        Ok(())
     }
 
     /// The latest snapshot of `stream_id` on this replica, if its log was ever compacted.

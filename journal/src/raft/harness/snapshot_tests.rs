@@ -8,6 +8,7 @@ use bytes::Bytes;
 use luna_kernel::stream::{Snapshot, StreamError};
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
+use tokio::sync::oneshot::error::TryRecvError;
 
 use super::{STREAM, Sim, dir_bytes, seeds};
 use crate::raft::{Membership, RaftConfig, Server, sync};
@@ -21,17 +22,24 @@ impl Sim {
             self.snapshots.len()
         ));
         let given = data.clone();
-        match self
+        let mut answer = self
             .host(id)
-            .with(move |s| s.truncate(STREAM, up_to, given))
-        {
-            Ok(()) => {
+            .with(move |s| s.truncate(STREAM, up_to, given));
+        match answer.try_recv() {
+            // Not answered yet: it is durable after the next sync, but the replica may
+            // send the snapshot before that.
+            Err(TryRecvError::Empty) => {
                 self.snapshots.insert(data, up_to);
+                self.drain(id);
             }
-            Err(StreamError::BeyondCommitted { up_to, committed }) => {
+            Ok(Err(StreamError::BeyondCommitted { up_to, committed })) => {
                 assert!(up_to > committed, "seed {}", self.seed)
             }
-            Err(e) => panic!("seed {}: truncate on {id} failed: {e}", self.seed),
+            Ok(result) => panic!(
+                "seed {}: truncate on {id} answered before a sync: {result:?}",
+                self.seed
+            ),
+            Err(TryRecvError::Closed) => panic!("seed {}: truncate on {id} dropped", self.seed),
         }
     }
 
@@ -245,10 +253,9 @@ fn drain(server: &mut Server) {
     }
 }
 
-#[test]
-fn compaction_reclaims_log_space() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = RaftConfig::new(1, dir.path());
+/// A lone voter's server on `dir`, with small raft-engine files, leading its stream.
+fn lone_leader(dir: &std::path::Path) -> Server {
+    let mut config = RaftConfig::new(1, dir);
     config.engine_file_size = 64 << 10;
     config.engine_purge_threshold = 256 << 10;
     let mut server = Server::open(config).expect("open");
@@ -262,6 +269,54 @@ fn compaction_reclaims_log_space() {
         }
     }
     assert!(leadership.borrow().is_leader, "a lone voter leads");
+    server
+}
+
+#[test]
+fn a_truncation_is_answered_once_its_round_is_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = lone_leader(dir.path());
+    let appended: Vec<_> = (0..20)
+        .map(|i| server.propose(STREAM, Bytes::from(format!("entry-{i}"))))
+        .collect();
+    drain(&mut server);
+    for mut answer in appended {
+        assert!(matches!(answer.try_recv(), Ok(Ok(_))), "an append failed");
+    }
+    let mut lost = server.truncate(STREAM, 15, Bytes::from_static(b"at 15"));
+    // Staged, not written: a crash now keeps the whole log, and the answer never came.
+    assert!(matches!(lost.try_recv(), Err(TryRecvError::Empty)));
+    assert_eq!(
+        server.first_index(STREAM),
+        Some(16),
+        "raft reads past the cut"
+    );
+    drop(server);
+    assert!(matches!(lost.try_recv(), Err(TryRecvError::Closed)));
+    let mut server = lone_leader(dir.path());
+    assert_eq!(server.snapshot(STREAM), None);
+    assert_eq!(server.first_index(STREAM), Some(1));
+    let mut truncated = server.truncate(STREAM, 15, Bytes::from_static(b"at 15"));
+    // Below the staged cut: nothing to write, but answered only with it.
+    let mut below = server.truncate(STREAM, 10, Bytes::from_static(b"at 10"));
+    assert!(matches!(below.try_recv(), Err(TryRecvError::Empty)));
+    drain(&mut server);
+    assert!(matches!(truncated.try_recv(), Ok(Ok(()))));
+    assert!(matches!(below.try_recv(), Ok(Ok(()))));
+    drop(server);
+    let server = lone_leader(dir.path());
+    assert_eq!(server.first_index(STREAM), Some(16));
+    let snapshot = server.snapshot(STREAM).expect("the snapshot is durable");
+    assert_eq!(
+        (snapshot.index, snapshot.data),
+        (15, Bytes::from_static(b"at 15"))
+    );
+}
+
+#[test]
+fn compaction_reclaims_log_space() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = lone_leader(dir.path());
     // Incompressible entries, so the log really takes the space.
     let mut rng = SmallRng::seed_from_u64(1);
     let mut answers = Vec::new();
@@ -280,13 +335,13 @@ fn compaction_reclaims_log_space() {
     let committed = *server.watch_committed(STREAM).expect("stream").borrow();
     assert!(committed >= 3000, "committed {committed}");
     let (used, disk) = (server.engine().get_used_size(), dir_bytes(dir.path()));
-    server
-        .truncate(
-            STREAM,
-            committed,
-            Bytes::from_static(b"everything is flushed"),
-        )
-        .expect("truncate");
+    let mut truncated = server.truncate(
+        STREAM,
+        committed,
+        Bytes::from_static(b"everything is flushed"),
+    );
+    drain(&mut server);
+    assert!(matches!(truncated.try_recv(), Ok(Ok(()))), "truncate");
     let (used_after, disk_after) = (server.engine().get_used_size(), dir_bytes(dir.path()));
     println!("log files: {used} -> {used_after} bytes in use, {disk} -> {disk_after} on disk");
     assert!(used_after * 2 < used, "{used} -> {used_after} bytes in use");
