@@ -91,6 +91,7 @@ fn request_id(seq: u64) -> Option<pb::RequestId> {
     Some(pb::RequestId {
         client_id: Bytes::from_static(b"dead-client-0001"),
         seq,
+        done_below: 0,
     })
 }
 

@@ -10,6 +10,7 @@ use luna_proto::tablet as pb;
 
 use crate::error::{ClientError, Result};
 use crate::exec::{Access, CallSpec, LiveLock, Locate, Outcome, on_tablet};
+use crate::request_ids::InFlightRequest;
 use crate::retry::Deadline;
 use crate::routing::{RouteCache, RouteTable, TabletEntry};
 use crate::{Inner, MAX_KEY_LEN, MAX_VALUE_LEN};
@@ -365,7 +366,7 @@ impl Collection {
     async fn write_part(
         &self,
         mutations: Vec<pb::Mutation>,
-        request_id: pb::RequestId,
+        request_id: InFlightRequest,
         operation: &'static str,
         deadline: &Deadline,
     ) -> (Vec<pb::Mutation>, Result<Outcome<u64>>) {

@@ -49,6 +49,7 @@ mod conn;
 mod error;
 mod exec;
 mod mux;
+mod request_ids;
 mod retry;
 mod routing;
 mod scan;
@@ -62,7 +63,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use luna_proto::tablet::RequestId;
 use tonic::transport::Channel;
 
 pub use admin::{Admin, CollectionSpec, TabletMoved};
@@ -76,6 +76,7 @@ pub use luna_proto::master::{
 pub use txn::{DEFAULT_LOCK_TTL, Transaction, TxnFuture};
 
 use mux::TabletConn;
+use request_ids::{InFlightRequest, RequestIds};
 use routing::RouteCache;
 
 /// Largest key in bytes, as stored (a hash collection's stored key includes a 4-byte hash
@@ -167,7 +168,7 @@ pub(crate) struct Inner {
     pub(crate) unreachable: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Random, identifies this client's writes for deduplication.
     client_id: Bytes,
-    next_seq: AtomicU64,
+    request_ids: Arc<RequestIds>,
     /// Counts operations, to vary their backoff jitter.
     next_op: AtomicU64,
     /// The largest commit timestamp this client was answered with: timestamps it asks for
@@ -210,7 +211,7 @@ impl Inner {
             tablet_conns: Mutex::new(HashMap::new()),
             unreachable: Mutex::new(HashMap::new()),
             client_id: Bytes::copy_from_slice(uuid::Uuid::new_v4().as_bytes()),
-            next_seq: AtomicU64::new(0),
+            request_ids: Arc::default(),
             next_op: AtomicU64::new(0),
             max_commit_ts: AtomicU64::new(0),
             timestamps: tso::TimestampQueue::default(),
@@ -234,12 +235,9 @@ impl Inner {
         &self.client_id
     }
 
-    /// A new request id for one write (its retries reuse it).
-    pub(crate) fn next_request_id(&self) -> RequestId {
-        RequestId {
-            client_id: self.client_id.clone(),
-            seq: self.next_seq.fetch_add(1, Ordering::Relaxed) + 1,
-        }
+    /// A new request id for one write (its retries reuse it), in flight until dropped.
+    pub(crate) fn next_request_id(&self) -> InFlightRequest {
+        self.request_ids.start(&self.client_id)
     }
 
     /// A seed for one operation's backoff jitter: differs between clients and operations.

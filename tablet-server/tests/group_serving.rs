@@ -204,6 +204,7 @@ async fn write(
                     request_id: Some(pb::RequestId {
                         client_id: Bytes::from_static(&[9; 16]),
                         seq: request_seq,
+                        done_below: 0,
                     }),
                     mutations: mutations.clone(),
                 })

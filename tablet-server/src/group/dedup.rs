@@ -5,6 +5,10 @@
 //! eviction: by count, oldest first), so a new leader deduplicates what the old one applied.
 //! The table covers the most recent `CAPACITY` writes; a retry older than that is applied
 //! again, which is why clients retry within a deadline of seconds.
+//!
+//! A request id also says which of its client's writes are done (`done_below`: answered or
+//! given up on, never sent again). A tablet's handoff leaves those out, which keeps it to
+//! the writes its clients may still retry.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -14,9 +18,17 @@ use luna_proto::tablet::RequestId;
 /// Writes remembered per group.
 const CAPACITY: usize = 200_000;
 
-/// A request id as a map key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A request id, checked: which write of which client, and which of that client's
+/// writes are done.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RequestKey {
+    write: WriteId,
+    done_below: u64,
+}
+
+/// Which write of which client: what the table is keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct WriteId {
     client_id: [u8; 16],
     seq: u64,
 }
@@ -26,16 +38,20 @@ impl RequestKey {
     pub(crate) fn new(id: &RequestId) -> Option<RequestKey> {
         let client_id = <[u8; 16]>::try_from(id.client_id.as_ref()).ok()?;
         Some(RequestKey {
-            client_id,
-            seq: id.seq,
+            write: WriteId {
+                client_id,
+                seq: id.seq,
+            },
+            done_below: id.done_below,
         })
     }
 
     /// The proto form of the key.
     pub(crate) fn to_proto(&self) -> RequestId {
         RequestId {
-            client_id: bytes::Bytes::copy_from_slice(&self.client_id),
-            seq: self.seq,
+            client_id: bytes::Bytes::copy_from_slice(&self.write.client_id),
+            seq: self.write.seq,
+            done_below: self.done_below,
         }
     }
 }
@@ -47,23 +63,49 @@ pub(crate) struct Applied {
     pub(crate) commit_ts: u64,
 }
 
+/// One remembered request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Record {
+    applied: Applied,
+    /// The request's `done_below`.
+    done_below: u64,
+}
+
+impl Record {
+    /// A request restored from a snapshot or a handoff, which do not keep `done_below`.
+    fn unknown_done(applied: Applied) -> Record {
+        Record {
+            applied,
+            done_below: 0,
+        }
+    }
+}
+
 /// The recently applied requests of one group.
 #[derive(Debug, Default)]
 pub(crate) struct Dedup {
-    applied: HashMap<RequestKey, Applied>,
-    order: VecDeque<RequestKey>,
+    applied: HashMap<WriteId, Record>,
+    order: VecDeque<WriteId>,
 }
 
 impl Dedup {
     /// The earlier application of `key`, if remembered.
     pub(crate) fn get(&self, key: &RequestKey) -> Option<Applied> {
-        self.applied.get(key).copied()
+        self.applied.get(&key.write).map(|record| record.applied)
     }
 
     /// Records that `key` was applied; the oldest record goes once the table is full.
     pub(crate) fn insert(&mut self, key: RequestKey, applied: Applied) {
-        if self.applied.insert(key.clone(), applied).is_none() {
-            self.order.push_back(key);
+        let record = Record {
+            applied,
+            done_below: key.done_below,
+        };
+        self.remember(key.write, record);
+    }
+
+    fn remember(&mut self, write: WriteId, record: Record) {
+        if self.applied.insert(write, record).is_none() {
+            self.order.push_back(write);
         }
         while self.order.len() > CAPACITY {
             if let Some(oldest) = self.order.pop_front() {
@@ -76,34 +118,41 @@ impl Dedup {
     /// group at `index`.
     pub(crate) fn records_up_to(&self, index: u64) -> RecentRequests {
         let mut recording = Recording::new(true);
-        for key in &self.order {
-            if let Some(applied) = self.applied.get(key).filter(|a| a.index <= index) {
-                recording.push(key, applied);
+        for write in &self.order {
+            if let Some(record) = self.applied.get(write).filter(|r| r.applied.index <= index) {
+                recording.push(write, &record.applied);
             }
         }
         recording.recent
     }
 
-    /// The newest requests (at most `limit`) committed at or above `min_commit_ts`, oldest
-    /// first and without their indexes: the ones a client may still retry, for the group a
-    /// tablet moves to.
+    /// The newest requests (at most `limit`) committed at or above `min_commit_ts` that
+    /// their clients may still retry, oldest first and without their indexes, for the
+    /// group a tablet moves to. A write below the highest `done_below` its client sent is
+    /// done: the client never sends it again, so no other group will meet it.
     pub(crate) fn recent(&self, min_commit_ts: u64, limit: usize) -> RecentRequests {
-        let newest: Vec<&RequestKey> = self
+        let mut done_below: HashMap<[u8; 16], u64> = HashMap::new();
+        for (write, record) in &self.applied {
+            let done = done_below.entry(write.client_id).or_default();
+            *done = (*done).max(record.done_below);
+        }
+        let may_retry = |write: &WriteId, record: &Record| {
+            record.applied.commit_ts >= min_commit_ts
+                && done_below
+                    .get(&write.client_id)
+                    .is_none_or(|&done| write.seq >= done)
+        };
+        let newest: Vec<(&WriteId, &Record)> = self
             .order
             .iter()
             .rev()
-            .filter(|key| {
-                self.applied
-                    .get(*key)
-                    .is_some_and(|applied| applied.commit_ts >= min_commit_ts)
-            })
+            .filter_map(|write| Some(write).zip(self.applied.get(write)))
+            .filter(|(write, record)| may_retry(write, record))
             .take(limit)
             .collect();
         let mut recording = Recording::new(false);
-        for key in newest.into_iter().rev() {
-            if let Some(applied) = self.applied.get(key) {
-                recording.push(key, applied);
-            }
+        for (write, record) in newest.into_iter().rev() {
+            recording.push(write, &record.applied);
         }
         recording.recent
     }
@@ -114,8 +163,8 @@ impl Dedup {
         legacy: &[AppliedRequest],
     ) -> Dedup {
         let mut dedup = Dedup::default();
-        for (key, applied) in legacy_records(legacy).chain(replay(recent)) {
-            dedup.insert(key, applied);
+        for (write, applied) in legacy_records(legacy).chain(replay(recent)) {
+            dedup.remember(write, Record::unknown_done(applied));
         }
         dedup
     }
@@ -128,8 +177,8 @@ impl Dedup {
         legacy: &[AppliedRequest],
         index: u64,
     ) {
-        for (key, applied) in legacy_records(legacy).chain(replay(recent)) {
-            self.insert(key, Applied { index, ..applied });
+        for (write, applied) in legacy_records(legacy).chain(replay(recent)) {
+            self.remember(write, Record::unknown_done(Applied { index, ..applied }));
         }
     }
 }
@@ -158,17 +207,17 @@ impl Recording {
         }
     }
 
-    fn push(&mut self, key: &RequestKey, applied: &Applied) {
-        let slot = *self.slots.entry(key.client_id).or_insert_with(|| {
+    fn push(&mut self, write: &WriteId, applied: &Applied) {
+        let slot = *self.slots.entry(write.client_id).or_insert_with(|| {
             self.recent
                 .client_ids
-                .push(bytes::Bytes::copy_from_slice(&key.client_id));
+                .push(bytes::Bytes::copy_from_slice(&write.client_id));
             self.last_seq.push(0);
             u32::try_from(self.last_seq.len() - 1).unwrap_or(u32::MAX)
         });
         self.recent.clients.push(slot);
         if let Some(last) = self.last_seq.get_mut(slot as usize) {
-            self.recent.seq_deltas.push(delta(last, key.seq));
+            self.recent.seq_deltas.push(delta(last, write.seq));
         }
         let step = delta(&mut self.last_commit_ts, applied.commit_ts);
         self.recent.commit_ts_deltas.push(step);
@@ -176,6 +225,23 @@ impl Recording {
             let step = delta(&mut self.last_index, applied.index);
             self.recent.index_deltas.push(step);
         }
+    }
+}
+
+#[cfg(test)]
+impl Recording {
+    /// The requests `(client, seq)`, in order, as a snapshot records them (index and
+    /// commit timestamp 1).
+    fn records(writes: impl IntoIterator<Item = ([u8; 16], u64)>) -> RecentRequests {
+        let mut recording = Recording::new(true);
+        let applied = Applied {
+            index: 1,
+            commit_ts: 1,
+        };
+        for (client_id, seq) in writes {
+            recording.push(&WriteId { client_id, seq }, &applied);
+        }
+        recording.recent
     }
 }
 
@@ -188,7 +254,7 @@ fn delta(last: &mut u64, next: u64) -> i64 {
 
 /// The requests of `recent`, in order. A request of a malformed client id is skipped, and
 /// the requests end where the shortest list ends. Index 0 where indexes are not kept.
-fn replay(recent: Option<&RecentRequests>) -> Vec<(RequestKey, Applied)> {
+fn replay(recent: Option<&RecentRequests>) -> Vec<(WriteId, Applied)> {
     let Some(recent) = recent else {
         return Vec::new();
     };
@@ -217,24 +283,24 @@ fn replay(recent: Option<&RecentRequests>) -> Vec<(RequestKey, Applied)> {
             continue;
         };
         *last = last.wrapping_add(seq_step as u64);
-        let key = RequestKey {
+        let write = WriteId {
             client_id: *client_id,
             seq: *last,
         };
-        requests.push((key, Applied { index, commit_ts }));
+        requests.push((write, Applied { index, commit_ts }));
     }
     requests
 }
 
 /// The requests of the form written before [`RecentRequests`].
-fn legacy_records(records: &[AppliedRequest]) -> impl Iterator<Item = (RequestKey, Applied)> + '_ {
+fn legacy_records(records: &[AppliedRequest]) -> impl Iterator<Item = (WriteId, Applied)> + '_ {
     records.iter().filter_map(|record| {
         let key = RequestKey::new(record.request_id.as_ref()?)?;
         let applied = Applied {
             index: record.index,
             commit_ts: record.commit_ts,
         };
-        Some((key, applied))
+        Some((key.write, applied))
     })
 }
 
@@ -242,11 +308,15 @@ fn legacy_records(records: &[AppliedRequest]) -> impl Iterator<Item = (RequestKe
 mod tests {
     use super::*;
 
-    fn key(seq: u64) -> RequestKey {
+    fn request(client_id: [u8; 16], seq: u64, done_below: u64) -> RequestKey {
         RequestKey {
-            client_id: [7; 16],
-            seq,
+            write: WriteId { client_id, seq },
+            done_below,
         }
+    }
+
+    fn key(seq: u64) -> RequestKey {
+        request([7; 16], seq, 0)
     }
 
     #[test]
@@ -319,7 +389,7 @@ mod tests {
                     index: 1_000 + seq,
                     commit_ts,
                 };
-                dedup.insert(RequestKey { client_id, seq }, applied);
+                dedup.insert(request(client_id, seq, 0), applied);
             }
         }
         let handoff = dedup.recent(0, 50_000);
@@ -331,15 +401,68 @@ mod tests {
         let mut adopted = Dedup::default();
         adopted.insert_handed_off(Some(&handoff), &[], 77);
         assert_eq!(adopted.applied.len(), 50_000);
-        for (key, applied) in &dedup.applied {
+        for (write, record) in &dedup.applied {
             assert_eq!(
-                adopted.get(key),
+                adopted.applied.get(write).map(|adopted| adopted.applied),
                 Some(Applied {
                     index: 77,
-                    ..*applied
+                    ..record.applied
                 })
             );
         }
+    }
+
+    /// A handoff carries only the writes their clients may still retry: not those below
+    /// the highest `done_below` a client sent, whatever order its writes applied in.
+    #[test]
+    fn a_handoff_leaves_out_what_clients_are_done_with() {
+        let (windowed, old_sdk, restored) = ([1; 16], [2; 16], [3; 16]);
+        let mut dedup = Dedup::from_snapshot(
+            Some(&Recording::records([(restored, 1), (restored, 2)])),
+            &[],
+        );
+        let applied = |dedup: &mut Dedup, key: RequestKey| {
+            let at = dedup.order.len() as u64 + 1;
+            dedup.insert(
+                key,
+                Applied {
+                    index: at,
+                    commit_ts: at,
+                },
+            );
+        };
+        // Up to four writes in flight; the newest applies first in each pair.
+        for seq in (1..=100u64).collect::<Vec<_>>().chunks(2) {
+            for &seq in seq.iter().rev() {
+                applied(
+                    &mut dedup,
+                    request(windowed, seq, seq.saturating_sub(3).max(1)),
+                );
+            }
+        }
+        for seq in 1..=5 {
+            applied(&mut dedup, request(old_sdk, seq, 0));
+        }
+        applied(&mut dedup, request(restored, 3, 3));
+        let handed_off = replay(Some(&dedup.recent(0, 1_000)));
+        let seqs = |client| -> Vec<u64> {
+            let mut seqs: Vec<u64> = handed_off
+                .iter()
+                .filter(|(write, _)| write.client_id == client)
+                .map(|(write, _)| write.seq)
+                .collect();
+            seqs.sort_unstable();
+            seqs
+        };
+        assert_eq!(seqs(windowed), vec![97, 98, 99, 100]);
+        assert_eq!(seqs(old_sdk), vec![1, 2, 3, 4, 5], "0 says nothing is done");
+        assert_eq!(
+            seqs(restored),
+            vec![3],
+            "a later write says the older ones are done"
+        );
+        // The group itself still answers a retry of any of them.
+        assert!(dedup.get(&request(windowed, 1, 0)).is_some());
     }
 
     #[test]
@@ -392,7 +515,7 @@ mod tests {
                 index: seq / 4,
                 commit_ts: 1_000 - seq,
             };
-            dedup.insert(RequestKey { client_id, seq }, applied);
+            dedup.insert(request(client_id, seq, 0), applied);
         }
         let restored = Dedup::from_snapshot(Some(&dedup.records_up_to(u64::MAX)), &[]);
         assert_eq!(restored.order, dedup.order);
@@ -404,11 +527,13 @@ mod tests {
         let id = RequestId {
             client_id: bytes::Bytes::from_static(b"short"),
             seq: 1,
+            done_below: 0,
         };
         assert!(RequestKey::new(&id).is_none());
         let id = RequestId {
             client_id: bytes::Bytes::from_static(&[1; 16]),
             seq: 9,
+            done_below: 7,
         };
         assert_eq!(RequestKey::new(&id).map(|key| key.to_proto()), Some(id));
     }

@@ -223,11 +223,18 @@ impl TabletService {
                     "request_id.client_id must be 16 bytes".to_owned(),
                 )
             }),
-            None => RequestKey::new(&pb::RequestId {
-                client_id: Bytes::copy_from_slice(&self.own_client_id),
-                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-            })
-            .ok_or_else(|| TabletServerError::Internal("server request id".to_owned())),
+            None => {
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                // Proposed once and never sent again (a caller's retry gets a new id), so
+                // every earlier id of this server is done, as far as a move's handoff cares.
+                let id = pb::RequestId {
+                    client_id: Bytes::copy_from_slice(&self.own_client_id),
+                    seq,
+                    done_below: seq,
+                };
+                RequestKey::new(&id)
+                    .ok_or_else(|| TabletServerError::Internal("server request id".to_owned()))
+            }
         }
     }
 }
