@@ -1,6 +1,7 @@
 //! The transaction protocol spoken raw, as a client that dies half-way would leave it:
 //! locks resolved through the primary by readers (after its prewrites, after its primary's
-//! group decided, while it is still deciding), and typed answers to bad input.
+//! group decided, while it is still deciding), and typed answers to bad input. Also a
+//! write's retry across a tablet move, by request id.
 //! tests/transactions.rs drives transactions through the SDK.
 
 mod support;
@@ -32,51 +33,83 @@ async fn raw_servers(client: &Client) -> Vec<TabletClient<Channel>> {
     raw
 }
 
-/// Sends `request` to each server until one leads the tablet's group.
-async fn prewrite_on_leader(
-    servers: &mut [TabletClient<Channel>],
-    request: pb::PrewriteRequest,
-) -> pb::PrewriteResponse {
+/// Calls each server in turn until one leads the tablet's group: `call` answers the
+/// error kind of the server's response, and the response.
+async fn on_leader<T, Fut>(
+    servers: &[TabletClient<Channel>],
+    what: &str,
+    call: impl Fn(TabletClient<Channel>) -> Fut,
+) -> (Option<Kind>, T)
+where
+    Fut: std::future::Future<Output = (Option<Kind>, T)>,
+{
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        for server in servers.iter_mut() {
-            let response = server
-                .prewrite(request.clone())
-                .await
-                .expect("prewrite")
-                .into_inner();
-            match response
-                .error
-                .as_ref()
-                .and_then(|error| error.kind.as_ref())
-            {
-                Some(Kind::NotLeader(_)) | Some(Kind::TabletNotFound(_)) => {}
-                _ => return response,
+        for server in servers {
+            let (kind, response) = call(server.clone()).await;
+            if !matches!(
+                kind,
+                Some(Kind::NotLeader(_)) | Some(Kind::TabletNotFound(_))
+            ) {
+                return (kind, response);
             }
         }
-        assert!(Instant::now() < deadline, "no leader took the prewrite");
+        assert!(Instant::now() < deadline, "no leader took the {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-async fn resolve_on_leader(servers: &mut [TabletClient<Channel>], request: pb::ResolveRequest) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        for server in servers.iter_mut() {
+/// Sends `request` to each server until one leads the tablet's group.
+async fn prewrite_on_leader(
+    servers: &[TabletClient<Channel>],
+    request: pb::PrewriteRequest,
+) -> pb::PrewriteResponse {
+    let (_, response) = on_leader(servers, "prewrite", |mut server| {
+        let request = request.clone();
+        async move {
             let response = server
-                .resolve(request.clone())
+                .prewrite(request)
                 .await
-                .expect("resolve")
+                .expect("prewrite")
                 .into_inner();
-            match response.error.and_then(|error| error.kind) {
-                Some(Kind::NotLeader(_)) | Some(Kind::TabletNotFound(_)) => {}
-                None => return,
-                Some(other) => panic!("resolve failed: {other:?}"),
-            }
+            (
+                response.error.clone().and_then(|error| error.kind),
+                response,
+            )
         }
-        assert!(Instant::now() < deadline, "no leader took the commit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    response
+}
+
+async fn resolve_on_leader(servers: &[TabletClient<Channel>], request: pb::ResolveRequest) {
+    let (kind, ()) = on_leader(servers, "commit", |mut server| {
+        let request = request.clone();
+        async move {
+            let response = server.resolve(request).await.expect("resolve").into_inner();
+            (response.error.and_then(|error| error.kind), ())
+        }
+    })
+    .await;
+    assert!(kind.is_none(), "resolve failed: {kind:?}");
+}
+
+/// Sends `request` to each server until one leads the tablet's group, and answers the
+/// write's commit timestamp.
+async fn write_on_leader(servers: &[TabletClient<Channel>], request: pb::WriteRequest) -> u64 {
+    let (kind, commit_ts) = on_leader(servers, "write", |mut server| {
+        let request = request.clone();
+        async move {
+            let response = server.write(request).await.expect("write").into_inner();
+            (
+                response.error.and_then(|error| error.kind),
+                response.commit_ts,
+            )
+        }
+    })
+    .await;
+    assert!(kind.is_none(), "write failed: {kind:?}");
+    commit_ts
 }
 
 fn put(key: &str, value: &str) -> pb::Mutation {
@@ -160,7 +193,7 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
     let start_ts = client.timestamp().await.expect("ts");
     let (primary, secondary) = prewrite(start_ts, 1, "a1", "z1", 500);
     for request in [primary.clone(), secondary] {
-        let response = prewrite_on_leader(&mut servers, request).await;
+        let response = prewrite_on_leader(&servers, request).await;
         assert!(response.error.is_none(), "{:?}", response.error);
     }
     let read = Instant::now();
@@ -172,7 +205,7 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
     assert_eq!(text(kv.get("a1").await.expect("get")), Some("old".into()));
     // The primary was rolled back: a late prewrite of it cannot lock it again.
     let late = prewrite_on_leader(
-        &mut servers,
+        &servers,
         pb::PrewriteRequest {
             request_id: request_id(10),
             ..primary
@@ -193,7 +226,7 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
     // rolling the transaction back; once the primary's group commits, it commits the lock.
     let start_ts = client.timestamp().await.expect("ts");
     let (primary, secondary) = prewrite(start_ts, 50, "a4", "z4", 60_000);
-    let locked = prewrite_on_leader(&mut servers, secondary).await;
+    let locked = prewrite_on_leader(&servers, secondary).await;
     assert!(locked.error.is_none(), "{:?}", locked.error);
     let reader = {
         let kv = kv.clone();
@@ -210,12 +243,12 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
         commit_above,
         ..primary
     };
-    let decided = prewrite_on_leader(&mut servers, deciding.clone()).await;
+    let decided = prewrite_on_leader(&servers, deciding.clone()).await;
     assert!(decided.error.is_none(), "{:?}", decided.error);
     assert!(decided.commit_ts > commit_above);
     // Sent again under another request id (past deduplication), it answers the same.
     let again = prewrite_on_leader(
-        &mut servers,
+        &servers,
         pb::PrewriteRequest {
             request_id: request_id(52),
             ..deciding
@@ -235,12 +268,12 @@ async fn a_dead_clients_locks_are_resolved_through_its_primary() {
     let start_ts = client.timestamp().await.expect("ts");
     let (primary, secondary) = prewrite(start_ts, 20, "a2", "z2", 60_000);
     for request in [primary, secondary] {
-        let response = prewrite_on_leader(&mut servers, request).await;
+        let response = prewrite_on_leader(&servers, request).await;
         assert!(response.error.is_none(), "{:?}", response.error);
     }
     let commit_ts = client.timestamp().await.expect("ts");
     resolve_on_leader(
-        &mut servers,
+        &servers,
         pb::ResolveRequest {
             request_id: request_id(30),
             start_ts,
@@ -444,5 +477,52 @@ async fn a_tablet_that_moved_away_is_reported_at_a_stale_epoch() {
         matches!(kind, Some(Kind::EpochMismatch(_))),
         "{kind:?}\n{}",
         universe.logs()
+    );
+}
+
+/// A retry that reaches a tablet's new group after a move is answered with the outcome of
+/// the write its old group applied, and not applied again: the handoff keeps the ids of
+/// writes still in flight, which `done_below` says this one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_retried_after_its_tablet_moved_is_answered_and_not_applied_again() {
+    let (universe, client) = with_two_tablets(Universe::start(3), 3).await;
+    let admin = client.admin();
+    let tablet = admin.list_tablets("app", "kv").await.expect("tablets")[0].clone();
+    let to_group = admin
+        .list_groups()
+        .await
+        .expect("groups")
+        .into_iter()
+        .map(|group| group.id)
+        .find(|&group| group != tablet.group_id)
+        .expect("a second group");
+    let servers = raw_servers(&client).await;
+    let write = |tablet: &luna_client::TabletInfo, seq: u64, value: &str| pb::WriteRequest {
+        tablet: Some(pb::TabletRef {
+            tablet_id: tablet.id,
+            epoch: tablet.epoch,
+        }),
+        request_id: Some(pb::RequestId {
+            client_id: Bytes::from_static(b"retrying-client1"),
+            seq,
+            // The first write's answer is lost: it stays in flight, to be retried.
+            done_below: 1,
+        }),
+        mutations: vec![put("a1", value)],
+    };
+    let first_ts = write_on_leader(&servers, write(&tablet, 1, "first")).await;
+    write_on_leader(&servers, write(&tablet, 2, "second")).await;
+    let moved = admin
+        .move_tablet(tablet.id, to_group)
+        .await
+        .expect("move")
+        .tablet;
+    let retried_ts = write_on_leader(&servers, write(&moved, 1, "first")).await;
+    assert_eq!(retried_ts, first_ts, "{}", universe.logs());
+    let kv = client.database("app").collection("kv");
+    assert_eq!(
+        text(kv.get("a1").await.expect("get")),
+        Some("second".into()),
+        "the retry was applied again"
     );
 }
