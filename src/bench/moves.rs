@@ -68,6 +68,9 @@ struct MoveReport {
     move_ms: f64,
     /// The largest gap between successful writes to the tablet that overlaps the move.
     write_window_ms: f64,
+    /// Where that gap began, from the start of the admin call (negative: before it). A
+    /// gap that began long before the seal is a write stall, not the handoff.
+    write_window_from_ms: f64,
     /// The same for reads.
     read_window_ms: f64,
     /// What the move flushed or sent besides metadata (see `MoveTabletResponse`).
@@ -156,14 +159,16 @@ pub async fn run(args: MoveBenchArgs) -> Result<(), CliError> {
     let reads = collect(readers).await;
 
     for (from_group, to_group, begun, ended, bytes_copied) in moves {
+        let write_window = window(&writes, begun, ended);
         let report = MoveReport {
             tablet_id: tablet.id,
             from_group,
             to_group,
             tablet_mb,
             move_ms: ms(ended - begun),
-            write_window_ms: window(&writes, begun, ended),
-            read_window_ms: window(&reads, begun, ended),
+            write_window_ms: write_window.length_ms,
+            write_window_from_ms: write_window.from_ms,
+            read_window_ms: window(&reads, begun, ended).length_ms,
             bytes_copied,
             writes: writes.len() as u64,
             reads: reads.len() as u64,
@@ -173,13 +178,14 @@ pub async fn run(args: MoveBenchArgs) -> Result<(), CliError> {
             println!("{}", super::report::json_line(&report)?);
         } else {
             println!(
-                "move tablet {} ({:.0} MiB) group {} -> {}: {:.1} ms, write window {:.1} ms, read window {:.1} ms, {} bytes copied ({} writes, {} reads, {} errors)",
+                "move tablet {} ({:.0} MiB) group {} -> {}: {:.1} ms, write window {:.1} ms (from {:+.1} ms), read window {:.1} ms, {} bytes copied ({} writes, {} reads, {} errors)",
                 report.tablet_id,
                 report.tablet_mb,
                 report.from_group,
                 report.to_group,
                 report.move_ms,
                 report.write_window_ms,
+                report.write_window_from_ms,
                 report.read_window_ms,
                 report.bytes_copied,
                 report.writes,
@@ -293,16 +299,27 @@ async fn collect(tasks: Vec<(Completions, tokio::task::JoinHandle<()>)>) -> Vec<
     all
 }
 
-/// The largest gap between consecutive completions that overlaps `[begun, ended]`, in ms.
-fn window(completions: &[u64], begun: Duration, ended: Duration) -> f64 {
+/// The largest gap between consecutive completions that overlaps a move.
+#[derive(Debug, PartialEq)]
+struct Window {
+    length_ms: f64,
+    /// Where it began, from the start of the move.
+    from_ms: f64,
+}
+
+/// The largest gap between consecutive completions (in µs) that overlaps `[begun, ended]`.
+fn window(completions: &[u64], begun: Duration, ended: Duration) -> Window {
     let (begun, ended) = (micros(begun), micros(ended));
-    let largest = completions
+    let (from, to) = completions
         .windows(2)
         .filter(|pair| pair[1] >= begun && pair[0] <= ended)
-        .map(|pair| pair[1] - pair[0])
-        .max()
-        .unwrap_or(ended.saturating_sub(begun));
-    largest as f64 / 1000.0
+        .map(|pair| (pair[0], pair[1]))
+        .max_by_key(|(from, to)| to - from)
+        .unwrap_or((begun, ended));
+    Window {
+        length_ms: to.saturating_sub(from) as f64 / 1000.0,
+        from_ms: (from as f64 - begun as f64) / 1000.0,
+    }
 }
 
 fn micros(at: Duration) -> u64 {
@@ -322,10 +339,17 @@ mod tests {
         let at = Duration::from_micros;
         // A 40 ms gap before the move does not count; the 25 ms one across its start does.
         let completions = [0, 40_000, 50_000, 75_000, 76_000, 200_000];
-        assert_eq!(window(&completions, at(60_000), at(70_000)), 25.0);
+        let gap = |length_ms, from_ms| Window { length_ms, from_ms };
+        assert_eq!(
+            window(&completions, at(60_000), at(70_000)),
+            gap(25.0, -10.0)
+        );
         // The gap after the last completion before the end counts too.
-        assert_eq!(window(&completions, at(76_500), at(80_000)), 124.0);
+        assert_eq!(
+            window(&completions, at(76_500), at(80_000)),
+            gap(124.0, -0.5)
+        );
         // Nothing completed at all: the whole move was a gap.
-        assert_eq!(window(&[], at(1_000), at(3_000)), 2.0);
+        assert_eq!(window(&[], at(1_000), at(3_000)), gap(2.0, 0.0));
     }
 }
