@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
 use luna_kernel::stream::{Committed, Entry, Snapshot, Stream};
 use luna_proto::group as gpb;
 use luna_proto::master::TabletInfo;
@@ -20,6 +19,7 @@ use prost::Message;
 
 use super::dedup::{Applied, Dedup, RequestKey};
 use super::locks::{Lock, TxnState};
+use super::truncation::Truncation;
 use super::{Group, Hosted, log_span, storage_range};
 use crate::error::{Result, TabletServerError};
 
@@ -51,7 +51,13 @@ pub(super) async fn run(group: Weak<Group>) {
         };
         let index = entry.index();
         let applied = match entry {
-            Committed::Entry(entry) => group.apply_entry(entry).await,
+            Committed::Entry(entry) => group.apply_entry(entry).await.map(|truncation| {
+                // Not awaited here: it answers after the journal's next fsync, and the
+                // entries behind it would wait for that too.
+                if let Some(truncation) = truncation {
+                    tokio::spawn(truncation.run(Arc::downgrade(&group)));
+                }
+            }),
             Committed::Snapshot(snapshot) => group.install_snapshot(snapshot).await,
         };
         if let Err(error) = applied {
@@ -64,7 +70,8 @@ pub(super) async fn run(group: Weak<Group>) {
 }
 
 impl Group {
-    async fn apply_entry(&self, entry: Entry) -> Result<()> {
+    /// Applies `entry`, and answers the truncation of the journal it allows, if any.
+    async fn apply_entry(&self, entry: Entry) -> Result<Option<Truncation>> {
         let index = entry.index;
         // Set by the entries that may let the log go: a flush, or a tablet leaving.
         let mut releases_log = false;
@@ -146,10 +153,11 @@ impl Group {
             }
         }
         self.applied.send_replace(index);
-        if releases_log {
-            self.truncate_flushed().await;
-        }
-        Ok(())
+        Ok(if releases_log {
+            self.truncation()
+        } else {
+            None
+        })
     }
 
     /// Applies one request's writes (one per tablet), all or none: none if the request was
@@ -451,76 +459,6 @@ impl Group {
             "group state restored from a snapshot"
         );
         Ok(())
-    }
-
-    /// Lets the stream discard entries that every hosted tablet has in its BaseStore,
-    /// behind a snapshot of the group at that index.
-    ///
-    /// The snapshot must describe the group exactly at the truncation index `x`, but it is
-    /// taken later, at the applied index. The tablet set is the same at both only if no
-    /// tablet opened or closed in between, so truncation waits until then; the dedup
-    /// records are cut at `x`. A tablet with nothing in memory has everything it ever
-    /// applied in its BaseStore, so it holds the log back no further than now, and a group
-    /// with no tablets needs none of its log.
-    async fn truncate_flushed(&self) {
-        let applied = self.applied_index();
-        let hosted = self.hosted();
-        let up_to = hosted
-            .iter()
-            .map(|hosted| {
-                if !hosted.holds_writes() {
-                    applied
-                } else {
-                    // A claim inherits the manifest's marker, which an old leader may
-                    // have moved past what this replica applied so far.
-                    hosted.tablet.flushed_up_to().min(applied)
-                }
-            })
-            .min()
-            .unwrap_or(applied);
-        let (up_to, txn_records, txn_safe_point) = match self.txns.lock() {
-            Ok(txns) => {
-                let up_to = txns.truncation_bound(up_to);
-                (up_to, txns.records_up_to(up_to), txns.safe_point())
-            }
-            Err(_) => return,
-        };
-        if up_to <= self.truncated.load(Ordering::Acquire)
-            || self.last_control_index.load(Ordering::Acquire) > up_to
-        {
-            return;
-        }
-        let recent = match self.dedup.lock() {
-            Ok(dedup) => dedup.records_up_to(up_to),
-            Err(_) => return,
-        };
-        let snapshot = gpb::GroupSnapshot {
-            tablets: hosted
-                .into_iter()
-                .map(|hosted| TabletInfo::clone(&hosted.info))
-                .collect(),
-            max_commit_ts: self.max_applied_ts(),
-            txn_records,
-            txn_safe_point,
-            sealed: self.seals(),
-            recent: Some(recent),
-            ..gpb::GroupSnapshot::default()
-        };
-        match self
-            .stream
-            .truncate(up_to, Bytes::from(snapshot.encode_to_vec()))
-            .await
-        {
-            Ok(()) => {
-                self.truncated.fetch_max(up_to, Ordering::AcqRel);
-                if let Ok(mut txns) = self.txns.lock() {
-                    txns.truncated(up_to);
-                }
-            }
-            Err(error) => {
-                tracing::debug!(group = self.id, up_to, %error, "truncating the group journal");
-            }
-        }
     }
 }
 

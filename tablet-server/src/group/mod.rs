@@ -15,6 +15,7 @@ mod moves;
 mod reads;
 mod reconcile;
 mod splits;
+mod truncation;
 mod txn;
 
 use std::collections::{HashMap, VecDeque};
