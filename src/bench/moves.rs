@@ -73,6 +73,9 @@ struct MoveReport {
     write_window_from_ms: f64,
     /// The same for reads.
     read_window_ms: f64,
+    /// For comparison, the largest gap between writes in the second before the move, when
+    /// nothing moved: the stalls the tablet's writes see anyway.
+    write_gap_before_ms: f64,
     /// What the move flushed or sent besides metadata (see `MoveTabletResponse`).
     bytes_copied: u64,
     /// Successful writes and reads during the whole run, and failed ones.
@@ -169,6 +172,7 @@ pub async fn run(args: MoveBenchArgs) -> Result<(), CliError> {
             write_window_ms: write_window.length_ms,
             write_window_from_ms: write_window.from_ms,
             read_window_ms: window(&reads, begun, ended).length_ms,
+            write_gap_before_ms: largest_gap_within(&writes, begun.saturating_sub(SETTLE), begun),
             bytes_copied,
             writes: writes.len() as u64,
             reads: reads.len() as u64,
@@ -178,7 +182,7 @@ pub async fn run(args: MoveBenchArgs) -> Result<(), CliError> {
             println!("{}", super::report::json_line(&report)?);
         } else {
             println!(
-                "move tablet {} ({:.0} MiB) group {} -> {}: {:.1} ms, write window {:.1} ms (from {:+.1} ms), read window {:.1} ms, {} bytes copied ({} writes, {} reads, {} errors)",
+                "move tablet {} ({:.0} MiB) group {} -> {}: {:.1} ms, write window {:.1} ms (from {:+.1} ms; {:.1} ms in the second before), read window {:.1} ms, {} bytes copied ({} writes, {} reads, {} errors)",
                 report.tablet_id,
                 report.tablet_mb,
                 report.from_group,
@@ -186,6 +190,7 @@ pub async fn run(args: MoveBenchArgs) -> Result<(), CliError> {
                 report.move_ms,
                 report.write_window_ms,
                 report.write_window_from_ms,
+                report.write_gap_before_ms,
                 report.read_window_ms,
                 report.bytes_copied,
                 report.writes,
@@ -322,6 +327,18 @@ fn window(completions: &[u64], begun: Duration, ended: Duration) -> Window {
     }
 }
 
+/// The largest gap between consecutive completions (in µs) inside `[from, to]`, in ms.
+fn largest_gap_within(completions: &[u64], from: Duration, to: Duration) -> f64 {
+    let (from, to) = (micros(from), micros(to));
+    let largest = completions
+        .windows(2)
+        .filter(|pair| pair[0] >= from && pair[1] <= to)
+        .map(|pair| pair[1] - pair[0])
+        .max()
+        .unwrap_or(0);
+    largest as f64 / 1000.0
+}
+
 fn micros(at: Duration) -> u64 {
     u64::try_from(at.as_micros()).unwrap_or(u64::MAX)
 }
@@ -351,5 +368,11 @@ mod tests {
         );
         // Nothing completed at all: the whole move was a gap.
         assert_eq!(window(&[], at(1_000), at(3_000)), gap(2.0, 0.0));
+        // Before a move, only gaps wholly inside the span count.
+        assert_eq!(largest_gap_within(&completions, at(0), at(60_000)), 40.0);
+        assert_eq!(
+            largest_gap_within(&completions, at(45_000), at(80_000)),
+            25.0
+        );
     }
 }
