@@ -156,9 +156,9 @@ impl Group {
         self.check_leads()?;
         let hosted = self.tablet_for(tablet_id, epoch, Sealed::Allow)?;
         let mut flushed_bytes = 0;
-        for _ in 0..FLUSHES_AHEAD {
+        for flush in 0..FLUSHES_AHEAD {
             let tail = self.memory_bytes(tablet_id);
-            if tail <= SEAL_TAIL_BYTES && flushed_bytes > 0 {
+            if flush > 0 && tail <= SEAL_TAIL_BYTES {
                 break;
             }
             flushed_bytes += tail;

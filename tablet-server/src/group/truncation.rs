@@ -6,8 +6,8 @@
 //! answers it after its next fsync, and the entries behind it would otherwise wait for
 //! that too (on a disk busy writing tables back, hundreds of milliseconds).
 
-use std::sync::Weak;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use luna_kernel::stream::Stream;
@@ -84,10 +84,7 @@ impl Truncation {
     /// Truncates `group`'s journal, and records how far it went once that is durable.
     /// Truncations may finish out of order: the journal ignores one below its snapshot.
     pub(super) async fn run(self, group: Weak<Group>) {
-        let Some(stream) = group
-            .upgrade()
-            .map(|group| std::sync::Arc::clone(&group.stream))
-        else {
+        let Some(stream) = group.upgrade().map(|group| Arc::clone(&group.stream)) else {
             return;
         };
         let truncated = stream.truncate(self.up_to, self.snapshot).await;
