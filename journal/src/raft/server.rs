@@ -89,6 +89,10 @@ pub struct RaftConfig {
     /// times later. 1 ticks every stream every time, for a server of few streams whose
     /// failover must be quick (the master's).
     pub idle_tick_every: u64,
+    /// Ticks a follower waits before it campaigns, the same every time instead of drawn at
+    /// random (raft-rs draws from the thread's generator): a simulation that must replay
+    /// from its seed sets it, at least `election_tick`. `None` everywhere else.
+    pub fixed_election_timeout: Option<usize>,
 }
 
 impl RaftConfig {
@@ -105,6 +109,7 @@ impl RaftConfig {
             engine_file_size: 128 << 20,
             engine_purge_threshold: 1 << 30,
             idle_tick_every: 5,
+            fixed_election_timeout: None,
         }
     }
 }
@@ -283,12 +288,21 @@ impl Server {
                 });
             }
         }
+        let election_tick = self.config.election_tick;
+        let (min_election_tick, max_election_tick) = match self.config.fixed_election_timeout {
+            // raft-rs draws from [min, max).
+            Some(ticks) => (ticks, ticks + 1),
+            None => (
+                election_tick,
+                election_tick + election_jitter(election_tick),
+            ),
+        };
         let raft_config = raft::Config {
             id: self.config.node_id,
             applied: storage.applied(),
             election_tick: self.config.election_tick,
-            max_election_tick: self.config.election_tick
-                + election_jitter(self.config.election_tick),
+            min_election_tick,
+            max_election_tick,
             heartbeat_tick: self.config.heartbeat_tick,
             pre_vote: true,
             check_quorum: true,
