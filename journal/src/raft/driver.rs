@@ -30,7 +30,8 @@ use raft_engine::Engine;
 use tokio::sync::oneshot;
 
 use super::replica::{AdminReply, Reply};
-use super::server::{RaftConfig, Server, SyncRound, sync};
+use super::round::{SyncRound, sync};
+use super::server::{RaftConfig, Server};
 use super::snapshot::purge_expired;
 use super::stream::RaftStream;
 use super::transport::{Inbox, Transport};
