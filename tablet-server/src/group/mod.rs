@@ -321,6 +321,12 @@ impl Group {
             .ok()
             .and_then(|tablets| tablets.get(&tablet_id).cloned())
             .ok_or(TabletServerError::TabletNotFound(tablet_id))?;
+        if epoch > hosted.info.epoch {
+            // This replica has not applied the move or split that made `epoch` yet (a
+            // follower learns commits with the leader's next message): the request's
+            // routing is newer, not stale, so it is sent on rather than refreshed.
+            return Err(TabletServerError::TabletNotFound(tablet_id));
+        }
         if hosted.info.epoch != epoch {
             return Err(TabletServerError::EpochMismatch {
                 tablet_id,
