@@ -109,6 +109,8 @@ struct Sim {
     defer_sync_rate: f64,
     /// Servers whose disks hang: their rounds are never synced while they are listed.
     stalled_disks: Vec<u64>,
+    /// Messages the servers sent, before the network dropped or duplicated any.
+    sent: u64,
 }
 
 impl Sim {
@@ -140,6 +142,7 @@ impl Sim {
             snapshots: BTreeMap::new(),
             defer_sync_rate: 0.0,
             stalled_disks: Vec::new(),
+            sent: 0,
         };
         for _ in 0..voters + spares {
             sim.dirs.push(tempfile::tempdir().expect("tempdir"));
@@ -181,6 +184,7 @@ impl Sim {
     }
 
     fn send(&mut self, from: u64, messages: Vec<(u64, Bytes)>) {
+        self.sent += messages.len() as u64;
         for (to, bytes) in messages {
             if self.rng.random_bool(self.drop_rate) {
                 continue;
@@ -229,6 +233,16 @@ impl Sim {
     }
 
     fn step(&mut self) {
+        self.advance(true);
+    }
+
+    /// One step in which no server ticks: messages flow, but no heartbeat or election
+    /// starts.
+    fn step_without_ticks(&mut self) {
+        self.advance(false);
+    }
+
+    fn advance(&mut self, tick: bool) {
         self.now += 1;
         let now = self.now;
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.net)
@@ -244,7 +258,9 @@ impl Sim {
         }
         for id in 1..=self.servers.len() as u64 {
             if self.servers[id as usize - 1].is_some() {
-                self.host(id).with(Server::tick);
+                if tick {
+                    self.host(id).with(Server::tick);
+                }
                 self.drain(id);
             }
         }

@@ -1,6 +1,6 @@
 //! The journal's basic guarantees on the simulated network: committed entries survive
-//! faults, followers refuse appends, restarts keep what was acknowledged, and garbage is
-//! ignored.
+//! faults, followers refuse appends, restarts keep what was acknowledged, garbage is
+//! ignored, and commits reach followers without a broadcast of their own.
 
 use bytes::Bytes;
 use luna_kernel::stream::StreamError;
@@ -121,4 +121,59 @@ fn garbage_from_a_peer_is_ignored() {
         server.watch_leadership(STREAM).map(|w| w.borrow().term),
         Some(0)
     );
+}
+
+/// A leader does not broadcast a commit: one append costs an append to each follower and
+/// their acks, and the followers learn the commit index from the next heartbeat.
+#[test]
+fn a_commit_reaches_followers_with_the_next_heartbeat_not_a_broadcast() {
+    let seed = seeds(900..901)[0];
+    println!("commit_without_broadcast: seed {seed}");
+    let mut sim = Sim::new(seed, 3);
+    let leader = sim.run_until_leader(300);
+    for _ in 0..30 {
+        sim.step();
+    }
+    // Heartbeat answers still on the way would make the leader send again.
+    for _ in 0..3 {
+        sim.step_without_ticks();
+    }
+    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    let before = sim.committed(leader);
+    for &id in &followers {
+        assert_eq!(
+            sim.committed(id),
+            before,
+            "seed {seed}: follower {id} lags already"
+        );
+    }
+
+    let sent = sim.sent;
+    sim.propose(leader, Bytes::from_static(b"x"));
+    for _ in 0..10 {
+        sim.step_without_ticks();
+    }
+    assert_eq!(
+        sim.acked.len(),
+        1,
+        "seed {seed}: the append was not acknowledged"
+    );
+    let committed = sim.committed(leader);
+    assert_eq!(committed, before + 1, "seed {seed}");
+    assert_eq!(
+        sim.sent - sent,
+        4,
+        "seed {seed}: one append, one ack per follower, and nothing else"
+    );
+    for &id in &followers {
+        assert_eq!(sim.committed(id), before, "seed {seed}: follower {id}");
+    }
+
+    let heartbeat_tick = RaftConfig::new(1, "").heartbeat_tick;
+    for _ in 0..heartbeat_tick + 1 {
+        sim.step();
+    }
+    for &id in &followers {
+        assert_eq!(sim.committed(id), committed, "seed {seed}: follower {id}");
+    }
 }
