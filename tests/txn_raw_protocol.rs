@@ -1,7 +1,8 @@
 //! The transaction protocol spoken raw, as a client that dies half-way would leave it:
 //! locks resolved through the primary by readers (after its prewrites, after its primary's
 //! group decided, while it is still deciding), and typed answers to bad input. Also a
-//! write's retry across a tablet move, by request id.
+//! write's retry across a tablet move, by request id, and follower reads right after
+//! writes.
 //! tests/transactions.rs drives transactions through the SDK.
 
 mod support;
@@ -525,4 +526,67 @@ async fn a_write_retried_after_its_tablet_moved_is_answered_and_not_applied_agai
         Some("second".into()),
         "the retry was applied again"
     );
+}
+
+/// A follower read right after an acknowledged write sees it, on every replica. Followers
+/// learn the commit index only with the leader's next message (no broadcast per commit),
+/// so it is the read's ReadIndex round that brings them up to date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_read_right_after_a_write_sees_it_on_every_replica() {
+    let (universe, client) = with_two_tablets(Universe::start(3), 3).await;
+    let tablet = client
+        .admin()
+        .list_tablets("app", "kv")
+        .await
+        .expect("tablets")[0]
+        .clone();
+    let tablet_ref = pb::TabletRef {
+        tablet_id: tablet.id,
+        epoch: tablet.epoch,
+    };
+    let servers = raw_servers(&client).await;
+    for round in 0..20u64 {
+        let value = format!("v{round}");
+        let write = pb::WriteRequest {
+            tablet: Some(tablet_ref),
+            request_id: request_id(100 + round),
+            mutations: vec![put("a1", &value)],
+        };
+        write_on_leader(&servers, write).await;
+        for (i, server) in servers.iter().enumerate() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let response = loop {
+                let response = server
+                    .clone()
+                    .get(pb::GetRequest {
+                        tablet: Some(tablet_ref),
+                        key: Bytes::from_static(b"a1"),
+                        options: Some(pb::ReadOptions {
+                            mode: pb::ReadMode::Follower as i32,
+                            read_ts: 0,
+                        }),
+                    })
+                    .await
+                    .expect("get")
+                    .into_inner();
+                // A replica that has not opened the tablet yet says so; it never answers
+                // with an older value.
+                let not_open = matches!(
+                    response.error.as_ref().and_then(|e| e.kind.as_ref()),
+                    Some(Kind::TabletNotFound(_))
+                );
+                if !not_open || Instant::now() > deadline {
+                    break response;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert!(response.error.is_none(), "server {i}: {:?}", response.error);
+            assert_eq!(
+                text(response.found.then_some(response.value)),
+                Some(value.clone()),
+                "server {i}, round {round}\n{}",
+                universe.logs()
+            );
+        }
+    }
 }
