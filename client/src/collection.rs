@@ -10,10 +10,10 @@ use luna_proto::tablet as pb;
 
 use crate::error::{ClientError, Result};
 use crate::exec::{Access, CallSpec, LiveLock, Locate, Outcome, on_tablet};
-use crate::request_ids::InFlightRequest;
 use crate::retry::Deadline;
 use crate::routing::{RouteCache, RouteTable, TabletEntry};
 use crate::{Inner, MAX_KEY_LEN, MAX_VALUE_LEN};
+use luna_proto::request_ids::InFlightRequest;
 
 /// How a read is made consistent. The default reads on the group leader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -49,7 +49,6 @@ mod conn;
 mod error;
 mod exec;
 mod mux;
-mod request_ids;
 mod retry;
 mod routing;
 mod scan;
@@ -75,8 +74,8 @@ pub use luna_proto::master::{
 };
 pub use txn::{DEFAULT_LOCK_TTL, Transaction, TxnFuture};
 
+use luna_proto::request_ids::{InFlightRequest, RequestIds};
 use mux::TabletConn;
-use request_ids::{InFlightRequest, RequestIds};
 use routing::RouteCache;
 
 /// Largest key in bytes, as stored (a hash collection's stored key includes a 4-byte hash

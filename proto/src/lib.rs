@@ -5,6 +5,7 @@
 pub mod keys;
 pub mod leader_hint;
 pub mod multiplex;
+pub mod request_ids;
 
 /// Generated code, nested like the proto packages so cross-package references resolve.
 mod generated {

@@ -7,11 +7,12 @@ mod txn;
 pub(crate) use self::control::GroupControlService;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
 use luna_proto::master::Partitioning;
+use luna_proto::request_ids::{InFlightRequest, RequestIds};
 use luna_proto::tablet::{self as pb, tablet_server};
 use luna_proto::{keys, multiplex};
 use luna_storage::{Direction, KeyRange, ScanRequest};
@@ -34,22 +35,21 @@ const MAX_BATCH_GET_KEYS: usize = 10_000;
 #[derive(Clone)]
 pub(crate) struct TabletService {
     hosting: Arc<Hosting>,
-    /// Writes that arrive without a request id get one from this server.
-    own_client_id: [u8; 16],
-    next_seq: Arc<AtomicU64>,
+    /// Writes that arrive without a request id get one from this server: a client id of
+    /// its own, new every time the server starts (a restarted server starts its seqs over,
+    /// and must not meet the records or the `done_below` of its previous run).
+    own_client_id: Bytes,
+    own_ids: Arc<RequestIds>,
     /// Turns true when the server stops, which ends the `Multiplex` streams.
     stopping: watch::Receiver<bool>,
 }
 
 impl TabletService {
     pub(crate) fn new(hosting: Arc<Hosting>, stopping: watch::Receiver<bool>) -> Self {
-        let mut own_client_id = [0u8; 16];
-        own_client_id[..8].copy_from_slice(&hosting.server_id().to_be_bytes());
-        own_client_id[8..].copy_from_slice(&std::process::id().to_be_bytes().repeat(2));
         Self {
             hosting,
-            own_client_id,
-            next_seq: Arc::new(AtomicU64::new(1)),
+            own_client_id: Bytes::copy_from_slice(uuid::Uuid::new_v4().as_bytes()),
+            own_ids: Arc::default(),
             stopping,
         }
     }
@@ -194,7 +194,7 @@ impl TabletService {
             ));
         }
         let (group, hosted) = self.locate(request.tablet.as_ref())?;
-        let request_id = self.request_key(request.request_id.as_ref())?;
+        let (request_id, _own_id) = self.request_key(request.request_id.as_ref())?;
         let mutations = checked_mutations(&hosted, request.mutations)?;
         hosted.load.writes.fetch_add(1, Ordering::Relaxed);
         let commit_ts = group
@@ -215,27 +215,22 @@ impl TabletService {
 
 impl TabletService {
     /// The request's id as the group's dedup key; one of this server's own when the
-    /// request has none.
-    fn request_key(&self, id: Option<&pb::RequestId>) -> Result<RequestKey> {
-        match id {
-            Some(id) => RequestKey::new(id).ok_or_else(|| {
-                TabletServerError::InvalidArgument(
-                    "request_id.client_id must be 16 bytes".to_owned(),
-                )
-            }),
+    /// request has none, in flight (see [`RequestIds`]) until the returned guard drops.
+    fn request_key(
+        &self,
+        id: Option<&pb::RequestId>,
+    ) -> Result<(RequestKey, Option<InFlightRequest>)> {
+        let (key, own_id) = match id {
+            Some(id) => (RequestKey::new(id), None),
             None => {
-                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-                // Proposed once and never sent again (a caller's retry gets a new id), so
-                // every earlier id of this server is done, as far as a move's handoff cares.
-                let id = pb::RequestId {
-                    client_id: Bytes::copy_from_slice(&self.own_client_id),
-                    seq,
-                    done_below: seq,
-                };
-                RequestKey::new(&id)
-                    .ok_or_else(|| TabletServerError::Internal("server request id".to_owned()))
+                let own_id = self.own_ids.start(&self.own_client_id);
+                (RequestKey::new(&own_id), Some(own_id))
             }
-        }
+        };
+        let key = key.ok_or_else(|| {
+            TabletServerError::InvalidArgument("request_id.client_id must be 16 bytes".to_owned())
+        })?;
+        Ok((key, own_id))
     }
 }
 

@@ -91,7 +91,7 @@ impl TabletService {
                 "a prewrite names its transaction's primary collection and key".to_owned(),
             ));
         }
-        let request_id = self.request_key(request.request_id.as_ref())?;
+        let (request_id, _own_id) = self.request_key(request.request_id.as_ref())?;
         let (group, parts) = self.locate_group(
             request
                 .tablets
@@ -167,7 +167,7 @@ impl TabletService {
             )));
         }
         check_not_ahead("commit_ts", request.commit_ts)?;
-        let request_id = self.request_key(request.request_id.as_ref())?;
+        let (request_id, _own_id) = self.request_key(request.request_id.as_ref())?;
         let (group, parts) = self.locate_group(
             request
                 .tablets
@@ -217,7 +217,7 @@ impl TabletService {
         check_start_ts(request.start_ts)?;
         let (group, hosted) = self.locate(request.tablet.as_ref())?;
         let primary = storage_key(&hosted, &request.primary_key)?;
-        let request_id = self.request_key(None)?;
+        let (request_id, _own_id) = self.request_key(None)?;
         if request.caller_lock_ttl_ms > MAX_TTL_MS {
             return Err(TabletServerError::InvalidArgument(format!(
                 "caller_lock_ttl_ms must be at most {MAX_TTL_MS}"

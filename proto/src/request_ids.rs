@@ -1,23 +1,24 @@
-//! Request ids for writes, and which of them are still in flight.
+//! Request ids for writes, and which of them are still in flight: for the client SDK, and
+//! for a tablet server's own ids of requests that came without one.
 //!
 //! Every write carries `(client id, seq)`, which the tablet's group records so that a
 //! retry is answered with the first outcome instead of being applied again. The id also
 //! says which of the client's writes are done (`done_below`: every lower seq was
-//! answered or given up on, so it is never sent again). A group can then forget those ids
-//! early: a moving tablet hands over only the ids its clients may still retry, tens
-//! instead of tens of thousands (the RIFL scheme, "Implementing Linearizability at Large
-//! Scale and Low Latency", SOSP 2015).
+//! answered or given up on, so it is never sent again). A group then forgets those ids
+//! at once, keeping tens instead of tens of thousands, and refuses a late copy of one
+//! (the RIFL scheme, "Implementing Linearizability at Large Scale and Low Latency", SOSP
+//! 2015).
 
 use std::collections::BTreeSet;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::tablet::RequestId;
 use bytes::Bytes;
-use luna_proto::tablet::RequestId;
 
 /// The seqs this client has handed out, and the ones still in flight.
 #[derive(Debug, Default)]
-pub(crate) struct RequestIds {
+pub struct RequestIds {
     state: Mutex<Seqs>,
 }
 
@@ -30,7 +31,7 @@ struct Seqs {
 impl RequestIds {
     /// A new request id of `client_id` for one write, in flight until the returned value
     /// is dropped (retries reuse it).
-    pub(crate) fn start(self: &Arc<Self>, client_id: &Bytes) -> InFlightRequest {
+    pub fn start(self: &Arc<Self>, client_id: &Bytes) -> InFlightRequest {
         let mut seqs = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         seqs.last += 1;
         let seq = seqs.last;
@@ -55,7 +56,7 @@ impl RequestIds {
 /// A write's request id while the write is in flight: from its first send until its
 /// answer, or until the client gives up on it.
 #[derive(Debug)]
-pub(crate) struct InFlightRequest {
+pub struct InFlightRequest {
     id: RequestId,
     ids: Arc<RequestIds>,
 }
