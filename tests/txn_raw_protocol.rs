@@ -1,8 +1,8 @@
 //! The transaction protocol spoken raw, as a client that dies half-way would leave it:
 //! locks resolved through the primary by readers (after its prewrites, after its primary's
 //! group decided, while it is still deciding), and typed answers to bad input. Also a
-//! write's retry across a tablet move, by request id, and follower reads right after
-//! writes.
+//! write's retry across a tablet move, by request id, a late copy of a write its client
+//! gave up on, and follower reads right after writes.
 //! tests/transactions.rs drives transactions through the SDK.
 
 mod support;
@@ -525,6 +525,84 @@ async fn a_write_retried_after_its_tablet_moved_is_answered_and_not_applied_agai
         text(kv.get("a1").await.expect("get")),
         Some("second".into()),
         "the retry was applied again"
+    );
+}
+
+/// A late copy of a write its client gave up on (and said so with its next write) is
+/// refused, not applied over that next write, also by the group the tablet moved to: the
+/// handoff carries what the client is done with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_copy_of_a_write_its_client_gave_up_on_is_refused_after_a_move() {
+    let (universe, client) = with_two_tablets(Universe::start(3), 3).await;
+    let admin = client.admin();
+    let tablet = admin.list_tablets("app", "kv").await.expect("tablets")[0].clone();
+    let to_group = admin
+        .list_groups()
+        .await
+        .expect("groups")
+        .into_iter()
+        .map(|group| group.id)
+        .find(|&group| group != tablet.group_id)
+        .expect("a second group");
+    let servers = raw_servers(&client).await;
+    let write = |tablet: &luna_client::TabletInfo, seq: u64, value: &str| pb::WriteRequest {
+        tablet: Some(pb::TabletRef {
+            tablet_id: tablet.id,
+            epoch: tablet.epoch,
+        }),
+        request_id: Some(pb::RequestId {
+            client_id: Bytes::from_static(b"giving-up-client"),
+            seq,
+            // The client gave up on write 1 (its copy is still in the network).
+            done_below: 2,
+        }),
+        mutations: vec![put("a1", value)],
+    };
+    write_on_leader(&servers, write(&tablet, 2, "second")).await;
+    let moved = admin
+        .move_tablet(tablet.id, to_group)
+        .await
+        .expect("move")
+        .tablet;
+    let mut late_copy = write(&moved, 1, "first");
+    if let Some(id) = late_copy.request_id.as_mut() {
+        id.done_below = 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refusal = 'leader: loop {
+        for server in &servers {
+            match server.clone().write(late_copy.clone()).await {
+                Err(status) => break 'leader status,
+                Ok(response) => {
+                    let kind = response.into_inner().error.and_then(|error| error.kind);
+                    assert!(
+                        matches!(
+                            kind,
+                            Some(Kind::NotLeader(_)) | Some(Kind::TabletNotFound(_))
+                        ),
+                        "the late copy was not refused: {kind:?}\n{}",
+                        universe.logs()
+                    );
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader answered the late copy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::FailedPrecondition,
+        "{refusal:?}"
+    );
+    assert!(refusal.message().contains("gave up"), "{refusal:?}");
+    let kv = client.database("app").collection("kv");
+    assert_eq!(
+        text(kv.get("a1").await.expect("get")),
+        Some("second".into()),
+        "the late copy was applied"
     );
 }
 

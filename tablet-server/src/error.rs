@@ -94,6 +94,17 @@ pub enum TabletServerError {
         #[source]
         source: StreamError,
     },
+    /// The write's client said it is done with it (it gave up, or had its answer), so
+    /// this copy of it, which arrived late, is not applied and its outcome not reported.
+    #[error(
+        "write {seq} arrived after its client gave up on every write below {done_below}; retry it as a new write"
+    )]
+    RequestDone {
+        /// The write's seq.
+        seq: u64,
+        /// What its client is done below.
+        done_below: u64,
+    },
     /// The journal server failed.
     #[error("journal: {0}")]
     Journal(#[from] JournalError),
@@ -167,6 +178,10 @@ impl TabletServerError {
                 source: source.clone(),
             },
             Self::ShuttingDown => Self::ShuttingDown,
+            Self::RequestDone { seq, done_below } => Self::RequestDone {
+                seq: *seq,
+                done_below: *done_below,
+            },
             other => Self::Internal(other.to_string()),
         }
     }
@@ -184,6 +199,7 @@ impl TabletServerError {
             Self::Locked(_) => "locked",
             Self::WriteConflict { .. } => "write_conflict",
             Self::TxnAborted { .. } => "txn_aborted",
+            Self::RequestDone { .. } => "request_done",
             Self::SnapshotTooOld { .. } | Self::Storage(StorageError::SnapshotTooOld { .. }) => {
                 "snapshot_too_old"
             }
@@ -235,6 +251,9 @@ impl TabletServerError {
                 ..
             } => pb::tablet_error::Kind::NotLeader(pb::NotLeader::default()),
             Self::ShuttingDown => return Err(tonic::Status::unavailable(message)),
+            Self::RequestDone { .. } => {
+                return Err(tonic::Status::failed_precondition(message));
+            }
             _ => return Err(tonic::Status::internal(message)),
         };
         Ok(pb::TabletError {

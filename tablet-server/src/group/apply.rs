@@ -17,7 +17,7 @@ use luna_proto::tablet::mutation::Op;
 use luna_storage::{Tablet, WriteBatch};
 use prost::Message;
 
-use super::dedup::{Applied, Dedup, RequestKey};
+use super::dedup::{Applied, Dedup, Prior, RequestKey};
 use super::locks::{Lock, TxnState};
 use super::truncation::Truncation;
 use super::{Group, Hosted, log_span, storage_range};
@@ -87,6 +87,7 @@ impl Group {
             match decoded.kind {
                 Some(gpb::group_entry::Kind::Writes(writes)) => {
                     let mut writes = writes.writes.into_iter().peekable();
+                    let mut unit_number = 0u32;
                     while let Some(first) = writes.next() {
                         // A request's parts are consecutive, one per tablet. A retry
                         // batched right behind its original repeats a tablet: a unit of
@@ -98,7 +99,8 @@ impl Group {
                         }) {
                             unit.push(next);
                         }
-                        self.apply_request(index, unit).await;
+                        self.apply_request(index, unit_number, unit).await;
+                        unit_number = unit_number.saturating_add(1);
                     }
                 }
                 Some(gpb::group_entry::Kind::OpenTablet(info)) => {
@@ -160,17 +162,21 @@ impl Group {
         })
     }
 
-    /// Applies one request's writes (one per tablet), all or none: none if the request was
-    /// applied in an earlier entry, or if one of its tablets closed or changed epoch after
-    /// it was proposed. Such a request is left out of the dedup table, which is how its
+    /// Applies one request's writes (one per tablet), the `unit_number`th request of the
+    /// entry at `index`, all or none: none if the request was applied before or its
+    /// client is done with it, or if one of its tablets closed or changed epoch after it
+    /// was proposed. Such a request is left out of the dedup table, which is how its
     /// proposer learns it failed.
-    async fn apply_request(&self, index: u64, unit: Vec<gpb::TabletWrite>) {
+    async fn apply_request(&self, index: u64, unit_number: u32, unit: Vec<gpb::TabletWrite>) {
         let key = unit
             .first()
             .and_then(|write| write.request_id.as_ref())
             .and_then(RequestKey::new);
         if let Some(key) = &key
-            && self.dedup_get(key).is_some()
+            && !self
+                .dedup
+                .lock()
+                .is_ok_and(|mut dedup| dedup.admit(index, unit_number, key))
         {
             return;
         }
@@ -243,7 +249,7 @@ impl Group {
         if let Some(key) = key
             && let Ok(mut dedup) = self.dedup.lock()
         {
-            dedup.insert(key, Applied { index, commit_ts });
+            dedup.insert(&key, Applied { index, commit_ts });
         }
     }
 
@@ -326,6 +332,13 @@ impl Group {
 
     pub(super) fn dedup_get(&self, key: &RequestKey) -> Option<Applied> {
         self.dedup.lock().ok().and_then(|dedup| dedup.get(key))
+    }
+
+    /// What the dedup table says of `key` (nothing if it is poisoned).
+    pub(super) fn dedup_prior(&self, key: &RequestKey) -> Prior {
+        self.dedup
+            .lock()
+            .map_or(Prior::New, |dedup| dedup.prior(key))
     }
 
     pub(super) fn hosted_at(&self, tablet_id: u64, epoch: u64) -> Option<Hosted> {
@@ -442,7 +455,13 @@ impl Group {
             self.apply_seal(seal);
         }
         if let Ok(mut dedup) = self.dedup.lock() {
-            *dedup = Dedup::from_snapshot(state.recent.as_ref(), &state.recent_requests);
+            *dedup = Dedup::from_snapshot(
+                state.recent.as_ref(),
+                &state.recent_requests,
+                snapshot.index,
+                state.recent_at,
+                &state.refused,
+            );
         }
         if let Ok(mut txns) = self.txns.lock() {
             *txns = TxnState::from_records(&state.txn_records, state.txn_safe_point);

@@ -32,7 +32,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Group;
-use super::dedup::RequestKey;
+use super::dedup::{Prior, RequestKey};
 use crate::error::{Result, TabletServerError};
 
 /// Most bytes of mutations in one batch, unless a single write is larger; the group's
@@ -214,8 +214,12 @@ impl Group {
                 "a request needs at least one tablet".to_owned(),
             ));
         };
-        if let Some(applied) = self.dedup_get(&request_id) {
-            return Ok(applied.commit_ts);
+        match self.dedup_prior(&request_id) {
+            Prior::New => {}
+            Prior::Applied(applied) => return Ok(applied.commit_ts),
+            Prior::Done { done_below } => {
+                return Err(request_done(&request_id, done_below));
+            }
         }
         if self.ctx.budget.is_exhausted() {
             return Err(TabletServerError::Busy {
@@ -365,12 +369,16 @@ impl Group {
         for pending in batch {
             let answer = match &outcome {
                 // Applied, now or before: the dedup table has its timestamp. Absent means
-                // its tablet closed or changed epoch while it was in flight.
+                // its tablet closed or changed epoch while it was in flight, or its client
+                // gave up on it.
                 Ok(()) => match pending.requests.first() {
-                    Some(request) => self
-                        .dedup_get(&request.request_id)
-                        .map(|applied| applied.commit_ts)
-                        .ok_or(TabletServerError::TabletNotFound(request.tablet_id)),
+                    Some(request) => match self.dedup_prior(&request.request_id) {
+                        Prior::Applied(applied) => Ok(applied.commit_ts),
+                        Prior::Done { done_below } => {
+                            Err(request_done(&request.request_id, done_below))
+                        }
+                        Prior::New => Err(TabletServerError::TabletNotFound(request.tablet_id)),
+                    },
                     None => Err(TabletServerError::ShuttingDown),
                 },
                 Err(error) => Err(error.duplicate()),
@@ -396,6 +404,14 @@ impl Group {
                 source,
             },
         }
+    }
+}
+
+/// The answer to a write its client said it is done with.
+fn request_done(key: &RequestKey, done_below: u64) -> TabletServerError {
+    TabletServerError::RequestDone {
+        seq: key.to_proto().seq,
+        done_below,
     }
 }
 

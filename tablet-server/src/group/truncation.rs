@@ -30,10 +30,10 @@ impl Group {
     ///
     /// The snapshot must describe the group exactly at the truncation index `x`, but it is
     /// taken later, at the applied index. The tablet set is the same at both only if no
-    /// tablet opened or closed in between, so truncation waits until then; the dedup
-    /// records are cut at `x`. A tablet with nothing in memory has everything it ever
-    /// applied in its BaseStore, so it holds the log back no further than now, and a group
-    /// with no tablets needs none of its log.
+    /// tablet opened or closed in between, so truncation waits until then. The dedup
+    /// table goes in as it is now, and the snapshot says so (see `dedup`). A tablet with
+    /// nothing in memory has everything it ever applied in its BaseStore, so it holds the
+    /// log back no further than now, and a group with no tablets needs none of its log.
     pub(super) fn truncation(&self) -> Option<Truncation> {
         let applied = self.applied_index();
         let hosted = self.hosted();
@@ -60,7 +60,7 @@ impl Group {
         {
             return None;
         }
-        let recent = self.dedup.lock().ok()?.records_up_to(up_to);
+        let (recent, recent_at, refused) = self.dedup.lock().ok()?.snapshot(up_to);
         let snapshot = gpb::GroupSnapshot {
             tablets: hosted
                 .into_iter()
@@ -71,6 +71,8 @@ impl Group {
             txn_safe_point,
             sealed: self.seals(),
             recent: Some(recent),
+            recent_at,
+            refused,
             ..gpb::GroupSnapshot::default()
         };
         Some(Truncation {
@@ -96,6 +98,9 @@ impl Truncation {
                 group.truncated.fetch_max(self.up_to, Ordering::AcqRel);
                 if let Ok(mut txns) = group.txns.lock() {
                     txns.truncated(self.up_to);
+                }
+                if let Ok(mut dedup) = group.dedup.lock() {
+                    dedup.truncated(self.up_to);
                 }
             }
             Err(error) => {

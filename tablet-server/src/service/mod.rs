@@ -228,7 +228,9 @@ impl TabletService {
             }
         };
         let key = key.ok_or_else(|| {
-            TabletServerError::InvalidArgument("request_id.client_id must be 16 bytes".to_owned())
+            TabletServerError::InvalidArgument(
+                "request_id needs a 16-byte client_id, and done_below at most seq".to_owned(),
+            )
         })?;
         Ok((key, own_id))
     }
