@@ -94,10 +94,10 @@ pub enum TabletServerError {
         #[source]
         source: StreamError,
     },
-    /// The write's client said it is done with it (it gave up, or had its answer), so
-    /// this copy of it, which arrived late, is not applied and its outcome not reported.
+    /// The write's client said it is done with it (it had its answer, or gave up), so a
+    /// copy that arrives late is not applied, and its outcome is not reported.
     #[error(
-        "write {seq} arrived after its client gave up on every write below {done_below}; retry it as a new write"
+        "write {seq} came after its client was done with every write below {done_below} (answered or given up on), so its outcome is not reported; send it as a new write if it is still wanted"
     )]
     RequestDone {
         /// The write's seq.

@@ -410,7 +410,7 @@ impl Group {
 /// The answer to a write its client said it is done with.
 fn request_done(key: &RequestKey, done_below: u64) -> TabletServerError {
     TabletServerError::RequestDone {
-        seq: key.to_proto().seq,
+        seq: key.seq(),
         done_below,
     }
 }

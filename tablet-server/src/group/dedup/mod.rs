@@ -92,6 +92,11 @@ impl RequestKey {
         })
     }
 
+    /// Which of its client's writes it is.
+    pub(crate) fn seq(&self) -> u64 {
+        self.write.seq
+    }
+
     /// The proto form of the key.
     pub(crate) fn to_proto(&self) -> RequestId {
         RequestId {
