@@ -481,12 +481,8 @@ async fn a_tablet_that_moved_away_is_reported_at_a_stale_epoch() {
     );
 }
 
-/// A retry that reaches a tablet's new group after a move is answered with the outcome of
-/// the write its old group applied, and not applied again: the handoff keeps the ids of
-/// writes still in flight, which `done_below` says this one is.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_write_retried_after_its_tablet_moved_is_answered_and_not_applied_again() {
-    let (universe, client) = with_two_tablets(Universe::start(3), 3).await;
+/// The first tablet of `app/kv`, and a group it does not belong to, to move it to.
+async fn a_tablet_and_another_group(client: &Client) -> (luna_client::TabletInfo, u64) {
     let admin = client.admin();
     let tablet = admin.list_tablets("app", "kv").await.expect("tablets")[0].clone();
     let to_group = admin
@@ -497,19 +493,43 @@ async fn a_write_retried_after_its_tablet_moved_is_answered_and_not_applied_agai
         .map(|group| group.id)
         .find(|&group| group != tablet.group_id)
         .expect("a second group");
-    let servers = raw_servers(&client).await;
-    let write = |tablet: &luna_client::TabletInfo, seq: u64, value: &str| pb::WriteRequest {
+    (tablet, to_group)
+}
+
+/// A raw write of `a1 = value` to `tablet`, as write `seq` of `client_id`, which is done
+/// with every write below `done_below`.
+fn raw_write(
+    tablet: &luna_client::TabletInfo,
+    client_id: &'static [u8; 16],
+    (seq, done_below): (u64, u64),
+    value: &str,
+) -> pb::WriteRequest {
+    pb::WriteRequest {
         tablet: Some(pb::TabletRef {
             tablet_id: tablet.id,
             epoch: tablet.epoch,
         }),
         request_id: Some(pb::RequestId {
-            client_id: Bytes::from_static(b"retrying-client1"),
+            client_id: Bytes::from_static(client_id),
             seq,
-            // The first write's answer is lost: it stays in flight, to be retried.
-            done_below: 1,
+            done_below,
         }),
         mutations: vec![put("a1", value)],
+    }
+}
+
+/// A retry that reaches a tablet's new group after a move is answered with the outcome of
+/// the write its old group applied, and not applied again: the handoff keeps the ids of
+/// writes still in flight, which `done_below` says this one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_retried_after_its_tablet_moved_is_answered_and_not_applied_again() {
+    let (universe, client) = with_two_tablets(Universe::start(3), 3).await;
+    let admin = client.admin();
+    let (tablet, to_group) = a_tablet_and_another_group(&client).await;
+    let servers = raw_servers(&client).await;
+    // The first write's answer is lost: it stays in flight, to be retried.
+    let write = |tablet: &luna_client::TabletInfo, seq: u64, value: &str| {
+        raw_write(tablet, b"retrying-client1", (seq, 1), value)
     };
     let first_ts = write_on_leader(&servers, write(&tablet, 1, "first")).await;
     write_on_leader(&servers, write(&tablet, 2, "second")).await;
@@ -534,40 +554,18 @@ async fn a_write_retried_after_its_tablet_moved_is_answered_and_not_applied_agai
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_late_copy_of_a_write_its_client_gave_up_on_is_refused_after_a_move() {
     let (universe, client) = with_two_tablets(Universe::start(3), 3).await;
-    let admin = client.admin();
-    let tablet = admin.list_tablets("app", "kv").await.expect("tablets")[0].clone();
-    let to_group = admin
-        .list_groups()
-        .await
-        .expect("groups")
-        .into_iter()
-        .map(|group| group.id)
-        .find(|&group| group != tablet.group_id)
-        .expect("a second group");
+    let (tablet, to_group) = a_tablet_and_another_group(&client).await;
     let servers = raw_servers(&client).await;
-    let write = |tablet: &luna_client::TabletInfo, seq: u64, value: &str| pb::WriteRequest {
-        tablet: Some(pb::TabletRef {
-            tablet_id: tablet.id,
-            epoch: tablet.epoch,
-        }),
-        request_id: Some(pb::RequestId {
-            client_id: Bytes::from_static(b"giving-up-client"),
-            seq,
-            // The client gave up on write 1 (its copy is still in the network).
-            done_below: 2,
-        }),
-        mutations: vec![put("a1", value)],
-    };
-    write_on_leader(&servers, write(&tablet, 2, "second")).await;
-    let moved = admin
+    // The client gave up on write 1 (its copy is still in the network).
+    let second = raw_write(&tablet, b"giving-up-client", (2, 2), "second");
+    write_on_leader(&servers, second).await;
+    let moved = client
+        .admin()
         .move_tablet(tablet.id, to_group)
         .await
         .expect("move")
         .tablet;
-    let mut late_copy = write(&moved, 1, "first");
-    if let Some(id) = late_copy.request_id.as_mut() {
-        id.done_below = 1;
-    }
+    let late_copy = raw_write(&moved, b"giving-up-client", (1, 1), "first");
     let deadline = Instant::now() + Duration::from_secs(20);
     let refusal = 'leader: loop {
         for server in &servers {
