@@ -258,6 +258,7 @@ impl Hosting {
             .map(|group| {
                 let leadership = group.stream().leadership();
                 let (txn_locks, txn_records, txn_safe_point) = group.txn_stats();
+                let (dedup_requests, dedup_clients) = group.dedup_stats();
                 GroupSample {
                     group_id: group.id(),
                     is_leader: leadership.is_leader,
@@ -268,6 +269,8 @@ impl Hosting {
                     txn_locks,
                     txn_records,
                     txn_safe_point,
+                    dedup_requests,
+                    dedup_clients,
                 }
             })
             .collect();

@@ -38,13 +38,15 @@ pub(crate) struct GroupSample {
     pub(crate) txn_locks: usize,
     pub(crate) txn_records: usize,
     pub(crate) txn_safe_point: u64,
+    pub(crate) dedup_requests: usize,
+    pub(crate) dedup_clients: usize,
 }
 
 /// Reads one gauge's value off a group sample.
 type SampleValue = fn(&GroupSample) -> u64;
 
 /// Name, help and value of each per-group gauge.
-const GROUP_GAUGES: [(&str, &str, SampleValue); 8] = [
+const GROUP_GAUGES: [(&str, &str, SampleValue); 10] = [
     (
         "group_is_leader",
         "1 if this replica leads the group",
@@ -78,6 +80,16 @@ const GROUP_GAUGES: [(&str, &str, SampleValue); 8] = [
         "group_txn_safe_point",
         "The GC safe point the group's log applied: no older transaction locks anything",
         |g| g.txn_safe_point,
+    ),
+    (
+        "group_dedup_requests",
+        "Request ids of applied writes the group remembers, to answer retries",
+        |g| g.dedup_requests as u64,
+    ),
+    (
+        "group_dedup_clients",
+        "Clients whose done_below the group remembers",
+        |g| g.dedup_clients as u64,
     ),
 ];
 
@@ -188,6 +200,8 @@ mod tests {
                 txn_locks: 2,
                 txn_records: 3,
                 txn_safe_point: 99,
+                dedup_requests: 64,
+                dedup_clients: 1,
             }],
             1024,
             5,
@@ -210,6 +224,10 @@ mod tests {
         );
         assert!(
             text.contains(r#"luna_group_txn_records{group="3",server="7"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"luna_group_dedup_requests{group="3",server="7"} 64"#),
             "{text}"
         );
     }

@@ -334,6 +334,11 @@ impl Group {
         self.dedup.lock().ok().and_then(|dedup| dedup.get(key))
     }
 
+    /// How many writes and clients the dedup table remembers.
+    pub(crate) fn dedup_stats(&self) -> (usize, usize) {
+        self.dedup.lock().map_or((0, 0), |dedup| dedup.counts())
+    }
+
     /// What the dedup table says of `key` (nothing if it is poisoned).
     pub(super) fn dedup_prior(&self, key: &RequestKey) -> Prior {
         self.dedup

@@ -170,6 +170,11 @@ impl Dedup {
         self.applied.get(&key.write).map(|record| record.applied)
     }
 
+    /// How many writes and clients the table remembers.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        (self.applied.len(), self.clients.len())
+    }
+
     /// What the table says of `key`.
     pub(crate) fn prior(&self, key: &RequestKey) -> Prior {
         if let Some(applied) = self.get(key) {

@@ -82,6 +82,7 @@ fn a_write_its_client_is_done_with_is_forgotten_and_refused() {
     assert_eq!(dedup.get(&request(client, 1, 1)), None);
     assert_eq!(dedup.get(&request(client, 2, 1)), None);
     assert_eq!(dedup.get(&request(client, 3, 3)), Some(at(3)));
+    assert_eq!(dedup.counts(), (1, 1));
     assert_eq!(
         dedup.prior(&request(client, 2, 1)),
         Prior::Done { done_below: 3 }
