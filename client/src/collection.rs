@@ -6,6 +6,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use luna_proto::keys;
 use luna_proto::master::Partitioning;
+use luna_proto::request_ids::InFlightRequest;
 use luna_proto::tablet as pb;
 
 use crate::error::{ClientError, Result};
@@ -13,7 +14,6 @@ use crate::exec::{Access, CallSpec, LiveLock, Locate, Outcome, on_tablet};
 use crate::retry::Deadline;
 use crate::routing::{RouteCache, RouteTable, TabletEntry};
 use crate::{Inner, MAX_KEY_LEN, MAX_VALUE_LEN};
-use luna_proto::request_ids::InFlightRequest;
 
 /// How a read is made consistent. The default reads on the group leader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

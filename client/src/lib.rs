@@ -62,6 +62,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use luna_proto::request_ids::{InFlightRequest, RequestIds};
 use tonic::transport::Channel;
 
 pub use admin::{Admin, CollectionSpec, TabletMoved};
@@ -74,7 +75,6 @@ pub use luna_proto::master::{
 };
 pub use txn::{DEFAULT_LOCK_TTL, Transaction, TxnFuture};
 
-use luna_proto::request_ids::{InFlightRequest, RequestIds};
 use mux::TabletConn;
 use routing::RouteCache;
 

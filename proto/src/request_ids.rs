@@ -13,8 +13,9 @@ use std::collections::BTreeSet;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::tablet::RequestId;
 use bytes::Bytes;
+
+use crate::tablet::RequestId;
 
 /// The seqs this client has handed out, and the ones still in flight.
 #[derive(Debug, Default)]
