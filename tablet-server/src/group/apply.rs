@@ -7,7 +7,7 @@
 //! which replica is leader, so every replica builds the same state.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use luna_kernel::stream::{Committed, Entry, Snapshot, Stream};
@@ -173,10 +173,7 @@ impl Group {
             .and_then(|write| write.request_id.as_ref())
             .and_then(RequestKey::new);
         if let Some(key) = &key
-            && !self
-                .dedup
-                .lock()
-                .is_ok_and(|mut dedup| dedup.admit(index, unit_number, key))
+            && !self.dedup().admit(index, unit_number, key)
         {
             return;
         }
@@ -246,10 +243,8 @@ impl Group {
             }
         }
         self.max_applied_ts.fetch_max(commit_ts, Ordering::AcqRel);
-        if let Some(key) = key
-            && let Ok(mut dedup) = self.dedup.lock()
-        {
-            dedup.insert(&key, Applied { index, commit_ts });
+        if let Some(key) = key {
+            self.dedup().insert(&key, Applied { index, commit_ts });
         }
     }
 
@@ -330,20 +325,25 @@ impl Group {
         }
     }
 
+    /// The dedup table. Its operations do not panic, and a replica that skipped or applied
+    /// every request because some other panic poisoned the lock would part ways with the
+    /// others, so a poisoned lock is taken as it is.
+    pub(super) fn dedup(&self) -> MutexGuard<'_, Dedup> {
+        self.dedup.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub(super) fn dedup_get(&self, key: &RequestKey) -> Option<Applied> {
-        self.dedup.lock().ok().and_then(|dedup| dedup.get(key))
+        self.dedup().get(key)
     }
 
     /// How many writes and clients the dedup table remembers.
     pub(crate) fn dedup_stats(&self) -> (usize, usize) {
-        self.dedup.lock().map_or((0, 0), |dedup| dedup.counts())
+        self.dedup().counts()
     }
 
-    /// What the dedup table says of `key` (nothing if it is poisoned).
+    /// What the dedup table says of `key`.
     pub(super) fn dedup_prior(&self, key: &RequestKey) -> Prior {
-        self.dedup
-            .lock()
-            .map_or(Prior::New, |dedup| dedup.prior(key))
+        self.dedup().prior(key)
     }
 
     pub(super) fn hosted_at(&self, tablet_id: u64, epoch: u64) -> Option<Hosted> {
@@ -459,15 +459,13 @@ impl Group {
         for seal in state.sealed {
             self.apply_seal(seal);
         }
-        if let Ok(mut dedup) = self.dedup.lock() {
-            *dedup = Dedup::from_snapshot(
-                state.recent.as_ref(),
-                &state.recent_requests,
-                snapshot.index,
-                state.recent_at,
-                &state.refused,
-            );
-        }
+        *self.dedup() = Dedup::from_snapshot(
+            state.recent.as_ref(),
+            &state.recent_requests,
+            snapshot.index,
+            state.recent_at,
+            &state.refused,
+        );
         if let Ok(mut txns) = self.txns.lock() {
             *txns = TxnState::from_records(&state.txn_records, state.txn_safe_point);
         }

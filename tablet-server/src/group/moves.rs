@@ -222,11 +222,7 @@ impl Group {
             .map(|txns| txns.records_of(tablet_id))
             .unwrap_or_default();
         let retry_floor = min_ts.saturating_sub(RETRY_WINDOW_MS << LOGICAL_BITS);
-        let recent = self
-            .dedup
-            .lock()
-            .map(|dedup| dedup.recent(retry_floor, RETRY_RECORDS))
-            .unwrap_or_default();
+        let recent = self.dedup().recent(retry_floor, RETRY_RECORDS);
         gpb::TabletHandoff {
             min_ts,
             txn_records,
@@ -327,9 +323,8 @@ impl Group {
                 );
             }
         }
-        if let Ok(mut dedup) = self.dedup.lock() {
-            dedup.insert_handed_off(handoff.recent.as_ref(), &handoff.recent_requests, index);
-        }
+        self.dedup()
+            .insert_handed_off(handoff.recent.as_ref(), &handoff.recent_requests, index);
         self.max_applied_ts
             .fetch_max(handoff.min_ts, Ordering::AcqRel);
         if let Ok(mut clock) = self.clock.lock() {

@@ -62,7 +62,7 @@ impl Group {
             return None;
         }
         let started = Instant::now();
-        let (recent, recent_at, refused) = self.dedup.lock().ok()?.snapshot(up_to);
+        let (recent, recent_at, refused) = self.dedup().snapshot(up_to);
         let snapshot = gpb::GroupSnapshot {
             tablets: hosted
                 .into_iter()
@@ -107,9 +107,7 @@ impl Truncation {
                 if let Ok(mut txns) = group.txns.lock() {
                     txns.truncated(self.up_to);
                 }
-                if let Ok(mut dedup) = group.dedup.lock() {
-                    dedup.truncated(self.up_to);
-                }
+                group.dedup().truncated(self.up_to);
             }
             Err(error) => {
                 tracing::debug!(group = group.id, up_to = self.up_to, %error, "truncating the group journal");

@@ -143,6 +143,15 @@ struct Client {
     seqs: BTreeSet<u64>,
 }
 
+impl Client {
+    /// Whether the table knows nothing of the client worth keeping: no write, and a
+    /// `done_below` that refuses nothing (seqs start at 1). Such a client is dropped, and
+    /// never restored from a snapshot, so every replica counts the same clients.
+    fn knows_nothing(&self) -> bool {
+        self.seqs.is_empty() && self.done_below <= 1
+    }
+}
+
 /// The recently applied requests of one group.
 #[derive(Debug, Default)]
 pub(crate) struct Dedup {
@@ -236,22 +245,25 @@ impl Dedup {
 
     /// Raises what `client_id` is done below to `done_below`, forgetting its writes below.
     fn advance(&mut self, client_id: ClientId, done_below: u64, index: u64) {
-        // A client starts at seq 1: done below 1 says nothing.
-        let client = match self.clients.entry(client_id) {
-            Entry::Occupied(known) => known.into_mut(),
+        let mut client = match self.clients.entry(client_id) {
+            Entry::Occupied(known) => known,
             Entry::Vacant(_) if done_below <= 1 => return,
-            Entry::Vacant(vacant) => vacant.insert(Client::default()),
+            Entry::Vacant(vacant) => vacant.insert_entry(Client::default()),
         };
-        client.last_index = client.last_index.max(index);
-        if done_below <= client.done_below {
+        let known = client.get_mut();
+        known.last_index = known.last_index.max(index);
+        if done_below <= known.done_below {
             return;
         }
-        client.done_below = done_below;
-        while let Some(&seq) = client.seqs.first()
+        known.done_below = done_below;
+        while let Some(&seq) = known.seqs.first()
             && seq < done_below
         {
-            client.seqs.pop_first();
+            known.seqs.pop_first();
             self.applied.remove(&WriteId { client_id, seq });
+        }
+        if known.knows_nothing() {
+            client.remove();
         }
     }
 
@@ -266,7 +278,7 @@ impl Dedup {
                 self.applied.remove(&write);
                 if let Entry::Occupied(mut client) = self.clients.entry(write.client_id) {
                     client.get_mut().seqs.remove(&write.seq);
-                    if client.get().seqs.is_empty() && client.get().done_below <= 1 {
+                    if client.get().knows_nothing() {
                         client.remove();
                     }
                 }
@@ -387,7 +399,12 @@ impl Dedup {
         }
         dedup.at = recent_at.max(index);
         dedup.settled_up_to = recent_at;
-        dedup.refused = refused.iter().copied().collect();
+        // Requests after `recent_at` are decided again as they replay, and recorded then.
+        dedup.refused = refused
+            .iter()
+            .filter(|request| request.index <= recent_at)
+            .copied()
+            .collect();
         dedup
     }
 
