@@ -136,6 +136,9 @@ impl Group {
                     self.apply_flushed(flushed).await?;
                     releases_log = true;
                 }
+                Some(gpb::group_entry::Kind::DedupLearning(_)) => {
+                    self.dedup().start_learning(index);
+                }
                 Some(gpb::group_entry::Kind::TxnGc(gc)) => {
                     if let Ok(mut txns) = self.txns.lock() {
                         txns.collect(gc.safe_point, gc.record_floor);
@@ -447,6 +450,7 @@ impl Group {
                 detail: format!("group snapshot: {error}"),
             }
         })?;
+        let dedup = Dedup::from_snapshot(&state, snapshot.index);
         // Even a tablet the snapshot lists at the epoch it has here is reopened: its
         // MemStore lacks the entries the snapshot stands for, and its BaseStore version
         // may predate the flushes that hold them, so it would read as if they never were.
@@ -459,13 +463,7 @@ impl Group {
         for seal in state.sealed {
             self.apply_seal(seal);
         }
-        *self.dedup() = Dedup::from_snapshot(
-            state.recent.as_ref(),
-            &state.recent_requests,
-            snapshot.index,
-            state.recent_at,
-            &state.refused,
-        );
+        *self.dedup() = dedup;
         if let Ok(mut txns) = self.txns.lock() {
             *txns = TxnState::from_records(&state.txn_records, state.txn_safe_point);
         }

@@ -74,6 +74,13 @@ impl Group {
         if !leadership.is_leader || leadership.term != term {
             return Err(self.not_leader());
         }
+        if !self.dedup().learns() {
+            // Until this entry the table applies writes as builds before 2026-12-04 did;
+            // it makes every replica start learning at the same index, whatever snapshot
+            // of such a build it started from.
+            self.propose(gpb::group_entry::Kind::DedupLearning(gpb::DedupLearning {}))
+                .await?;
+        }
         let floor = tso.max(self.max_applied_ts() + 1);
         self.start_serving(term, floor);
         tracing::info!(

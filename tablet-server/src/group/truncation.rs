@@ -62,8 +62,8 @@ impl Group {
             return None;
         }
         let started = Instant::now();
-        let (recent, recent_at, refused) = self.dedup().snapshot(up_to);
-        let snapshot = gpb::GroupSnapshot {
+
+        let mut snapshot = gpb::GroupSnapshot {
             tablets: hosted
                 .into_iter()
                 .map(|hosted| TabletInfo::clone(&hosted.info))
@@ -72,11 +72,9 @@ impl Group {
             txn_records,
             txn_safe_point,
             sealed: self.seals(),
-            recent: Some(recent),
-            recent_at,
-            refused,
             ..gpb::GroupSnapshot::default()
         };
+        self.dedup().snapshot(up_to, &mut snapshot);
         let snapshot = Bytes::from(snapshot.encode_to_vec());
         // Built in the apply loop, so its cost delays every write behind the marker.
         tracing::debug!(

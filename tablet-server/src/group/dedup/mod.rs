@@ -30,7 +30,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use foldhash::fast::RandomState;
 
-use luna_proto::group::{AppliedRequest, RecentRequests, RefusedRequest};
+use luna_proto::group::{AppliedRequest, GroupSnapshot, RecentRequests, RefusedRequest};
 use luna_proto::tablet::RequestId;
 
 use self::encoding::{Recording, clients, legacy_records, replay};
@@ -170,6 +170,9 @@ pub(crate) struct Dedup {
     settled_up_to: u64,
     /// Requests refused at indexes the journal may replay (above its last truncation).
     refused: VecDeque<RefusedRequest>,
+    /// Whether it learns what clients are done with: not until a `DedupLearning` entry,
+    /// so that replicas started from snapshots of older builds, which did not, agree.
+    learning: bool,
     limits: Limits,
 }
 
@@ -243,8 +246,10 @@ impl Dedup {
         }
     }
 
-    /// Raises what `client_id` is done below to `done_below`, forgetting its writes below.
+    /// Raises what `client_id` is done below to `done_below`, forgetting its writes below;
+    /// only its last write's index while the table does not learn.
     fn advance(&mut self, client_id: ClientId, done_below: u64, index: u64) {
+        let done_below = if self.learning { done_below } else { 0 };
         let mut client = match self.clients.entry(client_id) {
             Entry::Occupied(known) => known,
             Entry::Vacant(_) if done_below <= 1 => return,
@@ -326,9 +331,10 @@ impl Dedup {
         })
     }
 
-    /// The table for a snapshot of the group at `up_to`, built now: the table, the index
-    /// it describes, and the requests refused above `up_to`.
-    pub(crate) fn snapshot(&self, up_to: u64) -> (RecentRequests, u64, Vec<RefusedRequest>) {
+    /// Puts the table into `snapshot`, a snapshot of the group at `up_to` built now: the
+    /// table, the index it describes, the requests refused above `up_to`, and whether it
+    /// learns.
+    pub(crate) fn snapshot(&self, up_to: u64, snapshot: &mut GroupSnapshot) {
         let mut recording = Recording::new(true);
         for (write, record) in self.in_order() {
             recording.push(write, &record.applied);
@@ -338,13 +344,15 @@ impl Dedup {
                 .iter()
                 .map(|(id, client)| (*id, client.done_below, client.last_index)),
         );
-        let refused = self
+        snapshot.recent = Some(recent);
+        snapshot.recent_at = self.at.max(self.settled_up_to);
+        snapshot.refused = self
             .refused
             .iter()
             .filter(|request| request.index > up_to)
             .copied()
             .collect();
-        (recent, self.at.max(self.settled_up_to), refused)
+        snapshot.dedup_learning = self.learning;
     }
 
     /// Drops refusals the journal will not replay: it was truncated up to `up_to`.
@@ -381,31 +389,45 @@ impl Dedup {
         recording.finish(clients)
     }
 
-    /// The table a snapshot at `index` recorded, in any of its forms: `recent` as of
-    /// `recent_at` with the requests refused up to there, or (older forms) as of `index`.
-    pub(crate) fn from_snapshot(
-        recent: Option<&RecentRequests>,
-        legacy: &[AppliedRequest],
-        index: u64,
-        recent_at: u64,
-        refused: &[RefusedRequest],
-    ) -> Dedup {
-        let mut dedup = Dedup::default();
-        for (write, applied) in legacy_records(legacy).chain(replay(recent)) {
+    /// The table a snapshot of the group at `index` recorded, in any of its forms:
+    /// `recent` as of `recent_at` with the requests refused up to there, or (older forms)
+    /// as of `index`.
+    pub(crate) fn from_snapshot(snapshot: &GroupSnapshot, index: u64) -> Dedup {
+        let recent = snapshot.recent.as_ref();
+        let mut dedup = Dedup {
+            learning: snapshot.dedup_learning,
+            ..Dedup::default()
+        };
+        for (write, applied) in legacy_records(&snapshot.recent_requests).chain(replay(recent)) {
             dedup.remember(write, applied, applied.index);
         }
         for (client_id, done_below, last_index) in clients(recent) {
             dedup.advance(client_id, done_below, last_index);
         }
-        dedup.at = recent_at.max(index);
-        dedup.settled_up_to = recent_at;
+        dedup.at = snapshot.recent_at.max(index);
+        dedup.settled_up_to = snapshot.recent_at;
         // Requests after `recent_at` are decided again as they replay, and recorded then.
-        dedup.refused = refused
+        dedup.refused = snapshot
+            .refused
             .iter()
-            .filter(|request| request.index <= recent_at)
+            .filter(|request| request.index <= snapshot.recent_at)
             .copied()
             .collect();
         dedup
+    }
+
+    /// Whether the table learns what clients are done with (see `DedupLearning`).
+    pub(crate) fn learns(&self) -> bool {
+        self.learning
+    }
+
+    /// From the entry at `index` on, the table learns what clients are done with.
+    pub(crate) fn start_learning(&mut self, index: u64) {
+        if index <= self.settled_up_to {
+            return;
+        }
+        self.at = self.at.max(index);
+        self.learning = true;
     }
 
     /// Records the requests of a tablet's handoff, in either of its forms, as applied at

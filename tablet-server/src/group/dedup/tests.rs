@@ -15,6 +15,24 @@ fn key(seq: u64) -> RequestKey {
     request([7; 16], seq, 0)
 }
 
+/// A table past its `DedupLearning` entry.
+fn learning() -> Dedup {
+    Dedup {
+        learning: true,
+        ..Dedup::default()
+    }
+}
+
+/// `dedup` restored from a snapshot of the group at `index`, through the wire form.
+fn restored(dedup: &Dedup, index: u64) -> Dedup {
+    let mut snapshot = GroupSnapshot::default();
+    dedup.snapshot(index, &mut snapshot);
+    let wire = prost::Message::encode_to_vec(&snapshot);
+    let snapshot: GroupSnapshot =
+        prost::Message::decode(wire.as_slice()).unwrap_or_else(|e| panic!("{e}"));
+    Dedup::from_snapshot(&snapshot, index)
+}
+
 fn at(index: u64) -> Applied {
     Applied {
         index,
@@ -36,9 +54,9 @@ fn records(writes: impl IntoIterator<Item = (ClientId, u64)>) -> RecentRequests 
     recording.finish([])
 }
 
-/// Everything a table holds that decides what it does next: its records in order, and
-/// its clients.
-type TableState = (Vec<(WriteId, Applied)>, Vec<(ClientId, Client)>);
+/// Everything a table holds that decides what it does next: its records in order, its
+/// clients, and whether it learns.
+type TableState = (Vec<(WriteId, Applied)>, Vec<(ClientId, Client)>, bool);
 
 fn state(dedup: &Dedup) -> TableState {
     let order = dedup
@@ -51,12 +69,12 @@ fn state(dedup: &Dedup) -> TableState {
         .map(|(id, client)| (*id, client.clone()))
         .collect();
     clients.sort_unstable_by_key(|(id, _)| *id);
-    (order, clients)
+    (order, clients, dedup.learning)
 }
 
 #[test]
 fn remembers_and_evicts_oldest_first() {
-    let mut dedup = Dedup::default();
+    let mut dedup = learning();
     for seq in 0..(CAPACITY as u64 + 2) {
         dedup.insert(&key(seq), at(seq));
     }
@@ -73,7 +91,7 @@ fn remembers_and_evicts_oldest_first() {
 #[test]
 fn a_write_its_client_is_done_with_is_forgotten_and_refused() {
     let client = [1; 16];
-    let mut dedup = Dedup::default();
+    let mut dedup = learning();
     for (index, seq, done_below) in [(1, 1, 1), (2, 2, 1), (3, 3, 3)] {
         let key = request(client, seq, done_below);
         assert!(dedup.admit(index, 0, &key));
@@ -106,7 +124,7 @@ fn a_write_its_client_is_done_with_is_forgotten_and_refused() {
 
 #[test]
 fn a_snapshot_round_trips_the_table_and_its_order() {
-    let mut dedup = Dedup::default();
+    let mut dedup = learning();
     for seq in 0..100u64 {
         let client_id = [u8::from(seq % 3 == 0); 16];
         let applied = Applied {
@@ -115,11 +133,10 @@ fn a_snapshot_round_trips_the_table_and_its_order() {
         };
         dedup.insert(&request(client_id, seq, seq.saturating_sub(5)), applied);
     }
-    let (recent, recent_at, refused) = dedup.snapshot(3);
-    assert_eq!(recent_at, 25);
-    let restored = Dedup::from_snapshot(Some(&recent), &[], 3, recent_at, &refused);
+    let restored = restored(&dedup, 3);
     assert_eq!(state(&restored), state(&dedup));
     assert_eq!(restored.settled_up_to, 25);
+    assert!(restored.learns());
 }
 
 /// What a tablet's handoff carries after a busy minute: 50,000 requests of two
@@ -129,7 +146,7 @@ fn a_snapshot_round_trips_the_table_and_its_order() {
 /// the adoption's index.
 #[test]
 fn a_handoff_of_many_requests_is_small_and_complete() {
-    let mut dedup = Dedup::default();
+    let mut dedup = learning();
     let mut commit_ts = 1_796_000_000_000u64 << 18;
     let clients = [[1u8; 16], [2u8; 16]];
     for seq in 0..25_000u64 {
@@ -148,7 +165,7 @@ fn a_handoff_of_many_requests_is_small_and_complete() {
         ..Default::default()
     });
     assert!(bytes < 50_000 * 6, "{bytes} bytes for 50,000 requests");
-    let mut adopted = Dedup::default();
+    let mut adopted = learning();
     adopted.insert_handed_off(Some(&handoff), &[], 77);
     assert_eq!(adopted.applied.len(), 50_000);
     for (write, record) in &dedup.applied {
@@ -167,7 +184,7 @@ fn a_handoff_of_many_requests_is_small_and_complete() {
 #[test]
 fn a_handoff_carries_what_clients_are_done_with() {
     let (windowed, old_sdk) = ([1; 16], [2; 16]);
-    let mut dedup = Dedup::default();
+    let mut dedup = learning();
     let mut index = 0;
     // Up to four writes in flight; the newest applies first in each pair.
     for seq in (1..=100u64).collect::<Vec<_>>().chunks(2) {
@@ -196,7 +213,7 @@ fn a_handoff_carries_what_clients_are_done_with() {
     };
     assert_eq!(seqs(windowed), vec![97, 98, 99, 100]);
     assert_eq!(seqs(old_sdk), vec![1, 2, 3, 4, 5], "0 says nothing is done");
-    let mut adopted = Dedup::default();
+    let mut adopted = learning();
     adopted.insert_handed_off(Some(&handoff), &[], 500);
     assert_eq!(
         adopted.prior(&request(windowed, 50, 1)),
@@ -215,22 +232,71 @@ fn a_handoff_carries_what_clients_are_done_with() {
 #[test]
 fn a_client_that_says_nothing_is_dropped_as_a_restore_would() {
     let client = [5; 16];
-    let mut dedup = Dedup::default();
+    let mut dedup = learning();
     dedup.insert_handed_off(Some(&records([(client, 0)])), &[], 1);
     assert_eq!(dedup.counts(), (1, 1));
     let done_below_1 = Recording::new(false).finish([(client, 1, 0)]);
     dedup.insert_handed_off(Some(&done_below_1), &[], 2);
     assert_eq!(dedup.counts(), (0, 0));
-    let (recent, recent_at, refused) = dedup.snapshot(2);
-    let restored = Dedup::from_snapshot(Some(&recent), &[], 2, recent_at, &refused);
-    assert_eq!(state(&restored), state(&dedup));
+    assert_eq!(state(&restored(&dedup, 2)), state(&dedup));
+}
+
+/// Replicas that start from snapshots an older build wrote, each at its own index, agree
+/// on a late copy of a write its client was done with: the older build's log did not
+/// teach tables what clients are done with, and neither does its replay, so every replica
+/// starts learning at the `DedupLearning` entry.
+#[test]
+fn replicas_started_from_an_older_builds_snapshots_agree() {
+    let client = [6; 16];
+    let old_log = [request(client, 1, 1), request(client, 3, 3)];
+    // One replica replays the older build's whole log; the other starts from that build's
+    // snapshot at index 2 (records only, as it wrote them).
+    let mut replayed = Dedup::default();
+    for (index, key) in (1u64..).zip(&old_log) {
+        assert!(replayed.admit(index, 0, key));
+        replayed.insert(key, at(index));
+    }
+    let legacy: Vec<AppliedRequest> = (1u64..)
+        .zip(&old_log)
+        .map(|(index, key)| AppliedRequest {
+            request_id: Some(key.to_proto()),
+            commit_ts: at(index).commit_ts,
+            index,
+        })
+        .collect();
+    let snapshot = GroupSnapshot {
+        recent_requests: legacy,
+        ..GroupSnapshot::default()
+    };
+    let mut restored = Dedup::from_snapshot(&snapshot, 2);
+    assert_eq!(state(&restored), state(&replayed));
+    // Entry 3 starts learning; entry 4 is a late copy of write 2, which the client gave up
+    // on before the upgrade. Neither replica knows, so both apply it.
+    let late_copy = request(client, 2, 1);
+    for table in [&mut replayed, &mut restored] {
+        table.start_learning(3);
+        assert!(table.admit(4, 0, &late_copy));
+        table.insert(&late_copy, at(4));
+    }
+    assert_eq!(state(&restored), state(&replayed));
+    // From then on both learn: write 5 says 1 to 4 are done.
+    for table in [&mut replayed, &mut restored] {
+        let next = request(client, 5, 5);
+        assert!(table.admit(5, 0, &next));
+        table.insert(&next, at(5));
+        assert_eq!(
+            table.prior(&request(client, 4, 4)),
+            Prior::Done { done_below: 5 }
+        );
+    }
+    assert_eq!(state(&restored), state(&replayed));
 }
 
 /// A handoff that brings back a request the group applied before keeps the first
 /// record, so the table and its order stay one.
 #[test]
 fn the_first_application_of_a_request_stands() {
-    let mut dedup = Dedup::default();
+    let mut dedup = learning();
     let first = at(5);
     dedup.insert(&key(1), first);
     let handoff = records([([7; 16], 1), ([7; 16], 2)]);
@@ -247,14 +313,19 @@ fn the_older_record_form_is_still_read() {
         commit_ts: 50,
         index: 9,
     }];
-    let restored = Dedup::from_snapshot(None, &legacy, 9, 0, &[]);
+    let snapshot = GroupSnapshot {
+        recent_requests: legacy.to_vec(),
+        ..GroupSnapshot::default()
+    };
+    let restored = Dedup::from_snapshot(&snapshot, 9);
+    assert!(!restored.learns(), "older builds did not learn");
     let expected = Applied {
         index: 9,
         commit_ts: 50,
     };
     assert_eq!(restored.get(&key(5)), Some(expected));
     assert_eq!(restored.at, 9, "the table stands for the snapshot's index");
-    let mut adopted = Dedup::default();
+    let mut adopted = learning();
     adopted.insert_handed_off(None, &legacy, 3);
     assert_eq!(adopted.get(&key(5)).map(|applied| applied.index), Some(3));
 }
@@ -274,7 +345,13 @@ fn malformed_lists_are_skipped_or_cut_short() {
         done_below: vec![9, 2],
         last_index: vec![],
     };
-    let restored = Dedup::from_snapshot(Some(&recent), &[], 1, 1, &[]);
+    let snapshot = GroupSnapshot {
+        recent: Some(recent),
+        recent_at: 1,
+        dedup_learning: true,
+        ..GroupSnapshot::default()
+    };
+    let restored = Dedup::from_snapshot(&snapshot, 1);
     assert_eq!(restored.applied.len(), 2);
     assert_eq!(
         restored.get(&key(3)).map(|applied| applied.commit_ts),
@@ -310,6 +387,8 @@ fn rejects_malformed_request_ids() {
 enum Op {
     Write(RequestKey),
     Handoff(RecentRequests),
+    /// A `DedupLearning` entry.
+    Learn,
 }
 
 /// A log of `entries` entries from five clients: new writes, retries (some batched right
@@ -318,8 +397,15 @@ fn generated_log(rng: &mut StdRng, entries: usize) -> Vec<Vec<Op>> {
     let client = |n: u8| [n; 16];
     let mut next_seq = [1u64; 5];
     let mut log = Vec::with_capacity(entries);
-    for _ in 0..entries {
+    // Where the table starts learning; at 0 it learns from the start.
+    let learn_at = rng.random_range(0..entries / 2);
+    for number in 0..entries {
         let mut entry = Vec::new();
+        if number == learn_at {
+            entry.push(Op::Learn);
+            log.push(entry);
+            continue;
+        }
         if rng.random_ratio(1, 25) {
             let mut recording = Recording::new(false);
             for _ in 0..rng.random_range(0..4) {
@@ -379,6 +465,10 @@ fn apply(dedup: &mut Dedup, index: u64, entry: &[Op]) -> Vec<bool> {
                 dedup.insert_handed_off(Some(recent), &[], index);
                 true
             }
+            Op::Learn => {
+                dedup.start_learning(index);
+                true
+            }
         })
         .collect()
 }
@@ -386,7 +476,8 @@ fn apply(dedup: &mut Dedup, index: u64, entry: &[Op]) -> Vec<bool> {
 /// A replica restored from a snapshot built later than the snapshot's index, which then
 /// replays the log from that index, decides every request as the replicas that applied
 /// the whole log did, and ends with the same table. Over generated logs with small limits,
-/// so that every way of forgetting happens. `LUNA_SEED=<n>` replays one log.
+/// so that every way of forgetting happens, and a `DedupLearning` entry somewhere in the
+/// first half. `LUNA_SEED=<n>` replays one log.
 #[test]
 fn a_replica_restored_from_a_later_snapshot_decides_as_the_others() {
     let seeds: Vec<u64> = match std::env::var("LUNA_SEED").ok().and_then(|s| s.parse().ok()) {
@@ -416,26 +507,10 @@ fn a_replica_restored_from_a_later_snapshot_decides_as_the_others() {
                 leader.truncated(truncated);
             }
             if at_index == built_at {
-                let (recent, recent_at, refused) = leader.snapshot(index);
-                let wire = luna_proto::group::GroupSnapshot {
-                    recent: Some(recent),
-                    recent_at,
-                    refused,
-                    ..Default::default()
-                };
-                snapshot = Some(prost::Message::encode_to_vec(&wire));
+                snapshot = Some(restored(&leader, index));
             }
         }
-        let wire: luna_proto::group::GroupSnapshot =
-            prost::Message::decode(snapshot.unwrap_or_default().as_slice())
-                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        let mut restored = Dedup::from_snapshot(
-            wire.recent.as_ref(),
-            &[],
-            index,
-            wire.recent_at,
-            &wire.refused,
-        );
+        let mut restored = snapshot.unwrap_or_default();
         restored.limits = limits;
         for (i, entry) in log.iter().enumerate().skip(index as usize) {
             let at_index = i as u64 + 1;
