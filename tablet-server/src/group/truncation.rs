@@ -62,7 +62,6 @@ impl Group {
             return None;
         }
         let started = Instant::now();
-
         let mut snapshot = gpb::GroupSnapshot {
             tablets: hosted
                 .into_iter()

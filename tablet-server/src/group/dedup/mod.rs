@@ -13,7 +13,10 @@
 //!
 //! **Replicas agree.** What the table remembers, forgets and refuses depends only on the
 //! entries applied, in order, so every replica builds the same table from the log and a
-//! new leader deduplicates what the old one applied.
+//! new leader deduplicates what the old one applied. A table learns what clients are done
+//! with only from a `DedupLearning` entry on: builds before 2026-12-04 did not, their
+//! snapshots do not record it, and each replica truncated at its own index, so replicas
+//! started from them could otherwise know different things.
 //!
 //! **Snapshots.** A snapshot stands for the group at its index `x`, but the table goes in
 //! as it is when the snapshot is built, at a later index `a` (`recent_at`): forgetting
