@@ -496,6 +496,12 @@ async fn a_tablet_and_another_group(client: &Client) -> (luna_client::TabletInfo
     (tablet, to_group)
 }
 
+/// The value of `a1` in `app/kv`, read through the SDK.
+async fn value_of_a1(client: &Client) -> Option<String> {
+    let kv = client.database("app").collection("kv");
+    text(kv.get("a1").await.expect("get"))
+}
+
 /// A raw write of `a1 = value` to `tablet`, as write `seq` of `client_id`, which is done
 /// with every write below `done_below`.
 fn raw_write(
@@ -540,9 +546,8 @@ async fn a_write_retried_after_its_tablet_moved_is_answered_and_not_applied_agai
         .tablet;
     let retried_ts = write_on_leader(&servers, write(&moved, 1, "first")).await;
     assert_eq!(retried_ts, first_ts, "{}", universe.logs());
-    let kv = client.database("app").collection("kv");
     assert_eq!(
-        text(kv.get("a1").await.expect("get")),
+        value_of_a1(&client).await,
         Some("second".into()),
         "the retry was applied again"
     );
@@ -599,9 +604,8 @@ async fn a_late_copy_of_a_write_its_client_gave_up_on_is_refused_after_a_move() 
         refusal.message().contains("done with every write below 2"),
         "{refusal:?}"
     );
-    let kv = client.database("app").collection("kv");
     assert_eq!(
-        text(kv.get("a1").await.expect("get")),
+        value_of_a1(&client).await,
         Some("second".into()),
         "the late copy was applied"
     );

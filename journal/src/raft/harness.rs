@@ -463,6 +463,19 @@ pub(super) fn dir_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// Three servers whose leader acknowledged `entry-0` to `entry-29`; returns the leader.
+fn with_thirty_acknowledged(sim: &mut Sim) -> u64 {
+    let leader = sim.run_until_leader(300);
+    for i in 0..30 {
+        sim.propose(leader, Bytes::from(format!("entry-{i}")));
+    }
+    for _ in 0..20 {
+        sim.step();
+    }
+    assert_eq!(sim.acked.len(), 30, "seed {}", sim.seed);
+    leader
+}
+
 fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
     match std::env::var("LUNA_SEED").ok().and_then(|s| s.parse().ok()) {
         Some(seed) => vec![seed],

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use luna_kernel::stream::StreamError;
 
-use super::{STREAM, Sim, run_with_faults, seeds};
+use super::{STREAM, Sim, run_with_faults, seeds, with_thirty_acknowledged};
 use crate::raft::{RaftConfig, Server};
 
 /// A restarted server counts its read barrier ids from elsewhere than before the restart,
@@ -81,14 +81,7 @@ fn restart_from_disk_keeps_acknowledged_entries() {
     let seed = seeds(200..201)[0];
     println!("restart_from_disk: seed {seed}");
     let mut sim = Sim::new(seed, 3);
-    let leader = sim.run_until_leader(300);
-    for i in 0..30 {
-        sim.propose(leader, Bytes::from(format!("entry-{i}")));
-    }
-    for _ in 0..20 {
-        sim.step();
-    }
-    assert_eq!(sim.acked.len(), 30, "seed {seed}");
+    with_thirty_acknowledged(&mut sim);
     for id in 1..=3 {
         sim.crash(id);
     }

@@ -10,7 +10,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use tokio::sync::oneshot::error::TryRecvError;
 
-use super::{STREAM, Sim, dir_bytes, seeds};
+use super::{STREAM, Sim, dir_bytes, seeds, with_thirty_acknowledged};
 use crate::raft::{Membership, RaftConfig, Server, sync};
 
 impl Sim {
@@ -196,14 +196,7 @@ fn restart_after_compaction_recovers_the_snapshot_and_first_index() {
     let seed = seeds(900..901)[0];
     println!("restart_after_compaction: seed {seed}");
     let mut sim = Sim::new(seed, 3);
-    let leader = sim.run_until_leader(300);
-    for i in 0..30 {
-        sim.propose(leader, Bytes::from(format!("entry-{i}")));
-    }
-    for _ in 0..20 {
-        sim.step();
-    }
-    assert_eq!(sim.acked.len(), 30, "seed {seed}");
+    let leader = with_thirty_acknowledged(&mut sim);
     let (_, log) = sim.log(leader, 20);
     let term_of_20 = log.last().map(|e| e.term);
     for id in 1..=3 {
