@@ -1,6 +1,12 @@
 //! The production driver of a [`Server`]: one thread runs the ready loop of every stream a
 //! server hosts, and a second thread runs the fsyncs.
 //!
+//! The driver thread runs the loop as a task on a runtime of its own (current-thread),
+//! which a transport can run its network tasks on too (`grpc::GrpcNode` does): a message from a
+//! peer then reaches the loop, and the loop's messages reach the socket, without waking
+//! another thread. On this project's 2-core VM every such wake-up costs tens of
+//! microseconds, and a commit crosses several (docs/journal.md, "The driver").
+//!
 //! The driver thread owns the `Server` and is the only thread that reads its raft-engine
 //! (raft-engine 0.4.2 caches decoded blocks per thread, keyed by file position only, so a
 //! thread must not read two engines; see docs/journal.md). Everything else talks to it by
@@ -19,7 +25,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,7 +32,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use luna_kernel::stream::{Committed, StreamError};
 use raft_engine::Engine;
-use tokio::sync::oneshot;
+use tokio::runtime::Runtime;
+use tokio::sync::{mpsc, oneshot};
 
 use super::replica::{AdminReply, Reply};
 use super::round::{SyncRound, sync};
@@ -36,6 +42,10 @@ use super::snapshot::purge_expired;
 use super::stream::RaftStream;
 use super::transport::{Inbox, Transport};
 use crate::error::JournalError;
+
+/// The driver's event queue: unbounded, because peers, clients and the sync thread must
+/// never block on it (the transport's and the streams' own queues bound what enters).
+pub(crate) type Events = mpsc::UnboundedSender<Event>;
 
 /// Everything the driver thread reacts to.
 #[derive(Debug)]
@@ -110,7 +120,7 @@ pub(crate) enum Event {
 #[derive(Debug)]
 pub struct Node {
     node_id: u64,
-    events: Sender<Event>,
+    events: Events,
     driver: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
 }
@@ -135,7 +145,17 @@ impl Node {
     /// Opens (or creates) the raft-engine log in `config.dir` and starts the driver. Streams
     /// are added with [`add_stream`](Self::add_stream).
     pub fn start(config: RaftConfig, transport: Arc<dyn Transport>) -> Result<Node, JournalError> {
-        let (events, queue) = std::sync::mpsc::channel();
+        Self::start_on(config, driver_runtime()?, transport)
+    }
+
+    /// [`start`](Self::start) on `runtime`, made by [`driver_runtime`], whose handle the
+    /// transport already holds to run its tasks on the driver thread.
+    pub(crate) fn start_on(
+        config: RaftConfig,
+        runtime: Runtime,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Node, JournalError> {
+        let (events, queue) = mpsc::unbounded_channel();
         let (opened_tx, opened) = std::sync::mpsc::channel();
         let node_id = config.node_id;
         let loop_events = events.clone();
@@ -184,7 +204,9 @@ impl Node {
                     syncing: false,
                     failed: None,
                 };
-                driver.run(queue, syncer, purger);
+                runtime.block_on(driver.run(queue, syncer, purger));
+                // The transport's tasks on this runtime end with it.
+                drop(runtime);
             })
             .map_err(|e| JournalError::io("starting the raft driver thread", e))?;
         match opened.recv() {
@@ -284,6 +306,15 @@ impl Drop for Node {
     }
 }
 
+/// A runtime for a driver thread: current-thread, with the I/O and time drivers a transport
+/// needs. Built before the thread starts, so that its transport can hold the handle.
+pub(crate) fn driver_runtime() -> Result<Runtime, JournalError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| JournalError::io("building the raft driver's runtime", e))
+}
+
 /// The error a membership change or leader transfer gets on a failed server.
 fn failed(stream_id: u64, source: &StreamError) -> JournalError {
     JournalError::Stream {
@@ -294,7 +325,7 @@ fn failed(stream_id: u64, source: &StreamError) -> JournalError {
 
 /// The thread that writes and fsyncs rounds, so the ready loop never waits for the disk.
 struct SyncThread {
-    rounds: Sender<SyncRound>,
+    rounds: std::sync::mpsc::Sender<SyncRound>,
     thread: JoinHandle<()>,
 }
 
@@ -302,7 +333,7 @@ impl SyncThread {
     fn spawn(
         engine: Arc<Engine>,
         transport: Arc<dyn Transport>,
-        events: Sender<Event>,
+        events: Events,
         counters: Arc<Counters>,
     ) -> Result<Self, JournalError> {
         let (rounds, queue) = std::sync::mpsc::channel::<SyncRound>();
@@ -348,7 +379,7 @@ struct PurgeThread {
 
 impl PurgeThread {
     /// Starts the thread and makes `server` send its due purges there.
-    fn spawn(server: &mut Server, events: Sender<Event>) -> Result<Self, JournalError> {
+    fn spawn(server: &mut Server, events: Events) -> Result<Self, JournalError> {
         let (requests, queue) = std::sync::mpsc::sync_channel::<()>(1);
         let engine = server.engine();
         let thread = std::thread::Builder::new()
@@ -378,7 +409,7 @@ struct Driver {
     server: Server,
     transport: Arc<dyn Transport>,
     /// For answering subscriptions' handles, which send their reads here.
-    events: Sender<Event>,
+    events: Events,
     tick: Duration,
     /// Most ticks made up at once after the thread was late.
     max_catch_up: u64,
@@ -389,14 +420,19 @@ struct Driver {
 }
 
 impl Driver {
-    fn run(mut self, queue: Receiver<Event>, syncer: SyncThread, purger: PurgeThread) {
+    async fn run(
+        mut self,
+        mut queue: mpsc::UnboundedReceiver<Event>,
+        syncer: SyncThread,
+        purger: PurgeThread,
+    ) {
         let mut next_tick = Instant::now() + self.tick;
         'run: loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            let first = match queue.recv_timeout(wait) {
-                Ok(event) => Some(event),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break 'run,
+            // While this waits, the runtime runs the transport's tasks.
+            let first = match tokio::time::timeout_at(next_tick.into(), queue.recv()).await {
+                Ok(Some(event)) => Some(event),
+                Err(_elapsed) => None,
+                Ok(None) => break 'run,
             };
             // Ticks come before any event is handled: a lease read queued while this
             // thread was stalled must see the lease as the wall clock has aged it.

@@ -1,7 +1,9 @@
 //! The gRPC raft transport (`luna.journal.v1.RaftTransport`, tonic).
 //!
 //! Every server dials every peer once and keeps one long-lived bidirectional `Exchange`
-//! stream to it. The driver's batch for a peer (one per ready round) goes straight into
+//! stream to it. The links, the server and its receivers run on the node's driver thread
+//! (its current-thread runtime): a peer's batch reaches the ready loop, and the loop's
+//! batches reach the socket, without a wake-up of another thread. The driver's batch for a peer (one per ready round) goes straight into
 //! that stream's queue, with no task in between: tonic's encoder writes everything queued
 //! since its previous write at once. A lost connection is redialled with backoff by the
 //! peer's connection task; messages sent while it is down are dropped (raft resends what
@@ -21,6 +23,7 @@ use luna_proto::journal::raft_transport_client::RaftTransportClient;
 use luna_proto::journal::raft_transport_server::{RaftTransport, RaftTransportServer};
 use luna_proto::journal::{RaftAck, RaftBatch};
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,7 +31,7 @@ use tonic::transport::Endpoint;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::driver::Node;
+use super::driver::{Node, driver_runtime};
 use super::partition::Partition;
 use super::server::RaftConfig;
 use super::transport::{Inbox, Transport};
@@ -46,6 +49,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct GrpcTransport {
     node_id: u64,
+    /// The driver thread's runtime, which runs the links.
+    runtime: Handle,
     /// Peers join and move while the server runs (a tablet server learns its groups' peers
     /// from the master), so the map changes under a lock that `send` holds only briefly.
     peers: Mutex<HashMap<u64, PeerLink>>,
@@ -66,10 +71,11 @@ type Outbound = Mutex<Option<mpsc::Sender<RaftBatch>>>;
 
 impl GrpcTransport {
     /// Starts a connection task to each of `peers` (node id to address) for server
-    /// `node_id`. Must be called inside a tokio runtime, which runs the tasks.
-    pub fn start(node_id: u64, peers: &HashMap<u64, SocketAddr>) -> Arc<Self> {
+    /// `node_id`, on `runtime`.
+    fn start(node_id: u64, peers: &HashMap<u64, SocketAddr>, runtime: Handle) -> Arc<Self> {
         let transport = Self {
             node_id,
+            runtime,
             peers: Mutex::new(HashMap::new()),
             partition: Partition::default(),
         };
@@ -80,7 +86,7 @@ impl GrpcTransport {
     }
 
     /// Adds peer `peer_id` at `addr`, or moves it there. A no-op for this server itself and
-    /// for a peer already at `addr`. Must be called inside a tokio runtime.
+    /// for a peer already at `addr`.
     pub fn set_peer(&self, peer_id: u64, addr: SocketAddr) {
         if peer_id == self.node_id {
             return;
@@ -96,7 +102,7 @@ impl GrpcTransport {
             addr,
             outbound: Arc::clone(&outbound),
         };
-        let task = tokio::spawn(link.run()).abort_handle();
+        let task = self.runtime.spawn(link.run()).abort_handle();
         let new = PeerLink {
             addr,
             outbound,
@@ -247,7 +253,9 @@ impl RaftTransport for Receiver {
                     }
                     Ok(None) => break,
                     Err(status) => {
-                        tracing::warn!(%status, "raft exchange from a peer failed");
+                        // What a peer that stops or crashes leaves: as ordinary as the
+                        // dialer's "raft link down", and logged at the same level.
+                        tracing::debug!(%status, "raft exchange from a peer failed");
                         break;
                     }
                 }
@@ -272,7 +280,7 @@ pub struct GrpcNode {
 impl GrpcNode {
     /// Starts server `config.node_id`, serving the raft transport on `listener` and dialing
     /// `peers` (node id to address; this server's own entry is skipped). Must be called
-    /// inside a tokio runtime.
+    /// inside a tokio runtime (the one `listener` was made on).
     pub fn start(
         config: RaftConfig,
         listener: TcpListener,
@@ -282,8 +290,18 @@ impl GrpcNode {
         let local_addr = listener
             .local_addr()
             .map_err(|e| JournalError::io("reading the raft listener's address", e))?;
-        let transport = GrpcTransport::start(node_id, peers);
-        let node = Node::start(config, Arc::clone(&transport) as Arc<dyn Transport>)?;
+        // Moved to the driver's runtime, whose I/O driver then wakes the driver thread.
+        let listener = listener
+            .into_std()
+            .map_err(|e| JournalError::io("moving the raft listener to its driver", e))?;
+        let runtime = driver_runtime()?;
+        let handle = runtime.handle().clone();
+        let transport = GrpcTransport::start(node_id, peers, handle.clone());
+        let node = Node::start_on(
+            config,
+            runtime,
+            Arc::clone(&transport) as Arc<dyn Transport>,
+        )?;
         let service = RaftTransportServer::new(Receiver {
             node_id,
             inbox: node.inbox(),
@@ -291,7 +309,14 @@ impl GrpcNode {
         })
         .max_decoding_message_size(MAX_DECODING_BYTES);
         let (stop_serving, stop) = oneshot::channel::<()>();
-        let serving = tokio::spawn(async move {
+        let serving = handle.spawn(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::error!(%error, node_id, "raft transport listener failed");
+                    return;
+                }
+            };
             let result = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(service)

@@ -1,14 +1,13 @@
 //! [`RaftStream`]: the kernel [`Stream`] over one stream replica of a [`Node`](super::Node).
 
 use std::sync::Arc;
-use std::sync::mpsc::Sender;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use luna_kernel::stream::{Committed, Leadership, Stream, StreamError, Subscription};
 use tokio::sync::{oneshot, watch};
 
-use super::driver::Event;
+use super::driver::{Event, Events};
 use super::membership::Membership;
 use super::replica::Published;
 use crate::error::JournalError;
@@ -23,7 +22,7 @@ use crate::feed::{EntrySource, spawn_feed};
 #[derive(Debug)]
 pub struct RaftStream {
     stream_id: u64,
-    events: Sender<Event>,
+    events: Events,
     committed: watch::Receiver<u64>,
     leadership: watch::Receiver<Leadership>,
     membership: watch::Receiver<Membership>,
@@ -34,7 +33,7 @@ pub struct RaftStream {
 impl RaftStream {
     pub(crate) fn new(
         stream_id: u64,
-        events: Sender<Event>,
+        events: Events,
         committed: watch::Receiver<u64>,
         leadership: watch::Receiver<Leadership>,
         membership: watch::Receiver<Membership>,
@@ -258,7 +257,7 @@ impl Stream for RaftStream {
 /// the driver thread, the only one that reads the engine.
 struct DriverSource {
     stream_id: u64,
-    events: Sender<Event>,
+    events: Events,
     published: Arc<Published>,
 }
 

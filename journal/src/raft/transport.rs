@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 
-use super::driver::Event;
+use super::driver::{Event, Events};
 
 /// Carries a server's raft messages to its peers.
 pub trait Transport: Send + Sync + 'static {
@@ -24,7 +24,7 @@ pub trait Transport: Send + Sync + 'static {
 /// The receiving end of a [`Node`](super::Node): a transport delivers peers' messages here.
 #[derive(Clone, Debug)]
 pub struct Inbox {
-    pub(crate) events: std::sync::mpsc::Sender<Event>,
+    pub(crate) events: Events,
 }
 
 impl Inbox {
