@@ -312,11 +312,18 @@ impl Replica {
         lease.publish(self.lease_until_at.filter(|_| leads));
     }
 
-    /// The committed index, if this replica leads with a lease valid at tick `now`.
-    /// `renew` says whether the lease is old enough to renew in the background.
+    /// The committed index, if this replica leads with a lease valid at tick `now` and in
+    /// wall time. `renew` says whether the lease is old enough to renew in the background.
+    ///
+    /// The wall-time bound matters when the driver thread stalls in the middle of a turn
+    /// (a SIGSTOP, a long page fault): `now` is the tick count taken at the turn's start,
+    /// and the events the turn takes after the stall would otherwise be judged by it.
     pub(crate) fn lease_read(&self, now: u64, lease_ticks: u64) -> Option<(u64, bool)> {
         let leads = self.node.raft.state == StateRole::Leader && self.transfer.is_none();
-        (leads && now < self.lease_until).then(|| {
+        let in_wall_time = self
+            .lease_until_at
+            .is_some_and(|until| Instant::now() < until);
+        (leads && now < self.lease_until && in_wall_time).then(|| {
             let renew = self.lease_until - now < lease_ticks / 2;
             (self.node.raft.raft_log.committed, renew)
         })

@@ -7,6 +7,7 @@ use tokio::sync::oneshot;
 
 use super::{STREAM, Sim, seeds};
 use crate::error::JournalError;
+use crate::raft::server::LEASE_MARGIN_TICKS;
 use crate::raft::{Membership, RaftConfig, Server};
 
 type AdminAnswer = oneshot::Receiver<Result<u64, JournalError>>;
@@ -272,10 +273,9 @@ fn read_barriers_right_after_an_election_are_answered() {
     }
 }
 
-#[test]
-fn lease_reads_are_local_and_lapse_on_a_partitioned_leader() {
-    let seed = seeds(600..601)[0];
-    println!("lease_reads: seed {seed} (replay with LUNA_SEED={seed})");
+/// A 3-server simulation whose leader holds a lease, with 10 entries acknowledged: the
+/// leader, and the last acknowledged index.
+fn leader_with_a_lease(seed: u64) -> (Sim, u64, u64) {
     let mut sim = Sim::new(seed, 3);
     let leader = sim.run_until_leader(300);
     for i in 0..10 {
@@ -306,6 +306,14 @@ fn lease_reads_are_local_and_lapse_on_a_partitioned_leader() {
         matches!(local.try_recv(), Ok(Ok(i)) if i >= acked),
         "seed {seed}"
     );
+    (sim, leader, acked)
+}
+
+#[test]
+fn lease_reads_are_local_and_lapse_on_a_partitioned_leader() {
+    let seed = seeds(600..601)[0];
+    println!("lease_reads: seed {seed} (replay with LUNA_SEED={seed})");
+    let (mut sim, leader, acked) = leader_with_a_lease(seed);
     // Partition the leader. While it still answers locally no other replica may lead.
     sim.isolated = Some(leader);
     let lease_ticks = RaftConfig::new(1, "").election_tick as u64;
@@ -348,6 +356,23 @@ fn lease_reads_are_local_and_lapse_on_a_partitioned_leader() {
         }
     }
     panic!("seed {seed}: the fallback read never failed");
+}
+
+#[test]
+fn a_lease_lapses_in_wall_time_though_no_tick_came() {
+    let seed = seeds(601..602)[0];
+    println!("lease_wall_time: seed {seed} (replay with LUNA_SEED={seed})");
+    let (sim, leader, _acked) = leader_with_a_lease(seed);
+    // What a driver thread stopped mid-turn sees: the lease's wall time passes, and the
+    // events it takes after the stop are judged before its next tick.
+    let config = RaftConfig::new(1, "");
+    let lease_ticks = (config.election_tick as u64 - LEASE_MARGIN_TICKS) as u32;
+    std::thread::sleep(config.tick_interval * lease_ticks + config.tick_interval);
+    let mut late = sim.host(leader).with(|s| s.lease_read(STREAM));
+    assert!(
+        matches!(late.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+        "seed {seed}: a lapsed lease answered without a round of heartbeats"
+    );
 }
 
 #[test]
