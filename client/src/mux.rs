@@ -31,6 +31,7 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::conn::MAX_MESSAGE_BYTES;
+use crate::error::{describe_status, is_transport_failure};
 
 /// The calls of this client to one tablet server. Clones share the stream.
 #[derive(Clone, Debug)]
@@ -221,8 +222,20 @@ impl Waiting {
         }
     }
 
-    /// Fails every waiting command with `status`; later registrations fail.
+    /// Fails every waiting command, with `status` if it is a transport failure; later
+    /// registrations fail. Whatever status ended the stream, it says nothing about each
+    /// command, which the server may have served before the break: a status the caller
+    /// takes as final (tonic reports some HTTP/2 resets as INTERNAL) would report a write
+    /// that was applied as failed, so the rest become UNAVAILABLE, which it retries.
     fn close(&self, status: &Status) {
+        let status = if is_transport_failure(status) {
+            status.clone()
+        } else {
+            Status::unavailable(format!(
+                "the stream of commands to the tablet server broke: {}",
+                describe_status(status)
+            ))
+        };
         let calls = self.lock().take().unwrap_or_default();
         for (_, waiter) in calls {
             let _ = waiter.send(Err(status.clone()));
@@ -258,4 +271,39 @@ fn mismatch(expected: &str, got: &ReplyResponse) -> Status {
     Status::internal(format!(
         "the tablet server answered a {expected} command with {got}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting() -> Waiting {
+        Waiting {
+            calls: Mutex::new(Some(Calls::new())),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    #[test]
+    fn a_broken_stream_leaves_its_commands_retryable_whatever_status_ended_it() {
+        let waiting = waiting();
+        let (_, mut answer) = waiting.register().expect("open");
+        waiting.close(&Status::internal("h2 protocol error: stream reset"));
+        let status = answer.try_recv().expect("answered").expect_err("a failure");
+        assert!(is_transport_failure(&status), "{status:?}");
+        assert!(
+            waiting.register().is_none(),
+            "a closed stream takes no command"
+        );
+    }
+
+    #[test]
+    fn a_transport_failure_reaches_the_commands_as_it_was() {
+        let waiting = waiting();
+        let (_, mut answer) = waiting.register().expect("open");
+        waiting.close(&Status::cancelled("timeout expired"));
+        let status = answer.try_recv().expect("answered").expect_err("a failure");
+        assert_eq!(status.code(), tonic::Code::Cancelled);
+        assert_eq!(status.message(), "timeout expired");
+    }
 }

@@ -250,7 +250,15 @@ impl TabletServerError {
                 source: StreamError::NotLeader { .. },
                 ..
             } => pb::tablet_error::Kind::NotLeader(pb::NotLeader::default()),
-            Self::ShuttingDown => return Err(tonic::Status::unavailable(message)),
+            // The stream's outcome-unknown errors: a write may still commit. UNAVAILABLE
+            // makes the client count it as maybe applied and retry it under the same
+            // request id, which the group's dedup answers; an error the client takes as
+            // final would report a write that committed as failed.
+            Self::Stream {
+                source: StreamError::Closed | StreamError::Timeout { .. } | StreamError::Io { .. },
+                ..
+            }
+            | Self::ShuttingDown => return Err(tonic::Status::unavailable(message)),
             Self::RequestDone { .. } => {
                 return Err(tonic::Status::failed_precondition(message));
             }
@@ -265,3 +273,41 @@ impl TabletServerError {
 
 /// Results in the tablet server.
 pub type Result<T, E = TabletServerError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_of_unknown_outcome_is_answered_unavailable_so_the_client_retries_it() {
+        let unknown = [
+            StreamError::Closed,
+            StreamError::Timeout {
+                operation: "applying a committed write",
+            },
+            StreamError::Io {
+                context: "fsync".to_owned(),
+                source: std::sync::Arc::new(std::io::Error::other("EIO")),
+            },
+        ];
+        for source in unknown {
+            let error = TabletServerError::Stream {
+                group_id: 7,
+                source: source.clone(),
+            };
+            let status = error
+                .into_reply()
+                .expect_err("a status, not a tablet error");
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{source:?}");
+        }
+        // An append refused for good stays a typed, final answer.
+        let refused = TabletServerError::Stream {
+            group_id: 7,
+            source: StreamError::NotLeader {
+                leader_hint: None,
+                term: 3,
+            },
+        };
+        assert!(refused.into_reply().is_ok());
+    }
+}
