@@ -6,7 +6,7 @@
 mod support;
 
 use proptest::prelude::*;
-use support::history::{Recorded, RegisterOp, is_linearizable, minimal_failing};
+use support::history::{Recorded, RegisterOp, around, is_linearizable, minimal_failing};
 
 /// A sequential run of `steps` (true: write), each operation stretched around its point
 /// by the given slack before and after; some writes' outcomes are unknown (`None`), and
@@ -107,4 +107,26 @@ fn a_read_may_see_an_unknown_write_but_not_an_invented_value() {
         completed: Some(5),
     };
     assert!(!is_linearizable(&[written, absent_later]));
+}
+
+/// A write the client was told failed never took effect: a read of its value fails the
+/// check, a read that does not see it passes, and the report around a failing read shows
+/// the failed write however long before it was.
+#[test]
+fn a_write_reported_failed_is_left_out_of_the_check_but_shown_in_the_report() {
+    let op = |op, invoked, completed| Recorded {
+        op,
+        invoked,
+        completed: Some(completed),
+    };
+    let failed = op(RegisterOp::FailedWrite(5), 0, 1);
+    let not_seen = op(RegisterOp::Read(None), 2, 3);
+    assert!(is_linearizable(&[failed, not_seen]));
+    let seen = op(RegisterOp::Read(Some(5)), 2_000, 2_001);
+    let history = [failed, not_seen, seen];
+    assert!(!is_linearizable(&history));
+    let minimal = minimal_failing(&history);
+    assert_eq!(minimal, [seen]);
+    let shown = around(&history, &minimal);
+    assert_eq!(shown, [failed, seen], "the failed write, not the old read");
 }

@@ -8,8 +8,10 @@
 //! with the Wing–Gong–Lowe algorithm (`todc-utils`). A write whose outcome the client could
 //! not learn may have taken effect at any time after its invocation, so it completes after
 //! every other operation; a write the client knows failed never took effect and is left
-//! out, as are failed reads. A violation prints the smallest failing sub-history found by
-//! removing operations one at a time.
+//! out of the check, as are failed reads (failed writes stay in the history, marked, for the
+//! report). A violation prints the smallest failing sub-history found by removing
+//! operations one at a time; that part can end in an innocent read, so `luna chaos` prints
+//! the key's history around it too.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +32,9 @@ pub enum RegisterOp {
     Write(u64),
     /// Read this value (`None`: the key was absent).
     Read(Option<u64>),
+    /// Tried to write this value and was told it failed: it never took effect, so the check
+    /// leaves it out; a read of it shows a write reported failed that took effect.
+    FailedWrite(u64),
 }
 
 /// One operation with the logical times it began and ended (`None`: unknown outcome).
@@ -55,12 +60,22 @@ impl Specification for Register {
         match op {
             RegisterOp::Write(value) => (true, Some(*value)),
             RegisterOp::Read(seen) => (seen == state, *state),
+            RegisterOp::FailedWrite(_) => (true, *state),
         }
     }
 }
 
+/// The operations of `ops` that may have taken effect, which the check covers.
+fn checked(ops: &[Recorded]) -> Vec<Recorded> {
+    ops.iter()
+        .filter(|op| !matches!(op.op, RegisterOp::FailedWrite(_)))
+        .copied()
+        .collect()
+}
+
 /// Whether `ops` (one key's history) is linearizable.
 pub fn is_linearizable(ops: &[Recorded]) -> bool {
+    let ops = checked(ops);
     if ops.is_empty() {
         return true;
     }
@@ -88,7 +103,7 @@ pub fn is_linearizable(ops: &[Recorded]) -> bool {
 /// A smallest non-linearizable sub-history of `ops` (which must not be linearizable):
 /// operations are removed one at a time while the rest still fails.
 pub fn minimal_failing(ops: &[Recorded]) -> Vec<Recorded> {
-    let mut failing = ops.to_vec();
+    let mut failing = checked(ops);
     let mut i = 0;
     while i < failing.len() {
         let mut without = failing.clone();
@@ -144,7 +159,7 @@ impl Registers {
                                 Err(ClientError::OutcomeUnknown { .. }) => {
                                     Some((RegisterOp::Write(value), None))
                                 }
-                                Err(_) => None,
+                                Err(_) => Some((RegisterOp::FailedWrite(value), Some(completed))),
                             }
                         } else {
                             let result = collection.get(key.clone()).await;
@@ -199,7 +214,7 @@ impl Registers {
 pub struct RegisterCheck {
     /// Keys checked.
     pub keys: usize,
-    /// Operations checked.
+    /// Operations checked (writes reported failed are not).
     pub operations: usize,
     /// Writes whose outcome the client could not learn.
     pub unknown: usize,
@@ -211,7 +226,7 @@ pub struct RegisterCheck {
 pub fn check_registers(histories: &BTreeMap<String, Vec<Recorded>>) -> RegisterCheck {
     let mut check = RegisterCheck {
         keys: histories.len(),
-        operations: histories.values().map(Vec::len).sum(),
+        operations: histories.values().map(|ops| checked(ops).len()).sum(),
         unknown: histories
             .values()
             .flatten()
@@ -224,4 +239,42 @@ pub fn check_registers(histories: &BTreeMap<String, Vec<Recorded>>) -> RegisterC
         .find(|(_, ops)| !is_linearizable(ops))
         .map(|(key, ops)| (key.clone(), minimal_failing(ops)));
     check
+}
+
+/// Logical ticks of history shown before a failing part (about a quarter of a second of
+/// `luna chaos`'s register traffic).
+const CONTEXT_TICKS: u64 = 300;
+
+/// The operations of `ops` around `part` (a failing part of it), in invocation order: from
+/// `CONTEXT_TICKS` before its first invocation to its last completion, and every write of a
+/// value its reads saw, whenever it was.
+pub fn around(ops: &[Recorded], part: &[Recorded]) -> Vec<Recorded> {
+    let from = part.iter().map(|op| op.invoked).min().unwrap_or(0);
+    let from = from.saturating_sub(CONTEXT_TICKS);
+    let to = part
+        .iter()
+        .map(|op| op.completed.unwrap_or(op.invoked))
+        .max()
+        .unwrap_or(u64::MAX);
+    let seen: Vec<u64> = part
+        .iter()
+        .filter_map(|op| match op.op {
+            RegisterOp::Read(Some(value)) => Some(value),
+            _ => None,
+        })
+        .collect();
+    let mut shown: Vec<Recorded> = ops
+        .iter()
+        .filter(|op| {
+            let written = match op.op {
+                RegisterOp::Write(value) | RegisterOp::FailedWrite(value) => Some(value),
+                RegisterOp::Read(_) => None,
+            };
+            (op.invoked <= to && op.completed.is_none_or(|done| done >= from))
+                || written.is_some_and(|value| seen.contains(&value))
+        })
+        .copied()
+        .collect();
+    shown.sort_by_key(|op| op.invoked);
+    shown
 }

@@ -19,7 +19,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use self::faults::{Fault, FaultKind, Schedule};
-use self::history::{Registers, check_registers};
+use self::history::{Recorded, Registers, around, check_registers};
 use self::writes::Writers;
 use crate::error::CliError;
 use crate::harness::universe::{Universe, UniverseSpec};
@@ -157,11 +157,18 @@ async fn chaos(
         )));
     }
     if let Some((key, minimal)) = check.violation {
-        let ops: Vec<String> = minimal.iter().map(|op| format!("  {op:?}")).collect();
+        let lines = |ops: &[Recorded]| {
+            ops.iter()
+                .map(|op| format!("  {op:?}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let whole = histories.get(&key).map(Vec::as_slice).unwrap_or_default();
         return Err(CliError::Invalid(format!(
             "chaos (seed {seed}): {key}'s history is not linearizable; a smallest failing \
-             part:\n{}",
-            ops.join("\n")
+             part:\n{}\nthe key's history around it:\n{}",
+            lines(&minimal),
+            lines(&around(whole, &minimal))
         )));
     }
     if !written.missing.is_empty() {
