@@ -3,9 +3,9 @@
 //! Every server dials every peer once and keeps one long-lived bidirectional `Exchange`
 //! stream to it. The links, the server and its receivers run on the node's driver thread
 //! (its current-thread runtime): a peer's batch reaches the ready loop, and the loop's
-//! batches reach the socket, without a wake-up of another thread. The driver's batch for a peer (one per ready round) goes straight into
-//! that stream's queue, with no task in between: tonic's encoder writes everything queued
-//! since its previous write at once. A lost connection is redialled with backoff by the
+//! batches reach the socket, without a wake-up of another thread. The driver's batch for a
+//! peer (one per ready round) goes straight into that stream's queue, with no task in
+//! between: tonic's encoder writes everything queued since its previous write at once. A lost connection is redialled with backoff by the
 //! peer's connection task; messages sent while it is down are dropped (raft resends what
 //! still matters).
 //!
@@ -86,7 +86,8 @@ impl GrpcTransport {
     }
 
     /// Adds peer `peer_id` at `addr`, or moves it there. A no-op for this server itself and
-    /// for a peer already at `addr`.
+    /// for a peer already at `addr`, and, in effect, after the node stopped (a task spawned
+    /// on its stopped runtime is dropped at once).
     pub fn set_peer(&self, peer_id: u64, addr: SocketAddr) {
         if peer_id == self.node_id {
             return;
@@ -280,7 +281,7 @@ pub struct GrpcNode {
 impl GrpcNode {
     /// Starts server `config.node_id`, serving the raft transport on `listener` and dialing
     /// `peers` (node id to address; this server's own entry is skipped). Must be called
-    /// inside a tokio runtime (the one `listener` was made on).
+    /// inside the tokio runtime `listener` was made on, which hands it to the node's own.
     pub fn start(
         config: RaftConfig,
         listener: TcpListener,
