@@ -7,9 +7,11 @@
 //! the CPU profile of small reads. A command answers exactly as the unary call would,
 //! including with a gRPC status, so the retry policy in `exec` is the same for both.
 //!
-//! When the stream breaks, every command waiting on it fails with the stream's status
-//! (UNAVAILABLE or the transport error), which the retry policy treats as a transport
-//! failure; the next call opens a new stream on the same channel, which reconnects.
+//! When the stream breaks, every command waiting on it fails with a transport failure
+//! (the transport's own, or UNAVAILABLE for any other status that broke it), which the
+//! retry policy retries; the next call opens a new stream on the same channel, which
+//! reconnects. A stream that could not open at all passes its status on: nothing was
+//! served.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -173,7 +175,9 @@ impl TabletConn {
                             Ok(None) => {
                                 break Status::unavailable("the tablet server ended the stream");
                             }
-                            Err(status) => break status,
+                            // The server may have served the waiting commands before
+                            // the break: whatever ended the stream, they are retried.
+                            Err(status) => break broken(&status),
                         }
                     }
                 }
@@ -222,25 +226,28 @@ impl Waiting {
         }
     }
 
-    /// Fails every waiting command, with `status` if it is a transport failure; later
-    /// registrations fail. Whatever status ended the stream, it says nothing about each
-    /// command, which the server may have served before the break: a status the caller
-    /// takes as final (tonic reports some HTTP/2 resets as INTERNAL) would report a write
-    /// that was applied as failed, so the rest become UNAVAILABLE, which it retries.
+    /// Fails every waiting command with `status`; later registrations fail.
     fn close(&self, status: &Status) {
-        let status = if is_transport_failure(status) {
-            status.clone()
-        } else {
-            Status::unavailable(format!(
-                "the stream of commands to the tablet server broke: {}",
-                describe_status(status)
-            ))
-        };
         let calls = self.lock().take().unwrap_or_default();
         for (_, waiter) in calls {
             let _ = waiter.send(Err(status.clone()));
         }
     }
+}
+
+/// The status for the commands waiting on a stream that broke with `status`. The status
+/// says nothing about each command, which the server may have served before the break: one
+/// the caller takes as final (tonic reports some HTTP/2 resets as INTERNAL) would report a
+/// write that was applied as failed. So anything but a transport failure becomes
+/// UNAVAILABLE, which the caller retries under the same request id.
+fn broken(status: &Status) -> Status {
+    if is_transport_failure(status) {
+        return status.clone();
+    }
+    Status::unavailable(format!(
+        "the stream of commands to the tablet server broke: {}",
+        describe_status(status)
+    ))
 }
 
 /// Removes a command's entry when its caller stops waiting.
@@ -277,32 +284,16 @@ fn mismatch(expected: &str, got: &ReplyResponse) -> Status {
 mod tests {
     use super::*;
 
-    fn waiting() -> Waiting {
-        Waiting {
-            calls: Mutex::new(Some(Calls::new())),
-            next_id: AtomicU64::new(1),
-        }
-    }
-
     #[test]
     fn a_broken_stream_leaves_its_commands_retryable_whatever_status_ended_it() {
-        let waiting = waiting();
-        let (_, mut answer) = waiting.register().expect("open");
-        waiting.close(&Status::internal("h2 protocol error: stream reset"));
-        let status = answer.try_recv().expect("answered").expect_err("a failure");
+        let status = broken(&Status::internal("h2 protocol error: stream reset"));
         assert!(is_transport_failure(&status), "{status:?}");
-        assert!(
-            waiting.register().is_none(),
-            "a closed stream takes no command"
-        );
+        assert!(status.message().contains("stream reset"), "{status:?}");
     }
 
     #[test]
     fn a_transport_failure_reaches_the_commands_as_it_was() {
-        let waiting = waiting();
-        let (_, mut answer) = waiting.register().expect("open");
-        waiting.close(&Status::cancelled("timeout expired"));
-        let status = answer.try_recv().expect("answered").expect_err("a failure");
+        let status = broken(&Status::cancelled("timeout expired"));
         assert_eq!(status.code(), tonic::Code::Cancelled);
         assert_eq!(status.message(), "timeout expired");
     }
