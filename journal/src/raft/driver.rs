@@ -2,9 +2,9 @@
 //! server hosts, and a second thread runs the fsyncs.
 //!
 //! The driver thread runs the loop as a task on a runtime of its own (current-thread),
-//! which a transport can run its network tasks on too (`grpc::GrpcNode` does): a message from a
-//! peer then reaches the loop, and the loop's messages reach the socket, without waking
-//! another thread. On this project's 2-core VM every such wake-up costs tens of
+//! which a transport can run its network tasks on too (`grpc::GrpcNode` does): a message
+//! from a peer then reaches the loop, and the loop's messages reach the socket, without
+//! waking another thread. On this project's 2-core VM every such wake-up costs tens of
 //! microseconds, and a commit crosses several (docs/journal.md, "The driver").
 //!
 //! The driver thread owns the `Server` and is the only thread that reads its raft-engine

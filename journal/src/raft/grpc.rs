@@ -5,9 +5,9 @@
 //! (its current-thread runtime): a peer's batch reaches the ready loop, and the loop's
 //! batches reach the socket, without a wake-up of another thread. The driver's batch for a
 //! peer (one per ready round) goes straight into that stream's queue, with no task in
-//! between: tonic's encoder writes everything queued since its previous write at once. A lost connection is redialled with backoff by the
-//! peer's connection task; messages sent while it is down are dropped (raft resends what
-//! still matters).
+//! between: tonic's encoder writes everything queued since its previous write at once. A
+//! lost connection is redialled with backoff by the peer's connection task; messages sent
+//! while it is down are dropped (raft resends what still matters).
 //!
 //! Raft messages are opaque `bytes` in the batch; a peer that sends garbage (undecodable
 //! messages, a batch for another server) is logged and ignored.
