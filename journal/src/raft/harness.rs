@@ -7,6 +7,7 @@
 //! client operations and, through fixed election timeouts per server, the elections.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use bytes::Bytes;
 use luna_kernel::stream::{Committed, Entry, Leadership, Snapshot, StreamError};
@@ -109,6 +110,10 @@ struct Sim {
     defer_sync_rate: f64,
     /// Servers whose disks hang: their rounds are never synced while they are listed.
     stalled_disks: Vec<u64>,
+    /// The servers' `tick_interval`. The simulation ticks them itself, so it sets only how
+    /// long a leader lease lasts in wall time: an hour by default, so that the wall clock
+    /// never decides a lease read and a seed replays however slowly the machine runs.
+    tick_interval: Duration,
     /// Messages the servers sent, before the network dropped or duplicated any.
     sent: u64,
 }
@@ -120,6 +125,16 @@ impl Sim {
 
     /// `voters` servers that start the stream, and `spares` more that are not started.
     fn with_spares(seed: u64, voters: u64, spares: u64) -> Self {
+        Self::build(seed, voters, spares, Duration::from_secs(3600))
+    }
+
+    /// `nodes` servers whose leases last `tick_interval` times their lease ticks in wall
+    /// time.
+    fn with_tick_interval(seed: u64, nodes: u64, tick_interval: Duration) -> Self {
+        Self::build(seed, nodes, 0, tick_interval)
+    }
+
+    fn build(seed: u64, voters: u64, spares: u64, tick_interval: Duration) -> Self {
         let mut sim = Self {
             seed,
             rng: SmallRng::seed_from_u64(seed),
@@ -143,6 +158,7 @@ impl Sim {
             defer_sync_rate: 0.0,
             stalled_disks: Vec::new(),
             sent: 0,
+            tick_interval,
         };
         for _ in 0..voters + spares {
             sim.dirs.push(tempfile::tempdir().expect("tempdir"));
@@ -159,6 +175,7 @@ impl Sim {
         let dir = self.dirs[id as usize - 1].path().to_owned();
         let voters = self.initial_voters.clone();
         let mut config = RaftConfig::new(id, dir);
+        config.tick_interval = self.tick_interval;
         // Distinct for up to five servers, so that two never campaign on the same tick
         // every time; a seed then replays the same elections.
         let spread = election_jitter(config.election_tick) as u64;

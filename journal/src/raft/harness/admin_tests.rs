@@ -1,5 +1,7 @@
 //! Membership changes, leader transfer and lease reads on the deterministic harness.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use luna_kernel::stream::StreamError;
 use rand::Rng;
@@ -273,10 +275,10 @@ fn read_barriers_right_after_an_election_are_answered() {
     }
 }
 
-/// A 3-server simulation whose leader holds a lease, with 10 entries acknowledged: the
+/// `sim` (3 servers) once its leader holds a lease, with 10 entries acknowledged: the
 /// leader, and the last acknowledged index.
-fn leader_with_a_lease(seed: u64) -> (Sim, u64, u64) {
-    let mut sim = Sim::new(seed, 3);
+fn leader_with_a_lease(mut sim: Sim) -> (Sim, u64, u64) {
+    let seed = sim.seed;
     let leader = sim.run_until_leader(300);
     for i in 0..10 {
         sim.propose(leader, Bytes::from(format!("entry-{i}")));
@@ -313,7 +315,7 @@ fn leader_with_a_lease(seed: u64) -> (Sim, u64, u64) {
 fn lease_reads_are_local_and_lapse_on_a_partitioned_leader() {
     let seed = seeds(600..601)[0];
     println!("lease_reads: seed {seed} (replay with LUNA_SEED={seed})");
-    let (mut sim, leader, acked) = leader_with_a_lease(seed);
+    let (mut sim, leader, acked) = leader_with_a_lease(Sim::new(seed, 3));
     // Partition the leader. While it still answers locally no other replica may lead.
     sim.isolated = Some(leader);
     let lease_ticks = RaftConfig::new(1, "").election_tick as u64;
@@ -362,12 +364,13 @@ fn lease_reads_are_local_and_lapse_on_a_partitioned_leader() {
 fn a_lease_lapses_in_wall_time_though_no_tick_came() {
     let seed = seeds(601..602)[0];
     println!("lease_wall_time: seed {seed} (replay with LUNA_SEED={seed})");
-    let (sim, leader, _acked) = leader_with_a_lease(seed);
+    let tick = Duration::from_millis(50);
+    let (sim, leader, _acked) = leader_with_a_lease(Sim::with_tick_interval(seed, 3, tick));
     // What a driver thread stopped mid-turn sees: the lease's wall time passes, and the
     // events it takes after the stop are judged before its next tick.
-    let config = RaftConfig::new(1, "");
-    let lease_ticks = (config.election_tick as u64 - LEASE_MARGIN_TICKS) as u32;
-    std::thread::sleep(config.tick_interval * lease_ticks + config.tick_interval);
+    let election_tick = RaftConfig::new(1, "").election_tick as u64;
+    let lease_ticks = (election_tick - LEASE_MARGIN_TICKS) as u32;
+    std::thread::sleep(tick * (lease_ticks + 1));
     let mut late = sim.host(leader).with(|s| s.lease_read(STREAM));
     assert!(
         matches!(late.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
