@@ -8,6 +8,7 @@
 //! | EpochMismatch, TabletNotFound, no tablet for the key | refetch the routing, retry with a backoff capped at 10 ms (a tablet move's handoff takes tens of milliseconds) |
 //! | transport failure (UNAVAILABLE, connect failure, per-request timeout) | pass the server over when looking for leaders for a while, refetch the routing, retry with backoff |
 //! | Busy | wait `retry_after_ms`, retry |
+//! | OutcomeUnknown (the group's journal closed, timed out or failed under the request) | count a write as maybe applied, retry the same server with backoff |
 //! | Locked | ask the lock's primary what became of its transaction, commit or roll the lock back, retry; while the transaction is alive wait (or, for a prewrite, fail with Conflict) |
 //! | WriteConflict, TxnAborted | return [`ClientError::Conflict`] or [`ClientError::TxnAborted`] |
 //! | SnapshotTooOld, INVALID_ARGUMENT, other statuses | return the typed error at once |
@@ -303,6 +304,13 @@ where
                             start_ts: aborted.start_ts,
                         });
                     }
+                    Some(Kind::OutcomeUnknown(_)) => {
+                        // The group's journal could not tell whether the entry commits; the
+                        // retry under the same id learns. The server itself answered, so it
+                        // stays a candidate for this group's and every other group's calls.
+                        maybe_applied |= spec.is_write;
+                        last = Failure::Refused { detail };
+                    }
                     Some(Kind::EpochMismatch(_)) | Some(Kind::TabletNotFound(_)) | None => {
                         last = Failure::Refused { detail };
                         cache.invalidate(table.generation);
@@ -385,6 +393,7 @@ fn refusal(error: &TabletError) -> String {
         Some(Kind::SnapshotTooOld(too_old)) => {
             format!("snapshot too old, safe point {}", too_old.safe_point)
         }
+        Some(Kind::OutcomeUnknown(_)) => "outcome unknown in the group's journal".to_string(),
         None => "unknown refusal".to_string(),
     };
     if error.message.is_empty() {

@@ -200,6 +200,10 @@ impl TabletServerError {
             Self::WriteConflict { .. } => "write_conflict",
             Self::TxnAborted { .. } => "txn_aborted",
             Self::RequestDone { .. } => "request_done",
+            Self::Stream {
+                source: StreamError::Closed | StreamError::Timeout { .. } | StreamError::Io { .. },
+                ..
+            } => "outcome_unknown",
             Self::SnapshotTooOld { .. } | Self::Storage(StorageError::SnapshotTooOld { .. }) => {
                 "snapshot_too_old"
             }
@@ -250,15 +254,16 @@ impl TabletServerError {
                 source: StreamError::NotLeader { .. },
                 ..
             } => pb::tablet_error::Kind::NotLeader(pb::NotLeader::default()),
-            // The stream's outcome-unknown errors: a write may still commit. UNAVAILABLE
-            // makes the client count it as maybe applied and retry it under the same
-            // request id, which the group's dedup answers; an error the client takes as
-            // final would report a write that committed as failed.
+            // The stream's outcome-unknown errors: a write may still commit. The client
+            // counts it as maybe applied and retries it under the same request id, which
+            // the group's dedup answers; an error the client took as final would report a
+            // write that committed as failed. A typed answer, not UNAVAILABLE: the trouble
+            // is this group's, and the server's other groups still serve.
             Self::Stream {
                 source: StreamError::Closed | StreamError::Timeout { .. } | StreamError::Io { .. },
                 ..
-            }
-            | Self::ShuttingDown => return Err(tonic::Status::unavailable(message)),
+            } => pb::tablet_error::Kind::OutcomeUnknown(pb::OutcomeUnknown {}),
+            Self::ShuttingDown => return Err(tonic::Status::unavailable(message)),
             Self::RequestDone { .. } => {
                 return Err(tonic::Status::failed_precondition(message));
             }
@@ -279,7 +284,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_write_of_unknown_outcome_is_answered_unavailable_so_the_client_retries_it() {
+    fn a_write_of_unknown_outcome_is_answered_as_such_so_the_client_retries_it() {
         let unknown = [
             StreamError::Closed,
             StreamError::Timeout {
@@ -295,12 +300,13 @@ mod tests {
                 group_id: 7,
                 source: source.clone(),
             };
-            let status = error
-                .into_reply()
-                .expect_err("a status, not a tablet error");
-            assert_eq!(status.code(), tonic::Code::Unavailable, "{source:?}");
+            let reply = error.into_reply().expect("a tablet error, not a status");
+            assert!(
+                matches!(reply.kind, Some(pb::tablet_error::Kind::OutcomeUnknown(_))),
+                "{source:?}: {reply:?}"
+            );
         }
-        // An append refused for good stays a typed, final answer.
+        // A stream that lost leadership refused the append: the client finds the leader.
         let refused = TabletServerError::Stream {
             group_id: 7,
             source: StreamError::NotLeader {
@@ -308,6 +314,15 @@ mod tests {
                 term: 3,
             },
         };
-        assert!(refused.into_reply().is_ok());
+        let reply = refused.into_reply().expect("a tablet error");
+        assert!(matches!(
+            reply.kind,
+            Some(pb::tablet_error::Kind::NotLeader(_))
+        ));
+        // A server on its way down is unavailable as a whole.
+        let status = TabletServerError::ShuttingDown
+            .into_reply()
+            .expect_err("a status");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
     }
 }

@@ -83,6 +83,13 @@ pub fn busy(retry_after_ms: u64) -> Scripted {
     })
 }
 
+pub fn outcome_unknown() -> Scripted {
+    Scripted::Error(TabletError {
+        kind: Some(Kind::OutcomeUnknown(OutcomeUnknown {})),
+        message: String::new(),
+    })
+}
+
 pub fn snapshot_too_old(safe_point: u64) -> Scripted {
     Scripted::Error(TabletError {
         kind: Some(Kind::SnapshotTooOld(SnapshotTooOld { safe_point })),

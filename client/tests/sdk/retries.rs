@@ -7,7 +7,8 @@ use luna_proto::master::Partitioning;
 use tokio::time::Instant;
 
 use crate::fake::{
-    Harness, Scripted, TestResult, busy, fast_options, not_leader, snapshot_too_old,
+    Harness, Scripted, TestResult, busy, fast_options, not_leader, outcome_unknown,
+    snapshot_too_old,
 };
 
 /// A collection of one tablet led by server 0 of `servers`.
@@ -210,6 +211,46 @@ async fn a_write_that_never_answers_has_an_unknown_outcome() -> TestResult {
     // A read that never answers just times out.
     let error = within_deadline(&harness, async |coll| coll.get("k").await).await?;
     assert!(matches!(error, ClientError::Unavailable { .. }), "{error}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unknown_outcome_is_retried_on_the_same_server_under_the_same_id() -> TestResult {
+    let (harness, _) = single_tablet(2).await?;
+    let client = harness.client().await?;
+    let coll = client.database("db").collection("c");
+    let leader = &harness.servers[0];
+    leader.push(outcome_unknown());
+    leader.push(outcome_unknown());
+    coll.put("k", "v").await?;
+    let ids: Vec<_> = leader
+        .seen()
+        .into_iter()
+        .filter_map(|s| s.request_id)
+        .collect();
+    assert_eq!(ids.len(), 3, "two unknown outcomes, then the answer");
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    // The server answered, so nothing marks it down: no other replica was tried, and the
+    // routing was not fetched again (an UNAVAILABLE would have done both).
+    coll.get("k").await?;
+    assert_eq!(leader.seen().len(), 4);
+    assert!(harness.servers[1].seen().is_empty());
+    assert_eq!(harness.master.routing_calls(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_write_whose_outcome_stays_unknown_says_so_at_the_deadline() -> TestResult {
+    let (harness, _) = single_tablet(1).await?;
+    harness.servers[0].set_always(Some(outcome_unknown()));
+    let error = within_deadline(&harness, async |coll| coll.put("k", "v").await).await?;
+    assert!(
+        matches!(error, ClientError::OutcomeUnknown { .. }),
+        "{error}"
+    );
+    // A read applies nothing: it just runs out of time.
+    let error = within_deadline(&harness, async |coll| coll.get("k").await).await?;
+    assert!(matches!(error, ClientError::Timeout { .. }), "{error}");
     Ok(())
 }
 
