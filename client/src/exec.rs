@@ -9,6 +9,7 @@
 //! | transport failure (UNAVAILABLE, connect failure, per-request timeout) | pass the server over when looking for leaders for a while, refetch the routing, retry with backoff |
 //! | Busy | wait `retry_after_ms`, retry |
 //! | OutcomeUnknown (the group's journal closed, timed out or failed under the request) | count a write as maybe applied, retry the same server with backoff |
+//! | a tablet error of a kind this SDK does not know (a newer server's) | as EpochMismatch, and count a write as maybe applied |
 //! | Locked | ask the lock's primary what became of its transaction, commit or roll the lock back, retry; while the transaction is alive wait (or, for a prewrite, fail with Conflict) |
 //! | WriteConflict, TxnAborted | return [`ClientError::Conflict`] or [`ClientError::TxnAborted`] |
 //! | SnapshotTooOld, INVALID_ARGUMENT, other statuses | return the typed error at once |
@@ -312,6 +313,9 @@ where
                         last = Failure::Refused { detail };
                     }
                     Some(Kind::EpochMismatch(_)) | Some(Kind::TabletNotFound(_)) | None => {
+                        // No kind: a newer server's answer this SDK cannot read, which may
+                        // not have been a refusal (as `OutcomeUnknown` is not).
+                        maybe_applied |= spec.is_write && error.kind.is_none();
                         last = Failure::Refused { detail };
                         cache.invalidate(table.generation);
                         if spec.names_other_tablets

@@ -300,6 +300,7 @@ mod tests {
                 group_id: 7,
                 source: source.clone(),
             };
+            assert_eq!(error.kind_label(), "outcome_unknown", "{source:?}");
             let reply = error.into_reply().expect("a tablet error, not a status");
             assert!(
                 matches!(reply.kind, Some(pb::tablet_error::Kind::OutcomeUnknown(_))),

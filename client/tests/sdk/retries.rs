@@ -255,6 +255,23 @@ async fn a_write_whose_outcome_stays_unknown_says_so_at_the_deadline() -> TestRe
 }
 
 #[tokio::test]
+async fn an_answer_of_a_kind_the_sdk_does_not_know_may_have_applied_a_write() -> TestResult {
+    let (harness, _) = single_tablet(1).await?;
+    // What a newer server's new kind of tablet error decodes to here.
+    harness.servers[0].set_always(Some(Scripted::Error(Default::default())));
+    let error = within_deadline(&harness, async |coll| coll.put("k", "v").await).await?;
+    assert!(
+        matches!(error, ClientError::OutcomeUnknown { .. }),
+        "{error}"
+    );
+    // Refusals the SDK knows, until the deadline, leave a write surely not applied.
+    harness.servers[0].set_always(Some(busy(5)));
+    let error = within_deadline(&harness, async |coll| coll.put("k", "v").await).await?;
+    assert!(matches!(error, ClientError::Timeout { .. }), "{error}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn an_unreachable_master_is_a_typed_error() -> TestResult {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
