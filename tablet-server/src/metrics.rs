@@ -1,17 +1,22 @@
 //! The tablet server's Prometheus metrics: request rates and latencies by operation and
-//! outcome, and, computed at scrape time, group roles, applied indexes, journal fsyncs and
-//! MemStore memory.
+//! outcome, the stages of a leader's group commit, and, computed at scrape time, group
+//! roles, applied indexes, journal fsyncs and MemStore memory.
 
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets, in seconds: 50 µs to 5 s.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+];
+
+/// Buckets of writes per journal entry: 1 to 4096.
+const BATCH_BUCKETS: [f64; 13] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
 ];
 
 /// One server's metrics, in a registry of its own (so several servers can share a
@@ -21,6 +26,14 @@ pub(crate) struct ServerMetrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     pub(crate) flushes_recorded: prometheus::IntCounter,
+    /// A write's wait in its group's queue, from arrival to its batch's proposal (leaders).
+    pub(crate) write_queue_seconds: Histogram,
+    /// A batch's journal commit, from proposal to committed (leaders).
+    pub(crate) commit_seconds: Histogram,
+    /// A committed batch's wait until this replica applied it (leaders).
+    pub(crate) apply_wait_seconds: Histogram,
+    /// Writes per batch, one journal entry each (leaders).
+    pub(crate) batch_writes: Histogram,
     /// Per-group gauges, each with how a scrape reads its value off a sample.
     group_gauges: Vec<(IntGaugeVec, SampleValue)>,
     memory_bytes: IntGauge,
@@ -123,6 +136,32 @@ impl ServerMetrics {
             "tablet_flushes_total",
             "Tablet flushes this server recorded in a group log as leader",
         )?;
+        let stage = |name: &str, help: &str, buckets: &[f64]| {
+            let histogram =
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
+            registry.register(Box::new(histogram.clone()))?;
+            Ok::<_, prometheus::Error>(histogram)
+        };
+        let write_queue_seconds = stage(
+            "group_write_queue_seconds",
+            "Leader: a write's wait in its group's queue until its batch was proposed",
+            &LATENCY_BUCKETS,
+        )?;
+        let commit_seconds = stage(
+            "group_commit_seconds",
+            "Leader: from proposing a batch of writes to the journal until it committed",
+            &LATENCY_BUCKETS,
+        )?;
+        let apply_wait_seconds = stage(
+            "group_apply_wait_seconds",
+            "Leader: from a batch's commit until this replica applied it",
+            &LATENCY_BUCKETS,
+        )?;
+        let batch_writes = stage(
+            "group_batch_writes",
+            "Leader: writes per batch, one journal entry each",
+            &BATCH_BUCKETS,
+        )?;
         let mut group_gauges = Vec::with_capacity(GROUP_GAUGES.len());
         for (name, help, value) in GROUP_GAUGES {
             let gauges = IntGaugeVec::new(Opts::new(name, help), &["group"])?;
@@ -144,6 +183,10 @@ impl ServerMetrics {
             requests,
             latency,
             flushes_recorded,
+            write_queue_seconds,
+            commit_seconds,
+            apply_wait_seconds,
+            batch_writes,
             group_gauges,
             memory_bytes,
             journal_fsyncs,
@@ -189,6 +232,8 @@ mod tests {
     fn renders_requests_and_groups() {
         let metrics = ServerMetrics::new(7).expect("metrics");
         metrics.observe("get", "ok", Duration::from_micros(300));
+        metrics.commit_seconds.observe(0.0007);
+        metrics.batch_writes.observe(5.0);
         let text = metrics.render(
             &[GroupSample {
                 group_id: 3,
@@ -228,6 +273,22 @@ mod tests {
         );
         assert!(
             text.contains(r#"luna_group_dedup_requests{group="3",server="7"} 64"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"luna_group_commit_seconds_bucket{server="7",le="0.001"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"luna_group_commit_seconds_bucket{server="7",le="0.0005"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"luna_group_batch_writes_bucket{server="7",le="4"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"luna_group_batch_writes_bucket{server="7",le="8"} 1"#),
             "{text}"
         );
     }

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -91,6 +91,8 @@ struct Pending {
     requests: Vec<WriteRequest>,
     stamp: Stamp,
     reply: oneshot::Sender<Result<u64>>,
+    /// When it joined the queue, for the queue-wait metric.
+    queued: Instant,
 }
 
 impl Pending {
@@ -232,6 +234,7 @@ impl Group {
             requests,
             stamp,
             reply,
+            queued: Instant::now(),
         };
         if serving.queue.send(pending).await.is_err() {
             return Err(self.not_leader());
@@ -331,6 +334,14 @@ impl Group {
             Err(_) => Err(TabletServerError::ShuttingDown),
         };
         let batch = accepted;
+        let proposed = Instant::now();
+        let metrics = &self.ctx.metrics;
+        for pending in &batch {
+            metrics
+                .write_queue_seconds
+                .observe(proposed.duration_since(pending.queued).as_secs_f64());
+        }
+        metrics.batch_writes.observe(writes.len() as f64);
         let entry = gpb::GroupEntry {
             kind: Some(gpb::group_entry::Kind::Writes(gpb::Writes { writes })),
         };
@@ -342,7 +353,17 @@ impl Group {
             let outcome = match (number, append) {
                 (Ok(number), Some(append)) => match append.await {
                     Ok(index) => {
-                        match tokio::time::timeout(APPLY_TIMEOUT, self.wait_applied(index)).await {
+                        let committed = Instant::now();
+                        let metrics = &self.ctx.metrics;
+                        metrics
+                            .commit_seconds
+                            .observe(committed.duration_since(proposed).as_secs_f64());
+                        let applied =
+                            tokio::time::timeout(APPLY_TIMEOUT, self.wait_applied(index)).await;
+                        metrics
+                            .apply_wait_seconds
+                            .observe(committed.elapsed().as_secs_f64());
+                        match applied {
                             Ok(applied) => (number, applied),
                             Err(_) => (
                                 number,
