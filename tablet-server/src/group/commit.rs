@@ -341,7 +341,9 @@ impl Group {
                 .write_queue_seconds
                 .observe(proposed.duration_since(pending.queued).as_secs_f64());
         }
-        metrics.batch_writes.observe(writes.len() as f64);
+        if !writes.is_empty() {
+            metrics.batch_writes.observe(writes.len() as f64);
+        }
         let entry = gpb::GroupEntry {
             kind: Some(gpb::group_entry::Kind::Writes(gpb::Writes { writes })),
         };
