@@ -39,8 +39,16 @@ use crate::error::JournalError;
 
 /// Ready rounds queued for one peer before new ones are dropped (raft resends).
 const PEER_QUEUE_DEPTH: usize = 4096;
-/// Largest batch a server accepts: one maximal batch plus one oversized entry.
+/// Largest batch a server accepts: a batch of many messages is split below
+/// `MAX_BATCH_BYTES`, and one larger message (a single big entry) travels alone.
 const MAX_DECODING_BYTES: usize = 64 << 20;
+/// Bytes of raft messages that one gRPC batch carries at most, unless a single message is
+/// larger. A driver round for a peer can hold a catch-up append from each of thousands of
+/// streams; sent as one message over the decoding limit it would break the link, and raft's
+/// resend would break it again.
+const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Room a single message needs beside its entry: the envelope and raft's own fields.
+const MESSAGE_OVERHEAD_BYTES: usize = 64 << 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const MIN_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -139,17 +147,45 @@ impl Transport for GrpcTransport {
             return;
         };
         let outbound = outbound.lock().unwrap_or_else(PoisonError::into_inner);
-        let batch = RaftBatch {
-            from: self.node_id,
-            to,
-            messages,
+        let Some(queue) = outbound.as_ref() else {
+            tracing::debug!(to, "raft link down; dropping messages");
+            return;
         };
-        match outbound.as_ref().map(|queue| queue.try_send(batch)) {
-            Some(Ok(())) => {}
-            Some(Err(_)) => tracing::debug!(to, "raft peer queue full or closed; dropping"),
-            None => tracing::debug!(to, "raft link down; dropping messages"),
+        for messages in split_batches(messages, MAX_BATCH_BYTES) {
+            let batch = RaftBatch {
+                from: self.node_id,
+                to,
+                messages,
+            };
+            if queue.try_send(batch).is_err() {
+                tracing::debug!(to, "raft peer queue full or closed; dropping");
+                return;
+            }
         }
     }
+}
+
+/// `messages` in order, in runs of at most `limit` bytes; a larger message forms a run of
+/// its own.
+fn split_batches(messages: Vec<Bytes>, limit: usize) -> Vec<Vec<Bytes>> {
+    if messages.iter().map(Bytes::len).sum::<usize>() <= limit {
+        return vec![messages];
+    }
+    let mut runs = Vec::new();
+    let mut run = Vec::new();
+    let mut run_bytes = 0;
+    for message in messages {
+        if !run.is_empty() && run_bytes + message.len() > limit {
+            runs.push(std::mem::take(&mut run));
+            run_bytes = 0;
+        }
+        run_bytes += message.len();
+        run.push(message);
+    }
+    if !run.is_empty() {
+        runs.push(run);
+    }
+    runs
 }
 
 impl Drop for GrpcTransport {
@@ -288,6 +324,15 @@ impl GrpcNode {
         peers: &HashMap<u64, SocketAddr>,
     ) -> Result<Self, JournalError> {
         let node_id = config.node_id;
+        if config.max_entry_size > MAX_DECODING_BYTES - MESSAGE_OVERHEAD_BYTES {
+            return Err(JournalError::InvalidConfig {
+                name: "max_entry_size",
+                reason: format!(
+                    "{} bytes; an entry travels in one gRPC message, at most {} bytes with its envelope",
+                    config.max_entry_size, MAX_DECODING_BYTES
+                ),
+            });
+        }
         let local_addr = listener
             .local_addr()
             .map_err(|e| JournalError::io("reading the raft listener's address", e))?;
@@ -384,5 +429,97 @@ impl GrpcNode {
 impl Drop for GrpcNode {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::raft::driver::Event;
+
+    proptest! {
+        #[test]
+        fn batches_keep_every_message_in_order_and_under_the_limit(
+            sizes in proptest::collection::vec(0usize..300, 0..40),
+            limit in 1usize..500,
+        ) {
+            let messages: Vec<Bytes> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &size)| Bytes::from(vec![i as u8; size]))
+                .collect();
+            let runs = split_batches(messages.clone(), limit);
+            prop_assert_eq!(runs.concat(), messages);
+            for run in &runs {
+                prop_assert!(!run.is_empty() || runs.len() == 1);
+                let bytes: usize = run.iter().map(Bytes::len).sum();
+                prop_assert!(bytes <= limit || run.len() == 1, "{} bytes in {:?}", bytes, run);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_entry_limit_the_transport_cannot_carry_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut config = RaftConfig::new(1, dir.path());
+        config.max_entry_size = MAX_DECODING_BYTES;
+        match GrpcNode::start(config, listener, &HashMap::new()) {
+            Err(JournalError::InvalidConfig { name, .. }) => assert_eq!(name, "max_entry_size"),
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    /// A round for one peer can exceed the decoding limit (a catch-up append from each of
+    /// many streams): it must arrive, not break the link.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_larger_than_a_grpc_message_reaches_the_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (events, mut delivered) = mpsc::unbounded_channel();
+        let receiver = RaftTransportServer::new(Receiver {
+            node_id: 2,
+            inbox: Inbox { events },
+            partition: Partition::default(),
+        })
+        .max_decoding_message_size(MAX_DECODING_BYTES);
+        let serving = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(receiver)
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        let transport = GrpcTransport::start(1, &HashMap::from([(2, addr)]), Handle::current());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while transport.peers.lock().expect("peers")[&2]
+            .outbound
+            .lock()
+            .expect("outbound")
+            .is_none()
+        {
+            assert!(Instant::now() < deadline, "the link never came up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // 80 MiB in one round, above the 64 MiB a batch may have.
+        let count = 80;
+        let message = Bytes::from(vec![7u8; 1 << 20]);
+        transport.send(2, vec![message; count]);
+        let mut received = 0;
+        while received < count {
+            let event = tokio::time::timeout_at(deadline.into(), delivered.recv())
+                .await
+                .expect("every message within 30 s")
+                .expect("the receiver is up");
+            if let Event::Messages { from, messages } = event {
+                assert_eq!(from, 1);
+                assert!(messages.iter().all(|m| m.len() == 1 << 20 && m[0] == 7));
+                received += messages.len();
+            }
+        }
+        assert_eq!(received, count);
+        serving.abort();
     }
 }
