@@ -277,7 +277,7 @@ impl Hosting {
         self.ctx.metrics.render(
             &samples,
             self.ctx.budget.used() as u64,
-            self.node.node().stats().fsyncs,
+            &self.node.node().stats(),
         )
     }
 

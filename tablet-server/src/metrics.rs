@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use luna_journal::raft::NodeStats;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -38,6 +40,8 @@ pub(crate) struct ServerMetrics {
     group_gauges: Vec<(IntGaugeVec, SampleValue)>,
     memory_bytes: IntGauge,
     journal_fsyncs: IntGauge,
+    journal_peer_batches_dropped: IntGauge,
+    journal_peer_bytes_queued: IntGauge,
 }
 
 /// What a scrape reports about one group replica.
@@ -173,6 +177,16 @@ impl ServerMetrics {
             "journal_fsyncs",
             "fsyncs of the server's raft log since it started",
         )?;
+        let journal_peer_batches_dropped = IntGauge::new(
+            "journal_peer_batches_dropped",
+            "Batches of peers' raft messages dropped since the server started, because its raft driver was too far behind on them",
+        )?;
+        let journal_peer_bytes_queued = IntGauge::new(
+            "journal_peer_bytes_queued",
+            "Bytes of peers' raft messages waiting for the server's raft driver",
+        )?;
+        registry.register(Box::new(journal_peer_batches_dropped.clone()))?;
+        registry.register(Box::new(journal_peer_bytes_queued.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(flushes_recorded.clone()))?;
@@ -190,6 +204,8 @@ impl ServerMetrics {
             group_gauges,
             memory_bytes,
             journal_fsyncs,
+            journal_peer_batches_dropped,
+            journal_peer_bytes_queued,
         })
     }
 
@@ -202,7 +218,12 @@ impl ServerMetrics {
     }
 
     /// The text exposition, after setting the scrape-time values.
-    pub(crate) fn render(&self, groups: &[GroupSample], memory_bytes: u64, fsyncs: u64) -> String {
+    pub(crate) fn render(
+        &self,
+        groups: &[GroupSample],
+        memory_bytes: u64,
+        journal: &NodeStats,
+    ) -> String {
         for (gauges, value) in &self.group_gauges {
             gauges.reset();
             for group in groups {
@@ -212,7 +233,11 @@ impl ServerMetrics {
             }
         }
         self.memory_bytes.set(gauge(memory_bytes));
-        self.journal_fsyncs.set(gauge(fsyncs));
+        self.journal_fsyncs.set(gauge(journal.fsyncs));
+        self.journal_peer_batches_dropped
+            .set(gauge(journal.peer_batches_dropped));
+        self.journal_peer_bytes_queued
+            .set(gauge(journal.peer_bytes_queued as u64));
         let mut out = Vec::new();
         if TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -249,7 +274,20 @@ mod tests {
                 dedup_clients: 1,
             }],
             1024,
-            5,
+            &NodeStats {
+                fsyncs: 5,
+                rounds: 6,
+                peer_batches_dropped: 2,
+                peer_bytes_queued: 4096,
+            },
+        );
+        assert!(
+            text.contains(r#"luna_journal_peer_batches_dropped{server="7"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"luna_journal_peer_bytes_queued{server="7"} 4096"#),
+            "{text}"
         );
         assert!(
             text.contains(r#"luna_tablet_requests_total{op="get",outcome="ok",server="7"} 1"#),

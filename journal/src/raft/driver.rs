@@ -24,7 +24,7 @@
 //!    everything that queued meanwhile.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -54,8 +54,13 @@ pub(crate) type Events = mpsc::UnboundedSender<Event>;
 /// Everything the driver thread reacts to.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// Raft messages from peer server `from`.
-    Messages { from: u64, messages: Vec<Bytes> },
+    /// Raft messages from peer server `from`, `bytes` long in all (counted in the node's
+    /// queued peer bytes until handled).
+    Messages {
+        from: u64,
+        messages: Vec<Bytes>,
+        bytes: usize,
+    },
     /// A client append.
     Propose {
         stream_id: u64,
@@ -137,12 +142,19 @@ pub struct NodeStats {
     /// Sync steps: each covers every ready round written since the previous one, and
     /// fsyncs unless those rounds wrote nothing durable.
     pub rounds: u64,
+    /// Batches of peers' messages dropped because the driver was too far behind on them.
+    pub peer_batches_dropped: u64,
+    /// Bytes of peers' messages delivered and not yet handled (a gauge).
+    pub peer_bytes_queued: usize,
 }
 
 #[derive(Debug, Default)]
-struct Counters {
+pub(crate) struct Counters {
     fsyncs: AtomicU64,
     rounds: AtomicU64,
+    /// Bytes of peers' messages delivered and not yet handled by the driver.
+    pub(crate) peer_bytes_queued: AtomicUsize,
+    pub(crate) peer_batches_dropped: AtomicU64,
 }
 
 impl Node {
@@ -165,6 +177,7 @@ impl Node {
         let loop_events = events.clone();
         let counters = Arc::new(Counters::default());
         let sync_counters = Arc::clone(&counters);
+        let driver_counters = Arc::clone(&counters);
         let driver = std::thread::Builder::new()
             .name(format!("luna-raft-{node_id}"))
             .spawn(move || {
@@ -203,6 +216,7 @@ impl Node {
                     server,
                     transport,
                     events: loop_events,
+                    counters: driver_counters,
                     tick,
                     max_catch_up,
                     syncing: false,
@@ -238,6 +252,8 @@ impl Node {
         NodeStats {
             fsyncs: self.counters.fsyncs.load(Ordering::Relaxed),
             rounds: self.counters.rounds.load(Ordering::Relaxed),
+            peer_batches_dropped: self.counters.peer_batches_dropped.load(Ordering::Relaxed),
+            peer_bytes_queued: self.counters.peer_bytes_queued.load(Ordering::Relaxed),
         }
     }
 
@@ -245,6 +261,7 @@ impl Node {
     pub fn inbox(&self) -> Inbox {
         Inbox {
             events: self.events.clone(),
+            counters: Arc::clone(&self.counters),
         }
     }
 
@@ -453,6 +470,8 @@ struct Driver {
     transport: Arc<dyn Transport>,
     /// For answering subscriptions' handles, which send their reads here.
     events: Events,
+    /// Shared with the node's inbox, which counts the peer bytes queued here.
+    counters: Arc<Counters>,
     tick: Duration,
     /// Most ticks made up at once after the thread was late.
     max_catch_up: u64,
@@ -546,7 +565,14 @@ impl Driver {
     /// Reacts to one event; `false` means stop.
     fn handle(&mut self, event: Event, syncer: &SyncThread) -> bool {
         match event {
-            Event::Messages { from, messages } => {
+            Event::Messages {
+                from,
+                messages,
+                bytes,
+            } => {
+                self.counters
+                    .peer_bytes_queued
+                    .fetch_sub(bytes, Ordering::Relaxed);
                 for message in &messages {
                     self.server.step(from, message);
                 }

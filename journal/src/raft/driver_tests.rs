@@ -343,3 +343,26 @@ async fn lease_reads_cover_acknowledged_appends_and_end_with_the_lease() {
     .await
     .expect("test timed out");
 }
+
+/// The driver uncounts the peer bytes it handles, so a node's inbox keeps accepting
+/// batches (garbage here, which the driver logs and ignores) long past its bound in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handled_peer_messages_leave_the_inbox_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let network = MemNetwork::new();
+    let node = Node::start(config(1, &dir), network.transport(1)).expect("node");
+    let inbox = node.inbox();
+    let garbage = Bytes::from(vec![0u8; 100 << 20]);
+    tokio::time::timeout(LIMIT, async {
+        for _ in 0..4 {
+            assert!(inbox.deliver(2, vec![garbage.clone()]));
+            while node.stats().peer_bytes_queued > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    })
+    .await
+    .expect("the driver handles the batches");
+    assert_eq!(node.stats().peer_batches_dropped, 0);
+    node.shutdown().await;
+}

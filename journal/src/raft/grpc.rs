@@ -483,7 +483,10 @@ mod tests {
         let (events, mut delivered) = mpsc::unbounded_channel();
         let receiver = RaftTransportServer::new(Receiver {
             node_id: 2,
-            inbox: Inbox { events },
+            inbox: Inbox {
+                events,
+                counters: Default::default(),
+            },
             partition: Partition::default(),
         })
         .max_decoding_message_size(MAX_DECODING_BYTES);
@@ -513,7 +516,7 @@ mod tests {
                 .await
                 .expect("every message within 30 s")
                 .expect("the receiver is up");
-            if let Event::Messages { from, messages } = event {
+            if let Event::Messages { from, messages, .. } = event {
                 assert_eq!(from, 1);
                 assert!(messages.iter().all(|m| m.len() == 1 << 20 && m[0] == 7));
                 received += messages.len();

@@ -8,11 +8,17 @@
 //! [`MemNetwork`] is the in-process transport used by tests; `grpc` is the real one.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 
-use super::driver::{Event, Events};
+use super::driver::{Counters, Event, Events};
+
+/// Bytes of peers' messages a node holds for its driver before it drops further batches
+/// (raft resends what is lost). Raft's flow control bounds each stream's share, but not
+/// thousands of streams' together while the driver is stalled.
+pub(crate) const MAX_QUEUED_PEER_BYTES: usize = 256 << 20;
 
 /// Carries a server's raft messages to its peers.
 pub trait Transport: Send + Sync + 'static {
@@ -25,13 +31,34 @@ pub trait Transport: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct Inbox {
     pub(crate) events: Events,
+    pub(crate) counters: Arc<Counters>,
 }
 
 impl Inbox {
-    /// Delivers `messages` from server `from` to the node's driver. Returns `false` once the
-    /// node has stopped, so the caller can drop its connection.
+    /// Delivers `messages` from server `from` to the node's driver, or drops them while it
+    /// holds [`MAX_QUEUED_PEER_BYTES`] of peers' messages not yet handled. Returns `false`
+    /// once the node has stopped, so the caller can drop its connection.
     pub fn deliver(&self, from: u64, messages: Vec<Bytes>) -> bool {
-        self.events.send(Event::Messages { from, messages }).is_ok()
+        let bytes = messages.iter().map(Bytes::len).sum();
+        let queued = &self.counters.peer_bytes_queued;
+        if queued.load(Ordering::Relaxed).saturating_add(bytes) > MAX_QUEUED_PEER_BYTES {
+            self.counters
+                .peer_batches_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                from,
+                bytes,
+                "the raft driver is behind on peers' messages; dropping a batch"
+            );
+            return !self.events.is_closed();
+        }
+        queued.fetch_add(bytes, Ordering::Relaxed);
+        let delivered = self.events.send(Event::Messages {
+            from,
+            messages,
+            bytes,
+        });
+        delivered.is_ok()
     }
 }
 
@@ -99,4 +126,46 @@ impl Transport for MemTransport {
 /// Locks `mutex`, ignoring poison: every critical section leaves the data consistent.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    #[test]
+    fn an_inbox_drops_batches_beyond_its_bound_until_the_driver_catches_up() {
+        let (events, mut queue) = mpsc::unbounded_channel();
+        let counters = Arc::new(Counters::default());
+        let inbox = Inbox {
+            events,
+            counters: Arc::clone(&counters),
+        };
+        let mebibyte = Bytes::from(vec![0u8; 1 << 20]);
+        let fits = MAX_QUEUED_PEER_BYTES >> 20;
+        for _ in 0..fits + 3 {
+            assert!(inbox.deliver(2, vec![mebibyte.clone()]), "the node is up");
+        }
+        assert_eq!(counters.peer_batches_dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            counters.peer_bytes_queued.load(Ordering::Relaxed),
+            MAX_QUEUED_PEER_BYTES
+        );
+        let mut queued = 0;
+        while let Ok(Event::Messages { bytes, .. }) = queue.try_recv() {
+            queued += 1;
+            assert_eq!(bytes, 1 << 20);
+        }
+        assert_eq!(queued, fits);
+        // What the driver does with each batch it handles.
+        counters
+            .peer_bytes_queued
+            .fetch_sub(1 << 20, Ordering::Relaxed);
+        assert!(inbox.deliver(2, vec![mebibyte.clone()]));
+        assert_eq!(counters.peer_batches_dropped.load(Ordering::Relaxed), 3);
+        // A stopped node tells the caller, dropped batch or not.
+        drop(queue);
+        assert!(!inbox.deliver(2, vec![mebibyte]));
+    }
 }
