@@ -65,10 +65,49 @@ pub(crate) fn spawn_feed(
                     }
                 }
             }
-            if committed.changed().await.is_err() && *committed.borrow() < next {
-                return;
+            tokio::select! {
+                changed = committed.changed() => {
+                    if changed.is_err() && *committed.borrow() < next {
+                        return;
+                    }
+                }
+                // A subscriber gone while nothing commits: end now, not at the next commit,
+                // which on an idle stream may never come.
+                () = tx.closed() => return,
             }
         }
     });
     Subscription::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A source for a stream on which nothing commits: never read.
+    struct Idle;
+
+    #[async_trait]
+    impl EntrySource for Idle {
+        async fn read(&self, _from: u64, _to: u64) -> Result<Vec<Committed>, StreamError> {
+            Err(StreamError::Closed)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_subscription_dropped_on_an_idle_stream_ends_its_feed() {
+        let (committed, watching) = watch::channel(0);
+        let subscription = spawn_feed(Arc::new(Idle), watching, 1);
+        assert_eq!(committed.receiver_count(), 1, "the feed watches the stream");
+        drop(subscription);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while committed.receiver_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the feed ends without a commit");
+    }
 }
