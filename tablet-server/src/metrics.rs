@@ -281,53 +281,22 @@ mod tests {
                 peer_bytes_queued: 4096,
             },
         );
-        assert!(
-            text.contains(r#"luna_journal_peer_batches_dropped{server="7"} 2"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"luna_journal_peer_bytes_queued{server="7"} 4096"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"luna_tablet_requests_total{op="get",outcome="ok",server="7"} 1"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"luna_group_is_leader{group="3",server="7"} 1"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"luna_group_applied_index{group="3",server="7"} 10"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"luna_memstore_bytes{server="7"} 1024"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"luna_group_txn_records{group="3",server="7"} 3"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"luna_group_dedup_requests{group="3",server="7"} 64"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"luna_group_commit_seconds_bucket{server="7",le="0.001"} 1"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"luna_group_commit_seconds_bucket{server="7",le="0.0005"} 0"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"luna_group_batch_writes_bucket{server="7",le="4"} 0"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"luna_group_batch_writes_bucket{server="7",le="8"} 1"#),
-            "{text}"
-        );
+        for line in [
+            r#"luna_journal_fsyncs{server="7"} 5"#,
+            r#"luna_journal_peer_batches_dropped{server="7"} 2"#,
+            r#"luna_journal_peer_bytes_queued{server="7"} 4096"#,
+            r#"luna_tablet_requests_total{op="get",outcome="ok",server="7"} 1"#,
+            r#"luna_group_is_leader{group="3",server="7"} 1"#,
+            r#"luna_group_applied_index{group="3",server="7"} 10"#,
+            r#"luna_memstore_bytes{server="7"} 1024"#,
+            r#"luna_group_txn_records{group="3",server="7"} 3"#,
+            r#"luna_group_dedup_requests{group="3",server="7"} 64"#,
+            r#"luna_group_commit_seconds_bucket{server="7",le="0.001"} 1"#,
+            r#"luna_group_commit_seconds_bucket{server="7",le="0.0005"} 0"#,
+            r#"luna_group_batch_writes_bucket{server="7",le="4"} 0"#,
+            r#"luna_group_batch_writes_bucket{server="7",le="8"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} is missing from:\n{text}");
+        }
     }
 }
