@@ -16,8 +16,10 @@ use bytes::Bytes;
 use super::driver::{Counters, Event, Events};
 
 /// Bytes of peers' messages a node holds for its driver before it drops further batches
-/// (raft resends what is lost). Raft's flow control bounds each stream's share, but not
-/// thousands of streams' together while the driver is stalled.
+/// (raft resends what is lost). Raft's flow control bounds each stream's share, not that of
+/// thousands of streams together. The gRPC transport reads on the driver's own thread, so
+/// it stops reading while the driver is busy; a transport on other threads (the in-process
+/// one) would not, and the queue is one channel with the clients' events.
 pub(crate) const MAX_QUEUED_PEER_BYTES: usize = 256 << 20;
 
 /// Carries a server's raft messages to its peers.
