@@ -521,6 +521,7 @@ fn raw_write(
             done_below,
         }),
         mutations: vec![put("a1", value)],
+        commit_above: 0,
     }
 }
 
@@ -634,6 +635,7 @@ async fn a_follower_read_right_after_a_write_sees_it_on_every_replica() {
             tablet: Some(tablet_ref),
             request_id: request_id(100 + round),
             mutations: vec![put("a1", &value)],
+            commit_above: 0,
         };
         write_on_leader(&servers, write).await;
         for (i, server) in servers.iter().enumerate() {

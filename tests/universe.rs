@@ -368,6 +368,7 @@ async fn bad_input_gets_typed_errors_and_clear_messages() {
                     key: Bytes::from_static(b"k"),
                     value: Bytes::from_static(b"v"),
                 }],
+                commit_above: 0,
             })
             .await;
         assert_eq!(

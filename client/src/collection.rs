@@ -348,7 +348,7 @@ impl Collection {
         let parts = applied.len() + failed.len();
         let mut failed = failed.into_iter();
         if let Some(&newest) = applied.iter().max() {
-            self.inner.saw_commit(newest);
+            self.inner.saw_timestamp(newest);
         }
         match failed.next() {
             None => Ok(applied.into_iter().max().unwrap_or(0)),
@@ -394,6 +394,7 @@ impl Collection {
                 tablet: Some(target.tablet),
                 request_id: Some(request_id.clone()),
                 mutations: mutations.clone(),
+                commit_above: self.inner.max_seen_ts(),
             };
             async move {
                 let response = target.client.write(request).await?;

@@ -170,9 +170,11 @@ pub(crate) struct Inner {
     request_ids: Arc<RequestIds>,
     /// Counts operations, to vary their backoff jitter.
     next_op: AtomicU64,
-    /// The largest commit timestamp this client was answered with: timestamps it asks for
-    /// later are above it, so its next snapshot includes its own commits.
-    max_commit_ts: AtomicU64,
+    /// The largest timestamp this client has seen: commit timestamps it was answered with,
+    /// and timestamps the TSO gave it. Timestamps it asks for later are above it, so its
+    /// next snapshot includes its own commits; its plain writes commit above it, so a
+    /// snapshot it took before a write does not see the write.
+    max_seen_ts: AtomicU64,
     /// Callers waiting for timestamps.
     timestamps: tso::TimestampQueue,
     /// Open transactions' and snapshots' holds on the GC safe point.
@@ -212,21 +214,22 @@ impl Inner {
             client_id: Bytes::copy_from_slice(uuid::Uuid::new_v4().as_bytes()),
             request_ids: Arc::default(),
             next_op: AtomicU64::new(0),
-            max_commit_ts: AtomicU64::new(0),
+            max_seen_ts: AtomicU64::new(0),
             timestamps: tso::TimestampQueue::default(),
             snapshot_holds: snapshots::SnapshotHolds::default(),
             routes: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Notes a commit timestamp a server answered with (see `max_commit_ts`).
-    pub(crate) fn saw_commit(&self, commit_ts: u64) {
-        self.max_commit_ts.fetch_max(commit_ts, Ordering::Relaxed);
+    /// Notes a timestamp this client saw: a commit timestamp a server answered with, or one
+    /// from the TSO (see `max_seen_ts`).
+    pub(crate) fn saw_timestamp(&self, ts: u64) {
+        self.max_seen_ts.fetch_max(ts, Ordering::Relaxed);
     }
 
-    /// The largest commit timestamp this client was answered with.
-    pub(crate) fn max_commit_ts(&self) -> u64 {
-        self.max_commit_ts.load(Ordering::Relaxed)
+    /// The largest timestamp this client has seen.
+    pub(crate) fn max_seen_ts(&self) -> u64 {
+        self.max_seen_ts.load(Ordering::Relaxed)
     }
 
     /// This client's random id.

@@ -85,7 +85,7 @@ async fn fetch_for_waiting(inner: Arc<Inner>) {
 /// `count` consecutive timestamps from the master; returns the first.
 async fn fetch(inner: &Inner, count: u32) -> Result<u64> {
     let deadline = Deadline::after(inner.options.operation_timeout);
-    let after = inner.max_commit_ts();
+    let after = inner.max_seen_ts();
     let response = inner
         .call_master("GetTimestamps", &deadline, |mut master| async move {
             master
@@ -99,5 +99,6 @@ async fn fetch(inner: &Inner, count: u32) -> Result<u64> {
             response.count
         )));
     }
+    inner.saw_timestamp(response.first + u64::from(count) - 1);
     Ok(response.first)
 }

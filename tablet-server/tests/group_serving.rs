@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use luna_journal::{LocalConfig, LocalStream};
@@ -190,6 +190,17 @@ async fn write(
     request_seq: u64,
     mutations: Vec<pb::Mutation>,
 ) -> u64 {
+    write_above(route, tablet, request_seq, mutations, 0).await
+}
+
+/// [`write`] with a lower bound on the commit timestamp.
+async fn write_above(
+    route: &CollectionRoute,
+    tablet: usize,
+    request_seq: u64,
+    mutations: Vec<pb::Mutation>,
+    commit_above: u64,
+) -> u64 {
     let tablet = &route.tablets[tablet];
     let info = tablet.tablet.as_ref().expect("tablet info");
     for _ in 0..100 {
@@ -207,6 +218,7 @@ async fn write(
                         done_below: 0,
                     }),
                     mutations: mutations.clone(),
+                    commit_above,
                 })
                 .await
                 .expect("write rpc")
@@ -268,6 +280,32 @@ async fn writes_replicate_dedup_and_survive_restart() {
         "a retried request id is answered, not applied again"
     );
     let second = write(&route, 1, 2, vec![put("zed", "2"), put("x", "3")]).await;
+    // A write commits above the largest timestamp its client saw, even one ahead of the
+    // leader's clock (a TSO timestamp handed out in the same millisecond, say).
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let seen = (now_ms + 10_000) << 18;
+    let above = write_above(&route, 0, 4, vec![put("carol", "1")], seen).await;
+    assert!(above > seen, "{above} is not above {seen}");
+    // Not too far ahead: one client must not push the group's timestamps into the future.
+    let tablet = &route.tablets[0];
+    let info = tablet.tablet.as_ref().expect("info");
+    let far = client(&tablet.replicas[0].addr)
+        .await
+        .write(pb::WriteRequest {
+            tablet: Some(pb::TabletRef {
+                tablet_id: info.id,
+                epoch: info.epoch,
+            }),
+            request_id: None,
+            mutations: vec![put("carol", "2")],
+            commit_above: (now_ms + 120_000) << 18,
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(far.code(), tonic::Code::InvalidArgument, "{far}");
     // The largest valid value fits in one journal entry.
     let largest = "v".repeat(8 << 20);
     write(&route, 1, 3, vec![put("zbig", &largest)]).await;
@@ -441,6 +479,7 @@ async fn multiplexed_commands_answer_like_unary_calls_and_stop_with_the_server()
                 tablet: tablet_ref,
                 request_id: None,
                 mutations: vec![put("bob", "2")],
+                commit_above: 0,
             })),
         },
         get(10, b""),

@@ -331,7 +331,7 @@ impl Transaction {
         }
         let result = commit::commit(self, routed, &deadline).await;
         if let Ok(commit_ts) = result {
-            self.client.inner.saw_commit(commit_ts);
+            self.client.inner.saw_timestamp(commit_ts);
         }
         self.state = match result {
             Ok(_) => State::Committed,

@@ -138,6 +138,8 @@ pub struct FakeTablet {
     /// Answered to every request after the script runs out, if set.
     pub always: Mutex<Option<Scripted>>,
     pub seen: Mutex<Vec<Seen>>,
+    /// The `commit_above` of every write served, in order.
+    pub commit_floors: Mutex<Vec<u64>>,
     /// Most pairs per scan page.
     pub page_size: AtomicUsize,
     /// This fake, for the `Multiplex` streams it serves.
@@ -410,6 +412,7 @@ impl Tablet for FakeTablet {
                 commit_ts: 0,
             }));
         }
+        lock(&self.commit_floors).push(request.commit_above);
         let tablet = request.tablet.map(|t| t.tablet_id).unwrap_or_default();
         self.with_data(tablet, |data| {
             for mutation in &request.mutations {
@@ -483,6 +486,7 @@ impl Harness {
                 script: Mutex::default(),
                 always: Mutex::default(),
                 seen: Mutex::default(),
+                commit_floors: Mutex::default(),
                 page_size: AtomicUsize::new(1000),
                 me: me.clone(),
             });

@@ -271,6 +271,32 @@ async fn an_answer_of_a_kind_the_sdk_does_not_know_may_have_applied_a_write() ->
     Ok(())
 }
 
+/// A plain write commits above every timestamp its client saw, so a snapshot the client
+/// took before the write does not see it, even when the write lands in the millisecond of
+/// the snapshot's TSO timestamp.
+#[tokio::test]
+async fn a_write_commits_above_every_timestamp_its_client_saw() -> TestResult {
+    let (harness, _) = single_tablet(1).await?;
+    let client = harness.client().await?;
+    let coll = client.database("db").collection("c");
+    let snapshot = client.timestamp().await?;
+    coll.put("k", "v1").await?;
+    // The fake answers commit timestamp 1000 + the request's sequence number.
+    coll.put("k", "v2").await?;
+    let floors = harness.servers[0]
+        .commit_floors
+        .lock()
+        .map_err(|_| "poisoned")?
+        .clone();
+    assert_eq!(floors.len(), 2);
+    assert!(floors[0] >= snapshot, "{floors:?} against {snapshot}");
+    assert!(
+        floors[1] > floors[0],
+        "the first write's commit timestamp counts: {floors:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_unreachable_master_is_a_typed_error() -> TestResult {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;

@@ -72,9 +72,10 @@ impl WriteRequest {
 /// Which commit timestamp a proposal's writes get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stamp {
-    /// A plain write: the next one from the leader's clock, once no lock or latch holds
-    /// any of its keys (checked as the batch is formed, so after every earlier proposal).
-    Plain,
+    /// A plain write: the next timestamp from the leader's clock, above the given one (the
+    /// largest its client has seen, 0 for none), once no lock or latch holds any of its
+    /// keys (checked as the batch is formed, so after every earlier proposal).
+    Plain(u64),
     /// A one-phase commit: of a whole transaction above its `start_ts`, or of the primary's
     /// group of a two-phase one above every other prewrite's minimum. The next timestamp
     /// from the clock, above the given one. The leader checked its keys under latches.
@@ -194,10 +195,12 @@ impl Group {
         self.serving.send_replace(Some(Serving { term, queue }));
     }
 
-    /// Commits `request` through the leader's batcher and returns its commit timestamp
-    /// (the original one if the group applied this request id before).
-    pub(crate) async fn write(&self, request: WriteRequest) -> Result<u64> {
-        self.commit_writes(vec![request], Stamp::Plain).await
+    /// Commits `request` through the leader's batcher at a timestamp above `commit_above`,
+    /// and returns its commit timestamp (the original one if the group applied this request
+    /// id before).
+    pub(crate) async fn write(&self, request: WriteRequest, commit_above: u64) -> Result<u64> {
+        self.commit_writes(vec![request], Stamp::Plain(commit_above))
+            .await
     }
 
     /// Commits `requests` (parts of one request, for tablets of this group) in one journal
@@ -282,19 +285,17 @@ impl Group {
                 let mut min_ts: Option<u64> = None;
                 let mut written = HashSet::new();
                 for pending in batch {
-                    if pending.stamp == Stamp::Plain
-                        && let Err(refusal) = self.check_unlocked(&clock, &pending.requests)
-                    {
+                    let plain = matches!(pending.stamp, Stamp::Plain(_));
+                    if plain && let Err(refusal) = self.check_unlocked(&clock, &pending.requests) {
                         let _ = pending.reply.send(Err(refusal));
                         continue;
                     }
                     let ts = match pending.stamp {
-                        Stamp::Plain => clock.floor.max(clock.last + 1).max(now),
-                        Stamp::Above(start_ts) => clock
+                        Stamp::Plain(above) | Stamp::Above(above) => clock
                             .floor
                             .max(clock.last + 1)
                             .max(now)
-                            .max(start_ts.saturating_add(1)),
+                            .max(above.saturating_add(1)),
                         Stamp::Given(commit_ts) => commit_ts,
                         Stamp::Unstamped => 0,
                     };
@@ -302,7 +303,7 @@ impl Group {
                         clock.last = clock.last.max(ts);
                         min_ts = Some(min_ts.map_or(ts, |min| min.min(ts)));
                     }
-                    if pending.stamp == Stamp::Plain {
+                    if plain {
                         for request in &pending.requests {
                             for mutation in &request.mutations {
                                 written.insert(clock.key_hash(request.tablet_id, &mutation.key));

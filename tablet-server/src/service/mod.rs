@@ -193,18 +193,22 @@ impl TabletService {
                 "a write needs at least one mutation".to_owned(),
             ));
         }
+        txn::check_not_ahead("commit_above", request.commit_above)?;
         let (group, hosted) = self.locate(request.tablet.as_ref())?;
         let (request_id, _own_id) = self.request_key(request.request_id.as_ref())?;
         let mutations = checked_mutations(&hosted, request.mutations)?;
         hosted.load.writes.fetch_add(1, Ordering::Relaxed);
         let commit_ts = group
-            .write(WriteRequest {
-                tablet_id: hosted.info.id,
-                epoch: hosted.info.epoch,
-                request_id,
-                mutations,
-                txn: None,
-            })
+            .write(
+                WriteRequest {
+                    tablet_id: hosted.info.id,
+                    epoch: hosted.info.epoch,
+                    request_id,
+                    mutations,
+                    txn: None,
+                },
+                request.commit_above,
+            )
             .await?;
         Ok(pb::WriteResponse {
             error: None,

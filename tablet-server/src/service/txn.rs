@@ -247,7 +247,7 @@ fn check_start_ts(start_ts: u64) -> Result<()> {
 /// Refuses a timestamp far ahead of this server's clock: commit timestamps follow the
 /// largest one a leader has seen, so one from a bad client would push every later write
 /// of the group into the future.
-fn check_not_ahead(name: &str, ts: u64) -> Result<()> {
+pub(super) fn check_not_ahead(name: &str, ts: u64) -> Result<()> {
     let ahead_ms = (ts >> LOGICAL_BITS).saturating_sub(physical_now_ms());
     if ahead_ms > MAX_AHEAD_MS {
         return Err(TabletServerError::InvalidArgument(format!(
