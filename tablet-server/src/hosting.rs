@@ -53,6 +53,11 @@ impl Hosting {
         self.node.partition().clone()
     }
 
+    /// Why the server's journal stopped working, if it has (see `Node::failure`).
+    pub(crate) fn journal_failure(&self) -> Option<String> {
+        self.node.node().failure()
+    }
+
     pub(crate) fn context(&self) -> &Arc<GroupContext> {
         &self.ctx
     }

@@ -249,6 +249,16 @@ async fn heartbeat_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        // Every group of a server whose journal failed is closed. Heartbeats would keep it
+        // registered as alive, so the master would never replace its replicas: stop them.
+        if let Some(failure) = hosting.journal_failure() {
+            tracing::error!(
+                server_id = hosting.server_id(),
+                %failure,
+                "the journal failed; heartbeats stop so that the master replaces this server's replicas"
+            );
+            return;
+        }
         let memory = hosting.context().budget.used() as u64;
         let request = heartbeat_request(
             &config,

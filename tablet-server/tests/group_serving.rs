@@ -543,3 +543,95 @@ async fn multiplexed_commands_answer_like_unary_calls_and_stop_with_the_server()
     drop(sender);
     universe.stop().await;
 }
+
+/// A raft message no correct peer sends (a heartbeat whose commit is past the replica's
+/// log, which a replica whose disk was wiped also gets) panics inside raft-rs. The server's
+/// journal then reports the failure, and the server stops heartbeating, so that the master
+/// sees it gone and replaces its replicas instead of routing to a server that serves
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_whose_journal_fails_stops_heartbeating() {
+    use luna_proto::journal::RaftBatch;
+    use luna_proto::journal::raft_transport_client::RaftTransportClient;
+    use luna_proto::master::ListServersRequest;
+    use luna_proto::master::master_client::MasterClient;
+
+    /// The fields of raft-rs's `eraftpb.Message` a heartbeat needs.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RaftMessage {
+        #[prost(int32, tag = "1")]
+        msg_type: i32,
+        #[prost(uint64, tag = "2")]
+        to: u64,
+        #[prost(uint64, tag = "3")]
+        from: u64,
+        #[prost(uint64, tag = "4")]
+        term: u64,
+        #[prost(uint64, tag = "8")]
+        commit: u64,
+    }
+    const MSG_HEARTBEAT: i32 = 8;
+
+    let universe = Universe::start().await;
+    let route = universe.create_users(Vec::new()).await;
+    let group_id = route.tablets[0].tablet.as_ref().expect("info").group_id;
+    let target = universe.servers[0].as_ref().expect("server 0");
+    let peer = universe.servers[1].as_ref().expect("server 1").server_id();
+    let mut envelope = group_id.to_le_bytes().to_vec();
+    prost::Message::encode(
+        &RaftMessage {
+            msg_type: MSG_HEARTBEAT,
+            to: target.server_id(),
+            from: peer,
+            term: 1_000,
+            commit: 1_000_000,
+        },
+        &mut envelope,
+    )
+    .expect("encode");
+    let mut raft = RaftTransportClient::connect(format!("http://{}", target.raft_addr()))
+        .await
+        .expect("connect to the journal port");
+    let batch = RaftBatch {
+        from: peer,
+        to: target.server_id(),
+        messages: vec![Bytes::from(envelope)],
+    };
+    let _exchange = raft
+        .exchange(tokio_stream::iter(vec![batch]))
+        .await
+        .expect("exchange");
+
+    let mut master = MasterClient::connect(format!("http://{}", universe.master_addr))
+        .await
+        .expect("connect to the master");
+    let silent_for = |servers: &[luna_proto::master::ServerInfo], id: u64| {
+        servers
+            .iter()
+            .find(|server| server.id == id)
+            .map_or(0, |server| server.last_heartbeat_ago_ms)
+    };
+    let mut silent = false;
+    for _ in 0..200 {
+        let servers = master
+            .list_servers(ListServersRequest {})
+            .await
+            .expect("list servers")
+            .into_inner()
+            .servers;
+        // Heartbeats come every 100 ms: two seconds of silence is no accident.
+        if silent_for(&servers, target.server_id()) > 2_000 {
+            assert!(
+                silent_for(&servers, peer) < 2_000,
+                "the other servers keep heartbeating"
+            );
+            silent = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(silent, "the failed server kept heartbeating");
+    // Connections to the master hold it; a stopped universe lets go of its journal.
+    drop((master, raft));
+    universe.stop().await;
+}

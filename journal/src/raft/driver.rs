@@ -155,6 +155,17 @@ pub(crate) struct Counters {
     /// Bytes of peers' messages delivered and not yet handled by the driver.
     pub(crate) peer_bytes_queued: AtomicUsize,
     pub(crate) peer_batches_dropped: AtomicU64,
+    /// Why the node stopped working (its log failed, or its driver panicked), once it has.
+    failure: Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn record_failure(&self, why: String) {
+        self.failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(why);
+    }
 }
 
 impl Node {
@@ -178,6 +189,7 @@ impl Node {
         let counters = Arc::new(Counters::default());
         let sync_counters = Arc::clone(&counters);
         let driver_counters = Arc::clone(&counters);
+        let panic_counters = Arc::clone(&counters);
         let driver = std::thread::Builder::new()
             .name(format!("luna-raft-{node_id}"))
             .spawn(move || {
@@ -222,7 +234,24 @@ impl Node {
                     syncing: false,
                     failed: None,
                 };
-                runtime.run(driver.run(queue, syncer, purger));
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runtime.run(driver.run(queue, syncer, purger));
+                }));
+                if let Err(panic) = ran {
+                    // raft-rs panics on some messages no correct peer sends (a commit past
+                    // this replica's log, which a replica whose disk was wiped also gets).
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("no message");
+                    tracing::error!(
+                        node_id,
+                        panic = why,
+                        "the raft driver panicked; every stream of this server is closed"
+                    );
+                    panic_counters.record_failure(format!("the raft driver panicked: {why}"));
+                }
                 // The transport's tasks on this runtime end with it.
                 drop(runtime);
             })
@@ -255,6 +284,17 @@ impl Node {
             peer_batches_dropped: self.counters.peer_batches_dropped.load(Ordering::Relaxed),
             peer_bytes_queued: self.counters.peer_bytes_queued.load(Ordering::Relaxed),
         }
+    }
+
+    /// Why the node stopped working, if it has: its log could not be written, or its driver
+    /// panicked. Every stream of a failed node is closed; its server should step aside (stop
+    /// reporting itself healthy) so that its replicas are replaced.
+    pub fn failure(&self) -> Option<String> {
+        self.counters
+            .failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Where transports deliver messages from peers.
@@ -540,7 +580,7 @@ impl Driver {
             if self.failed.is_none() {
                 match self.server.ready() {
                     Ok(out) => send(&*self.transport, out),
-                    Err(e) => self.failed = Some(e),
+                    Err(e) => self.failed_with(e),
                 }
             }
             self.start_sync(&syncer);
@@ -706,6 +746,12 @@ impl Driver {
     /// Fails every stream and every later operation with `error`.
     fn fail(&mut self, error: StreamError) {
         self.server.fail(error.clone());
+        self.failed_with(error);
+    }
+
+    /// Keeps `error` for every later operation, and for [`Node::failure`].
+    fn failed_with(&mut self, error: StreamError) {
+        self.counters.record_failure(error.to_string());
         self.failed = Some(error);
     }
 

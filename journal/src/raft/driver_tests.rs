@@ -366,3 +366,40 @@ async fn handled_peer_messages_leave_the_inbox_bound() {
     assert_eq!(node.stats().peer_batches_dropped, 0);
     node.shutdown().await;
 }
+
+/// A message raft-rs cannot take (a commit past this replica's log: no correct leader sends
+/// it, but a replica whose disk was wiped gets it) panics inside raft-rs. The node then
+/// says why it failed, so its server can step aside, and its streams are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_that_panics_reports_the_failure() {
+    use raft::eraftpb::{Message, MessageType};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let network = MemNetwork::new();
+    let node = Node::start(config(1, &dir), network.transport(1)).expect("node");
+    let stream = node.add_stream(STREAM, &[1, 2]).await.expect("stream");
+    assert_eq!(node.failure(), None);
+    let mut heartbeat = Message::default();
+    heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+    heartbeat.from = 2;
+    heartbeat.to = 1;
+    heartbeat.term = 5;
+    heartbeat.commit = 1_000;
+    let envelope = super::server::encode_envelope(STREAM, &heartbeat).expect("encode");
+    assert!(node.inbox().deliver(2, vec![envelope]));
+    let failure = tokio::time::timeout(LIMIT, async {
+        loop {
+            if let Some(failure) = node.failure() {
+                return failure;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the node reports its failure");
+    assert!(failure.contains("panicked"), "{failure}");
+    assert!(matches!(
+        stream.append(Bytes::from_static(b"x")).await,
+        Err(StreamError::Closed)
+    ));
+}
