@@ -146,7 +146,7 @@ impl MasterProcess {
         if let (Some(hooks), Some(partition)) = (&hooks, journal.raft_partition()) {
             hooks.set_raft(partition);
         }
-        let http = HttpEndpoint::start(http, metrics, hooks.as_ref()).await?;
+        let http = HttpEndpoint::start(http, metrics, Arc::new(|| None), hooks.as_ref()).await?;
         Ok(MasterProcess {
             master,
             journal,

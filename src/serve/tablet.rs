@@ -9,12 +9,15 @@ use luna_kernel::objstore::LunaObjectStore;
 use luna_tablet_server::{TabletServer, TabletServerConfig};
 
 use super::faults::FaultHooks;
-use super::http::{HttpEndpoint, MetricsFn};
+use super::http::{HealthFn, HttpEndpoint, MetricsFn};
 use super::metrics::object_store_text;
 use super::{parse_addr, shutdown_signal};
 use crate::error::CliError;
 use crate::stdout::say;
 use crate::store_args::StoreArgs;
+
+/// A closure of the server's, set once the server exists (the HTTP endpoint starts first).
+type FromServer<T> = Arc<OnceLock<Box<dyn Fn() -> T + Send + Sync>>>;
 
 /// Flags of `luna tablet-server`.
 #[derive(Debug, Args)]
@@ -79,7 +82,7 @@ impl TabletProcess {
         let [listen, raft_listen, http] = addrs;
         // The endpoint starts first (the server reports its address to the master), and
         // renders the server's metrics once the server exists.
-        let server_metrics: Arc<OnceLock<Box<dyn Fn() -> String + Send + Sync>>> = Arc::default();
+        let server_metrics: FromServer<String> = Arc::default();
         let metrics: MetricsFn = {
             let server_metrics = Arc::clone(&server_metrics);
             let store = Arc::clone(&object_store);
@@ -92,8 +95,13 @@ impl TabletProcess {
                 text
             })
         };
+        let server_failure: FromServer<Option<String>> = Arc::default();
+        let health: HealthFn = {
+            let server_failure = Arc::clone(&server_failure);
+            Arc::new(move || server_failure.get().and_then(|failure| failure()))
+        };
         let hooks = FaultHooks::from_env(Some(Arc::clone(&object_store)));
-        let http = HttpEndpoint::start(http, metrics, hooks.as_ref()).await?;
+        let http = HttpEndpoint::start(http, metrics, health, hooks.as_ref()).await?;
         let mut config = TabletServerConfig::new(
             data_dir,
             crate::cli::master_addrs(master)
@@ -116,6 +124,7 @@ impl TabletProcess {
             }
         };
         let _ = server_metrics.set(Box::new(server.metrics_renderer()));
+        let _ = server_failure.set(Box::new(server.failure_checker()));
         if let Some(hooks) = &hooks {
             hooks.set_raft(server.raft_partition());
         }

@@ -154,6 +154,17 @@ impl TabletServer {
         self.hosting.raft_partition()
     }
 
+    /// Tells why the server can no longer serve (its journal failed: see
+    /// `luna_journal::raft::Node::failure`), if it cannot, for as long as the server runs.
+    pub fn failure_checker(&self) -> impl Fn() -> Option<String> + Send + Sync + 'static {
+        let hosting = Arc::clone(&self.hosting);
+        move || {
+            hosting
+                .journal_failure()
+                .map(|failure| format!("the journal failed: {failure}"))
+        }
+    }
+
     /// Renders the server's metrics in the Prometheus text format, for as long as the
     /// server runs (afterwards it renders the last state).
     pub fn metrics_renderer(&self) -> impl Fn() -> String + Send + Sync + 'static {

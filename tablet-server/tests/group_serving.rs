@@ -631,6 +631,8 @@ async fn a_server_whose_journal_fails_stops_heartbeating() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(silent, "the failed server kept heartbeating");
+    let failure = target.failure_checker()().expect("the server says why it stopped");
+    assert!(failure.contains("panicked"), "{failure}");
     // Connections to the master hold it; a stopped universe lets go of its journal.
     drop((master, raft));
     universe.stop().await;
