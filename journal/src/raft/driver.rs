@@ -148,6 +148,8 @@ pub struct NodeStats {
     pub peer_bytes_queued: usize,
 }
 
+/// What a node's threads and its inbox share: the stats' counters, the peer bytes queued
+/// for the driver, and why the node failed.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     fsyncs: AtomicU64,
@@ -510,7 +512,7 @@ struct Driver {
     transport: Arc<dyn Transport>,
     /// For answering subscriptions' handles, which send their reads here.
     events: Events,
-    /// Shared with the node's inbox, which counts the peer bytes queued here.
+    /// Shared with the node and its inbox: the peer bytes queued here, and the failure.
     counters: Arc<Counters>,
     tick: Duration,
     /// Most ticks made up at once after the thread was late.
