@@ -159,6 +159,14 @@ impl FakeTablet {
         lock(&self.seen).clone()
     }
 
+    /// The request ids of the requests seen that carried one, in order.
+    pub fn request_ids(&self) -> Vec<RequestId> {
+        lock(&self.seen)
+            .iter()
+            .filter_map(|s| s.request_id.clone())
+            .collect()
+    }
+
     /// Records the request and decides: `Ok(None)` to serve it, `Ok(Some(error))` to refuse.
     async fn admit(
         &self,

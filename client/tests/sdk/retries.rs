@@ -96,11 +96,7 @@ async fn a_write_keeps_its_request_id_across_retries() -> TestResult {
     server.push(Scripted::Error(Default::default()));
     coll.put("k", "v").await?;
     coll.put("k2", "v").await?;
-    let ids: Vec<_> = server
-        .seen()
-        .into_iter()
-        .filter_map(|s| s.request_id)
-        .collect();
+    let ids = server.request_ids();
     assert_eq!(ids.len(), 5);
     assert!(ids[..4].iter().all(|id| *id == ids[0]), "{ids:?}");
     assert_eq!(ids[0].client_id.len(), 16);
@@ -201,11 +197,7 @@ async fn a_write_that_never_answers_has_an_unknown_outcome() -> TestResult {
         matches!(error, ClientError::OutcomeUnknown { .. }),
         "{error}"
     );
-    let ids: Vec<_> = harness.servers[0]
-        .seen()
-        .into_iter()
-        .filter_map(|s| s.request_id)
-        .collect();
+    let ids = harness.servers[0].request_ids();
     assert!(ids.len() >= 2, "retried");
     assert!(ids.iter().all(|id| *id == ids[0]));
     // A read that never answers just times out.
@@ -223,11 +215,7 @@ async fn an_unknown_outcome_is_retried_on_the_same_server_under_the_same_id() ->
     leader.push(outcome_unknown());
     leader.push(outcome_unknown());
     coll.put("k", "v").await?;
-    let ids: Vec<_> = leader
-        .seen()
-        .into_iter()
-        .filter_map(|s| s.request_id)
-        .collect();
+    let ids = leader.request_ids();
     assert_eq!(ids.len(), 3, "two unknown outcomes, then the answer");
     assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
     // The server answered, so nothing marks it down: no other replica was tried, and the
