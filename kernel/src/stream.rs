@@ -169,6 +169,16 @@ pub enum StreamError {
         committed: u64,
     },
 
+    /// The server holds too many log writes that its disk has not made durable yet (a
+    /// slow or hung fsync); the entry was not appended. Retry after backing off.
+    #[error("the journal is overloaded: {unsynced_bytes} bytes wait for the disk (limit {limit})")]
+    Overloaded {
+        /// Bytes written since the last completed fsync, and proposed since.
+        unsynced_bytes: usize,
+        /// The server's limit.
+        limit: usize,
+    },
+
     /// The stream was shut down or failed; an operation in flight has an unknown outcome.
     #[error("the stream is closed")]
     Closed,

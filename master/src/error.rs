@@ -143,7 +143,8 @@ impl MasterError {
             Self::Stream { source, .. } => match source {
                 StreamError::NotLeader { .. }
                 | StreamError::Closed
-                | StreamError::Timeout { .. } => tonic::Code::Unavailable,
+                | StreamError::Timeout { .. }
+                | StreamError::Overloaded { .. } => tonic::Code::Unavailable,
                 _ => tonic::Code::Internal,
             },
             Self::Corrupt { .. } | Self::Internal { .. } => tonic::Code::Internal,

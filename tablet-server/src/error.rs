@@ -5,6 +5,10 @@ use luna_kernel::stream::StreamError;
 use luna_proto::tablet as pb;
 use luna_storage::StorageError;
 
+/// How long a client waits before it retries a write that an overloaded journal refused:
+/// about a few fsyncs of a slow disk.
+const OVERLOADED_RETRY_MS: u64 = 50;
+
 /// Everything that can go wrong in a tablet server.
 #[derive(Debug, thiserror::Error)]
 pub enum TabletServerError {
@@ -195,7 +199,11 @@ impl TabletServerError {
             Self::NotLeader { .. } => "not_leader",
             Self::EpochMismatch { .. } | Self::TabletMoving { .. } => "epoch_mismatch",
             Self::TabletNotFound(_) => "tablet_not_found",
-            Self::Busy { .. } => "busy",
+            Self::Busy { .. }
+            | Self::Stream {
+                source: StreamError::Overloaded { .. },
+                ..
+            } => "busy",
             Self::Locked(_) => "locked",
             Self::WriteConflict { .. } => "write_conflict",
             Self::TxnAborted { .. } => "txn_aborted",
@@ -235,6 +243,13 @@ impl TabletServerError {
                 pb::tablet_error::Kind::Busy(pb::Busy { retry_after_ms })
             }
             Self::LocksHeld { .. } => pb::tablet_error::Kind::Busy(pb::Busy { retry_after_ms: 0 }),
+            // Refused before it entered the log: the client backs off and retries.
+            Self::Stream {
+                source: StreamError::Overloaded { .. },
+                ..
+            } => pb::tablet_error::Kind::Busy(pb::Busy {
+                retry_after_ms: OVERLOADED_RETRY_MS,
+            }),
             Self::SnapshotTooOld { safe_point, .. }
             | Self::Storage(StorageError::SnapshotTooOld { safe_point, .. }) => {
                 pb::tablet_error::Kind::SnapshotTooOld(pb::SnapshotTooOld { safe_point })
@@ -325,5 +340,24 @@ mod tests {
             .into_reply()
             .expect_err("a status");
         assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+
+    #[test]
+    fn a_write_an_overloaded_journal_refused_is_answered_busy() {
+        let error = TabletServerError::Stream {
+            group_id: 7,
+            source: StreamError::Overloaded {
+                unsynced_bytes: 200,
+                limit: 100,
+            },
+        };
+        assert_eq!(error.kind_label(), "busy");
+        let reply = error.into_reply().expect("a tablet error, not a status");
+        assert_eq!(
+            reply.kind,
+            Some(pb::tablet_error::Kind::Busy(pb::Busy {
+                retry_after_ms: OVERLOADED_RETRY_MS
+            }))
+        );
     }
 }

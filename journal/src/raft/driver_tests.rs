@@ -403,3 +403,18 @@ async fn a_driver_that_panics_reports_the_failure() {
         Err(StreamError::Closed)
     ));
 }
+
+/// A bound on unsynced writes below one entry would refuse entries that are allowed.
+#[test]
+fn a_server_refuses_an_unsynced_bound_below_its_entry_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = config(1, &dir);
+    config.max_unsynced_bytes = config.max_entry_size - 1;
+    match Node::start(config, MemNetwork::new().transport(1)) {
+        Err(crate::JournalError::InvalidConfig { name, .. }) => {
+            assert_eq!(name, "max_unsynced_bytes")
+        }
+        Err(other) => panic!("expected InvalidConfig, got {other}"),
+        Ok(_) => panic!("expected InvalidConfig, the node started"),
+    }
+}

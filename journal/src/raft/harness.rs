@@ -116,6 +116,8 @@ struct Sim {
     tick_interval: Duration,
     /// Messages the servers sent, before the network dropped or duplicated any.
     sent: u64,
+    /// Changes every server's settings from the defaults.
+    configure: fn(&mut RaftConfig),
 }
 
 impl Sim {
@@ -125,16 +127,27 @@ impl Sim {
 
     /// `voters` servers that start the stream, and `spares` more that are not started.
     fn with_spares(seed: u64, voters: u64, spares: u64) -> Self {
-        Self::build(seed, voters, spares, Duration::from_secs(3600))
+        Self::build(seed, voters, spares, Duration::from_secs(3600), |_| {})
     }
 
     /// `nodes` servers whose leases last `tick_interval` times their lease ticks in wall
     /// time.
     fn with_tick_interval(seed: u64, nodes: u64, tick_interval: Duration) -> Self {
-        Self::build(seed, nodes, 0, tick_interval)
+        Self::build(seed, nodes, 0, tick_interval, |_| {})
     }
 
-    fn build(seed: u64, voters: u64, spares: u64, tick_interval: Duration) -> Self {
+    /// `nodes` servers whose settings `configure` changes from the defaults.
+    fn with_config(seed: u64, nodes: u64, configure: fn(&mut RaftConfig)) -> Self {
+        Self::build(seed, nodes, 0, Duration::from_secs(3600), configure)
+    }
+
+    fn build(
+        seed: u64,
+        voters: u64,
+        spares: u64,
+        tick_interval: Duration,
+        configure: fn(&mut RaftConfig),
+    ) -> Self {
         let mut sim = Self {
             seed,
             rng: SmallRng::seed_from_u64(seed),
@@ -159,6 +172,7 @@ impl Sim {
             stalled_disks: Vec::new(),
             sent: 0,
             tick_interval,
+            configure,
         };
         for _ in 0..voters + spares {
             sim.dirs.push(tempfile::tempdir().expect("tempdir"));
@@ -181,6 +195,7 @@ impl Sim {
         let spread = election_jitter(config.election_tick) as u64;
         config.fixed_election_timeout =
             Some(config.election_tick + ((id + self.seed) % spread) as usize);
+        (self.configure)(&mut config);
         let leadership = self.host(id).run(move |slot| {
             let mut server = Server::open(config).expect("open server");
             server.add_stream(STREAM, &voters).expect("add stream");

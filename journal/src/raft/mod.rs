@@ -29,6 +29,7 @@ mod harness;
 mod lease;
 mod logger;
 mod membership;
+mod overload;
 mod partition;
 mod recent;
 mod replica;

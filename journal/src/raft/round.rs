@@ -60,6 +60,9 @@ impl Server {
         let lease_ticks = self.lease_ticks();
         let lease_duration = self.config.tick_interval * lease_ticks as u32;
         let mut applied = Vec::new();
+        // Every stream proposed to is touched, so this round moves what they took into the
+        // batch.
+        self.proposed_unready = 0;
         for stream_id in std::mem::take(&mut self.touched) {
             let Some(replica) = self.streams.get_mut(&stream_id) else {
                 continue;

@@ -73,6 +73,10 @@ pub struct RaftConfig {
     pub heartbeat_tick: usize,
     /// Largest entry accepted, in bytes.
     pub max_entry_size: usize,
+    /// Bytes of log writes the server holds while its disk syncs what came before (a slow
+    /// or hung fsync); past them, proposals fail with [`StreamError::Overloaded`] and
+    /// peers' appends are dropped, for their leaders to resend. At least `max_entry_size`.
+    pub max_unsynced_bytes: usize,
     /// Wall time of one tick of the driver's clock (the [`Node`](super::Node) ticks every
     /// stream at once, at this interval).
     pub tick_interval: Duration,
@@ -95,7 +99,7 @@ pub struct RaftConfig {
 
 impl RaftConfig {
     /// Defaults: 100 ms ticks, election after 10 ticks (1 s), heartbeats every 2, 8 MiB
-    /// entries, 128 MiB log files purged above 1 GiB.
+    /// entries, 128 MiB of unsynced writes at most, 128 MiB log files purged above 1 GiB.
     pub fn new(node_id: u64, dir: impl Into<PathBuf>) -> Self {
         Self {
             node_id,
@@ -103,6 +107,7 @@ impl RaftConfig {
             election_tick: 10,
             heartbeat_tick: 2,
             max_entry_size: 8 << 20,
+            max_unsynced_bytes: 128 << 20,
             tick_interval: Duration::from_millis(100),
             engine_file_size: 128 << 20,
             engine_purge_threshold: 1 << 30,
@@ -126,6 +131,10 @@ pub struct Server {
     pub(super) removing: BTreeSet<u64>,
     logger: slog::Logger,
     pub(super) unsynced: SyncRound,
+    /// Bytes proposed since the last [`ready`](Self::ready), which will join `unsynced`.
+    pub(super) proposed_unready: usize,
+    /// Whether the last check found `unsynced` over its bound (to log the transitions).
+    pub(super) overloaded: bool,
     pub(super) next_read_id: u64,
     pub(super) ticks: u64,
     pub(super) purge: Purge,
@@ -143,6 +152,15 @@ impl Server {
             return Err(JournalError::InvalidConfig {
                 name: "node_id/heartbeat_tick/tick_interval/idle_tick_every",
                 reason: "must be positive".to_owned(),
+            });
+        }
+        if config.max_unsynced_bytes < config.max_entry_size {
+            return Err(JournalError::InvalidConfig {
+                name: "max_unsynced_bytes",
+                reason: format!(
+                    "{} is below max_entry_size ({})",
+                    config.max_unsynced_bytes, config.max_entry_size
+                ),
             });
         }
         std::fs::create_dir_all(&config.dir)
@@ -169,6 +187,8 @@ impl Server {
             touched: BTreeSet::new(),
             removing: BTreeSet::new(),
             unsynced: SyncRound::default(),
+            proposed_unready: 0,
+            overloaded: false,
             next_read_id: first_read_id(),
             ticks: 0,
             purge: Purge::default(),
@@ -330,6 +350,7 @@ impl Server {
     pub(crate) fn propose_to(&mut self, stream_id: u64, data: Bytes, reply: Reply) {
         self.touched.insert(stream_id);
         let limit = self.config.max_entry_size;
+        let overloaded = self.overload();
         let Some(replica) = self.streams.get_mut(&stream_id) else {
             let _ = reply.send(Err(StreamError::Closed));
             return;
@@ -339,9 +360,12 @@ impl Server {
         } else if replica.node.raft.state != StateRole::Leader {
             // Not forwarded to the leader: the caller retries there, with the hint.
             Some(replica.not_leader())
+        } else if let Some(overloaded) = overloaded {
+            Some(overloaded)
         } else {
             match replica.node.propose(Vec::new(), data.to_vec()) {
                 Ok(()) => {
+                    self.proposed_unready += data.len();
                     let index = replica.node.raft.raft_log.last_index();
                     replica
                         .appends
@@ -414,6 +438,9 @@ impl Server {
         };
         if message.from != from || message.to != self.config.node_id {
             tracing::warn!(from, stream_id, "ignoring misaddressed raft message");
+            return;
+        }
+        if self.drops_peer_append(stream_id, &message) {
             return;
         }
         let Some(replica) = self.streams.get_mut(&stream_id) else {

@@ -2,8 +2,10 @@
 //! leader of replicas that are up is not deposed for it.
 
 use bytes::Bytes;
+use luna_kernel::stream::StreamError;
+use tokio::sync::oneshot;
 
-use super::{Sim, seeds};
+use super::{STREAM, Sim, seeds};
 use crate::raft::RaftConfig;
 
 /// Both followers' disks hang for several election timeouts while the leader keeps
@@ -41,5 +43,135 @@ fn a_leader_stays_while_its_followers_disks_hang() {
             sim.step();
         }
         assert_eq!(sim.acked.len(), proposed, "seed {seed}");
+    }
+}
+
+/// Entries of this size, against a bound of `UNSYNCED_BOUND_ENTRIES` of them.
+const ENTRY_BYTES: usize = 1024;
+const UNSYNCED_BOUND_ENTRIES: usize = 16;
+
+fn small_unsynced_bound(config: &mut RaftConfig) {
+    config.max_entry_size = ENTRY_BYTES;
+    config.max_unsynced_bytes = ENTRY_BYTES * UNSYNCED_BOUND_ENTRIES;
+}
+
+/// What a server may hold past its bound: the proposal or append that crossed it, and a
+/// round's hard state and bookkeeping.
+const UNSYNCED_SLACK: usize = 4 * ENTRY_BYTES;
+
+fn entry(seed: u64, n: usize) -> Bytes {
+    let mut data = format!("seed {seed} entry {n} ").into_bytes();
+    data.resize(ENTRY_BYTES, b'.');
+    Bytes::from(data)
+}
+
+/// The leader's disk hangs. Its followers still commit what it proposes, but its own
+/// unsynced writes grow with every proposal: past the bound it refuses them as
+/// `Overloaded` instead of holding more. Once the disk is back it takes proposals again,
+/// and every acknowledged entry is on every replica.
+#[test]
+fn a_leader_whose_disk_hangs_refuses_proposals_past_its_bound() {
+    for seed in seeds(350..353) {
+        println!("disk_stall: seed {seed}");
+        let mut sim = Sim::with_config(seed, 3, small_unsynced_bound);
+        let leader = sim.run_until_leader(300);
+        sim.stalled_disks = vec![leader];
+        let mut refused = 0;
+        for n in 0..UNSYNCED_BOUND_ENTRIES * 3 {
+            let data = entry(seed, n);
+            let mut answer = sim
+                .host(leader)
+                .with(move |server| server.propose(STREAM, data));
+            match answer.try_recv() {
+                Ok(Err(StreamError::Overloaded {
+                    unsynced_bytes,
+                    limit,
+                })) => {
+                    assert!(unsynced_bytes > limit, "seed {seed}");
+                    refused += 1;
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    sim.appends.push((answer, entry(seed, n)))
+                }
+                other => panic!("seed {seed}: proposal {n} answered {other:?}"),
+            }
+            sim.step();
+            let unsynced = sim.host(leader).with(|server| server.unsynced_bytes());
+            assert!(
+                unsynced <= ENTRY_BYTES * UNSYNCED_BOUND_ENTRIES + UNSYNCED_SLACK,
+                "seed {seed}: the leader holds {unsynced} unsynced bytes"
+            );
+        }
+        assert!(
+            refused >= UNSYNCED_BOUND_ENTRIES,
+            "seed {seed}: only {refused} proposals were refused"
+        );
+        assert_eq!(sim.leader(), Some(leader), "seed {seed}");
+        sim.stalled_disks.clear();
+        sim.step();
+        let data = entry(seed, usize::MAX);
+        let mut answer = sim
+            .host(leader)
+            .with(move |server| server.propose(STREAM, data));
+        assert!(
+            matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "seed {seed}: a proposal was refused after the disk came back"
+        );
+        sim.appends.push((answer, entry(seed, usize::MAX)));
+        sim.heal_and_verify();
+        assert!(
+            sim.acked
+                .values()
+                .any(|data| *data == entry(seed, usize::MAX)),
+            "seed {seed}: the proposal after the stall was not acknowledged"
+        );
+    }
+}
+
+/// A follower's disk hangs while its leader keeps appending (the other follower commits
+/// with it). The follower drops appends past its bound instead of holding them; once its
+/// disk is back, its leader resends what it dropped and it catches up.
+#[test]
+fn a_follower_whose_disk_hangs_drops_appends_past_its_bound_and_catches_up() {
+    for seed in seeds(360..363) {
+        println!("disk_stall: seed {seed}");
+        let mut sim = Sim::with_config(seed, 3, small_unsynced_bound);
+        let leader = sim.run_until_leader(300);
+        let follower = (1..=3).find(|&id| id != leader).unwrap_or_default();
+        // Until its leader hears that it holds the log, a follower gets one probe per
+        // heartbeat; after, it gets every append at once.
+        sim.propose(leader, entry(seed, usize::MAX));
+        for _ in 0..20 {
+            sim.step();
+        }
+        assert_eq!(
+            sim.committed(follower),
+            sim.committed(leader),
+            "seed {seed}"
+        );
+        sim.stalled_disks = vec![follower];
+        for n in 0..UNSYNCED_BOUND_ENTRIES * 3 {
+            sim.propose(leader, entry(seed, n));
+            sim.step();
+            let unsynced = sim.host(follower).with(|server| server.unsynced_bytes());
+            assert!(
+                unsynced <= ENTRY_BYTES * UNSYNCED_BOUND_ENTRIES + UNSYNCED_SLACK,
+                "seed {seed}: the follower holds {unsynced} unsynced bytes"
+            );
+        }
+        for _ in 0..20 {
+            sim.step();
+        }
+        assert_eq!(
+            sim.acked.len(),
+            UNSYNCED_BOUND_ENTRIES * 3 + 1,
+            "seed {seed}: the leader and the other follower commit on their own"
+        );
+        assert!(
+            sim.committed(follower) < sim.committed(leader),
+            "seed {seed}: the stalled follower cannot have committed everything"
+        );
+        sim.stalled_disks.clear();
+        sim.heal_and_verify();
     }
 }

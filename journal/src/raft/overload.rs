@@ -1,0 +1,79 @@
+//! A bound on the log writes a server holds in memory while its disk is slow.
+//!
+//! The driver never waits for the disk: while one fsync is in flight, every round after
+//! it joins one unsynced batch (docs/journal.md, "The ready loop"). A disk that hangs
+//! would let that batch grow without end, with every proposal a client makes and every
+//! append a leader sends, until memory runs out or raft-engine refuses the batch (over 2
+//! GiB) and the server fails. Past [`RaftConfig::max_unsynced_bytes`]:
+//!
+//! - proposals fail at once with [`StreamError::Overloaded`]: nothing was appended, so the
+//!   caller backs off and retries (a tablet server answers `Busy`);
+//! - peers' appends that carry entries are dropped. Raft allows losing any message; the
+//!   leader finds the gap from the next append's rejection, or from the heartbeat round,
+//!   and resends. Everything else (heartbeats and their answers, votes, read barriers)
+//!   still goes through, so a slow disk does not depose a leader whose peers are up.
+//!
+//! The bound counts what waits *behind* the fsync in flight; the round that fsync writes
+//! was under the bound when it was taken, so at most about twice the bound is held.
+//!
+//! [`RaftConfig::max_unsynced_bytes`]: super::RaftConfig::max_unsynced_bytes
+
+use luna_kernel::stream::StreamError;
+use raft::eraftpb::{Message, MessageType};
+
+use super::server::Server;
+
+impl Server {
+    /// Bytes of log writes not yet handed to an fsync: the rounds since the last one was
+    /// taken, and what was proposed since the last [`ready`](Self::ready).
+    pub fn unsynced_bytes(&self) -> usize {
+        self.unsynced.batch.approximate_size() + self.proposed_unready
+    }
+
+    /// The error a proposal gets while the unsynced writes are over their bound, if they
+    /// are. Logs when the server enters and leaves that state.
+    pub(super) fn overload(&mut self) -> Option<StreamError> {
+        let unsynced_bytes = self.unsynced_bytes();
+        let limit = self.config.max_unsynced_bytes;
+        let over = unsynced_bytes > limit;
+        if over != self.overloaded {
+            self.overloaded = over;
+            if over {
+                tracing::warn!(
+                    node = self.config.node_id,
+                    unsynced_bytes,
+                    limit,
+                    "the disk is behind: refusing proposals and dropping peers' appends"
+                );
+            } else {
+                tracing::info!(
+                    node = self.config.node_id,
+                    unsynced_bytes,
+                    "the disk caught up: taking proposals and appends again"
+                );
+            }
+        }
+        over.then_some(StreamError::Overloaded {
+            unsynced_bytes,
+            limit,
+        })
+    }
+
+    /// Whether `message`, from a peer, is an append with entries that must wait because
+    /// the unsynced writes are over their bound (its leader resends it).
+    pub(super) fn drops_peer_append(&mut self, stream_id: u64, message: &Message) -> bool {
+        if message.get_msg_type() != MessageType::MsgAppend || message.entries.is_empty() {
+            return false;
+        }
+        let dropped = self.overload().is_some();
+        if dropped {
+            tracing::debug!(
+                stream_id,
+                from = message.from,
+                index = message.index,
+                "dropping a peer's append until the disk catches up"
+            );
+        }
+        dropped
+    }
+}
