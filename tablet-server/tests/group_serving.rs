@@ -544,11 +544,10 @@ async fn multiplexed_commands_answer_like_unary_calls_and_stop_with_the_server()
     universe.stop().await;
 }
 
-/// A raft message no correct peer sends (a heartbeat whose commit is past the replica's
-/// log, which a replica whose disk was wiped also gets) panics inside raft-rs. The server's
-/// journal then reports the failure, and the server stops heartbeating, so that the master
-/// sees it gone and replaces its replicas instead of routing to a server that serves
-/// nothing.
+/// A heartbeat whose commit is past the replica's log (what a replica whose disk was wiped
+/// gets from its leader) shows the journal lost acknowledged entries, and fails it. The
+/// server then stops heartbeating, so that the master sees it gone and replaces its
+/// replicas instead of routing to a server that serves nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_server_whose_journal_fails_stops_heartbeating() {
     use luna_proto::journal::RaftBatch;
@@ -632,7 +631,7 @@ async fn a_server_whose_journal_fails_stops_heartbeating() {
     }
     assert!(silent, "the failed server kept heartbeating");
     let failure = target.failure_checker()().expect("the server says why it stopped");
-    assert!(failure.contains("panicked"), "{failure}");
+    assert!(failure.contains("the log was lost"), "{failure}");
     // Connections to the master hold it; a stopped universe lets go of its journal.
     drop((master, raft));
     universe.stop().await;

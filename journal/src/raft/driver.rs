@@ -118,6 +118,10 @@ pub(crate) enum Event {
     },
     /// Stop the driver: waiting operations fail with `Closed`.
     Stop,
+    /// Panic on the driver thread, for the tests of what a panic there does (no message
+    /// from a peer makes raft-rs panic any more, see `inbound.rs`).
+    #[cfg(test)]
+    Panic,
 }
 
 /// A running journal server: the raft replicas of many streams, their shared raft-engine,
@@ -240,8 +244,9 @@ impl Node {
                     runtime.run(driver.run(queue, syncer, purger));
                 }));
                 if let Err(panic) = ran {
-                    // raft-rs panics on some messages no correct peer sends (a commit past
-                    // this replica's log, which a replica whose disk was wiped also gets).
+                    // raft-rs panics where it finds its state inconsistent; what peers
+                    // send is checked before it sees it (`inbound.rs`), so a panic here
+                    // is a bug, ours or raft-rs's.
                     let why = panic
                         .downcast_ref::<String>()
                         .map(String::as_str)
@@ -360,6 +365,14 @@ impl Node {
             // A driver that panicked has stopped too, which is all shutdown waits for.
             let _ = tokio::task::spawn_blocking(move || driver.join()).await;
         }
+    }
+}
+
+#[cfg(test)]
+impl Node {
+    /// Makes the driver thread panic.
+    pub(super) fn inject_panic(&self) {
+        let _ = self.events.send(Event::Panic);
     }
 }
 
@@ -616,7 +629,9 @@ impl Driver {
                     .peer_bytes_queued
                     .fetch_sub(bytes, Ordering::Relaxed);
                 for message in &messages {
-                    self.server.step(from, message);
+                    if let Err(error) = self.server.step(from, message) {
+                        self.failed_with(error);
+                    }
                 }
             }
             Event::Propose {
@@ -708,6 +723,8 @@ impl Driver {
                 self.start_sync(syncer);
             }
             Event::Stop => return false,
+            #[cfg(test)]
+            Event::Panic => panic!("a panic the test asked for"),
         }
         true
     }

@@ -367,11 +367,11 @@ async fn handled_peer_messages_leave_the_inbox_bound() {
     node.shutdown().await;
 }
 
-/// A message raft-rs cannot take (a commit past this replica's log: no correct leader sends
-/// it, but a replica whose disk was wiped gets it) panics inside raft-rs. The node then
-/// says why it failed, so its server can step aside, and its streams are closed.
+/// A heartbeat whose commit is past this replica's log (its leader counted entries as
+/// durable here that the log no longer holds: a wiped directory) fails the node cleanly:
+/// it says why, so that its server can step aside, and its streams are closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_driver_that_panics_reports_the_failure() {
+async fn a_node_whose_log_was_lost_reports_the_failure() {
     use raft::eraftpb::{Message, MessageType};
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -387,7 +387,32 @@ async fn a_driver_that_panics_reports_the_failure() {
     heartbeat.commit = 1_000;
     let envelope = super::server::encode_envelope(STREAM, &heartbeat).expect("encode");
     assert!(node.inbox().deliver(2, vec![envelope]));
-    let failure = tokio::time::timeout(LIMIT, async {
+    let failure = reported_failure(&node).await;
+    assert!(failure.contains("the log was lost"), "{failure}");
+    assert!(matches!(
+        stream.append(Bytes::from_static(b"x")).await,
+        Err(StreamError::Corruption { .. })
+    ));
+}
+
+/// A panic on the driver thread (a bug, ours or raft-rs's) ends the node cleanly too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_that_panics_reports_the_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(config(1, &dir), MemNetwork::new().transport(1)).expect("node");
+    let stream = node.add_stream(STREAM, &[1]).await.expect("stream");
+    node.inject_panic();
+    let failure = reported_failure(&node).await;
+    assert!(failure.contains("panicked"), "{failure}");
+    assert!(matches!(
+        stream.append(Bytes::from_static(b"x")).await,
+        Err(StreamError::Closed)
+    ));
+}
+
+/// Waits until `node` reports why it failed.
+async fn reported_failure(node: &Node) -> String {
+    tokio::time::timeout(LIMIT, async {
         loop {
             if let Some(failure) = node.failure() {
                 return failure;
@@ -396,12 +421,7 @@ async fn a_driver_that_panics_reports_the_failure() {
         }
     })
     .await
-    .expect("the node reports its failure");
-    assert!(failure.contains("panicked"), "{failure}");
-    assert!(matches!(
-        stream.append(Bytes::from_static(b"x")).await,
-        Err(StreamError::Closed)
-    ));
+    .expect("the node reports its failure")
 }
 
 /// A bound on unsynced writes below one entry would refuse entries that are allowed.

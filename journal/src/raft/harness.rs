@@ -22,6 +22,7 @@ use super::{RaftConfig, Server, sync};
 mod admin_tests;
 mod core_tests;
 mod disk_stall_tests;
+mod garbage_tests;
 mod idle_tests;
 mod replay_tests;
 mod snapshot_tests;
@@ -284,8 +285,12 @@ impl Sim {
         for m in due {
             let cut = self.isolated.is_some_and(|i| i == m.from || i == m.to);
             if !cut && self.servers[m.to as usize - 1].is_some() {
-                self.host(m.to)
+                let failed = self
+                    .host(m.to)
                     .with(move |server| server.step(m.from, &m.bytes));
+                if let Err(error) = failed {
+                    panic!("seed {}: server {} failed: {error}", self.seed, m.to);
+                }
             }
         }
         for id in 1..=self.servers.len() as u64 {

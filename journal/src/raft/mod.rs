@@ -26,6 +26,7 @@ mod driver_tests;
 pub mod grpc;
 #[cfg(test)]
 mod harness;
+mod inbound;
 mod lease;
 mod logger;
 mod membership;

@@ -31,6 +31,7 @@ use raft::{RawNode, StateRole};
 use raft_engine::{Engine, LogBatch};
 use tokio::sync::{oneshot, watch};
 
+use super::inbound::{self, Inbound};
 use super::logger;
 use super::replica::{Published, Replica, Reply};
 use super::round::{SyncRound, WriteFailure, fsync_failed, write_synced};
@@ -425,23 +426,24 @@ impl Server {
         self.purge_if_due();
     }
 
-    /// Steps one message from peer server `from`. Garbage is logged and ignored: a peer
-    /// cannot crash or confuse a server by what it sends.
-    pub fn step(&mut self, from: u64, envelope: &Bytes) {
+    /// Steps one message from peer server `from`. Garbage is logged and ignored (see
+    /// `inbound.rs`). A heartbeat that shows this replica's log lost acknowledged entries
+    /// fails the server with [`StreamError::Corruption`], as a failed write does.
+    pub fn step(&mut self, from: u64, envelope: &Bytes) -> Result<(), StreamError> {
         let Some((stream_id, message)) = decode_envelope(envelope) else {
             tracing::warn!(
                 from,
                 len = envelope.len(),
                 "ignoring undecodable raft message"
             );
-            return;
+            return Ok(());
         };
         if message.from != from || message.to != self.config.node_id {
             tracing::warn!(from, stream_id, "ignoring misaddressed raft message");
-            return;
+            return Ok(());
         }
         if self.drops_peer_append(stream_id, &message) {
-            return;
+            return Ok(());
         }
         let Some(replica) = self.streams.get_mut(&stream_id) else {
             tracing::debug!(
@@ -449,7 +451,7 @@ impl Server {
                 stream_id,
                 "ignoring message for a stream not hosted here"
             );
-            return;
+            return Ok(());
         };
         let vote = matches!(
             message.get_msg_type(),
@@ -458,14 +460,25 @@ impl Server {
         self.touched.insert(stream_id);
         if vote && replica.refuses_votes(self.ticks) {
             tracing::debug!(from, stream_id, "refusing a vote right after a restart");
-            return;
+            return Ok(());
+        }
+        match inbound::check(&replica.node.raft, &message) {
+            Inbound::Step => {}
+            Inbound::Garbage(why) => {
+                tracing::warn!(from, stream_id, kind = ?message.get_msg_type(), why, "ignoring a peer's garbage");
+                return Ok(());
+            }
+            Inbound::LostLog { commit, last_index } => {
+                return Err(self.fail(Inbound::lost_log(stream_id, from, commit, last_index)));
+            }
         }
         let Some(message) = replica.defer_forwarded_read(message) else {
-            return;
+            return Ok(());
         };
         if let Err(e) = replica.node.step(message) {
             tracing::debug!(from, stream_id, error = %e, "raft rejected a message");
         }
+        Ok(())
     }
 }
 

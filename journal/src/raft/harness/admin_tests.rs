@@ -398,7 +398,7 @@ fn a_restarted_replica_refuses_votes_for_an_election_timeout() {
     let envelope = crate::raft::server::encode_envelope(STREAM, &request).expect("encode");
     // Every message the server sends to 2 after stepping the request, decoded.
     let answers = |server: &mut Server| -> Vec<MessageType> {
-        server.step(2, &envelope);
+        server.step(2, &envelope).expect("a pre-vote is stepped");
         let mut out = server.ready().expect("ready");
         if let Some(mut round) = server.take_sync() {
             out.extend(crate::raft::sync(&server.engine(), &mut round).expect("fsync"));

@@ -96,19 +96,21 @@ fn garbage_from_a_peer_is_ignored() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = Server::open(RaftConfig::new(1, dir.path())).expect("open");
     server.add_stream(STREAM, &[1, 2, 3]).expect("add");
-    server.step(2, &Bytes::new());
-    server.step(
-        2,
-        &Bytes::from_static(b"\x07\0\0\0\0\0\0\0garbage that is not protobuf"),
-    );
-    server.step(2, &Bytes::from_static(&[0xff; 64]));
+    let garbage = [
+        Bytes::new(),
+        Bytes::from_static(b"\x07\0\0\0\0\0\0\0garbage that is not protobuf"),
+        Bytes::from_static(&[0xff; 64]),
+    ];
+    for bytes in &garbage {
+        assert!(server.step(2, bytes).is_ok());
+    }
     let other = raft::eraftpb::Message {
         from: 3,
         to: 1,
         ..Default::default()
     };
     let envelope = crate::raft::server::encode_envelope(STREAM, &other).expect("encode");
-    server.step(2, &envelope);
+    assert!(server.step(2, &envelope).is_ok());
     assert!(server.ready().is_ok());
     assert_eq!(
         server.watch_leadership(STREAM).map(|w| w.borrow().term),
