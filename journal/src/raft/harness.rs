@@ -241,25 +241,32 @@ impl Sim {
 
     /// Runs ready rounds of server `id` until it has nothing left to do.
     fn drain(&mut self, id: u64) {
+        if let Err(error) = self.try_drain(id) {
+            panic!("seed {}: server {id} failed: {error}", self.seed);
+        }
+    }
+
+    /// [`drain`](Self::drain), which returns the error that failed the server, if one did.
+    fn try_drain(&mut self, id: u64) -> Result<(), StreamError> {
         for _ in 0..100 {
             // Rolled only when enabled, so other tests' seeds replay as before.
             let defer = (self.defer_sync_rate > 0.0 && self.rng.random_bool(self.defer_sync_rate))
                 || self.stalled_disks.contains(&id);
             let (out, more) = self.host(id).with(move |server| {
-                let mut out = server.ready().expect("ready");
+                let mut out = server.ready()?;
                 if defer {
-                    return (out, false);
+                    return Ok((out, false));
                 }
                 let Some(mut round) = server.take_sync() else {
-                    return (out, false);
+                    return Ok((out, false));
                 };
-                out.extend(sync(&server.engine(), &mut round).expect("fsync"));
+                out.extend(sync(&server.engine(), &mut round)?);
                 server.finish_sync(round);
-                (out, true)
-            });
+                Ok((out, true))
+            })?;
             self.send(id, out);
             if !more {
-                return;
+                return Ok(());
             }
         }
         panic!("seed {}: server {id} never quiesced", self.seed);

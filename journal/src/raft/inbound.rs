@@ -62,7 +62,7 @@ pub(super) fn check(raft: &Raft<EngineStorage>, message: &Message) -> Inbound {
         // raft-rs takes a message without a term as a local one; only a forwarded read
         // barrier travels without one.
         kind if message.term == 0 && kind != MsgReadIndex => Inbound::Garbage("no term"),
-        MsgAppend => check_append(raft, message),
+        MsgAppend => check_append(message),
         // The barrier's context travels as the one entry's data. A follower forwards a
         // barrier it gets to its leader as it came, and raft-rs panics when it sends one
         // with a term.
@@ -88,12 +88,10 @@ pub(super) fn check(raft: &Raft<EngineStorage>, message: &Message) -> Inbound {
     }
 }
 
-/// An append's entries follow its `index` one by one, in terms that never fall, from its
-/// `log_term` up to the message's term. And a leader holds every committed entry, so the
-/// term it gives for an index at or above this replica's commit index is at least this
-/// replica's term there (raft-rs's search for a conflict would otherwise walk past the
-/// compacted log and panic).
-fn check_append(raft: &Raft<EngineStorage>, message: &Message) -> Inbound {
+/// An append follows an entry of some term, and its entries follow its `index` one by one
+/// (raft-rs slices by their indexes), in terms that never fall, from its `log_term` up to
+/// the message's term.
+fn check_append(message: &Message) -> Inbound {
     // raft-rs gives every index outside the log term 0, so such an append would match
     // wherever it points and move the commit index past the log.
     if message.index > 0 && message.log_term == 0 {
@@ -108,13 +106,6 @@ fn check_append(raft: &Raft<EngineStorage>, message: &Message) -> Inbound {
             return Inbound::Garbage("entries with terms out of order");
         }
         term = entry.term;
-    }
-    let committed = raft.raft_log.committed;
-    if message.index >= committed
-        && let Ok(committed_term) = raft.raft_log.term(committed)
-        && message.log_term < committed_term
-    {
-        return Inbound::Garbage("a log term below a committed entry's");
     }
     Inbound::Step
 }
