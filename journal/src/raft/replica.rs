@@ -75,6 +75,9 @@ pub(crate) struct Replica {
     led_since: u64,
     /// The index of a snapshot from the leader that is staged but not yet durable.
     pub(super) installing: Option<u64>,
+    /// The server tick at which this replica was first seen not leading while appends it
+    /// took as leader still waited (see [`Replica::expire`]).
+    orphaned_since: Option<u64>,
     pub(crate) committed: watch::Sender<u64>,
     pub(crate) leadership: watch::Sender<Leadership>,
     pub(crate) membership: watch::Sender<Membership>,
@@ -95,6 +98,7 @@ impl Replica {
             stream_id,
             node,
             appends: BTreeMap::new(),
+            orphaned_since: None,
             reads: HashMap::new(),
             deferred_reads: Vec::new(),
             deferred_forwarded: Vec::new(),
@@ -361,6 +365,7 @@ impl Replica {
 
     /// Fails whatever waited longer than `timeout` ticks.
     pub(crate) fn expire(&mut self, now: u64, timeout: u64) {
+        self.expire_orphaned_appends(now, timeout);
         let expired: Vec<u64> = self
             .reads
             .iter()
@@ -399,6 +404,27 @@ impl Replica {
                 operation: "transfer_leader",
             });
             let _ = transfer.reply.send(Err(error));
+        }
+    }
+
+    /// Appends taken by a leader that lost its term are settled when the commit index
+    /// passes them: committed in the term they were proposed in, or overwritten. A former
+    /// leader cut off from the new one never learns which, so `timeout` ticks after it
+    /// stopped leading its appends fail with [`StreamError::Timeout`]: their outcome is
+    /// unknown (they may still commit), and the caller retries or asks the new leader.
+    fn expire_orphaned_appends(&mut self, now: u64, timeout: u64) {
+        if self.appends.is_empty() || self.node.raft.state == StateRole::Leader {
+            self.orphaned_since = None;
+            return;
+        }
+        let since = *self.orphaned_since.get_or_insert(now);
+        if now - since > timeout {
+            self.orphaned_since = None;
+            for (_, (_, reply)) in std::mem::take(&mut self.appends) {
+                let _ = reply.send(Err(StreamError::Timeout {
+                    operation: "append on a replica that stopped leading",
+                }));
+            }
         }
     }
 

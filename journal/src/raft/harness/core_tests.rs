@@ -172,3 +172,34 @@ fn a_commit_reaches_followers_with_the_next_heartbeat_not_a_broadcast() {
         assert_eq!(sim.committed(id), committed, "seed {seed}: follower {id}");
     }
 }
+
+/// A leader cut off from its peers takes an append it can no longer commit. It steps down
+/// (check_quorum) and never hears from the new leader, so it cannot tell whether the entry
+/// commits; the append fails as `Timeout` (outcome unknown) instead of waiting for the
+/// partition to heal.
+#[test]
+fn an_append_on_a_leader_that_was_cut_off_times_out() {
+    let election_tick = RaftConfig::new(1, "").election_tick as u64;
+    for seed in seeds(910..913) {
+        println!("orphaned_append: seed {seed}");
+        let mut sim = Sim::new(seed, 3);
+        let leader = sim.run_until_leader(300);
+        sim.isolated = Some(leader);
+        let mut answer = sim
+            .host(leader)
+            .with(|server| server.propose(STREAM, Bytes::from_static(b"cut off")));
+        for _ in 0..election_tick * 6 {
+            sim.step();
+        }
+        assert_ne!(
+            sim.leader(),
+            Some(leader),
+            "seed {seed}: the leader stepped down"
+        );
+        match answer.try_recv() {
+            Ok(Err(StreamError::Timeout { .. })) => {}
+            other => panic!("seed {seed}: the append was answered {other:?}"),
+        }
+        sim.heal_and_verify();
+    }
+}
