@@ -465,7 +465,8 @@ impl Server {
         match inbound::check(&replica.node.raft, &message) {
             Inbound::Step => {}
             Inbound::Garbage(why) => {
-                tracing::warn!(from, stream_id, kind = ?message.get_msg_type(), why, "ignoring a peer's garbage");
+                let kind = message.get_msg_type();
+                tracing::warn!(from, stream_id, ?kind, why, "ignoring a peer's garbage");
                 return Ok(());
             }
             Inbound::LostLog { commit, last_index } => {
