@@ -39,9 +39,8 @@ pub(crate) struct ServerMetrics {
     /// Per-group gauges, each with how a scrape reads its value off a sample.
     group_gauges: Vec<(IntGaugeVec, SampleValue)>,
     memory_bytes: IntGauge,
-    journal_fsyncs: IntGauge,
-    journal_peer_batches_dropped: IntGauge,
-    journal_peer_bytes_queued: IntGauge,
+    /// The journal's gauges, each with how a scrape reads its value off the node's stats.
+    journal_gauges: Vec<(IntGauge, JournalValue)>,
 }
 
 /// What a scrape reports about one group replica.
@@ -110,6 +109,43 @@ const GROUP_GAUGES: [(&str, &str, SampleValue); 10] = [
     ),
 ];
 
+/// Reads one gauge's value off the journal node's stats.
+type JournalValue = fn(&NodeStats) -> u64;
+
+/// Name, help and value of each journal gauge.
+const JOURNAL_GAUGES: [(&str, &str, JournalValue); 6] = [
+    (
+        "journal_fsyncs",
+        "fsyncs of the server's raft log since it started",
+        |j| j.fsyncs,
+    ),
+    (
+        "journal_peer_batches_dropped",
+        "Batches of peers' raft messages dropped since the server started, because its raft driver was too far behind on them",
+        |j| j.peer_batches_dropped,
+    ),
+    (
+        "journal_peer_bytes_queued",
+        "Bytes of peers' raft messages waiting for the server's raft driver",
+        |j| j.peer_bytes_queued as u64,
+    ),
+    (
+        "journal_unsynced_bytes",
+        "Bytes of raft log writes waiting behind the fsync in flight",
+        |j| j.unsynced_bytes as u64,
+    ),
+    (
+        "journal_proposals_refused",
+        "Proposals refused since the server started because its disk was behind (answered Busy)",
+        |j| j.proposals_refused,
+    ),
+    (
+        "journal_peer_appends_dropped",
+        "Peers' raft appends dropped since the server started because its disk was behind",
+        |j| j.peer_appends_dropped,
+    ),
+];
+
 fn gauge(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -173,25 +209,16 @@ impl ServerMetrics {
             group_gauges.push((gauges, value));
         }
         let memory_bytes = IntGauge::new("memstore_bytes", "MemStore memory of all tablets")?;
-        let journal_fsyncs = IntGauge::new(
-            "journal_fsyncs",
-            "fsyncs of the server's raft log since it started",
-        )?;
-        let journal_peer_batches_dropped = IntGauge::new(
-            "journal_peer_batches_dropped",
-            "Batches of peers' raft messages dropped since the server started, because its raft driver was too far behind on them",
-        )?;
-        let journal_peer_bytes_queued = IntGauge::new(
-            "journal_peer_bytes_queued",
-            "Bytes of peers' raft messages waiting for the server's raft driver",
-        )?;
-        registry.register(Box::new(journal_peer_batches_dropped.clone()))?;
-        registry.register(Box::new(journal_peer_bytes_queued.clone()))?;
+        let mut journal_gauges = Vec::with_capacity(JOURNAL_GAUGES.len());
+        for (name, help, value) in JOURNAL_GAUGES {
+            let gauge = IntGauge::new(name, help)?;
+            registry.register(Box::new(gauge.clone()))?;
+            journal_gauges.push((gauge, value));
+        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(flushes_recorded.clone()))?;
         registry.register(Box::new(memory_bytes.clone()))?;
-        registry.register(Box::new(journal_fsyncs.clone()))?;
         Ok(ServerMetrics {
             registry,
             requests,
@@ -203,9 +230,7 @@ impl ServerMetrics {
             batch_writes,
             group_gauges,
             memory_bytes,
-            journal_fsyncs,
-            journal_peer_batches_dropped,
-            journal_peer_bytes_queued,
+            journal_gauges,
         })
     }
 
@@ -233,11 +258,9 @@ impl ServerMetrics {
             }
         }
         self.memory_bytes.set(gauge(memory_bytes));
-        self.journal_fsyncs.set(gauge(journal.fsyncs));
-        self.journal_peer_batches_dropped
-            .set(gauge(journal.peer_batches_dropped));
-        self.journal_peer_bytes_queued
-            .set(gauge(journal.peer_bytes_queued as u64));
+        for (journal_gauge, value) in &self.journal_gauges {
+            journal_gauge.set(gauge(value(journal)));
+        }
         let mut out = Vec::new();
         if TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -279,12 +302,18 @@ mod tests {
                 rounds: 6,
                 peer_batches_dropped: 2,
                 peer_bytes_queued: 4096,
+                unsynced_bytes: 8192,
+                proposals_refused: 3,
+                peer_appends_dropped: 4,
             },
         );
         for line in [
             r#"luna_journal_fsyncs{server="7"} 5"#,
             r#"luna_journal_peer_batches_dropped{server="7"} 2"#,
             r#"luna_journal_peer_bytes_queued{server="7"} 4096"#,
+            r#"luna_journal_unsynced_bytes{server="7"} 8192"#,
+            r#"luna_journal_proposals_refused{server="7"} 3"#,
+            r#"luna_journal_peer_appends_dropped{server="7"} 4"#,
             r#"luna_tablet_requests_total{op="get",outcome="ok",server="7"} 1"#,
             r#"luna_group_is_leader{group="3",server="7"} 1"#,
             r#"luna_group_applied_index{group="3",server="7"} 10"#,

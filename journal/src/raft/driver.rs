@@ -150,6 +150,13 @@ pub struct NodeStats {
     pub peer_batches_dropped: u64,
     /// Bytes of peers' messages delivered and not yet handled (a gauge).
     pub peer_bytes_queued: usize,
+    /// Bytes of log writes waiting behind the fsync in flight (a gauge; see
+    /// [`RaftConfig::max_unsynced_bytes`](super::RaftConfig::max_unsynced_bytes)).
+    pub unsynced_bytes: usize,
+    /// Proposals refused with `StreamError::Overloaded` because the disk was behind.
+    pub proposals_refused: u64,
+    /// Peers' appends dropped because the disk was behind (their leaders resend them).
+    pub peer_appends_dropped: u64,
 }
 
 /// What a node's threads and its inbox share: the stats' counters, the peer bytes queued
@@ -161,6 +168,10 @@ pub(crate) struct Counters {
     /// Bytes of peers' messages delivered and not yet handled by the driver.
     pub(crate) peer_bytes_queued: AtomicUsize,
     pub(crate) peer_batches_dropped: AtomicU64,
+    /// The driver's copies of the server's overload figures, after each turn.
+    unsynced_bytes: AtomicUsize,
+    proposals_refused: AtomicU64,
+    peer_appends_dropped: AtomicU64,
     /// Why the node stopped working (its log failed, or its driver panicked), once it has.
     failure: Mutex<Option<String>>,
 }
@@ -290,6 +301,9 @@ impl Node {
             rounds: self.counters.rounds.load(Ordering::Relaxed),
             peer_batches_dropped: self.counters.peer_batches_dropped.load(Ordering::Relaxed),
             peer_bytes_queued: self.counters.peer_bytes_queued.load(Ordering::Relaxed),
+            unsynced_bytes: self.counters.unsynced_bytes.load(Ordering::Relaxed),
+            proposals_refused: self.counters.proposals_refused.load(Ordering::Relaxed),
+            peer_appends_dropped: self.counters.peer_appends_dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -599,6 +613,7 @@ impl Driver {
                 }
             }
             self.start_sync(&syncer);
+            self.publish_overload();
             // While events keep coming the loop never waits, and the transport's tasks on
             // this runtime (writing the turns' batches, reading peers') would run only when
             // tokio's budget forces a wait, up to 128 turns later. A yield lets the runtime
@@ -772,6 +787,21 @@ impl Driver {
     fn failed_with(&mut self, error: StreamError) {
         self.counters.record_failure(error.to_string());
         self.failed = Some(error);
+    }
+
+    /// Copies the server's overload figures where [`Node::stats`] reads them.
+    fn publish_overload(&self) {
+        let overload = self.server.overload_stats();
+        let counters = &self.counters;
+        counters
+            .unsynced_bytes
+            .store(overload.unsynced_bytes, Ordering::Relaxed);
+        counters
+            .proposals_refused
+            .store(overload.proposals_refused, Ordering::Relaxed);
+        counters
+            .peer_appends_dropped
+            .store(overload.peer_appends_dropped, Ordering::Relaxed);
     }
 
     /// Hands the rounds written since the last sync to the sync thread, unless one is there.

@@ -23,7 +23,26 @@ use raft::eraftpb::{Message, MessageType};
 
 use super::server::Server;
 
+/// What the bound did so far, and how close the server is to it.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct OverloadStats {
+    /// [`Server::unsynced_bytes`] now.
+    pub(crate) unsynced_bytes: usize,
+    /// Proposals refused with [`StreamError::Overloaded`].
+    pub(crate) proposals_refused: u64,
+    /// Peers' appends dropped.
+    pub(crate) peer_appends_dropped: u64,
+}
+
 impl Server {
+    /// The bound's figures, for [`NodeStats`](super::NodeStats).
+    pub(crate) fn overload_stats(&self) -> OverloadStats {
+        OverloadStats {
+            unsynced_bytes: self.unsynced_bytes(),
+            ..self.overload_counts
+        }
+    }
+
     /// Bytes of log writes not yet handed to an fsync: the rounds since the last one was
     /// taken, and what was proposed since the last [`ready`](Self::ready).
     pub fn unsynced_bytes(&self) -> usize {
@@ -67,6 +86,7 @@ impl Server {
         }
         let dropped = self.overload().is_some();
         if dropped {
+            self.overload_counts.peer_appends_dropped += 1;
             tracing::debug!(
                 stream_id,
                 from = message.from,

@@ -33,6 +33,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::inbound::{self, Inbound};
 use super::logger;
+use super::overload::OverloadStats;
 use super::replica::{Published, Replica, Reply};
 use super::round::{SyncRound, WriteFailure, fsync_failed, write_synced};
 use super::snapshot::{Purge, to_kernel};
@@ -136,6 +137,8 @@ pub struct Server {
     pub(super) proposed_unready: usize,
     /// Whether the last check found `unsynced` over its bound (to log the transitions).
     pub(super) overloaded: bool,
+    /// What the bound refused and dropped so far (`unsynced_bytes` unset).
+    pub(super) overload_counts: OverloadStats,
     pub(super) next_read_id: u64,
     pub(super) ticks: u64,
     pub(super) purge: Purge,
@@ -190,6 +193,7 @@ impl Server {
             unsynced: SyncRound::default(),
             proposed_unready: 0,
             overloaded: false,
+            overload_counts: OverloadStats::default(),
             next_read_id: first_read_id(),
             ticks: 0,
             purge: Purge::default(),
@@ -362,6 +366,7 @@ impl Server {
             // Not forwarded to the leader: the caller retries there, with the hint.
             Some(replica.not_leader())
         } else if let Some(overloaded) = overloaded {
+            self.overload_counts.proposals_refused += 1;
             Some(overloaded)
         } else {
             match replica.node.propose(Vec::new(), data.to_vec()) {

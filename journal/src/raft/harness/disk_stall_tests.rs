@@ -106,6 +106,10 @@ fn a_leader_whose_disk_hangs_refuses_proposals_past_its_bound() {
             refused >= UNSYNCED_BOUND_ENTRIES,
             "seed {seed}: only {refused} proposals were refused"
         );
+        let counted = sim
+            .host(leader)
+            .with(|server| server.overload_stats().proposals_refused);
+        assert_eq!(counted, refused as u64, "seed {seed}");
         assert_eq!(sim.leader(), Some(leader), "seed {seed}");
         sim.stalled_disks.clear();
         sim.step();
@@ -171,6 +175,10 @@ fn a_follower_whose_disk_hangs_drops_appends_past_its_bound_and_catches_up() {
             sim.committed(follower) < sim.committed(leader),
             "seed {seed}: the stalled follower cannot have committed everything"
         );
+        let dropped = sim
+            .host(follower)
+            .with(|server| server.overload_stats().peer_appends_dropped);
+        assert!(dropped > 0, "seed {seed}: the follower dropped nothing");
         sim.stalled_disks.clear();
         sim.heal_and_verify();
     }
