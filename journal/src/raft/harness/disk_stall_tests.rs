@@ -59,6 +59,16 @@ fn small_unsynced_bound(config: &mut RaftConfig) {
 /// round's hard state and bookkeeping.
 const UNSYNCED_SLACK: usize = 4 * ENTRY_BYTES;
 
+/// Checks that server `id` holds no more unsynced writes than its bound allows.
+fn assert_within_bound(sim: &Sim, id: u64) {
+    let unsynced = sim.host(id).with(|server| server.unsynced_bytes());
+    assert!(
+        unsynced <= ENTRY_BYTES * UNSYNCED_BOUND_ENTRIES + UNSYNCED_SLACK,
+        "seed {}: server {id} holds {unsynced} unsynced bytes",
+        sim.seed
+    );
+}
+
 fn entry(seed: u64, n: usize) -> Bytes {
     let mut data = format!("seed {seed} entry {n} ").into_bytes();
     data.resize(ENTRY_BYTES, b'.');
@@ -96,11 +106,7 @@ fn a_leader_whose_disk_hangs_refuses_proposals_past_its_bound() {
                 other => panic!("seed {seed}: proposal {n} answered {other:?}"),
             }
             sim.step();
-            let unsynced = sim.host(leader).with(|server| server.unsynced_bytes());
-            assert!(
-                unsynced <= ENTRY_BYTES * UNSYNCED_BOUND_ENTRIES + UNSYNCED_SLACK,
-                "seed {seed}: the leader holds {unsynced} unsynced bytes"
-            );
+            assert_within_bound(&sim, leader);
         }
         assert!(
             refused >= UNSYNCED_BOUND_ENTRIES,
@@ -157,11 +163,7 @@ fn a_follower_whose_disk_hangs_drops_appends_past_its_bound_and_catches_up() {
         for n in 0..UNSYNCED_BOUND_ENTRIES * 3 {
             sim.propose(leader, entry(seed, n));
             sim.step();
-            let unsynced = sim.host(follower).with(|server| server.unsynced_bytes());
-            assert!(
-                unsynced <= ENTRY_BYTES * UNSYNCED_BOUND_ENTRIES + UNSYNCED_SLACK,
-                "seed {seed}: the follower holds {unsynced} unsynced bytes"
-            );
+            assert_within_bound(&sim, follower);
         }
         for _ in 0..20 {
             sim.step();
