@@ -44,9 +44,10 @@ impl Server {
     }
 
     /// Bytes of log writes not yet handed to an fsync: the rounds since the last one was
-    /// taken, and what was proposed since the last [`ready`](Self::ready).
+    /// taken, and the entries proposed or appended by peers since the last
+    /// [`ready`](Self::ready) (a turn may take many before its round).
     pub fn unsynced_bytes(&self) -> usize {
-        self.unsynced.batch.approximate_size() + self.proposed_unready
+        self.unsynced.batch.approximate_size() + self.taken_unready
     }
 
     /// The error a proposal gets while the unsynced writes are over their bound, if they
@@ -79,12 +80,16 @@ impl Server {
     }
 
     /// Whether `message`, from a peer, is an append with entries that must wait because
-    /// the unsynced writes are over their bound (its leader resends it).
+    /// the unsynced writes are over their bound (its leader resends it). An append that
+    /// may go on counts towards the bound at once.
     pub(super) fn drops_peer_append(&mut self, stream_id: u64, message: &Message) -> bool {
         if message.get_msg_type() != MessageType::MsgAppend || message.entries.is_empty() {
             return false;
         }
         let dropped = self.overload().is_some();
+        if !dropped {
+            self.taken_unready += message.entries.iter().map(|e| e.data.len()).sum::<usize>();
+        }
         if dropped {
             self.overload_counts.peer_appends_dropped += 1;
             tracing::debug!(

@@ -62,7 +62,7 @@ impl Server {
         let mut applied = Vec::new();
         // Every stream proposed to is touched, so this round moves what they took into the
         // batch.
-        self.proposed_unready = 0;
+        self.taken_unready = 0;
         for stream_id in std::mem::take(&mut self.touched) {
             let Some(replica) = self.streams.get_mut(&stream_id) else {
                 continue;

@@ -133,8 +133,9 @@ pub struct Server {
     pub(super) removing: BTreeSet<u64>,
     logger: slog::Logger,
     pub(super) unsynced: SyncRound,
-    /// Bytes proposed since the last [`ready`](Self::ready), which will join `unsynced`.
-    pub(super) proposed_unready: usize,
+    /// Entry bytes taken since the last [`ready`](Self::ready), proposed here or appended
+    /// by peers, which will join `unsynced`.
+    pub(super) taken_unready: usize,
     /// Whether the last check found `unsynced` over its bound (to log the transitions).
     pub(super) overloaded: bool,
     /// What the bound refused and dropped so far (`unsynced_bytes` unset).
@@ -191,7 +192,7 @@ impl Server {
             touched: BTreeSet::new(),
             removing: BTreeSet::new(),
             unsynced: SyncRound::default(),
-            proposed_unready: 0,
+            taken_unready: 0,
             overloaded: false,
             overload_counts: OverloadStats::default(),
             next_read_id: first_read_id(),
@@ -371,7 +372,7 @@ impl Server {
         } else {
             match replica.node.propose(Vec::new(), data.to_vec()) {
                 Ok(()) => {
-                    self.proposed_unready += data.len();
+                    self.taken_unready += data.len();
                     let index = replica.node.raft.raft_log.last_index();
                     replica
                         .appends

@@ -279,6 +279,9 @@ fn each_kind_of_garbage_is_told_from_a_plausible_message() {
     ]
     .into();
     assert_eq!(verdict(&sim, follower, append.clone()), Inbound::Step);
+    let mut probe = append.clone();
+    probe.entries.clear();
+    assert_eq!(verdict(&sim, follower, probe), Inbound::Step);
     let mut gap = append.clone();
     gap.entries[1].index += 1;
     assert!(garbage(&sim, follower, gap));
@@ -378,6 +381,14 @@ fn each_kind_of_garbage_is_told_from_a_plausible_message() {
         follower,
         snapshot(index, term, learner_next_not_outgoing)
     ));
+    let mut joint = voters(vec![1, 2, 3], vec![5]);
+    joint.voters_outgoing = vec![1, 2, 4];
+    joint.learners_next = vec![4];
+    joint.auto_leave = true;
+    assert_eq!(
+        verdict(&sim, follower, snapshot(index, term, joint)),
+        Inbound::Step
+    );
     let mut auto_leave_not_joint = voters(vec![1, 2, 3], vec![]);
     auto_leave_not_joint.auto_leave = true;
     assert!(garbage(
@@ -398,6 +409,11 @@ fn each_kind_of_garbage_is_told_from_a_plausible_message() {
     assert!(garbage(&sim, leader, with_term));
     barrier.entries.clear();
     assert!(garbage(&sim, leader, barrier));
+    let mut answer = from_leader(MessageType::MsgReadIndexResp);
+    answer.entries = vec![entry(0, 0)].into();
+    assert_eq!(verdict(&sim, follower, answer.clone()), Inbound::Step);
+    answer.entries.clear();
+    assert!(garbage(&sim, follower, answer));
 
     // Leader transfers start on the leader, never forwarded.
     let mut transfer = from_leader(MessageType::MsgTransferLeader);
