@@ -3,6 +3,8 @@
 //!
 //! Each pass (every `placement_interval`) takes at most one step, in this order:
 //!
+//! 0. **Leaders off slow disks.** A group whose preferred leader's journal reports its disk
+//!    behind (it refuses writes) gets another replica as preferred leader.
 //! 1. **Repair.** A replica on a server silent for longer than `repair_after` moves to a
 //!    live server; so does the target of a move under way once it is that silent (the move
 //!    is retargeted).
@@ -60,6 +62,9 @@ pub(crate) struct Liveness {
     pub lost: BTreeSet<u64>,
     /// Reads and writes per second by group, from its leader's last report.
     pub group_load: BTreeMap<u64, u64>,
+    /// Servers whose journal's disk is behind (their last heartbeat said so): they refuse
+    /// writes, so they should not lead.
+    pub disk_behind: BTreeSet<u64>,
 }
 
 /// Leadership moves for load only when the busiest server's leader load is over twice the
@@ -103,6 +108,12 @@ pub(crate) fn next_step(state: &State, live: &Liveness, max_moves: usize) -> Opt
             });
         }
     }
+    // Leaders leave a server whose disk is behind before anything else is balanced: until
+    // they do, the groups it leads refuse writes.
+    let leader_targets: BTreeSet<u64> = targets.difference(&live.disk_behind).copied().collect();
+    if let Some(step) = evict_leaders(state, live, &leader_targets) {
+        return Some(step);
+    }
     if moving < max_moves {
         for (reason, servers) in [("repair", &live.lost), ("drain", &draining)] {
             for group in state.groups.values().filter(|g| g.moving.is_none()) {
@@ -123,7 +134,25 @@ pub(crate) fn next_step(state: &State, live: &Liveness, max_moves: usize) -> Opt
             return Some(step);
         }
     }
-    balance_leaders(state, live, &targets).or_else(|| balance_leader_load(state, live, &targets))
+    balance_leaders(state, live, &leader_targets)
+        .or_else(|| balance_leader_load(state, live, &leader_targets))
+}
+
+/// Hands the preferred leadership of a group whose preferred leader's disk is behind to
+/// another of its replicas among `targets` (live, not draining, disk not behind). Groups an
+/// operator pinned keep their leader.
+fn evict_leaders(state: &State, live: &Liveness, targets: &BTreeSet<u64>) -> Option<Step> {
+    state.groups.values().find_map(|group| {
+        let &first = group.replicas.first()?;
+        if group.leader_pinned || !live.disk_behind.contains(&first) || !healthy(group, live) {
+            return None;
+        }
+        let &to = group.replicas.iter().find(|s| targets.contains(s))?;
+        Some(Step::Prefer {
+            group_id: group.id,
+            server_id: to,
+        })
+    })
 }
 
 /// How many groups each of `servers` counts for, by `counts_for(group, server)`.
@@ -304,6 +333,7 @@ impl Core {
                     .filter(|&s| !registry.is_alive(s, now, self.config.repair_after))
                     .collect(),
                 group_load: registry.group_loads(),
+                disk_behind: registry.disks_behind(),
             };
             let healthy_groups: BTreeSet<u64> = state
                 .groups

@@ -34,6 +34,7 @@ fn live(alive: &[u64], lost: &[u64]) -> Liveness {
         alive: alive.iter().copied().collect(),
         lost: lost.iter().copied().collect(),
         group_load: BTreeMap::new(),
+        disk_behind: BTreeSet::new(),
     }
 }
 
@@ -152,6 +153,54 @@ fn replicas_and_leaders_are_balanced_across_live_servers() {
         group.leader_pinned = true;
     }
     assert_eq!(next_step(&state, &live(&[1, 2, 3], &[]), 2), None);
+}
+
+/// A server whose disk is behind refuses writes in the groups it leads: their preferred
+/// leadership goes, one group per step, to a replica whose disk keeps up, before replicas
+/// are balanced, and leader balancing gives it none back until its disk catches up.
+#[test]
+fn a_server_whose_disk_is_behind_hands_its_leaderships_away() {
+    // Server 4 has no replica, so replicas are unbalanced too: eviction comes first.
+    let mut state = state(4, &[&[1, 2, 3], &[2, 1, 3], &[3, 1, 2], &[1, 3, 2]]);
+    let mut live = live(&[1, 2, 3, 4], &[]);
+    live.disk_behind = [1].into();
+    let mut evicted = Vec::new();
+    while let Some(Step::Prefer {
+        group_id,
+        server_id,
+    }) = next_step(&state, &live, 2)
+    {
+        assert_ne!(server_id, 1);
+        let group = state.groups.get_mut(&group_id).expect("group");
+        group.replicas.retain(|&s| s != server_id);
+        group.replicas.insert(0, server_id);
+        evicted.push(group_id);
+        assert!(evicted.len() <= 2, "evicted {evicted:?}");
+    }
+    assert_eq!(evicted, [100, 103]);
+    assert!(matches!(
+        next_step(&state, &live, 2),
+        Some(Step::Move { to: 4, .. })
+    ));
+    // Then replicas are balanced (server 4 gets one). Server 1 leads nothing now; leader
+    // balancing would give it a group, but not while its disk is behind.
+    assert_eq!(next_step(&state, &live, 0), None);
+    live.disk_behind.clear();
+    assert_eq!(
+        next_step(&state, &live, 0),
+        Some(Step::Prefer {
+            group_id: 100,
+            server_id: 1
+        })
+    );
+    // An operator's pin keeps the leader even on a slow disk.
+    let mut state = self::state(3, &[&[1, 2, 3]]);
+    if let Some(group) = state.groups.get_mut(&100) {
+        group.leader_pinned = true;
+    }
+    let mut live = self::live(&[1, 2, 3], &[]);
+    live.disk_behind = [1].into();
+    assert_eq!(next_step(&state, &live, 2), None);
 }
 
 #[test]

@@ -53,6 +53,11 @@ impl Hosting {
         self.node.partition().clone()
     }
 
+    /// Whether the journal's disk is behind: it refuses writes until it catches up.
+    pub(crate) fn disk_behind(&self) -> bool {
+        self.node.node().stats().disk_behind
+    }
+
     /// Why the server's journal stopped working, if it has (see `Node::failure`).
     pub(crate) fn journal_failure(&self) -> Option<String> {
         self.node.node().failure()

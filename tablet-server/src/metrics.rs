@@ -113,7 +113,7 @@ const GROUP_GAUGES: [(&str, &str, SampleValue); 10] = [
 type JournalValue = fn(&NodeStats) -> u64;
 
 /// Name, help and value of each journal gauge.
-const JOURNAL_GAUGES: [(&str, &str, JournalValue); 6] = [
+const JOURNAL_GAUGES: [(&str, &str, JournalValue); 7] = [
     (
         "journal_fsyncs",
         "fsyncs of the server's raft log since it started",
@@ -143,6 +143,11 @@ const JOURNAL_GAUGES: [(&str, &str, JournalValue); 6] = [
         "journal_peer_appends_dropped",
         "Peers' raft appends dropped since the server started because its disk was behind",
         |j| j.peer_appends_dropped,
+    ),
+    (
+        "journal_disk_behind",
+        "1 while the journal's unsynced writes are over their bound: the server refuses writes, and the master moves its leaderships away",
+        |j| u64::from(j.disk_behind),
     ),
 ];
 
@@ -305,6 +310,7 @@ mod tests {
                 unsynced_bytes: 8192,
                 proposals_refused: 3,
                 peer_appends_dropped: 4,
+                disk_behind: true,
             },
         );
         for line in [
@@ -314,6 +320,7 @@ mod tests {
             r#"luna_journal_unsynced_bytes{server="7"} 8192"#,
             r#"luna_journal_proposals_refused{server="7"} 3"#,
             r#"luna_journal_peer_appends_dropped{server="7"} 4"#,
+            r#"luna_journal_disk_behind{server="7"} 1"#,
             r#"luna_tablet_requests_total{op="get",outcome="ok",server="7"} 1"#,
             r#"luna_group_is_leader{group="3",server="7"} 1"#,
             r#"luna_group_applied_index{group="3",server="7"} 10"#,

@@ -195,21 +195,19 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr> {
         .map_err(|source| TabletServerError::io("reading a listener's address", source))
 }
 
+/// A heartbeat that says who this server is and where it listens, and nothing else.
 fn heartbeat_request(
     config: &TabletServerConfig,
     server_id: u64,
     addr: SocketAddr,
     raft_addr: SocketAddr,
-    groups: Vec<mpb::GroupReport>,
-    memory_bytes: u64,
 ) -> mpb::HeartbeatRequest {
     mpb::HeartbeatRequest {
         server_id,
         addr: addr.to_string(),
         raft_addr: raft_addr.to_string(),
         http_addr: config.http_addr.clone(),
-        groups,
-        memory_bytes,
+        ..Default::default()
     }
 }
 
@@ -224,14 +222,7 @@ async fn register(
 ) -> Result<mpb::HeartbeatResponse> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let request = heartbeat_request(
-            config,
-            known_id.unwrap_or(0),
-            addr,
-            raft_addr,
-            Vec::new(),
-            0,
-        );
+        let request = heartbeat_request(config, known_id.unwrap_or(0), addr, raft_addr);
         match master.heartbeat(&request).await {
             Ok(response) => return Ok(response),
             Err(status) if status.code() == tonic::Code::FailedPrecondition => {
@@ -270,15 +261,12 @@ async fn heartbeat_loop(
             );
             return;
         }
-        let memory = hosting.context().budget.used() as u64;
-        let request = heartbeat_request(
-            &config,
-            hosting.server_id(),
-            addr,
-            raft_addr,
-            hosting.report(),
-            memory,
-        );
+        let request = mpb::HeartbeatRequest {
+            groups: hosting.report(),
+            memory_bytes: hosting.context().budget.used() as u64,
+            disk_behind: hosting.disk_behind(),
+            ..heartbeat_request(&config, hosting.server_id(), addr, raft_addr)
+        };
         match master.heartbeat(&request).await {
             Ok(response) => hosting.apply_assignment(&response).await,
             Err(status) => {

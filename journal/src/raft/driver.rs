@@ -24,7 +24,7 @@
 //!    everything that queued meanwhile.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -157,6 +157,9 @@ pub struct NodeStats {
     pub proposals_refused: u64,
     /// Peers' appends dropped because the disk was behind (their leaders resend them).
     pub peer_appends_dropped: u64,
+    /// Whether `unsynced_bytes` is over the bound now: the disk is behind, and the node
+    /// refuses proposals.
+    pub disk_behind: bool,
 }
 
 /// What a node's threads and its inbox share: the stats' counters, the peer bytes queued
@@ -172,6 +175,7 @@ pub(crate) struct Counters {
     unsynced_bytes: AtomicUsize,
     proposals_refused: AtomicU64,
     peer_appends_dropped: AtomicU64,
+    disk_behind: AtomicBool,
     /// Why the node stopped working (its log failed, or its driver panicked), once it has.
     failure: Mutex<Option<String>>,
 }
@@ -304,6 +308,7 @@ impl Node {
             unsynced_bytes: self.counters.unsynced_bytes.load(Ordering::Relaxed),
             proposals_refused: self.counters.proposals_refused.load(Ordering::Relaxed),
             peer_appends_dropped: self.counters.peer_appends_dropped.load(Ordering::Relaxed),
+            disk_behind: self.counters.disk_behind.load(Ordering::Relaxed),
         }
     }
 
@@ -802,6 +807,9 @@ impl Driver {
         counters
             .peer_appends_dropped
             .store(overload.peer_appends_dropped, Ordering::Relaxed);
+        counters
+            .disk_behind
+            .store(overload.over_bound, Ordering::Relaxed);
     }
 
     /// Hands the rounds written since the last sync to the sync thread, unless one is there.

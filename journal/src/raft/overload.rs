@@ -28,6 +28,8 @@ use super::server::Server;
 pub(crate) struct OverloadStats {
     /// [`Server::unsynced_bytes`] now.
     pub(crate) unsynced_bytes: usize,
+    /// Whether they are over the bound now.
+    pub(crate) over_bound: bool,
     /// Proposals refused with [`StreamError::Overloaded`].
     pub(crate) proposals_refused: u64,
     /// Peers' appends dropped.
@@ -37,8 +39,10 @@ pub(crate) struct OverloadStats {
 impl Server {
     /// The bound's figures, for [`NodeStats`](super::NodeStats).
     pub(crate) fn overload_stats(&self) -> OverloadStats {
+        let unsynced_bytes = self.unsynced_bytes();
         OverloadStats {
-            unsynced_bytes: self.unsynced_bytes(),
+            unsynced_bytes,
+            over_bound: unsynced_bytes > self.config.max_unsynced_bytes,
             ..self.overload_counts
         }
     }

@@ -5,7 +5,7 @@
 //! restart or failover, and persisting it would write the log on every heartbeat. Times are
 //! passed in (monotonic [`Instant`]s) so liveness is testable without sleeping.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use luna_proto::master::HeartbeatRequest;
@@ -22,6 +22,8 @@ pub(crate) struct GroupLeader {
 #[derive(Debug, Clone)]
 struct Seen {
     at: Instant,
+    /// The server's last heartbeat said its journal's disk is behind.
+    disk_behind: bool,
 }
 
 /// A group's journal membership and load, as its leader last reported them.
@@ -65,7 +67,13 @@ impl Registry {
         request: &HeartbeatRequest,
         is_replica: impl Fn(u64) -> bool,
     ) -> bool {
-        self.seen.insert(server_id, Seen { at: now });
+        self.seen.insert(
+            server_id,
+            Seen {
+                at: now,
+                disk_behind: request.disk_behind,
+            },
+        );
         let mut changed = false;
         for report in &request.groups {
             if !is_replica(report.group_id) {
@@ -147,7 +155,15 @@ impl Registry {
     /// unknown; heartbeats report them within an interval.
     pub fn assume_alive(servers: impl Iterator<Item = u64>, now: Instant) -> Registry {
         Registry {
-            seen: servers.map(|id| (id, Seen { at: now })).collect(),
+            seen: servers
+                .map(|id| {
+                    let seen = Seen {
+                        at: now,
+                        disk_behind: false,
+                    };
+                    (id, seen)
+                })
+                .collect(),
             ..Registry::default()
         }
     }
@@ -173,6 +189,15 @@ impl Registry {
         alive
     }
 
+    /// The servers whose last heartbeat said their journal's disk is behind.
+    pub fn disks_behind(&self) -> BTreeSet<u64> {
+        self.seen
+            .iter()
+            .filter(|(_, seen)| seen.disk_behind)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// Milliseconds since the last heartbeat of `server_id`; `u64::MAX` if none since this
     /// master started.
     pub fn last_heartbeat_ago_ms(&self, server_id: u64, now: Instant) -> u64 {
@@ -181,7 +206,6 @@ impl Registry {
         })
     }
 
-    /// Each group's reads and writes per second, as its leader last reported them.
     /// Tablet `tablet_id`'s size and load as its group leader last reported them.
     pub fn tablet_stats(&self, tablet_id: u64) -> TabletStats {
         self.tablet_stats
@@ -190,6 +214,7 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Each group's reads and writes per second, as its leader last reported them.
     pub fn group_loads(&self) -> BTreeMap<u64, u64> {
         self.memberships
             .iter()
@@ -388,5 +413,21 @@ mod tests {
         registry.record(1, now, &floor(2, true, 2, 70), |_| true);
         assert_eq!(registry.lock_floor([1, 2].into_iter()), 50);
         assert_eq!(registry.lock_floor(std::iter::empty()), 0);
+    }
+
+    /// A server's disk is behind for as long as its latest heartbeat says so.
+    #[test]
+    fn a_disk_is_behind_while_the_last_heartbeat_says_so() {
+        let mut registry = Registry::default();
+        let now = Instant::now();
+        let behind = HeartbeatRequest {
+            disk_behind: true,
+            ..HeartbeatRequest::default()
+        };
+        registry.record(1, now, &behind, |_| true);
+        registry.record(2, now, &HeartbeatRequest::default(), |_| true);
+        assert_eq!(registry.disks_behind(), [1].into());
+        registry.record(1, now, &HeartbeatRequest::default(), |_| true);
+        assert!(registry.disks_behind().is_empty());
     }
 }

@@ -112,10 +112,9 @@ fn a_leader_whose_disk_hangs_refuses_proposals_past_its_bound() {
             refused >= UNSYNCED_BOUND_ENTRIES,
             "seed {seed}: only {refused} proposals were refused"
         );
-        let counted = sim
-            .host(leader)
-            .with(|server| server.overload_stats().proposals_refused);
-        assert_eq!(counted, refused as u64, "seed {seed}");
+        let stats = sim.host(leader).with(|server| server.overload_stats());
+        assert_eq!(stats.proposals_refused, refused as u64, "seed {seed}");
+        assert!(stats.over_bound, "seed {seed}: the disk is behind");
         assert_eq!(sim.leader(), Some(leader), "seed {seed}");
         sim.stalled_disks.clear();
         sim.step();
@@ -129,6 +128,8 @@ fn a_leader_whose_disk_hangs_refuses_proposals_past_its_bound() {
         );
         sim.appends.push((answer, entry(seed, usize::MAX)));
         sim.heal_and_verify();
+        let stats = sim.host(leader).with(|server| server.overload_stats());
+        assert!(!stats.over_bound, "seed {seed}: the disk caught up");
         assert!(
             sim.acked
                 .values()
