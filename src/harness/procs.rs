@@ -129,3 +129,32 @@ pub fn free_addr() -> Result<String, CliError> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Ports come from below the kernel's ephemeral range, where no outgoing connection
+    /// takes one between the probe and the bind, and are never handed out twice.
+    #[test]
+    fn free_ports_avoid_the_ephemeral_range_and_repeats() {
+        let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768);
+        let mut seen = BTreeSet::new();
+        for _ in 0..50 {
+            let addr = free_addr().expect("a free port");
+            let port: u16 = addr
+                .rsplit(':')
+                .next()
+                .and_then(|port| port.parse().ok())
+                .expect("a port");
+            assert!(port < ephemeral_low, "{port}");
+            assert!(seen.insert(port), "{port} handed out twice");
+            assert!(std::net::TcpListener::bind(addr.as_str()).is_ok(), "{addr}");
+        }
+    }
+}
