@@ -24,7 +24,7 @@
 //!    everything that queued meanwhile.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -35,6 +35,7 @@ use raft_engine::Engine;
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::{mpsc, oneshot};
 
+use super::overload::OverloadStats;
 use super::replica::{AdminReply, Reply};
 use super::round::{SyncRound, sync};
 use super::server::{RaftConfig, Server};
@@ -171,11 +172,8 @@ pub(crate) struct Counters {
     /// Bytes of peers' messages delivered and not yet handled by the driver.
     pub(crate) peer_bytes_queued: AtomicUsize,
     pub(crate) peer_batches_dropped: AtomicU64,
-    /// The driver's copies of the server's overload figures, after each turn.
-    unsynced_bytes: AtomicUsize,
-    proposals_refused: AtomicU64,
-    peer_appends_dropped: AtomicU64,
-    disk_behind: AtomicBool,
+    /// The driver's copy of the server's overload figures, after each turn.
+    overload: Mutex<OverloadStats>,
     /// Why the node stopped working (its log failed, or its driver panicked), once it has.
     failure: Mutex<Option<String>>,
 }
@@ -300,15 +298,20 @@ impl Node {
 
     /// Counters since the node started.
     pub fn stats(&self) -> NodeStats {
+        let overload = *self
+            .counters
+            .overload
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         NodeStats {
             fsyncs: self.counters.fsyncs.load(Ordering::Relaxed),
             rounds: self.counters.rounds.load(Ordering::Relaxed),
             peer_batches_dropped: self.counters.peer_batches_dropped.load(Ordering::Relaxed),
             peer_bytes_queued: self.counters.peer_bytes_queued.load(Ordering::Relaxed),
-            unsynced_bytes: self.counters.unsynced_bytes.load(Ordering::Relaxed),
-            proposals_refused: self.counters.proposals_refused.load(Ordering::Relaxed),
-            peer_appends_dropped: self.counters.peer_appends_dropped.load(Ordering::Relaxed),
-            disk_behind: self.counters.disk_behind.load(Ordering::Relaxed),
+            unsynced_bytes: overload.unsynced_bytes,
+            proposals_refused: overload.proposals_refused,
+            peer_appends_dropped: overload.peer_appends_dropped,
+            disk_behind: overload.over_bound,
         }
     }
 
@@ -796,20 +799,11 @@ impl Driver {
 
     /// Copies the server's overload figures where [`Node::stats`] reads them.
     fn publish_overload(&self) {
-        let overload = self.server.overload_stats();
-        let counters = &self.counters;
-        counters
-            .unsynced_bytes
-            .store(overload.unsynced_bytes, Ordering::Relaxed);
-        counters
-            .proposals_refused
-            .store(overload.proposals_refused, Ordering::Relaxed);
-        counters
-            .peer_appends_dropped
-            .store(overload.peer_appends_dropped, Ordering::Relaxed);
-        counters
-            .disk_behind
-            .store(overload.over_bound, Ordering::Relaxed);
+        *self
+            .counters
+            .overload
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = self.server.overload_stats();
     }
 
     /// Hands the rounds written since the last sync to the sync thread, unless one is there.
