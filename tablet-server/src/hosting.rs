@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use luna_journal::raft::grpc::GrpcNode;
 use luna_kernel::stream::Stream;
@@ -13,6 +13,12 @@ use luna_proto::master as mpb;
 use crate::error::{Result, TabletServerError};
 use crate::group::{Group, GroupContext, Hosted, Sealed};
 use crate::metrics::GroupSample;
+
+/// How long heartbeats keep saying the disk is behind after the journal last found it
+/// so. Once its leaders have gone, a server takes fewer writes and its backlog shrinks;
+/// without the hold, it would report a disk that keeps up, get leaderships back from
+/// balancing, fall behind again, and so on.
+const DISK_BEHIND_HOLD: Duration = Duration::from_secs(60);
 
 /// When the previous heartbeat report was made, and each tablet's (reads, writes) then.
 struct LastReport {
@@ -29,6 +35,8 @@ pub(crate) struct Hosting {
     reconciling: std::sync::Mutex<std::collections::HashSet<u64>>,
     /// Request counters at the previous report, for rates.
     last_report: std::sync::Mutex<LastReport>,
+    /// When the journal last said its disk was behind.
+    last_behind: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Hosting {
@@ -42,6 +50,7 @@ impl Hosting {
                 at: Instant::now(),
                 counters: HashMap::new(),
             }),
+            last_behind: std::sync::Mutex::new(None),
         }
     }
 
@@ -53,9 +62,17 @@ impl Hosting {
         self.node.partition().clone()
     }
 
-    /// Whether the journal's disk is behind: it refuses writes until it catches up.
+    /// Whether the journal's disk is behind (it refuses writes until it catches up), or
+    /// was within [`DISK_BEHIND_HOLD`].
     pub(crate) fn disk_behind(&self) -> bool {
-        self.node.node().stats().disk_behind
+        let now = Instant::now();
+        let Ok(mut last_behind) = self.last_behind.lock() else {
+            return false;
+        };
+        if self.node.node().stats().disk_behind {
+            *last_behind = Some(now);
+        }
+        held(*last_behind, now, DISK_BEHIND_HOLD)
     }
 
     /// Why the server's journal stopped working, if it has (see `Node::failure`).
@@ -308,4 +325,24 @@ impl Hosting {
 
 fn rate(count: u64, seconds: f64) -> u64 {
     (count as f64 / seconds).round() as u64
+}
+
+/// Whether `last` happened within `hold` before `now`.
+fn held(last: Option<Instant>, now: Instant, hold: Duration) -> bool {
+    last.is_some_and(|last| now.saturating_duration_since(last) < hold)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_that_was_behind_is_reported_for_the_hold() {
+        let now = Instant::now() + DISK_BEHIND_HOLD * 2;
+        let ago = |seconds: u64| now.checked_sub(Duration::from_secs(seconds));
+        assert!(!held(None, now, DISK_BEHIND_HOLD));
+        assert!(held(ago(0), now, DISK_BEHIND_HOLD));
+        assert!(held(ago(59), now, DISK_BEHIND_HOLD));
+        assert!(!held(ago(60), now, DISK_BEHIND_HOLD));
+    }
 }
