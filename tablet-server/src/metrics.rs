@@ -113,11 +113,16 @@ const GROUP_GAUGES: [(&str, &str, SampleValue); 10] = [
 type JournalValue = fn(&NodeStats) -> u64;
 
 /// Name, help and value of each journal gauge.
-const JOURNAL_GAUGES: [(&str, &str, JournalValue); 7] = [
+const JOURNAL_GAUGES: [(&str, &str, JournalValue); 8] = [
     (
         "journal_fsyncs",
         "fsyncs of the server's raft log since it started",
         |j| j.fsyncs,
+    ),
+    (
+        "journal_sync_microseconds",
+        "Time the raft log's writes with fsync took since the server started, in microseconds (over journal_fsyncs: the mean)",
+        |j| j.sync_micros,
     ),
     (
         "journal_peer_batches_dropped",
@@ -304,6 +309,7 @@ mod tests {
             1024,
             &NodeStats {
                 fsyncs: 5,
+                sync_micros: 1500,
                 rounds: 6,
                 peer_batches_dropped: 2,
                 peer_bytes_queued: 4096,
@@ -315,6 +321,7 @@ mod tests {
         );
         for line in [
             r#"luna_journal_fsyncs{server="7"} 5"#,
+            r#"luna_journal_sync_microseconds{server="7"} 1500"#,
             r#"luna_journal_peer_batches_dropped{server="7"} 2"#,
             r#"luna_journal_peer_bytes_queued{server="7"} 4096"#,
             r#"luna_journal_unsynced_bytes{server="7"} 8192"#,

@@ -144,6 +144,9 @@ pub struct Node {
 pub struct NodeStats {
     /// fsyncs of the raft log (each covers every round written before it).
     pub fsyncs: u64,
+    /// Microseconds the writes that ended in those fsyncs took, in all (with `fsyncs`, the
+    /// mean time a round waits for the disk).
+    pub sync_micros: u64,
     /// Sync steps: each covers every ready round written since the previous one, and
     /// fsyncs unless those rounds wrote nothing durable.
     pub rounds: u64,
@@ -168,6 +171,7 @@ pub struct NodeStats {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     fsyncs: AtomicU64,
+    sync_micros: AtomicU64,
     rounds: AtomicU64,
     /// Bytes of peers' messages delivered and not yet handled by the driver.
     pub(crate) peer_bytes_queued: AtomicUsize,
@@ -305,6 +309,7 @@ impl Node {
             .unwrap_or_else(PoisonError::into_inner);
         NodeStats {
             fsyncs: self.counters.fsyncs.load(Ordering::Relaxed),
+            sync_micros: self.counters.sync_micros.load(Ordering::Relaxed),
             rounds: self.counters.rounds.load(Ordering::Relaxed),
             peer_batches_dropped: self.counters.peer_batches_dropped.load(Ordering::Relaxed),
             peer_bytes_queued: self.counters.peer_bytes_queued.load(Ordering::Relaxed),
@@ -481,10 +486,14 @@ impl SyncThread {
                     // through the ready loop's event queue: that would add whatever round
                     // the loop is busy with to every commit. (The socket write itself is
                     // the driver thread's, on its runtime.)
-                    let result = sync(&engine, &mut round).map(|out| send(&*transport, out));
+                    let started = Instant::now();
+                    let synced = sync(&engine, &mut round);
+                    let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    let result = synced.map(|out| send(&*transport, out));
                     counters.rounds.fetch_add(1, Ordering::Relaxed);
                     if round.must_sync() {
                         counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                        counters.sync_micros.fetch_add(took, Ordering::Relaxed);
                     }
                     if events
                         .send(Event::Synced {
